@@ -1,0 +1,1 @@
+"""sllm-faas placement controller (see docs/ARCHITECTURE.md; planned)."""

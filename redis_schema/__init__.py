@@ -1,0 +1,1 @@
+"""The Redis key space of sllm-faas (see docs/ARCHITECTURE.md; planned)."""

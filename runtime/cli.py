@@ -1,0 +1,46 @@
+"""`sllm-faas VERB ...`: one entry point for every user action.
+
+Each verb lives in its own module with `add_arguments(parser)` and `run(args) -> int`; modules are
+imported only for the verb that runs, so `sllm-faas --help` stays fast (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "doctor": ("runtime.doctor", "check this machine: torch, CUDA, GPUs, /dev/shm, O_DIRECT, Redis"),
+    "convert": ("runtime.checkpoint.cli", "convert a safetensors file or HF folder to the sllm checkpoint format"),
+    "inspect": ("runtime.checkpoint.cli", "summarise a converted checkpoint: tensors, dtypes, partitions"),
+    "verify": ("runtime.checkpoint.cli", "check every partition checksum of a converted checkpoint"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sllm-faas", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (_module, summary) in VERBS.items():
+        sub.add_parser(verb, help=summary, description=summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] not in VERBS:
+        parser.parse_args(argv or ["--help"])
+        return 2
+    verb = argv[0]
+    module = importlib.import_module(VERBS[verb][0])
+    verb_parser = argparse.ArgumentParser(prog=f"sllm-faas {verb}", description=VERBS[verb][1])
+    module.add_arguments(verb_parser, verb)
+    args = verb_parser.parse_args(argv[1:])
+    args.verb = verb
+    return module.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

