@@ -1,0 +1,92 @@
+"""`sllm-faas convert | inspect | verify`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+
+from runtime.checkpoint.format import DTYPES, CheckpointError, read_manifest
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
+          "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '1GiB', '1.5GB' or a plain byte count."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MiB, 2GiB or 1048576")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    if verb == "convert":
+        from runtime.checkpoint.writer import DEFAULT_PARTITION_SIZE
+
+        parser.add_argument("src", help="a .safetensors file or an HF model folder (safetensors, sharded or not)")
+        parser.add_argument("dst", help="the checkpoint directory to create")
+        parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                            help="cast floating-point tensors (default: keep each tensor's dtype)")
+        parser.add_argument("--partition-size", type=parse_size, default=DEFAULT_PARTITION_SIZE,
+                            help="target bytes per partition file, e.g. 512MiB (default: 1GiB)")
+        parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+        parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    else:
+        parser.add_argument("dir", help="a converted checkpoint directory")
+        if verb == "inspect":
+            parser.add_argument("--tensors", action="store_true", help="list every tensor")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.verb == "convert":
+            from runtime.checkpoint.writer import convert
+
+            manifest = convert(args.src, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None,
+                               partition_size=args.partition_size, progress=not args.no_progress,
+                               overwrite=args.overwrite)
+            print(f"wrote {args.dst}: {len(manifest.tensors)} tensors, {len(manifest.partitions)} partition(s), "
+                  f"{human(manifest.total_bytes)}")
+        elif args.verb == "inspect":
+            print_summary(args.dir, args.tensors)
+        else:
+            from runtime.checkpoint.verify import verify
+
+            manifest = verify(args.dir)
+            print(f"ok: {len(manifest.partitions)} partition(s), {human(manifest.total_bytes)} verified")
+    except CheckpointError as exc:
+        print(f"sllm-faas {args.verb}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_summary(directory: str, list_tensors: bool) -> None:
+    manifest = read_manifest(directory)
+    payload = sum(t.nbytes for t in manifest.tensors.values())
+    dtypes = Counter(t.dtype for t in manifest.tensors.values())
+    print(f"checkpoint  {directory}")
+    print(f"format      sllm-checkpoint v{manifest.version}, alignment {manifest.alignment} B")
+    print(f"source      {manifest.source.get('kind', '?')} {manifest.source.get('path', '')}".rstrip())
+    print(f"tensors     {len(manifest.tensors)} ({human(payload)} of data), aliases {len(manifest.aliases)}")
+    print("dtypes      " + ", ".join(f"{name} x{count}" for name, count in dtypes.most_common()))
+    print(f"partitions  {len(manifest.partitions)} ({human(manifest.total_bytes)} on disk)")
+    per_partition = Counter(t.partition for t in manifest.tensors.values())
+    for index, part in enumerate(manifest.partitions):
+        count = per_partition[index]
+        print(f"  {part.file}  {human(part.size):>10}  {count:5d} tensors  sha256 {part.sha256[:16]}…")
+    for alias, target in manifest.aliases.items():
+        print(f"alias       {alias} -> {target}")
+    if list_tensors:
+        width = max((len(name) for name in manifest.tensors), default=0)
+        for name, t in manifest.tensors.items():
+            print(f"  {name:{width}}  {t.dtype:>9}  {str(list(t.shape)):>18}  p{t.partition}@{t.offset}")

@@ -1,0 +1,262 @@
+"""The sllm checkpoint format (docs/FORMAT.md): manifest schema and its validation.
+
+A checkpoint is a directory holding `manifest.json`, raw partition files and the HF config and
+tokenizer files. Nothing here reads tensor bytes: the manifest is validated completely, against
+the partition files' real sizes, before any loader allocates or maps anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "sllm-checkpoint"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MANIFEST_NAME = "manifest.json"
+# Tensors start on 256-byte boundaries: enough for AVX-512 loads (64 B), CUDA's allocation
+# alignment (256 B) that cuBLAS and TMA prefer, and any element size.
+TENSOR_ALIGNMENT = 256
+# Partitions are padded to whole 4 KiB blocks so a whole-file O_DIRECT read is always legal.
+BLOCK_SIZE = 4096
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_NDIM = 16
+MAX_NAME_CHARS = 1024
+
+# The allow-list: manifest name -> torch dtype. Nothing else is ever interpreted.
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        DTYPES[_name] = getattr(torch, _name)
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+_PARTITION_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; names the file and the field at fault."""
+
+    def __init__(self, path: str | os.PathLike, field_name: str, problem: str) -> None:
+        self.path = str(path)
+        self.field = field_name
+        self.problem = problem
+        super().__init__(f"{self.path}: {field_name}: {problem}")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    partition: int
+    offset: int
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "partition": self.partition,
+                "offset": self.offset, "nbytes": self.nbytes}
+
+
+@dataclass(frozen=True)
+class PartitionEntry:
+    file: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "size": self.size, "sha256": self.sha256}
+
+
+@dataclass
+class Manifest:
+    tensors: dict[str, TensorEntry]
+    partitions: list[PartitionEntry]
+    aliases: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+    alignment: int = TENSOR_ALIGNMENT
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.size for p in self.partitions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "alignment": self.alignment,
+            "source": self.source,
+            "partitions": [p.to_json() for p in self.partitions],
+            "tensors": {name: t.to_json() for name, t in self.tensors.items()},
+            "aliases": self.aliases,
+        }
+
+
+def padded(size: int, multiple: int) -> int:
+    return -(-size // multiple) * multiple
+
+
+def _reject_duplicate_keys(path: Path):
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise CheckpointError(path, key, "duplicate key in manifest")
+            result[key] = value
+        return result
+
+    return hook
+
+
+def _want(path: Path, field_name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    # bool is an int in Python; never accept it where a number is meant.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise CheckpointError(path, field_name, f"expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _nonneg_int(path: Path, field_name: str, value: Any) -> int:
+    _want(path, field_name, value, int)
+    if value < 0:
+        raise CheckpointError(path, field_name, f"must be >= 0, got {value}")
+    return value
+
+
+def parse_manifest(raw: bytes, path: Path) -> Manifest:
+    """Parse and validate manifest bytes; no file other than the manifest is consulted."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise CheckpointError(path, "manifest", f"{len(raw)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
+    try:
+        doc = json.loads(raw, object_pairs_hook=_reject_duplicate_keys(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, "manifest", f"invalid JSON ({exc})") from None
+    _want(path, "manifest", doc, dict)
+    if doc.get("format") != FORMAT_NAME:
+        raise CheckpointError(path, "format", f"expected {FORMAT_NAME!r}, got {doc.get('format')!r}")
+    version = doc.get("version")
+    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+        raise CheckpointError(path, "version", f"unsupported version {version!r}; this build reads "
+                              f"{', '.join(map(str, SUPPORTED_VERSIONS))}")
+    alignment = _nonneg_int(path, "alignment", doc.get("alignment", TENSOR_ALIGNMENT))
+    if alignment == 0 or alignment & (alignment - 1):
+        raise CheckpointError(path, "alignment", f"must be a power of two, got {alignment}")
+    source = _want(path, "source", doc.get("source", {}), dict)
+
+    partitions = []
+    seen_files: set[str] = set()
+    for index, part in enumerate(_want(path, "partitions", doc.get("partitions"), list)):
+        where = f"partitions[{index}]"
+        _want(path, where, part, dict)
+        name = _want(path, f"{where}.file", part.get("file"), str)
+        if not _PARTITION_FILE.match(name) or name in (".", "..") or name == MANIFEST_NAME:
+            raise CheckpointError(path, f"{where}.file", f"{name!r} is not a plain file name")
+        if name in seen_files:
+            raise CheckpointError(path, f"{where}.file", f"{name!r} is listed twice")
+        seen_files.add(name)
+        size = _nonneg_int(path, f"{where}.size", part.get("size"))
+        if size % BLOCK_SIZE:
+            raise CheckpointError(path, f"{where}.size", f"{size} is not a multiple of {BLOCK_SIZE}")
+        digest = _want(path, f"{where}.sha256", part.get("sha256"), str)
+        if not _SHA256.match(digest):
+            raise CheckpointError(path, f"{where}.sha256", "not a lowercase hex SHA-256 digest")
+        partitions.append(PartitionEntry(name, size, digest))
+
+    tensors: dict[str, TensorEntry] = {}
+    for name, spec in _want(path, "tensors", doc.get("tensors"), dict).items():
+        tensors[name] = _parse_tensor(path, name, spec, partitions)
+    _check_no_overlap(path, tensors)
+
+    aliases = _want(path, "aliases", doc.get("aliases", {}), dict)
+    for alias, target in aliases.items():
+        _want(path, f"aliases.{alias}", target, str)
+        if alias in tensors:
+            raise CheckpointError(path, f"aliases.{alias}", "alias name is also a stored tensor")
+        if target not in tensors:
+            raise CheckpointError(path, f"aliases.{alias}", f"target {target!r} is not a stored tensor")
+    return Manifest(tensors, partitions, aliases, source, version, alignment)
+
+
+def _parse_tensor(path: Path, name: str, spec: Any, partitions: list[PartitionEntry]) -> TensorEntry:
+    where = f"tensors.{name}"
+    if not name or len(name) > MAX_NAME_CHARS or "\x00" in name:
+        raise CheckpointError(path, where, "tensor names must be 1 to 1024 characters without NUL")
+    _want(path, where, spec, dict)
+    dtype = _want(path, f"{where}.dtype", spec.get("dtype"), str)
+    if dtype not in DTYPES:
+        raise CheckpointError(path, f"{where}.dtype", f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    shape = _want(path, f"{where}.shape", spec.get("shape"), list)
+    if len(shape) > MAX_NDIM:
+        raise CheckpointError(path, f"{where}.shape", f"{len(shape)} dimensions exceeds {MAX_NDIM}")
+    for dim in shape:
+        _nonneg_int(path, f"{where}.shape", dim)
+    partition = _nonneg_int(path, f"{where}.partition", spec.get("partition"))
+    if partition >= len(partitions):
+        raise CheckpointError(path, f"{where}.partition", f"index {partition} but only {len(partitions)} partitions")
+    offset = _nonneg_int(path, f"{where}.offset", spec.get("offset"))
+    nbytes = _nonneg_int(path, f"{where}.nbytes", spec.get("nbytes"))
+    itemsize = DTYPES[dtype].itemsize
+    if math.prod(shape) * itemsize != nbytes:
+        raise CheckpointError(path, f"{where}.nbytes", f"{nbytes} but shape {shape} of {dtype} needs "
+                              f"{math.prod(shape) * itemsize}")
+    if offset % itemsize:
+        raise CheckpointError(path, f"{where}.offset", f"{offset} is not aligned to the {itemsize}-byte element")
+    limit = partitions[partition].size
+    if offset + nbytes > limit:
+        raise CheckpointError(path, f"{where}.offset", f"range {offset}+{nbytes} ends past partition "
+                              f"{partitions[partition].file} of {limit} bytes")
+    return TensorEntry(name, dtype, tuple(shape), partition, offset, nbytes)
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorEntry]) -> None:
+    ranges = sorted((t.partition, t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (part_a, _, end_a, name_a), (part_b, start_b, _, name_b) in zip(ranges, ranges[1:], strict=False):
+        if part_a == part_b and start_b < end_a:
+            raise CheckpointError(path, f"tensors.{name_b}", f"overlaps {name_a} (declare shared data in 'aliases')")
+
+
+def read_manifest(directory: str | os.PathLike, check_files: bool = True) -> Manifest:
+    """Read and validate `DIR/manifest.json`; with check_files, also each partition's real size."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise CheckpointError(path, "manifest", "missing: not an sllm checkpoint (convert it with "
+                              "`sllm-faas convert`)") from None
+    manifest = parse_manifest(raw, path)
+    if check_files:
+        for part in manifest.partitions:
+            part_path = directory / part.file
+            try:
+                actual = os.stat(part_path).st_size
+            except FileNotFoundError:
+                raise CheckpointError(part_path, "file", "partition file is missing") from None
+            if actual != part.size:
+                raise CheckpointError(part_path, "size", f"file has {actual} bytes, manifest says {part.size} "
+                                      "(truncated or replaced)")
+    return manifest

@@ -1,0 +1,63 @@
+"""Load a converted checkpoint: one entry point, the strategy picked by where the bytes are.
+
+    from runtime.loader import load
+    tensors = load("/dev/shm/sllm/smollm2")            # dict[str, torch.Tensor]
+    tensors = load(path, device="cuda")                 # pinned-ring pipeline to the GPU
+
+Strategies (one module each): "mmap" (runtime/loader/mapped.py) for the DRAM tier, "direct"
+(runtime/loader/direct.py) for the SSD tier, and the GPU pipeline (runtime/loader/gpu.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from runtime.checkpoint.format import read_manifest
+from runtime.checkpoint.verify import verify as verify_checksums
+from runtime.loader.tiers import current_tier
+from runtime.loader.views import tensor_views
+
+STRATEGIES = ("auto", "mmap", "direct", "buffered")
+
+
+def choose_strategy(directory: str | os.PathLike, device: torch.device | str = "cpu") -> str:
+    """"gpu" for CUDA devices; else "mmap" for memory-resident files and "direct" for the rest."""
+    if torch.device(device).type == "cuda":
+        return "gpu"
+    return "mmap" if current_tier(directory, read_manifest(directory)) == "dram" else "direct"
+
+
+def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, strategy: str = "auto",
+         verify: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of the checkpoint at `directory`, as views into one buffer per partition.
+
+    The manifest is validated against the partition files before any byte is mapped or read;
+    checksums are checked only with verify=True (the node loader verifies when it stages).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    manifest = verify_checksums(directory) if verify else read_manifest(directory)
+    device = torch.device(device)
+    if device.type == "cuda":
+        from runtime.loader.gpu import load_to_gpu
+
+        buffers = load_to_gpu(directory, manifest, device, direct=strategy != "buffered")
+    else:
+        if strategy == "auto":
+            strategy = "mmap" if current_tier(directory, manifest) == "dram" else "direct"
+        if strategy == "mmap":
+            from runtime.loader.mapped import map_partitions
+
+            buffers = map_partitions(directory, manifest)
+        else:
+            from runtime.loader.direct import read_partitions
+
+            buffers = read_partitions(directory, manifest, direct=strategy == "direct")
+        if device.type != "cpu":
+            buffers = [buffer.to(device) for buffer in buffers]
+    return tensor_views(manifest, buffers)
+
+
+__all__ = ["STRATEGIES", "choose_strategy", "load"]

@@ -1,0 +1,81 @@
+"""SSD tier: parallel large reads, with O_DIRECT, into one fresh buffer per partition.
+
+On small machines the cost of a copying loader is first touch of fresh memory, not I/O
+(~1.2 GB/s with 4 KiB pages against ~6 GB/s with 2 MiB pages here), so buffers are anonymous
+mappings advised for transparent huge pages, and the page faults happen inside the parallel
+reads rather than in one thread up front. O_DIRECT skips the page cache (no second copy, no
+cache pollution); where a filesystem refuses it we read buffered with the same plan.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from runtime.checkpoint.format import Manifest
+
+DEFAULT_CHUNK = 16 << 20
+DEFAULT_THREADS = 8  # I/O depth: reads block in the kernel, so more threads than cores pays
+_HUGE_PAGE = 2 << 20
+
+
+def allocate_buffer(size: int, hugepages: bool = True) -> mmap.mmap:
+    """Page-aligned private anonymous memory (O_DIRECT needs alignment; torch's allocator gives 64 B)."""
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hugepages and size >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # THP disabled: plain pages still work
+    return buffer
+
+
+def open_for_reading(path: str | os.PathLike, direct: bool = True) -> tuple[int, bool]:
+    """(fd, is_direct); falls back to a buffered fd where O_DIRECT is refused."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, os.O_RDONLY), False
+
+
+def read_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise OSError(errno.EIO, f"unexpected end of file at byte {offset + done}", path)
+        done += count
+
+
+def read_partitions(directory: str | os.PathLike, manifest: Manifest, *, threads: int = DEFAULT_THREADS,
+                    chunk: int = DEFAULT_CHUNK, direct: bool = True, hugepages: bool = True) -> list[torch.Tensor]:
+    """Read every partition into its own buffer; chunks of all partitions share one thread pool."""
+    directory = Path(directory)
+    buffers = [allocate_buffer(part.size, hugepages) if part.size else None for part in manifest.partitions]
+    handles = []
+    try:
+        jobs = []
+        for part, buffer in zip(manifest.partitions, buffers, strict=True):
+            if buffer is None:
+                continue
+            path = str(directory / part.file)
+            fd, _ = open_for_reading(path, direct)
+            handles.append(fd)
+            view = memoryview(buffer)
+            jobs += [(fd, view[start:start + chunk], start, path) for start in range(0, part.size, chunk)]
+        with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
+            for _ in pool.map(lambda job: read_exact(*job), jobs):
+                pass
+    finally:
+        for fd in handles:
+            os.close(fd)
+    return [torch.frombuffer(b, dtype=torch.uint8) if b is not None else torch.empty(0, dtype=torch.uint8)
+            for b in buffers]

@@ -1,0 +1,73 @@
+"""Where a checkpoint's bytes are now, which decides how to load them.
+
+"dram": on tmpfs/ramfs, or every page already in the page cache -> map it, copy nothing.
+"ssd": anything else -> read it with large parallel direct-I/O requests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+from pathlib import Path
+
+from runtime.checkpoint.format import Manifest
+
+_MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0x958458F6: "hugetlbfs"}
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+PAGE = mmap.PAGESIZE
+
+
+def filesystem_type(path: str | os.PathLike) -> int:
+    """statfs(2) f_type of the filesystem holding `path`."""
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on x86-64 and arm64
+    if _libc.statfs(os.fsencode(os.fspath(path)), buffer) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+
+
+def on_memory_filesystem(path: str | os.PathLike) -> bool:
+    return filesystem_type(path) in _MEMORY_FILESYSTEMS
+
+
+def cached_pages(path: str | os.PathLike) -> tuple[int, int]:
+    """(pages in the page cache, total pages) of a file, via mincore(2); touches no data."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0, 0
+    pages = -(-size // PAGE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+        try:
+            vector = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(ctypes.c_void_p(address), size, vector) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), str(path))
+            return sum(byte & 1 for byte in bytes(vector)), pages
+        finally:
+            _libc.munmap(ctypes.c_void_p(address), size)
+    finally:
+        os.close(fd)
+
+
+def current_tier(directory: str | os.PathLike, manifest: Manifest) -> str:
+    """"dram" when every partition is memory-resident, else "ssd"."""
+    directory = Path(directory)
+    if on_memory_filesystem(directory):
+        return "dram"
+    for part in manifest.partitions:
+        cached, total = cached_pages(directory / part.file)
+        if cached < total:
+            return "ssd"
+    return "dram"
