@@ -86,3 +86,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def tiny_llama_config(**overrides):
+    """A random Llama small enough for unit tests (built offline, never downloaded)."""
+    from transformers import LlamaConfig
+
+    settings = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=None, pad_token_id=None)
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """An HF folder (safetensors) of a seeded random tiny Llama with tied embeddings."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
+    path = tmp_path_factory.mktemp("tiny-llama") / "hf"
+    model.save_pretrained(path)
+    return path
