@@ -1,0 +1,989 @@
+#!/usr/bin/env python3
+"""Load-time benchmark: our checkpoint loader against safetensors, torch.load(mmap) and optional peers.
+
+    python benchmarks/load.py [--size 1GiB] [--runs 5] [--modes cold,warm,shm] [--loaders a,b,...]
+                              [--json OUT] [--workdir DIR] [--sweep]
+
+Every sample runs in a fresh subprocess (this file with --child) that imports everything first and
+times only the load call plus touching every page of every tensor, so lazy loaders pay for their
+page faults too. The same run measures the machine's physical limits (O_DIRECT read bandwidth,
+memcpy, first touch of fresh memory) so the loader's numbers can be judged against them.
+See benchmarks/README.md for what every column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import mmap
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+DEFAULT_WORKDIR = Path("/var/tmp/sllm-bench")
+PAGE = mmap.PAGESIZE
+MiB = 1 << 20
+SEED = 0
+CHECKPOINT_VERSION = 1  # bump when the synthetic model or the files written change
+MADV_POPULATE_READ = 22
+MODES = ("cold", "warm", "shm")
+TARGETS = {"cold_vs_peer": 0.8, "cold_vs_odirect": 0.8, "shm_vs_safetensors": 1.1, "second_anon": 0.05}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders: which file format each one reads, and which module must be importable for it to run.
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    name: str
+    fmt: str  # key of Checkpoint.path(): "sllm", "safetensors", "pt" or "tensorizer"
+    module: str
+    peer: bool  # a competitor (counts for "best peer"), as opposed to one of our strategies
+
+
+LOADERS: dict[str, LoaderSpec] = {spec.name: spec for spec in (
+    LoaderSpec("sllm-auto", "sllm", "runtime.loader", False),
+    LoaderSpec("sllm-mmap", "sllm", "runtime.loader", False),
+    LoaderSpec("sllm-direct", "sllm", "runtime.loader", False),
+    LoaderSpec("safetensors", "safetensors", "safetensors", True),
+    LoaderSpec("torch-mmap", "pt", "torch", True),
+    LoaderSpec("runai-streamer", "safetensors", "runai_model_streamer", True),
+    LoaderSpec("tensorizer", "tensorizer", "tensorizer", True),
+    LoaderSpec("fastsafetensors", "safetensors", "fastsafetensors", True),
+)}
+DEFAULT_LOADERS = tuple(LOADERS)
+
+
+def importable(module: str) -> bool:
+    """True when `module` could be imported, without importing it (peers are optional)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Child side: load, touch every page, report. Everything here runs in the fresh subprocess.
+
+_KEEP_ALIVE: list[Any] = []  # loader objects whose lifetime must cover the tensors (peers' file buffers)
+
+
+def sllm_loader(name: str, path: str, options: dict[str, Any]) -> Callable[[], dict[str, torch.Tensor]]:
+    """Our loader; with options, the strategy's module is called directly with those knobs."""
+    from runtime.checkpoint import read_manifest
+    from runtime.loader import load
+    from runtime.loader.direct import read_partitions
+    from runtime.loader.mapped import map_partitions
+    from runtime.loader.views import tensor_views
+
+    strategy = name.removeprefix("sllm-")
+    if not options:
+        return lambda: load(path, strategy=strategy)
+    if strategy not in ("direct", "mmap"):
+        raise ValueError(f"options are not supported for {name}")
+
+    def load_with_knobs() -> dict[str, torch.Tensor]:
+        manifest = read_manifest(path)
+        if strategy == "direct":
+            knobs = {key: options[key] for key in ("threads", "chunk", "hugepages") if key in options}
+            return tensor_views(manifest, read_partitions(path, manifest, **knobs))
+        return tensor_views(manifest, map_partitions(path, manifest, bool(options.get("populate", True))))
+    return load_with_knobs
+
+
+def peer_loader(name: str, path: str) -> Callable[[], dict[str, torch.Tensor]]:
+    """A competitor's load call; its imports happen here, before the timer."""
+    if name == "safetensors":
+        from safetensors.torch import load_file
+
+        return lambda: load_file(path)
+    if name == "torch-mmap":
+        return lambda: torch.load(path, mmap=True, weights_only=True)
+    if name == "runai-streamer":
+        from runai_model_streamer import SafetensorsStreamer
+
+        def stream() -> dict[str, torch.Tensor]:
+            with SafetensorsStreamer() as streamer:
+                streamer.stream_file(path)
+                return {key: tensor.clone() for key, tensor in streamer.get_tensors()}
+        return stream
+    if name == "tensorizer":
+        from tensorizer import TensorDeserializer
+
+        return lambda: dict(TensorDeserializer(path, device="cpu"))
+    if name == "fastsafetensors":
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+        def copy_files() -> dict[str, torch.Tensor]:
+            loader = SafeTensorsFileLoader(SingleGroup(), torch.device("cpu"), nogds=True)
+            loader.add_filenames({0: [path]})
+            files = loader.copy_files_to_device()
+            _KEEP_ALIVE.extend([loader, files])
+            return {key: files.get_tensor(key) for key in files.key_to_rank_lidx}
+        return copy_files
+    raise ValueError(f"unknown loader {name!r}")
+
+
+def touch_every_page(tensors: dict[str, torch.Tensor]) -> int:
+    """Read one byte of every page of every distinct tensor; returns a layout-independent checksum.
+
+    The same for every loader: a lazy loader pays its page faults here, an eager one pays nothing.
+    Because each tensor is sampled from its own first byte, equal bytes give equal checksums.
+    """
+    seen: set[tuple[int, int]] = set()
+    checksum = 0
+    for tensor in tensors.values():
+        if tensor.numel() == 0 or (tensor.data_ptr(), tensor.nbytes) in seen:
+            continue
+        seen.add((tensor.data_ptr(), tensor.nbytes))
+        flat = (tensor if tensor.is_contiguous() else tensor.contiguous()).reshape(-1).view(torch.uint8)
+        checksum += int(flat[::PAGE].sum()) + int(flat[-1])
+    return checksum
+
+
+def proc_status() -> dict[str, float]:
+    """Memory counters of this process from /proc/self/status, in MB (10^6 bytes)."""
+    values = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            key, _, rest = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                values[key] = int(rest.split()[0]) * 1024 / 1e6
+    return values
+
+
+def run_child(loader: str, path: str, options: dict[str, Any], hold: bool) -> None:
+    """Time one load + touch and print the result as one JSON line; with hold, wait for stdin EOF."""
+    spec = LOADERS[loader]
+    load = sllm_loader(loader, path, options) if spec.fmt == "sllm" else peer_loader(loader, path)
+    before = proc_status()
+    start = time.perf_counter()
+    tensors = load()
+    loaded = time.perf_counter()
+    checksum = touch_every_page(tensors)
+    end = time.perf_counter()
+    after = proc_status()
+    nbytes = sum(t.nbytes for t in {(t.data_ptr(), t.nbytes): t for t in tensors.values()}.values())
+    result = {"loader": loader, "seconds": end - start, "load_s": loaded - start, "touch_s": end - loaded,
+              "tensors": len(tensors), "bytes": nbytes, "checksum": checksum, "peak_rss_mb": after["VmHWM"],
+              "rss_before_mb": before["VmRSS"], "anon_before_mb": before["RssAnon"],
+              "anon_after_mb": after["RssAnon"], "file_after_mb": after["RssFile"],
+              "shmem_after_mb": after["RssShmem"]}
+    if loader == "sllm-auto":
+        result.update(auto_strategy_cost(path))
+    print(json.dumps(result), flush=True)
+    if hold:
+        sys.stdin.read()
+
+
+def auto_strategy_cost(path: str) -> dict[str, Any]:
+    """Which strategy "auto" picked and how long deciding took (measured after the timed load)."""
+    from runtime.checkpoint import read_manifest
+    from runtime.loader.tiers import current_tier
+
+    start = time.perf_counter()
+    tier = current_tier(path, read_manifest(path))
+    return {"auto_strategy": "mmap" if tier == "dram" else "direct", "tier_check_s": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------------
+# The synthetic checkpoint: Llama-shaped, bf16, fixed seed, written in every format once and reused.
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    vocab: int
+    layers: int
+
+    def tensors(self) -> Iterable[tuple[str, tuple[int, ...]]]:
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        yield "model.embed_tokens.weight", (self.vocab, h)
+        for layer in range(self.layers):
+            prefix = f"model.layers.{layer}."
+            yield prefix + "self_attn.q_proj.weight", (h, h)
+            yield prefix + "self_attn.k_proj.weight", (kv, h)
+            yield prefix + "self_attn.v_proj.weight", (kv, h)
+            yield prefix + "self_attn.o_proj.weight", (h, h)
+            yield prefix + "mlp.gate_proj.weight", (i, h)
+            yield prefix + "mlp.up_proj.weight", (i, h)
+            yield prefix + "mlp.down_proj.weight", (h, i)
+            yield prefix + "input_layernorm.weight", (h,)
+            yield prefix + "post_attention_layernorm.weight", (h,)
+        yield "model.norm.weight", (h,)
+        yield "lm_head.weight", (self.vocab, h)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(2 * _numel(shape) for _, shape in self.tensors())
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def llama_shape_for(size: int, vocab: int = 32000) -> LlamaShape:
+    """The widest Llama-like shape that still has at least 4 layers at `size` bytes of bf16."""
+    for hidden in (8192, 4096, 2048, 1024, 512, 256):
+        intermediate = 256 * -(-hidden * 8 // 3 // 256)
+        kv_dim = hidden // 4  # grouped-query attention, 4 query heads per KV head
+        per_layer = 2 * (2 * hidden * hidden + 2 * kv_dim * hidden + 3 * hidden * intermediate + 2 * hidden)
+        fixed = 2 * (2 * vocab * hidden + hidden)
+        if fixed + 4 * per_layer <= size or hidden == 256:
+            return LlamaShape(hidden, intermediate, kv_dim, vocab, max(1, round((size - fixed) / per_layer)))
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The same model in every format, under one root directory."""
+
+    root: Path
+
+    def path(self, fmt: str) -> Path:
+        return self.root / {"sllm": "sllm", "safetensors": "model.safetensors", "pt": "model.pt",
+                            "tensorizer": "model.tensors"}[fmt]
+
+    def files(self, fmt: str) -> list[Path]:
+        """Regular files holding that format (what has to be evicted, warmed or copied)."""
+        path = self.path(fmt)
+        return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+    def partition_files(self) -> list[Path]:
+        from runtime.checkpoint import read_manifest
+
+        return [self.path("sllm") / part.file for part in read_manifest(self.path("sllm")).partitions]
+
+
+def ensure_checkpoint(workdir: Path, size: int, formats: set[str]) -> tuple[Checkpoint, LlamaShape]:
+    """Reuse the files under workdir when the marker matches size, seed and version; else (re)write them."""
+    shape = llama_shape_for(size)
+    checkpoint = Checkpoint(workdir / f"llama-{format_size(size)}")
+    marker = checkpoint.root / "marker.json"
+    wanted = {"version": CHECKPOINT_VERSION, "size": size, "seed": SEED, "shape": asdict(shape)}
+    if marker.exists() and json.loads(marker.read_text()) != wanted:
+        shutil.rmtree(checkpoint.root)
+    missing = sorted(fmt for fmt in formats if not (marker.exists() and checkpoint.path(fmt).exists()))
+    if missing:
+        checkpoint.root.mkdir(parents=True, exist_ok=True)
+        marker.unlink(missing_ok=True)
+        print(f"writing {format_size(shape.nbytes)} checkpoint ({shape.layers} layers, hidden {shape.hidden}) "
+              f"as {', '.join(missing)} under {checkpoint.root}", flush=True)
+        write_formats(checkpoint, shape, missing)
+        marker.write_text(json.dumps(wanted))
+    return checkpoint, shape
+
+
+def write_formats(checkpoint: Checkpoint, shape: LlamaShape, formats: Sequence[str]) -> None:
+    """Generate the state dict once (one copy in memory) and write each missing format from it."""
+    torch.manual_seed(SEED)
+    state = {name: torch.randn(dims, dtype=torch.bfloat16) for name, dims in shape.tensors()}
+    for fmt in formats:
+        target = checkpoint.path(fmt)
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+        started = time.perf_counter()
+        if fmt == "sllm":
+            from runtime.checkpoint import save_state_dict
+
+            save_state_dict(state, target)
+        elif fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(target))
+        elif fmt == "pt":
+            torch.save(state, target)
+        elif fmt == "tensorizer":
+            from tensorizer import TensorSerializer
+
+            serializer = TensorSerializer(str(target))
+            serializer.write_state_dict(state)
+            serializer.close()
+        fsync_files(checkpoint.files(fmt))
+        print(f"  {fmt}: {time.perf_counter() - started:.1f} s", flush=True)
+    del state
+
+
+def fsync_files(files: Iterable[Path]) -> None:
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def stage_on_shm(checkpoint: Checkpoint, formats: Iterable[str], root: Path) -> Checkpoint:
+    """Copy the given formats to tmpfs (the DRAM tier)."""
+    staged = Checkpoint(root)
+    root.mkdir(parents=True)
+    for fmt in formats:
+        source, target = checkpoint.path(fmt), staged.path(fmt)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
+    return staged
+
+
+# --------------------------------------------------------------------------------------------------
+# Page-cache state before each sample.
+
+
+def cached_bytes(files: Sequence[Path]) -> int:
+    """Bytes of `files` now in the page cache, per fincore(1)."""
+    output = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *map(str, files)],
+                            check=True, capture_output=True, text=True).stdout
+    return sum(int(line.split()[0]) for line in output.splitlines() if line.strip())
+
+
+def evict(files: Sequence[Path]) -> None:
+    """Drop the files' pages from the page cache; dirty pages are written first or they would stay."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def make_cold(files: Sequence[Path], attempts: int = 5) -> str | None:
+    """Evict until fincore reports nothing cached; a warning when it never gets there."""
+    left = 0
+    for _ in range(attempts):
+        evict(files)
+        left = cached_bytes(files)
+        if left == 0:
+            return None
+        time.sleep(0.2)
+    return f"{left} bytes of {', '.join(p.name for p in files)} still cached after {attempts} evictions"
+
+
+def make_warm(files: Sequence[Path]) -> str | None:
+    """Read the files through the page cache (like cat); a warning when they are not fully resident after."""
+    buffer = bytearray(16 * MiB)
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+    total = sum(p.stat().st_size for p in files)
+    resident = cached_bytes(files)
+    return None if resident >= total else f"only {resident} of {total} bytes cached after warming"
+
+
+# --------------------------------------------------------------------------------------------------
+# Physical limits, measured in this (parent) process.
+
+
+def anonymous_buffer(size: int, hugepages: bool | None) -> mmap.mmap:
+    """Private anonymous memory; hugepages True/False advises THP on/off, None leaves the default."""
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hugepages is not None:
+        buffer.madvise(mmap.MADV_HUGEPAGE if hugepages else mmap.MADV_NOHUGEPAGE)
+    return buffer
+
+
+def pretouch(buffer: mmap.mmap) -> None:
+    tensor = torch.frombuffer(buffer, dtype=torch.uint8)
+    tensor[::PAGE].fill_(0)
+    del tensor
+
+
+def parallel_direct_read(files: Sequence[Path], buffer: mmap.mmap, threads: int = 8, chunk: int = 16 * MiB) -> float:
+    """Seconds to read `files` with O_DIRECT preads of `chunk` bytes from `threads` threads into `buffer`."""
+    view = memoryview(buffer)
+    fds, jobs, base = [], [], 0
+    try:
+        for path in files:
+            size = path.stat().st_size
+            fds.append(fd := os.open(path, os.O_RDONLY | os.O_DIRECT))
+            jobs += [(fd, view[base + start:base + min(start + chunk, size)], start) for start in range(0, size, chunk)]
+            base += -(-size // PAGE) * PAGE
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(lambda job: _pread_fully(*job), jobs):
+                pass
+        return time.perf_counter() - start
+    finally:
+        for fd in fds:
+            os.close(fd)
+        del jobs
+        view.release()
+
+
+def _pread_fully(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise OSError(f"unexpected end of file at {offset + done}")
+        done += count
+
+
+def measure_direct_read(files: Sequence[Path], runs: int, fresh_hugepages: bool, warnings: list[str]) -> list[float]:
+    """GB/s samples of cold parallel O_DIRECT reads: into a pre-touched buffer (pure I/O), or a fresh
+    huge-page-advised one per sample (I/O plus page faults, what the direct loader pays)."""
+    total = sum(-(-p.stat().st_size // PAGE) * PAGE for p in files)
+    buffer = None if fresh_hugepages else anonymous_buffer(total, hugepages=True)
+    if buffer is not None:
+        pretouch(buffer)
+    samples = []
+    for _ in range(runs):
+        if warning := make_cold(files):
+            warnings.append(f"limits: {warning}")
+        target = anonymous_buffer(total, hugepages=True) if buffer is None else buffer
+        samples.append(sum(p.stat().st_size for p in files) / parallel_direct_read(files, target) / 1e9)
+        if buffer is None:
+            target.close()
+    return samples
+
+
+def measure_memcpy(runs: int, size: int = 512 * MiB) -> list[float]:
+    """GB/s of a single-thread copy between two pre-touched buffers (bytes copied per second)."""
+    source = torch.ones(size, dtype=torch.uint8)
+    target = torch.zeros(size, dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            target.copy_(source)
+            samples.append(size / (time.perf_counter() - start) / 1e9)
+        return samples
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_first_touch(runs: int, hugepages: bool, size: int = 512 * MiB) -> tuple[list[float], float]:
+    """GB/s of writing one byte per page of fresh anonymous memory from one thread, and the fraction
+    of it that ended up in huge pages (from /proc/self/smaps_rollup)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    samples, huge_fraction = [], 0.0
+    try:
+        for _ in range(runs):
+            buffer = anonymous_buffer(size, hugepages)
+            huge_before = anon_huge_bytes()
+            tensor = torch.frombuffer(buffer, dtype=torch.uint8)
+            start = time.perf_counter()
+            tensor[::PAGE].fill_(1)
+            samples.append(size / (time.perf_counter() - start) / 1e9)
+            huge_fraction = (anon_huge_bytes() - huge_before) / size
+            del tensor
+            buffer.close()
+        return samples, huge_fraction
+    finally:
+        torch.set_num_threads(threads)
+
+
+def anon_huge_bytes() -> int:
+    with open("/proc/self/smaps_rollup") as handle:
+        for line in handle:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure_limits(checkpoint: Checkpoint, runs: int, warnings: list[str]) -> dict[str, Any]:
+    print("measuring physical limits ...", flush=True)
+    files = checkpoint.partition_files()
+    touch_4k, huge_4k = measure_first_touch(runs, hugepages=False)
+    touch_2m, huge_2m = measure_first_touch(runs, hugepages=True)
+    return {
+        "odirect_read_gbps": summary(measure_direct_read(files, runs, False, warnings)),
+        "odirect_read_fresh_hugepage_gbps": summary(measure_direct_read(files, runs, True, warnings)),
+        "memcpy_1thread_gbps": summary(measure_memcpy(runs)),
+        "first_touch_4k_gbps": {**summary(touch_4k), "huge_fraction": huge_4k},
+        "first_touch_hugepage_gbps": {**summary(touch_2m), "huge_fraction": huge_2m},
+        "odirect_config": {"threads": 8, "chunk_mib": 16, "files": [p.name for p in files]},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Parent side: run samples in children, collect.
+
+
+def child_command(loader: str, path: Path, options: dict[str, Any] | None = None, hold: bool = False) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", loader, "--path", str(path)]
+    if options:
+        command += ["--options", json.dumps(options)]
+    return command + (["--hold"] if hold else [])
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def parse_child_output(stdout: str) -> dict[str, Any]:
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise ValueError("no JSON line in the child's output")
+    return json.loads(lines[-1])
+
+
+def sample(loader: str, path: Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One timed load in a fresh process; {"error": ...} instead of raising."""
+    proc = subprocess.run(child_command(loader, path, options), capture_output=True, text=True, env=child_env(),
+                          timeout=900)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    try:
+        return parse_child_output(proc.stdout)
+    except ValueError as exc:
+        return {"error": str(exc)}
+
+
+def prepare_cache(mode: str, files: Sequence[Path]) -> str | None:
+    if mode == "cold":
+        return make_cold(files)
+    if mode == "warm":
+        return make_warm(files)
+    return None  # shm: the files are in tmpfs already
+
+
+def run_mode(mode: str, checkpoint: Checkpoint, loaders: Sequence[str], runs: int,
+             warnings: list[str]) -> dict[str, dict[str, Any]]:
+    """`runs` samples of each loader, interleaved (run 1 of every loader, then run 2, ...) to spread drift."""
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in loaders}
+    for run in range(runs):
+        for name in loaders:
+            fmt = LOADERS[name].fmt
+            if warning := prepare_cache(mode, checkpoint.files(fmt)):
+                warnings.append(f"{mode}/{name}: {warning}")
+            result = sample(name, checkpoint.path(fmt))
+            samples[name].append(result)
+            shown = f"{result['seconds']:.3f} s" if "seconds" in result else f"FAILED: {result['error']}"
+            print(f"  {mode:5} run {run + 1}/{runs} {name:16} {shown}", flush=True)
+    return {name: aggregate(results) for name, results in samples.items()}
+
+
+def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median seconds (and the other medians) over the successful samples of one loader in one mode."""
+    good = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    if not good:
+        return {"error": errors[0] if errors else "no samples", "errors": errors}
+    median = statistics.median(r["seconds"] for r in good)
+    out = {"median_s": median, "samples_s": [r["seconds"] for r in good], "bytes": good[0]["bytes"],
+           "gbps": good[0]["bytes"] / median / 1e9, "checksum": good[0]["checksum"], "tensors": good[0]["tensors"]}
+    for key in ("load_s", "touch_s", "peak_rss_mb", "rss_before_mb", "tier_check_s"):
+        if key in good[0]:
+            out[f"median_{key}"] = statistics.median(r[key] for r in good)
+    out["median_anon_added_mb"] = statistics.median(r["anon_after_mb"] - r["anon_before_mb"] for r in good)
+    if "auto_strategy" in good[0]:
+        out["auto_strategy"] = sorted({r["auto_strategy"] for r in good})
+    if errors:
+        out["errors"] = errors
+    return out
+
+
+def second_process_anon(staged: Checkpoint, loader: str, model_bytes: int) -> dict[str, Any]:
+    """Anonymous memory a second process adds when loading a model from tmpfs that a first process holds."""
+    path = staged.path(LOADERS[loader].fmt)
+    holder = subprocess.Popen(child_command(loader, path, hold=True), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        first = parse_child_output(holder.stdout.readline())
+        second = sample(loader, path)
+        if "error" in second:
+            return {"error": second["error"]}
+        added = second["anon_after_mb"] - second["anon_before_mb"]
+        return {"anon_added_mb": added, "percent_of_model": 100 * added * 1e6 / model_bytes,
+                "first_anon_added_mb": first["anon_after_mb"] - first["anon_before_mb"],
+                "second_shmem_mb": second["shmem_after_mb"], "second_seconds": second["seconds"]}
+    except (ValueError, OSError) as exc:
+        return {"error": f"holder failed: {exc}"}
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+
+
+def run_sweep(checkpoint: Checkpoint, staged: Checkpoint | None, runs: int,
+              warnings: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The direct loader's knobs (threads x chunk, huge pages) cold, and mmap's populate warm and on tmpfs."""
+    direct = [{"threads": t, "chunk": c * MiB, "hugepages": True} for t in (2, 4, 8, 16) for c in (4, 16, 64)]
+    direct.append({"threads": 8, "chunk": 16 * MiB, "hugepages": False})
+    mmap_points = [("warm", checkpoint), ("shm", staged)] if staged else [("warm", checkpoint)]
+    out: dict[str, list[dict[str, Any]]] = {"direct_cold": [], "mmap_populate": []}
+    for options in direct:
+        out["direct_cold"].append({**options, **sweep_point("cold", checkpoint, "sllm-direct", options, runs,
+                                                             warnings)})
+    for mode, where in mmap_points:
+        for populate in (True, False):
+            options = {"populate": populate}
+            out["mmap_populate"].append({"mode": mode, **options,
+                                         **sweep_point(mode, where, "sllm-mmap", options, runs, warnings)})
+    return out
+
+
+def sweep_point(mode: str, checkpoint: Checkpoint, loader: str, options: dict[str, Any], runs: int,
+                warnings: list[str]) -> dict[str, Any]:
+    results = []
+    for _ in range(runs):
+        if warning := prepare_cache(mode, checkpoint.files("sllm")):
+            warnings.append(f"sweep {mode}/{loader} {options}: {warning}")
+        results.append(sample(loader, checkpoint.path("sllm"), options))
+    aggregated = aggregate(results)
+    shown = f"{aggregated['median_s']:.3f} s" if "median_s" in aggregated else f"FAILED: {aggregated['error']}"
+    print(f"  sweep {mode:5} {loader} {options}: {shown}", flush=True)
+    return aggregated
+
+
+# --------------------------------------------------------------------------------------------------
+# Ratios, machine description, reports.
+
+
+def compute_ratios(results: dict[str, dict[str, dict[str, Any]]], limits: dict[str, Any],
+                   rss: dict[str, dict[str, Any]], sllm_bytes: int) -> dict[str, Any]:
+    """Our sllm-auto against the best peer per mode, against O_DIRECT cold, and the second-process RSS."""
+    ratios: dict[str, Any] = {}
+    for mode, per_loader in results.items():
+        ours = per_loader.get("sllm-auto", {}).get("median_s")
+        peers = {name: r["median_s"] for name, r in per_loader.items() if LOADERS[name].peer and "median_s" in r}
+        if ours is None or not peers:
+            continue
+        best = min(peers, key=peers.get)
+        entry = {"sllm_auto_s": ours, "best_peer": best, "best_peer_s": peers[best], "ratio": ours / peers[best]}
+        if mode == "cold":
+            entry["target_ratio_max"] = TARGETS["cold_vs_peer"]
+            if limits:
+                gbps = sllm_bytes / ours / 1e9
+                entry.update(sllm_auto_gbps=gbps, odirect_gbps=limits["odirect_read_gbps"]["median"],
+                             percent_of_odirect=100 * gbps / limits["odirect_read_gbps"]["median"],
+                             target_percent_min=100 * TARGETS["cold_vs_odirect"])
+        if mode == "shm" and "safetensors" in peers:
+            entry.update(vs_safetensors=ours / peers["safetensors"], target_vs_safetensors_max=TARGETS[
+                "shm_vs_safetensors"])
+        ratios[mode] = entry
+    if "percent_of_model" in rss.get("sllm-auto", {}):
+        ratios["second_process_anon_percent"] = rss["sllm-auto"]["percent_of_model"]
+        ratios["target_second_process_anon_percent_max"] = 100 * TARGETS["second_anon"]
+    return ratios
+
+
+def machine_info(workdir: Path) -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    total_kb = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))
+    return {
+        "hostname": socket.gethostname(), "kind": os.environ.get("SLLM_BENCH_KIND"),
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "nproc": len(os.sched_getaffinity(0)), "mem_gib": round(total_kb / 2**20, 1), "kernel": platform.release(),
+        "workdir_filesystem": filesystem_of(workdir), "thp_enabled": read_text("/sys/kernel/mm/transparent_hugepage/"
+                                                                               "enabled"),
+        "thp_defrag": read_text("/sys/kernel/mm/transparent_hugepage/defrag"),
+        "python": platform.python_version(), "torch": torch.__version__, "safetensors": package_version("safetensors"),
+    }
+
+
+def read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def filesystem_of(path: Path) -> dict[str, str]:
+    """Type, device and mount point of the filesystem holding `path` (longest matching mount)."""
+    resolved, best = str(path.resolve()), {"type": "?", "device": "?", "mount": "/"}
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            device, mount, fstype = line.split()[:3]
+            if (resolved == mount or resolved.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best["mount"]):
+                best = {"type": fstype, "device": device, "mount": mount}
+    return best
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "samples": values}
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.I)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    unit = (match.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(float(match.group(1)) * scale[unit])
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size / 2**30:.2f}GiB" if size >= 2**30 else f"{size / 2**20:.1f}MiB"
+
+
+def results_table(results: dict[str, dict[str, dict[str, Any]]], loaders: Sequence[str]) -> list[str]:
+    """Markdown table: one row per loader, median seconds and GB/s per mode."""
+    modes = list(results)
+    lines = ["| loader | " + " | ".join(f"{m} s | {m} GB/s" for m in modes) + " |",
+             "|---|" + "---:|---:|" * len(modes)]
+    for name in loaders:
+        cells = []
+        for mode in modes:
+            r = results[mode].get(name, {})
+            cells += [f"{r['median_s']:.3f}", f"{r['gbps']:.2f}"] if "median_s" in r else ["failed", "-"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def detail_table(results: dict[str, dict[str, dict[str, Any]]], loaders: Sequence[str]) -> list[str]:
+    """Where the time goes: load call vs page touching, and memory, per loader and mode."""
+    lines = ["| mode | loader | load s | touch s | peak RSS MB | anon added MB |", "|---|---|---:|---:|---:|---:|"]
+    for mode, per_loader in results.items():
+        for name in loaders:
+            r = per_loader.get(name, {})
+            if "median_s" in r:
+                lines.append(f"| {mode} | {name} | {r['median_load_s']:.3f} | {r['median_touch_s']:.3f} | "
+                             f"{r['median_peak_rss_mb']:.0f} | {r['median_anon_added_mb']:.0f} |")
+    return lines
+
+
+def ratio_lines(ratios: dict[str, Any]) -> list[str]:
+    lines = []
+    for mode in MODES:
+        if mode not in ratios:
+            continue
+        r = ratios[mode]
+        line = f"- {mode}: sllm-auto {r['sllm_auto_s']:.3f} s / best peer {r['best_peer']} {r['best_peer_s']:.3f} s " \
+               f"= {r['ratio']:.2f}x"
+        if mode == "cold":
+            line += f" (target <= {r['target_ratio_max']}x)"
+            if "percent_of_odirect" in r:
+                line += f"; {r['sllm_auto_gbps']:.2f} GB/s = {r['percent_of_odirect']:.0f}% of O_DIRECT " \
+                        f"{r['odirect_gbps']:.2f} GB/s (target >= {r['target_percent_min']:.0f}%)"
+        if "vs_safetensors" in r:
+            line += f"; vs safetensors {r['vs_safetensors']:.2f}x (target <= {r['target_vs_safetensors_max']}x)"
+        lines.append(line)
+    if "second_process_anon_percent" in ratios:
+        lines.append(f"- second process anon RSS (sllm-auto, tmpfs): {ratios['second_process_anon_percent']:.2f}% "
+                     f"of model (target < {ratios['target_second_process_anon_percent_max']:.0f}%)")
+    return lines
+
+
+def limit_lines(limits: dict[str, Any]) -> list[str]:
+    if not limits:
+        return []
+    names = {"odirect_read_gbps": "parallel O_DIRECT read, pre-touched buffer (8 threads, 16 MiB)",
+             "odirect_read_fresh_hugepage_gbps": "parallel O_DIRECT read, fresh MADV_HUGEPAGE buffer",
+             "memcpy_1thread_gbps": "memcpy, 1 thread, 512 MiB",
+             "first_touch_4k_gbps": "first touch, 4 KiB pages, 1 thread",
+             "first_touch_hugepage_gbps": "first touch, MADV_HUGEPAGE, 1 thread"}
+    lines = []
+    for key, label in names.items():
+        entry = limits[key]
+        extra = f" (huge pages: {100 * entry['huge_fraction']:.0f}%)" if "huge_fraction" in entry else ""
+        lines.append(f"- {label}: {entry['median']:.2f} GB/s{extra}")
+    return lines
+
+
+def rss_lines(rss: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for name, r in rss.items():
+        if "error" in r:
+            lines.append(f"- {name}: failed: {r['error']}")
+        else:
+            lines.append(f"- {name}: second process adds {r['anon_added_mb']:.1f} MB anonymous "
+                         f"({r['percent_of_model']:.2f}% of model); first process added "
+                         f"{r['first_anon_added_mb']:.1f} MB")
+    return lines
+
+
+def sweep_lines(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
+    if not sweep:
+        return []
+    lines = ["| threads | chunk MiB | hugepages | median s | GB/s |", "|---:|---:|---|---:|---:|"]
+    for point in sweep["direct_cold"]:
+        timing = f"{point['median_s']:.3f} | {point['gbps']:.2f}" if "median_s" in point else "failed | -"
+        lines.append(f"| {point['threads']} | {point['chunk'] // MiB} | {point['hugepages']} | {timing} |")
+    good = [p for p in sweep["direct_cold"] if "median_s" in p]
+    if good:
+        best = min(good, key=lambda p: p["median_s"])
+        lines += ["", f"best direct: threads={best['threads']} chunk={best['chunk'] // MiB} MiB "
+                      f"hugepages={best['hugepages']}: {best['median_s']:.3f} s"]
+    lines += ["", "| mode | populate | median s | load s | touch s |", "|---|---|---:|---:|---:|"]
+    for point in sweep["mmap_populate"]:
+        if "median_s" in point:
+            lines.append(f"| {point['mode']} | {point['populate']} | {point['median_s']:.3f} | "
+                         f"{point['median_load_s']:.3f} | {point['median_touch_s']:.3f} |")
+    return lines
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    machine, config = report["machine"], report["config"]
+    lines = [f"# Load benchmark, {report['date']}", "",
+             f"{machine['cpu_model']}, {machine['nproc']} CPUs, {machine['mem_gib']} GiB, kernel {machine['kernel']}, "
+             f"workdir on {machine['workdir_filesystem']['type']} ({machine['workdir_filesystem']['device']}); "
+             f"THP {machine['thp_enabled']}.", "",
+             f"Model: {format_size(config['model_bytes'])} bf16 Llama-shaped ({config['shape']['layers']} layers, "
+             f"hidden {config['shape']['hidden']}), {config['runs']} runs per loader and mode, medians.", ""]
+    if report["results"]:
+        lines += ["## Load + touch every page", ""] + results_table(report["results"], config["loaders"])
+        lines += ["", "## Where the time goes", ""] + detail_table(report["results"], config["loaders"])
+    for title, body in (("Ratios", ratio_lines(report["ratios"])), ("Physical limits", limit_lines(report["limits"])),
+                        ("Second process on tmpfs", rss_lines(report["second_process"])),
+                        ("Sweep", sweep_lines(report.get("sweep", {}))),
+                        ("Skipped", [f"- {k}: {v}" for k, v in report["skipped"].items()]),
+                        ("Warnings", [f"- {w}" for w in report["warnings"]])):
+        if body:
+            lines += ["", f"## {title}", ""] + body
+    return "\n".join(lines) + "\n"
+
+
+def default_output(sweep: bool) -> Path:
+    host = os.environ.get("SLLM_BENCH_KIND") or socket.gethostname()
+    stem = "load-sweep" if sweep else "load"
+    return RESULTS_DIR / f"{stem}-{datetime.now(UTC):%Y-%m-%d}-{host}.json"
+
+
+def check_checksums(results: dict[str, dict[str, dict[str, Any]]], warnings: list[str]) -> None:
+    """All loaders must read the same bytes: their touch checksums agree when they do."""
+    seen = {(mode, name): r["checksum"] for mode, per in results.items() for name, r in per.items() if "checksum" in r}
+    if len(set(seen.values())) > 1:
+        warnings.append(f"checksums differ between loaders: {seen}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="model size (default 1GiB)")
+    parser.add_argument("--runs", type=int, default=5, help="samples per loader and mode (default 5)")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma list of cold,warm,shm")
+    parser.add_argument("--loaders", default=",".join(DEFAULT_LOADERS), help="comma list; peers not installed are "
+                        "skipped")
+    parser.add_argument("--json", type=Path, help="output JSON (a .md summary is written next to it)")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where checkpoints live (real disk)")
+    parser.add_argument("--sweep", action="store_true", help="instead of the comparison, sweep the direct "
+                        "loader's threads x chunk cold and mmap populate on/off")
+    parser.add_argument("--no-limits", action="store_true", help="skip the physical-limit measurements")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--hold", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def select_loaders(requested: str, skipped: dict[str, str]) -> list[str]:
+    """The requested loaders that can run here; unknown names are an error, missing peers a note."""
+    chosen = []
+    for name in filter(None, (n.strip() for n in requested.split(","))):
+        if name not in LOADERS:
+            raise SystemExit(f"unknown loader {name!r}; known: {', '.join(LOADERS)}")
+        if importable(LOADERS[name].module):
+            chosen.append(name)
+        else:
+            skipped[name] = f"module {LOADERS[name].module} not importable"
+    return chosen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        run_child(args.child, args.path, json.loads(args.options), args.hold)
+        return 0
+    modes = [m for m in (m.strip() for m in args.modes.split(",")) if m]
+    if bad := [m for m in modes if m not in MODES]:
+        raise SystemExit(f"unknown mode(s) {bad}; known: {', '.join(MODES)}")
+    skipped: dict[str, str] = {}
+    loaders = ["sllm-direct"] if args.sweep else select_loaders(args.loaders, skipped)
+    for name, note in skipped.items():
+        print(f"skipping {name}: {note}", flush=True)
+    formats = {LOADERS[name].fmt for name in loaders} | {"sllm"}
+    if args.sweep:
+        modes = ["cold", "warm", "shm"]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if filesystem_of(args.workdir)["type"] in ("tmpfs", "ramfs"):
+        print(f"warning: {args.workdir} is on {filesystem_of(args.workdir)['type']}: cold mode means nothing there")
+    checkpoint, shape = ensure_checkpoint(args.workdir, args.size, formats)
+    from runtime.checkpoint import read_manifest
+
+    sllm_bytes = sum(part.size for part in read_manifest(checkpoint.path("sllm")).partitions)
+    warnings: list[str] = []
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(args.workdir),
+        "config": {"size_requested": args.size, "model_bytes": shape.nbytes, "sllm_partition_bytes": sllm_bytes,
+                   "shape": asdict(shape), "seed": SEED, "runs": args.runs, "modes": modes, "loaders": loaders,
+                   "workdir": str(checkpoint.root), "sweep": args.sweep},
+        "limits": {} if args.no_limits else measure_limits(checkpoint, args.runs, warnings),
+        "results": {}, "second_process": {}, "skipped": skipped, "warnings": warnings,
+    }
+    shm_root = Path(f"/dev/shm/sllm-bench-{os.getpid()}")
+    try:
+        staged = stage_on_shm(checkpoint, formats, shm_root) if "shm" in modes else None
+        if args.sweep:
+            report["sweep"] = run_sweep(checkpoint, staged, args.runs, warnings)
+        else:
+            for mode in modes:
+                print(f"mode {mode}:", flush=True)
+                report["results"][mode] = run_mode(mode, staged if mode == "shm" else checkpoint, loaders, args.runs,
+                                                   warnings)
+            if staged is not None:
+                for name in ("sllm-auto", "safetensors"):
+                    if name in loaders:
+                        report["second_process"][name] = second_process_anon(staged, name, shape.nbytes)
+    finally:
+        shutil.rmtree(shm_root, ignore_errors=True)
+    check_checksums(report["results"], warnings)
+    report["ratios"] = compute_ratios(report["results"], report["limits"], report["second_process"], sllm_bytes)
+    write_report(report, args.json or default_output(args.sweep))
+    return 0
+
+
+def write_report(report: dict[str, Any], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    markdown = markdown_report(report)
+    output.with_suffix(".md").write_text(markdown)
+    print("\n" + markdown)
+    print(f"wrote {output} and {output.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
