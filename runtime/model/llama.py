@@ -1,0 +1,243 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in plain torch, with a slot-based KV cache.
+
+Numerics follow transformers' implementation (RMSNorm in float32, RoPE tables in float32 cast to
+the activation dtype, SDPA attention), so greedy tokens match it. The KV cache holds `max_batch`
+sequences of up to `max_seq` tokens; each running request owns one slot, and one decode step
+advances every active slot together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint is not a Llama-family model this decoder implements."""
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    model_type: str
+
+    @classmethod
+    def from_hf(cls, config: dict) -> DecoderConfig:
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(f"model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise UnsupportedModel(f"rope type {rope_type!r} is not implemented by the native decoder")
+        heads = config["num_attention_heads"]
+        return cls(
+            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            attention_bias=config.get("attention_bias", model_type == "qwen2"),
+            model_type=model_type,
+        )
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> DecoderConfig:
+        return cls.from_hf(json.loads((Path(directory) / "config.json").read_text()))
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling:  # llama3: stretch low frequencies, keep high ones, blend in between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelength - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= original / high) & (wavelength <= original / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, device="meta"))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _linear(inputs: int, outputs: int, bias: bool = False) -> nn.Linear:
+    return nn.Linear(inputs, outputs, bias=bias, device="meta")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros that cost nothing until written: on CPU, fresh anonymous pages are zero-filled by the
+    kernel on first touch, so a large cache does not pay a memset at start-up."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    from runtime.loader.direct import allocate_buffer
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.frombuffer(allocate_buffer(nbytes), dtype=torch.uint8).view(dtype).view(shape)
+
+
+class KVCache:
+    """Keys and values of every layer for `max_batch` slots of `max_seq` positions."""
+
+    def __init__(self, config: DecoderConfig, max_batch: int, max_seq: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        shape = (config.num_layers, max_batch, config.num_kv_heads, max_seq, config.head_dim)
+        self.keys, self.values = _zeros(shape, dtype, device), _zeros(shape, dtype, device)
+        self.max_batch, self.max_seq = max_batch, max_seq
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = _linear(config.hidden_size, self.heads * self.head_dim, bias)
+        self.k_proj = _linear(config.hidden_size, self.kv_heads * self.head_dim, bias)
+        self.v_proj = _linear(config.hidden_size, self.kv_heads * self.head_dim, bias)
+        self.o_proj = _linear(self.heads * self.head_dim, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                slots: torch.Tensor, positions: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        q = self.q_proj(x).view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = cache.keys[self.layer], cache.values[self.layer]
+        # positions: (batch, steps); write each new key/value at its slot and position
+        slot_index = slots[:, None].expand(batch, steps)
+        keys[slot_index, :, positions] = k.transpose(1, 2)
+        values[slot_index, :, positions] = v.transpose(1, 2)
+        if batch == 1:
+            slot = int(slots[0])
+            past_k, past_v = keys[slot, None, :, :length], values[slot, None, :, :length]
+        else:
+            past_k, past_v = keys[slots, :, :length], values[slots, :, :length]
+        out = F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=mask, is_causal=mask is None and steps > 1,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = _linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = _linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = _linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache, slots, positions, length, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, positions, length, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Body(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaDecoder(nn.Module):
+    """Parameter names match transformers' LlamaForCausalLM, so a converted checkpoint assigns directly."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = _Body(config)
+        self.lm_head = _linear(config.hidden_size, config.vocab_size)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                last_only: bool = True) -> torch.Tensor:
+        """Logits (float32) for `tokens` (batch, steps) at `positions` (batch, steps) in cache `slots`.
+
+        Prefill passes one sequence (batch 1, its new tokens); decode passes one token per sequence.
+        """
+        x = self.model.embed_tokens(tokens)
+        angles = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((angles, angles), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+        length = int(positions.max()) + 1
+        batch, steps = tokens.shape
+        mask = None
+        if batch > 1 or positions[0, 0] != 0:  # not a plain causal prefill: mask by position
+            mask = torch.arange(length, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, slots, positions, length, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+
+def build_decoder(config: DecoderConfig, state: dict[str, torch.Tensor]) -> LlamaDecoder:
+    """Assign loaded tensors to a meta-device skeleton: no init, no copy."""
+    model = LlamaDecoder(config)
+    if config.tie_word_embeddings and "lm_head.weight" not in state:
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"]}
+    expected = {name for name, _ in model.named_parameters()}
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing:
+        raise UnsupportedModel(f"checkpoint lacks {', '.join(sorted(missing)[:5])}")
+    if unexpected - {"lm_head.weight"}:
+        raise UnsupportedModel(f"checkpoint has tensors the decoder does not use: {', '.join(sorted(unexpected)[:5])}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,41 @@
+"""Choosing the next token: greedy, or temperature + top-p with a per-position seeded generator.
+
+The random draw for the i-th generated token depends only on (seed, i), never on what ran before
+in the process, so a request resumed elsewhere (live migration) draws exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step) pairs over 64 bits
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.seed is None:  # fix a seed now so the request is reproducible and migratable
+            self.seed = random.getrandbits(63)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
+    """`logits`: float32 (vocab,) of the last position; `step`: index of the token being generated."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    generator = torch.Generator().manual_seed((params.seed * _MIX + step) % (1 << 63))
+    return int(torch.multinomial(probs, 1, generator=generator))

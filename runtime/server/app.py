@@ -1,0 +1,263 @@
+"""The function runtime's HTTP app: OpenAI-compatible API, OpenFaaS invoke, health, readiness, metrics.
+
+    gunicorn -c python:runtime.server.gunicorn_conf 'runtime.server.app:create_app()'
+
+The app answers /_/health at once; the model loads in a background thread (the cold start) and
+/_/ready turns 200 only after a warm-up forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from runtime.server import openai_api as api
+from runtime.server.metrics import COLD_START_BUCKETS, LATENCY_BUCKETS, Registry
+from runtime.server.settings import Settings
+from runtime.server.startup import LoadedModel, process_start_time, start_model
+
+log = logging.getLogger("sllm.runtime")
+Handler = Callable[[Any, Any], Any]
+
+
+class FunctionEvent:
+    """What an OpenFaaS python3-http handler receives as `event`."""
+
+    def __init__(self) -> None:
+        self.body = request.get_json(silent=True) if request.is_json else request.get_data()
+        self.headers = request.headers
+        self.method = request.method
+        self.query = request.args
+        self.path = request.path
+
+
+class FunctionContext:
+    """What the handler receives as `context`: `context.llm` runs completions on this instance's model."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.hostname = socket.gethostname()
+        self.llm = runtime
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loaded: LoadedModel | None = None
+        self.failure: str | None = None
+        self.metrics = Registry()
+        self._declare_metrics()
+
+    def _declare_metrics(self) -> None:
+        m = self.metrics
+        m.histogram("sllm_time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
+        m.histogram("sllm_e2e_request_latency_seconds", "End-to-end request latency.", LATENCY_BUCKETS)
+        m.histogram("sllm_cold_start_seconds", "Process start to ready, by the tier the weights came from.",
+                    COLD_START_BUCKETS)
+        m.gauge("sllm_cold_start_phase_seconds", "Seconds spent in each cold-start step of this instance.")
+        m.counter("sllm_prompt_tokens_total", "Prompt tokens processed.")
+        m.counter("sllm_generation_tokens_total", "Tokens generated.")
+        m.counter("sllm_requests_total", "Finished requests by finish reason.")
+        m.gauge("sllm_num_requests_running", "Requests generating now.",
+                lambda: self.loaded.engine.running if self.loaded else 0)
+        m.gauge("sllm_num_requests_waiting", "Requests queued for a generation slot.",
+                lambda: self.loaded.engine.waiting if self.loaded else 0)
+
+    def start(self, process_started: float) -> None:
+        def run() -> None:
+            try:
+                self.loaded = start_model(self.settings, process_started, on_finish=self._record)
+            except Exception as exc:  # reported by /_/ready and the log; the process stays up for inspection
+                self.failure = f"{type(exc).__name__}: {exc}"
+                log.exception("cold start failed")
+                return
+            report = self.loaded.cold_start
+            self.metrics.observe("sllm_cold_start_seconds", report.process_start_to_ready_s, tier=report.tier)
+            for phase in ("imports", "staging_wait", "load", "build", "first_forward"):
+                self.metrics.set("sllm_cold_start_phase_seconds", getattr(report, f"{phase}_s"), phase=phase)
+
+        threading.Thread(target=run, name="sllm-cold-start", daemon=True).start()
+
+    def _record(self, generation) -> None:
+        if generation.first_token_at:
+            ttft = generation.first_token_at - generation.submitted_at
+            self.metrics.observe("sllm_time_to_first_token_seconds", ttft)
+        self.metrics.observe("sllm_e2e_request_latency_seconds", generation.finished_at - generation.submitted_at)
+        self.metrics.inc("sllm_prompt_tokens_total", len(generation.prompt_ids))
+        self.metrics.inc("sllm_generation_tokens_total", len(generation.output_ids))
+        self.metrics.inc("sllm_requests_total", finish_reason=generation.finish_reason)
+
+    # -- generation, shared by the OpenAI routes and handlers (context.llm) ----------------------
+    def _require_ready(self) -> LoadedModel:
+        if self.loaded is None:
+            raise api.ApiError(503, "the model is still loading" if not self.failure else self.failure,
+                               kind="server_error", code="not_ready")
+        return self.loaded
+
+    def _submit(self, prompt_ids: list[int], body: dict, default_max_tokens: int):
+        loaded = self._require_ready()
+        if len(prompt_ids) > self.settings.max_prompt_tokens:
+            raise api.ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the limit is "
+                               f"{self.settings.max_prompt_tokens}", "prompt", "context_length_exceeded")
+        room = loaded.engine.max_seq - len(prompt_ids)
+        if room < 1:
+            raise api.ApiError(400, f"the prompt has {len(prompt_ids)} tokens and leaves no room in the context of "
+                               f"{loaded.engine.max_seq}", "prompt", "context_length_exceeded")
+        parsed = api.parse_sampling(body, self.settings.max_tokens, min(default_max_tokens, room))
+        if len(prompt_ids) + parsed.params.max_tokens > loaded.engine.max_seq:
+            raise api.ApiError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({parsed.params.max_tokens}) "
+                               f"exceeds the context of {loaded.engine.max_seq}", "max_tokens",
+                               "context_length_exceeded")
+        return loaded.engine.submit(prompt_ids, parsed.params), parsed
+
+    def check_model(self, body: dict) -> None:
+        name = self._require_ready().name
+        if body.get("model") not in (None, name):
+            raise api.ApiError(404, f"the model {body.get('model')!r} does not exist; this instance serves {name!r}",
+                               "model", "model_not_found")
+
+    def chat(self, body: dict) -> dict | Response:
+        loaded = self._require_ready()
+        messages = api.parse_messages(body)
+        from runtime.model.tokenizer import TemplateError
+
+        try:
+            prompt_ids = loaded.tokenizer.encode_chat(messages)
+        except TemplateError as exc:
+            raise api.ApiError(400, f"chat template: {exc}", "messages") from None
+        return self._respond(prompt_ids, body, chat=True, default_max_tokens=self.settings.max_tokens)
+
+    def complete(self, body: dict) -> dict | Response:
+        loaded = self._require_ready()
+        prompt_ids = loaded.tokenizer.encode(api.parse_prompt(body))
+        return self._respond(prompt_ids, body, chat=False, default_max_tokens=16)
+
+    def _respond(self, prompt_ids: list[int], body: dict, chat: bool, default_max_tokens: int) -> dict | Response:
+        generation, parsed = self._submit(prompt_ids, body, default_max_tokens)
+        shape = api.ResponseShape(self.loaded.name, chat)
+        if not parsed.stream:
+            try:
+                text = generation.wait()
+            except RuntimeError as exc:
+                raise api.ApiError(500, str(exc), kind="server_error") from None
+            return shape.complete(text, generation.finish_reason, len(prompt_ids), len(generation.output_ids))
+        frames = api.sse_stream(shape, generation.stream(), lambda: generation.finish_reason, parsed.include_usage,
+                                lambda: (len(prompt_ids), len(generation.output_ids)))
+
+        def guarded():
+            try:
+                yield from frames
+            finally:  # the client went away: free the slot
+                if generation.finish_reason is None:
+                    self.loaded.engine.cancel(generation)
+
+        return Response(guarded(), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def default_handler(event: FunctionEvent, context: FunctionContext) -> Any:
+    """OpenFaaS invoke without a user hook: chat if the body has messages, else a plain completion."""
+    body = event.body if isinstance(event.body, dict) else {}
+    result = context.llm.chat(body) if "messages" in body else context.llm.complete(body)
+    return {"statusCode": 200, "body": result}
+
+
+def _handler_response(result: Any) -> Response:
+    if isinstance(result, Response):
+        return result
+    if isinstance(result, dict) and "statusCode" in result:
+        body = result.get("body", "")
+        response = jsonify(body) if isinstance(body, dict | list) else Response(str(body))
+        response.status_code = int(result["statusCode"])
+        response.headers.update(result.get("headers") or {})
+        return response
+    return jsonify(result) if isinstance(result, dict | list) else Response(str(result))
+
+
+def create_app(settings: Settings | None = None, handler: Handler | None = None,
+               process_started: float | None = None) -> Flask:
+    """The WSGI app; starts the cold start in the background.
+
+    The cold start is timed from the creation of the process that was spawned (SLLM_SPAWN_PID, set by
+    our gunicorn config in the master), so the forked worker's breakdown includes the master's start.
+    """
+    settings = settings or Settings.from_env()
+    if not log.handlers:  # our lines (the cold-start breakdown) go to stderr beside gunicorn's
+        handler_ = logging.StreamHandler()
+        handler_.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler_)
+        log.setLevel(os.environ.get("SLLM_LOG_LEVEL", "info").upper())
+    if process_started is None:
+        process_started = process_start_time(int(os.environ.get("SLLM_SPAWN_PID") or os.getpid()))
+    runtime = Runtime(settings)
+    app = Flask("sllm-faas-runtime")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.extensions["sllm_runtime"] = runtime
+    user_handler = handler or default_handler
+
+    @app.errorhandler(api.ApiError)
+    def api_error(exc: api.ApiError):
+        return jsonify(exc.body()), exc.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        kind = "invalid_request_error" if exc.code and exc.code < 500 else "server_error"
+        return jsonify(api.ApiError(exc.code or 500, exc.description or exc.name, kind=kind).body()), exc.code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        log.exception("request failed")
+        return jsonify(api.ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").body()), 500
+
+    def json_body() -> dict:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise api.ApiError(400, "the request body must be a JSON object")
+        return body
+
+    @app.post("/v1/chat/completions")
+    def chat_completions():
+        body = json_body()
+        runtime.check_model(body)
+        return runtime.chat(body)
+
+    @app.post("/v1/completions")
+    def completions():
+        body = json_body()
+        runtime.check_model(body)
+        return runtime.complete(body)
+
+    @app.get("/v1/models")
+    def models():
+        loaded = runtime._require_ready()
+        return {"object": "list", "data": [{"id": loaded.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "sllm-faas", "max_model_len": loaded.engine.max_seq}]}
+
+    @app.route("/", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    def invoke():
+        return _handler_response(user_handler(FunctionEvent(), FunctionContext(runtime)))
+
+    @app.get("/_/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/_/ready")
+    def ready():
+        if runtime.loaded is None:
+            body = {"ready": False, "error": runtime.failure} if runtime.failure else {"ready": False}
+            return body, 503
+        return {"ready": True, "model": runtime.loaded.name, "cold_start": runtime.loaded.cold_start.as_dict()}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(runtime.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    runtime.start(process_started)
+    return app

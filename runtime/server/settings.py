@@ -1,0 +1,46 @@
+"""Runtime settings, read from the environment once; every knob has a documented default (README)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SystemExit(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str                # SLLM_MODEL: checkpoint directory, or a name under SLLM_MODEL_STORE
+    model_store: str          # SLLM_MODEL_STORE
+    served_name: str | None   # SLLM_SERVED_MODEL_NAME: the id in /v1/models (default: the model's dir name)
+    max_body_bytes: int       # SLLM_MAX_BODY_BYTES
+    max_prompt_tokens: int    # SLLM_MAX_PROMPT_TOKENS
+    max_tokens: int           # SLLM_MAX_TOKENS: upper bound for a request's max_tokens
+    max_batch: int            # SLLM_MAX_BATCH: requests generating at once
+    max_seq: int              # SLLM_MAX_SEQ: context per request (prompt + output)
+    torch_threads: int        # SLLM_TORCH_THREADS
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            model=os.environ.get("SLLM_MODEL", ""),
+            model_store=os.environ.get("SLLM_MODEL_STORE", "/var/lib/sllm/models"),
+            served_name=os.environ.get("SLLM_SERVED_MODEL_NAME") or None,
+            max_body_bytes=_int("SLLM_MAX_BODY_BYTES", 1 << 20),
+            max_prompt_tokens=_int("SLLM_MAX_PROMPT_TOKENS", 4096),
+            max_tokens=_int("SLLM_MAX_TOKENS", 1024),
+            max_batch=_int("SLLM_MAX_BATCH", 8),
+            max_seq=_int("SLLM_MAX_SEQ", 2048, minimum=16),
+            torch_threads=_int("SLLM_TORCH_THREADS", os.cpu_count() or 1),
+        )

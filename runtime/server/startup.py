@@ -1,0 +1,113 @@
+"""The cold start of a function instance, step by step, with the time each step took.
+
+1. find the model (ask the node loader to stage and lease it, when one is configured);
+2. map/read the weights from the fastest tier that holds them;
+3. build the decoder skeleton (meta device, no init) and assign the weights;
+4. run one warm-up forward;
+and only then report ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from runtime.checkpoint.format import MANIFEST_NAME, CheckpointError
+from runtime.names import validate_model_name
+
+log = logging.getLogger("sllm.runtime")
+
+
+def process_start_time(pid: int | None = None) -> float:
+    """Wall-clock time at which `pid` was created, from /proc (the kernel's record, not ours)."""
+    with open(f"/proc/{pid or os.getpid()}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    start_ticks = int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
+    with open("/proc/stat") as handle:
+        boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+    return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class ColdStart:
+    """Seconds per step; the tier is where the weights came from (gpu, dram, ssd)."""
+
+    process_start_to_ready_s: float = 0.0
+    imports_s: float = 0.0
+    staging_wait_s: float = 0.0
+    load_s: float = 0.0
+    build_s: float = 0.0
+    first_forward_s: float = 0.0
+    tier: str = "unknown"
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    def log_line(self) -> str:
+        return (f"cold start: tier={self.tier} total={self.process_start_to_ready_s:.3f}s "
+                f"imports={self.imports_s:.3f}s staging_wait={self.staging_wait_s:.3f}s load={self.load_s:.3f}s "
+                f"build={self.build_s:.3f}s first_forward={self.first_forward_s:.3f}s")
+
+
+def resolve_model_dir(model: str, model_store: str) -> Path:
+    """A checkpoint directory, or a plain model name looked up under the model store."""
+    if not model:
+        raise CheckpointError("SLLM_MODEL", "model", "no model given: sllm-faas serve MODEL_DIR_OR_NAME")
+    path = Path(model)
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    if os.sep in model or model.startswith("."):
+        raise CheckpointError(path, "manifest", "not a checkpoint directory (convert it with `sllm-faas convert`)")
+    return Path(model_store) / validate_model_name(model)
+
+
+@dataclass
+class LoadedModel:
+    engine: object  # runtime.model.engine.Engine (imported lazily: torch is part of the timed cold start)
+    tokenizer: object
+    name: str
+    directory: Path
+    cold_start: ColdStart
+
+
+def start_model(settings, process_started: float, on_finish=None) -> LoadedModel:
+    """Run the cold-start steps and return a warmed-up engine with the breakdown of where time went."""
+    import time
+
+    import torch
+
+    from runtime.checkpoint.format import read_manifest
+    from runtime.loader import load
+    from runtime.loader.tiers import current_tier
+    from runtime.model.engine import Engine
+    from runtime.model.llama import DecoderConfig, build_decoder
+    from runtime.model.tokenizer import Tokenizer
+
+    torch.set_num_threads(settings.torch_threads)
+    report = ColdStart()
+    mark = time.time()
+    report.imports_s = mark - process_started
+
+    directory = resolve_model_dir(settings.model, settings.model_store)
+    # staging_wait_s stays 0 until a node loader is configured (it stages the model before we map it)
+    report.tier = current_tier(directory, read_manifest(directory))
+    state = load(directory)
+    now = time.time()
+    report.load_s, mark = now - mark, now
+
+    tokenizer = Tokenizer(directory)
+    model = build_decoder(DecoderConfig.from_dir(directory), state)
+    engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_seq=settings.max_seq, on_finish=on_finish)
+    engine.start()
+    now = time.time()
+    report.build_s, mark = now - mark, now
+
+    engine.warm_up()
+    now = time.time()
+    report.first_forward_s = now - mark
+    report.process_start_to_ready_s = now - process_started
+    name = settings.served_name or directory.resolve().name
+    log.info("%s", report.log_line())
+    return LoadedModel(engine, tokenizer, name, directory, report)

@@ -1,0 +1,7 @@
+"""Entry point of the sllm-python template: the sllm-faas runtime with the user's handler on `/`."""
+
+from function import handler
+
+from runtime.server.app import create_app
+
+app = create_app(handler=handler.handle)
