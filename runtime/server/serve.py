@@ -11,7 +11,9 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("model", help="a checkpoint directory, or a model name under $SLLM_MODEL_STORE")
+    parser.add_argument("model", nargs="?", default=os.environ.get("SLLM_MODEL"),
+                        help="a checkpoint directory, or a model name under $SLLM_MODEL_STORE (default: $SLLM_MODEL; "
+                             "of-watchdog runs fprocess without a shell, so templates pass it by env)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")),
                         help="port to listen on (default: $PORT or 8080)")
     parser.add_argument("--host", default=os.environ.get("SLLM_HOST", "0.0.0.0"),  # noqa: S104
@@ -21,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.model:
+        print("sllm-faas serve: no model: pass MODEL_DIR_OR_NAME or set SLLM_MODEL", file=sys.stderr)
+        return 2
     os.environ["SLLM_MODEL"] = args.model
     os.environ["PORT"] = str(args.port)
     os.environ["SLLM_HOST"] = args.host

@@ -1,0 +1,231 @@
+"""The function runtime as OpenFaaS builds it: template + handler shrinkwrapped into build/<fn>/, served by
+gunicorn, called with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from runtime.embedded_redis import free_tcp_port
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def shrinkwrap(build_root: Path, function: str, handler_dir: Path) -> Path:
+    """What `faas-cli build --shrinkwrap` does: the template, with the handler copied into function/."""
+    build = build_root / "build" / function
+    shutil.copytree(ROOT / "templates" / "sllm-python", build)
+    shutil.rmtree(build / "function")
+    shutil.copytree(handler_dir, build / "function")
+    return build
+
+
+class Server:
+    def __init__(self, cwd: Path, model: Path, **env: str) -> None:
+        self.port = free_tcp_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {**os.environ, "SLLM_MODEL": str(model), "SLLM_TORCH_THREADS": "2", **env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+             "--app", "index:app"], cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
+        self.first_ready_status = None
+
+    def wait_ready(self, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read()
+            try:
+                response = requests.get(self.url + "/_/ready", timeout=2)
+            except requests.ConnectionError:
+                time.sleep(0.02)
+                continue
+            self.first_ready_status = self.first_ready_status or response.status_code
+            if response.status_code == 200:
+                return response.json()
+            time.sleep(0.05)
+        raise TimeoutError("the runtime never became ready")
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            output, _ = self.process.communicate()
+        return output
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, tmp_path_factory):
+    build = shrinkwrap(tmp_path_factory.mktemp("faas"), "smollm2", ROOT / "examples" / "smollm2" / "function")
+    instance = Server(build, smollm2["sllm"], SLLM_SERVED_MODEL_NAME="smollm2", SLLM_MAX_TOKENS="256",
+                      SLLM_MAX_BODY_BYTES="65536", SLLM_MAX_PROMPT_TOKENS="512")
+    instance.ready_body = instance.wait_ready()
+    yield instance
+    instance.log = instance.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_readiness_waits_for_the_model(server):
+    assert server.first_ready_status == 503  # health answered before the model was loaded
+    assert requests.get(server.url + "/_/health").json() == {"status": "ok"}
+    body = server.ready_body
+    assert body["ready"] is True and body["model"] == "smollm2"
+    breakdown = body["cold_start"]
+    for step in ("imports_s", "staging_wait_s", "load_s", "build_s", "first_forward_s", "process_start_to_ready_s"):
+        assert breakdown[step] >= 0
+    assert breakdown["tier"] in ("dram", "ssd")
+    assert breakdown["process_start_to_ready_s"] >= breakdown["imports_s"] + breakdown["load_s"]
+
+
+def test_chat_and_completion_with_openai_client(client):
+    chat = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=24, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.choices[0].finish_reason == "stop"
+    assert chat.usage.prompt_tokens > 10 and chat.usage.completion_tokens > 0
+
+    text = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 4
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+
+
+def test_streaming_equals_non_streaming(client):
+    whole = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=24, temperature=0)
+    stream = client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    completion = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=12, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="smollm2", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True))
+    assert streamed == completion.choices[0].text
+
+
+def test_stop_sequences_and_seeded_sampling(client):
+    first = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0,
+                                      stop=[" 7"])
+    assert first.choices[0].finish_reason == "stop" and " 7" not in first.choices[0].text
+    runs = [client.completions.create(model="smollm2", prompt="My favourite colour is", max_tokens=16,
+                                      temperature=0.9, top_p=0.95, seed=1234).choices[0].text for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_eight_concurrent_streams(client):
+    prompts = [f"Count from {start}: {start}, {start + 1}," for start in range(1, 9)]
+    expected = [client.completions.create(model="smollm2", prompt=p, max_tokens=12, temperature=0).choices[0].text
+                for p in prompts]
+
+    def stream(prompt: str) -> str:
+        chunks = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(stream, prompts))
+    assert got == expected
+
+
+def test_openfaas_invoke_calls_the_handler(server):
+    response = requests.post(server.url + "/", json={"question": "What is the capital of France?"}, timeout=120)
+    assert response.status_code == 200
+    assert "Paris" in response.json()["answer"]
+    bad = requests.post(server.url + "/", json={"nothing": 1}, timeout=30)
+    assert bad.status_code == 400 and "question" in bad.json()["error"]
+
+
+def openai_error(response: requests.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+BAD_REQUESTS = {
+    "not json": ("/v1/chat/completions", "{nope", 400),
+    "no messages": ("/v1/chat/completions", {"model": "smollm2"}, 400),
+    "bad role": ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400),
+    "max_tokens too big": ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400),
+    "max_tokens not int": ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400),
+    "temperature": ("/v1/completions", {"prompt": "x", "temperature": 7}, 400),
+    "n": ("/v1/completions", {"prompt": "x", "n": 3}, 400),
+    "stop list": ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    "prompt type": ("/v1/completions", {"prompt": {"a": 1}}, 400),
+    "long prompt": ("/v1/completions", {"prompt": "word " * 2000}, 400),
+    "unknown model": ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404),
+    "oversized body": ("/v1/completions", {"prompt": "x" * 100_000}, 413),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client, case):
+    path, body, status = BAD_REQUESTS[case]
+    data = body if isinstance(body, str) else json.dumps(body)
+    response = requests.post(server.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=30)
+    openai_error(response, status)
+    assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=1).choices[0].finish_reason
+
+
+def test_openai_client_raises_on_bad_request(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="smollm2", messages=QUESTION, max_tokens=0)
+
+
+def test_metrics(server, client):
+    client.completions.create(model="smollm2", prompt="Hi", max_tokens=2)
+    text = requests.get(server.url + "/metrics").text
+    for name in ("sllm_time_to_first_token_seconds_bucket", "sllm_e2e_request_latency_seconds_count",
+                 "sllm_generation_tokens_total", "sllm_num_requests_running", "sllm_num_requests_waiting",
+                 'sllm_cold_start_seconds_count{tier="', 'sllm_cold_start_phase_seconds{phase="load"}'):
+        assert name in text, name
+
+
+def test_cold_start_log_line_and_clean_shutdown(smollm2, tmp_path):
+    build = shrinkwrap(tmp_path, "fn", ROOT / "templates" / "sllm-python" / "function")
+    instance = Server(build, smollm2["sllm"])
+    try:
+        instance.wait_ready()
+    finally:
+        output = instance.stop()
+    assert "cold start: tier=" in output and "first_forward=" in output
+    assert instance.process.returncode == 0
+
+
+def test_missing_model_reports_not_ready(tmp_path):
+    build = shrinkwrap(tmp_path, "fn", ROOT / "templates" / "sllm-python" / "function")
+    instance = Server(build, tmp_path / "no-such-model", SLLM_MODEL_STORE=str(tmp_path))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                response = requests.get(instance.url + "/_/ready", timeout=2)
+                if response.json().get("error"):
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        assert response.status_code == 503 and "not a checkpoint" in response.json()["error"]
+        completion = requests.post(instance.url + "/v1/completions", json={"prompt": "x"}, timeout=10)
+        assert openai_error(completion, 503)["code"] == "not_ready"
+    finally:
+        instance.stop()
