@@ -112,3 +112,18 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2):
         expected = expected[:expected.index(expected[-1])]
     assert generation.output_ids == expected
     assert "Paris" in answer
+
+
+def test_writer_lays_out_projections_for_fused_matmuls(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file
+
+    from runtime.checkpoint import convert
+
+    convert(tiny_llama_dir, tmp_path / "ck")
+    fused = build_decoder(DecoderConfig.from_dir(tmp_path / "ck"), load(tmp_path / "ck"))
+    plain = build_decoder(DecoderConfig.from_dir(tiny_llama_dir), load_file(tiny_llama_dir / "model.safetensors"))
+    assert all(layer.self_attn.qkv_weight is not None and layer.mlp.gate_up_weight is not None
+               for layer in fused.model.layers)
+    assert all(layer.self_attn.qkv_weight is None for layer in plain.model.layers)
+    prompt = [1, 17, 42, 99, 5]
+    assert torch.equal(prefill_logits(fused, prompt, torch.bfloat16), prefill_logits(plain, prompt, torch.bfloat16))

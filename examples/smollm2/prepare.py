@@ -3,7 +3,8 @@
     python examples/smollm2/prepare.py            # prints the checkpoint directory
 
 The result is cached outside the repository, under $SLLM_FAAS_CACHE (default ~/.cache/sllm-faas),
-keyed by the package version and this recipe's version, so CI converts once per version.
+keyed by the package version, this recipe's version and the checkpoint writer's format and layout
+versions, so CI converts once per version.
 Weights are never committed.
 """
 
@@ -61,10 +62,13 @@ def export_hf_folder(gguf: Path, destination: Path) -> None:
 def prepare(root: Path | None = None) -> dict[str, Path]:
     """Paths {"hf": ..., "sllm": ...}, converting only what the cache lacks."""
     from runtime.checkpoint import CheckpointError, convert, read_manifest
+    from runtime.checkpoint.format import FORMAT_VERSION
+    from runtime.checkpoint.writer import LAYOUT_VERSION
 
     gguf, version = gguf_path()
     base = (root or cache_root()) / f"smollm2-135m-instruct-{version}-r{RECIPE_VERSION}"
-    hf, sllm = base / "hf", base / "sllm"
+    sllm = base / f"sllm-v{FORMAT_VERSION}.{LAYOUT_VERSION}"
+    hf = base / "hf"
     if not (hf / "config.json").exists():
         partial = base / f".hf.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)

@@ -35,6 +35,15 @@ from runtime.checkpoint.format import (
 from runtime.checkpoint.sources import Source, SourceTensor, from_state_dict, open_source
 
 DEFAULT_PARTITION_SIZE = 1 << 30
+# Bumped whenever the writer lays tensors out differently (caches of converted models key on it).
+LAYOUT_VERSION = 2
+# Tensors a decoder multiplies by the same input: written back to back so that, when no alignment
+# padding falls between them, one view covers the group and one matmul replaces two or three.
+FUSION_GROUPS = (
+    ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+)
 _CONVERTIBLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _ZEROS = bytes(max(BLOCK_SIZE, TENSOR_ALIGNMENT))
 
@@ -43,6 +52,26 @@ _ZEROS = bytes(max(BLOCK_SIZE, TENSOR_ALIGNMENT))
 class _Placed:
     source: SourceTensor
     entry: TensorEntry
+
+
+def order_for_fusion(tensors: list[SourceTensor]) -> list[SourceTensor]:
+    """Source order, except that members of a fusion group follow their first member, in group order."""
+    by_name = {t.name: t for t in tensors}
+    ordered, emitted = [], set()
+    for tensor in tensors:
+        if tensor.name in emitted:
+            continue
+        group = [tensor.name]
+        for suffixes in FUSION_GROUPS:
+            for suffix in suffixes:
+                if tensor.name.endswith(suffix):
+                    prefix = tensor.name[: -len(suffix)]
+                    group = [prefix + s for s in suffixes if prefix + s in by_name]
+        for name in group:
+            if name not in emitted:
+                ordered.append(by_name[name])
+                emitted.add(name)
+    return ordered
 
 
 def plan_layout(tensors: list[SourceTensor], target_dtype: torch.dtype | None,
@@ -120,7 +149,7 @@ def write_checkpoint(source: Source, destination: str | os.PathLike, *, dtype: t
         raise CheckpointError(destination, "destination", "already exists (use --overwrite to replace it)")
     destination.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(destination)
-    placed, sizes = plan_layout(source.tensors, dtype, partition_size)
+    placed, sizes = plan_layout(order_for_fusion(source.tensors), dtype, partition_size)
     staging = destination.parent / f".{destination.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
@@ -135,7 +164,7 @@ def write_checkpoint(source: Source, destination: str | os.PathLike, *, dtype: t
             tensors={p.entry.name: p.entry for p in placed}, partitions=partitions, aliases=dict(source.aliases),
             source={**source.description, "dtype": DTYPE_NAMES.get(dtype) if dtype else "unchanged",
                     "converted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "writer": f"sllm-faas {__version__}"},
+                    "writer": f"sllm-faas {__version__}", "layout": LAYOUT_VERSION},
         )
         _write_manifest(staging, manifest)
         _publish(staging, destination, overwrite)

@@ -177,7 +177,7 @@ class Engine:
         token = next_token(logits, generation.params, len(generation.output_ids))
         now = time.monotonic()
         generation.first_token_at = generation.first_token_at or now
-        if token in self.tokenizer.eos_token_ids:
+        if token in self.tokenizer.eos_token_ids and not generation.params.ignore_eos:
             return self._finish(generation, "stop")
         generation.output_ids.append(token)
         if self._emit_text(generation):

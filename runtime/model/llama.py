@@ -103,6 +103,26 @@ def _linear(inputs: int, outputs: int, bias: bool = False) -> nn.Linear:
     return nn.Linear(inputs, outputs, bias=bias, device="meta")
 
 
+def adjacent_view(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """One tensor over `tensors` stacked on dim 0, if they already lie back to back in one buffer.
+
+    The checkpoint writer places q/k/v and gate/up projections next to each other, so a fused
+    matmul costs no copy; anything else (padding between them, another layout) returns None.
+    """
+    if any(t is None for t in tensors):
+        return None
+    first = tensors[0]
+    expected = first.data_ptr()
+    for tensor in tensors:
+        if tensor.data_ptr() != expected or not tensor.is_contiguous() or tensor.dtype != first.dtype or \
+                tensor.shape[1:] != first.shape[1:] or tensor.untyped_storage().data_ptr() != \
+                first.untyped_storage().data_ptr():
+            return None
+        expected += tensor.numel() * tensor.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -139,24 +159,41 @@ class Attention(nn.Module):
         self.k_proj = _linear(config.hidden_size, self.kv_heads * self.head_dim, bias)
         self.v_proj = _linear(config.hidden_size, self.kv_heads * self.head_dim, bias)
         self.o_proj = _linear(self.heads * self.head_dim, config.hidden_size)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse(): one view over q, k and v
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> bool:
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = adjacent_view([p.weight.detach() for p in projections])
+        if projections[0].bias is not None:
+            self.qkv_bias = adjacent_view([p.bias.detach() for p in projections])
+            if self.qkv_bias is None:
+                self.qkv_weight = None
+        return self.qkv_weight is not None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 slots: torch.Tensor, positions: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
         batch, steps, _ = x.shape
-        q = self.q_proj(x).view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+                [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        k = k.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.keys[self.layer], cache.values[self.layer]
-        # positions: (batch, steps); write each new key/value at its slot and position
-        slot_index = slots[:, None].expand(batch, steps)
-        keys[slot_index, :, positions] = k.transpose(1, 2)
-        values[slot_index, :, positions] = v.transpose(1, 2)
-        if batch == 1:
-            slot = int(slots[0])
+        if batch == 1:  # one sequence: its positions are contiguous, so plain slices (views, no gather)
+            slot, start = int(slots[0]), int(positions[0, 0])
+            keys[slot, :, start:start + steps] = k[0]
+            values[slot, :, start:start + steps] = v[0]
             past_k, past_v = keys[slot, None, :, :length], values[slot, None, :, :length]
         else:
+            slot_index = slots[:, None].expand(batch, steps)
+            keys[slot_index, :, positions] = k.transpose(1, 2)
+            values[slot_index, :, positions] = v.transpose(1, 2)
             past_k, past_v = keys[slots, :, :length], values[slots, :, :length]
         out = F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=mask, is_causal=mask is None and steps > 1,
                                              enable_gqa=self.kv_heads != self.heads)
@@ -169,9 +206,18 @@ class MLP(nn.Module):
         self.gate_proj = _linear(config.hidden_size, config.intermediate_size)
         self.up_proj = _linear(config.hidden_size, config.intermediate_size)
         self.down_proj = _linear(config.intermediate_size, config.hidden_size)
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse(): one view over gate and up
+
+    def fuse(self) -> bool:
+        self.gate_up_weight = adjacent_view([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        return self.gate_up_weight is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -219,7 +265,7 @@ class LlamaDecoder(nn.Module):
         length = int(positions.max()) + 1
         batch, steps = tokens.shape
         mask = None
-        if batch > 1 or positions[0, 0] != 0:  # not a plain causal prefill: mask by position
+        if batch > 1 or (steps > 1 and positions[0, 0] != 0):  # not a plain causal prefill: mask by position
             mask = torch.arange(length, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, slots, positions, length, mask)
@@ -240,4 +286,7 @@ def build_decoder(config: DecoderConfig, state: dict[str, torch.Tensor]) -> Llam
     if unexpected - {"lm_head.weight"}:
         raise UnsupportedModel(f"checkpoint has tensors the decoder does not use: {', '.join(sorted(unexpected)[:5])}")
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    for layer in model.model.layers:
+        layer.self_attn.fuse()
+        layer.mlp.fuse()
     return model.eval()

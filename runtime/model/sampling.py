@@ -21,6 +21,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.seed is None:  # fix a seed now so the request is reproducible and migratable

@@ -70,8 +70,11 @@ def parse_sampling(body: dict, max_tokens_limit: int, default_max_tokens: int) -
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "'ignore_eos' must be a boolean", "ignore_eos")
     params = SamplingParams(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                            top_p=_number(body, "top_p", 1.0, 0.0, 1.0), seed=seed, stop=stop)
+                            top_p=_number(body, "top_p", 1.0, 0.0, 1.0), seed=seed, stop=stop, ignore_eos=ignore_eos)
     if params.top_p == 0:
         raise ApiError(400, "'top_p' must be greater than 0", "top_p")
     return ParsedRequest(params, stream, bool(options.get("include_usage")), given)

@@ -1,0 +1,106 @@
+"""What every benchmark records beside its numbers: the machine, the date, medians, and where results go."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import socket
+import statistics
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def results_path(name: str, suffix: str = ".json") -> Path:
+    """benchmarks/results/NAME-DATE-MACHINE.json; MACHINE is $SLLM_BENCH_KIND or the host name."""
+    machine = os.environ.get("SLLM_BENCH_KIND") or socket.gethostname()
+    return RESULTS_DIR / f"{name}-{datetime.now(UTC):%Y-%m-%d}-{machine}{suffix}"
+
+
+def machine_info(workdir: Path) -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text()
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    total_kb = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))
+    return {
+        "hostname": socket.gethostname(), "kind": os.environ.get("SLLM_BENCH_KIND"),
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "nproc": len(os.sched_getaffinity(0)), "mem_gib": round(total_kb / 2**20, 1), "kernel": platform.release(),
+        "workdir_filesystem": filesystem_of(workdir), "thp_enabled": read_text("/sys/kernel/mm/transparent_hugepage/"
+                                                                               "enabled"),
+        "thp_defrag": read_text("/sys/kernel/mm/transparent_hugepage/defrag"),
+        "free_page_reporting": free_page_reporting(), "damon_schemes": damon_schemes(),
+        "python": platform.python_version(), "torch": package_version("torch"),
+        "safetensors": package_version("safetensors"),
+    }
+
+
+def free_page_reporting() -> dict[str, Any]:
+    """Whether a virtio balloon reports free pages to the hypervisor (then fresh memory can be slow to touch)."""
+    enabled = False
+    for device in Path("/sys/bus/virtio/devices").glob("*"):
+        features = read_text(str(device / "features")) or ""
+        if read_text(str(device / "device")) == "0x0005" and len(features) > 5 and features[5] == "1":
+            enabled = True  # VIRTIO_BALLOON_F_REPORTING is feature bit 5
+    params = Path("/sys/module/page_reporting/parameters")
+    return {"balloon_reporting": enabled, **{f"page_reporting_{p.name}": read_text(str(p))
+                                             for p in sorted(params.glob("*"))}}
+
+
+def damon_schemes() -> list[dict[str, Any]]:
+    """Running DAMON schemes: a "pageout" one is proactive reclaim, which evicts page cache nobody touched lately."""
+    schemes = []
+    for context in Path("/sys/kernel/mm/damon/admin/kdamonds").glob("*/contexts/*"):
+        if read_text(str(context.parent.parent / "state")) != "on":
+            continue
+        intervals = context / "monitoring_attrs" / "intervals"
+        for scheme in sorted(context.glob("schemes/[0-9]*")):
+            schemes.append({
+                "operations": read_text(str(context / "operations")), "action": read_text(str(scheme / "action")),
+                "min_age_intervals": read_text(str(scheme / "access_pattern/age/min")),
+                "max_nr_accesses": read_text(str(scheme / "access_pattern/nr_accesses/max")),
+                "aggr_us": read_text(str(intervals / "aggr_us")),
+                "quota_bytes_per_reset": read_text(str(scheme / "quotas/bytes")),
+                "quota_reset_ms": read_text(str(scheme / "quotas/reset_interval_ms")),
+            })
+    return schemes
+
+
+def read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def filesystem_of(path: Path) -> dict[str, str]:
+    """Type, device and mount point of the filesystem holding `path` (longest matching mount)."""
+    resolved, best = str(path.resolve()), {"type": "?", "device": "?", "mount": "/"}
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            device, mount, fstype = line.split()[:3]
+            if (resolved == mount or resolved.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best["mount"]):
+                best = {"type": fstype, "device": device, "mount": mount}
+    return best
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "samples": values}
+
+
