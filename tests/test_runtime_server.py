@@ -200,11 +200,15 @@ def test_metrics(server, client):
         assert name in text, name
 
 
-def test_cold_start_log_line_and_clean_shutdown(smollm2, tmp_path):
+def test_template_default_handler_log_line_and_clean_shutdown(smollm2, tmp_path):
     build = shrinkwrap(tmp_path, "fn", ROOT / "templates" / "sllm-python" / "function")
     instance = Server(build, smollm2["sllm"])
     try:
         instance.wait_ready()
+        ok = requests.post(instance.url + "/", json={"prompt": "The capital of France is", "max_tokens": 3}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["completion"]
+        bad = requests.post(instance.url + "/", json={"prompt": "x", "max_tokens": -1}, timeout=60)
+        assert openai_error(bad, 400)["param"] == "max_tokens"
     finally:
         output = instance.stop()
     assert "cold start: tier=" in output and "first_forward=" in output
@@ -229,3 +233,4 @@ def test_missing_model_reports_not_ready(tmp_path):
         assert openai_error(completion, 503)["code"] == "not_ready"
     finally:
         instance.stop()
+

@@ -1,9 +1,7 @@
-"""Your function's hook. The OpenAI-compatible API (/v1/...) is always served; `/` calls `handle`.
+"""The example function: {"question": "..."} in, a one-sentence {"answer": "..."} out.
 
-event:   .body (parsed JSON, or raw bytes), .headers, .method, .query, .path
-context: .hostname, and .llm: .chat(body) / .complete(body) run the model with an OpenAI-style
-         request body and return the OpenAI-style response.
-Return {"statusCode": int, "body": dict | str, "headers": dict}.
+It shapes the prompt (a system instruction, greedy decoding) and post-processes the reply; the
+OpenAI-compatible API stays available beside it at /v1/... (see templates/sllm-python).
 """
 
 

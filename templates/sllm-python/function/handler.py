@@ -2,23 +2,14 @@
 
 event:   .body (parsed JSON, or raw bytes), .headers, .method, .query, .path
 context: .hostname, and .llm: .chat(body) / .complete(body) run the model with an OpenAI-style
-         request body and return the OpenAI-style response.
+         request body and return the OpenAI-style response (bad parameters become a 400).
 Return {"statusCode": int, "body": dict | str, "headers": dict}.
 """
 
 
 def handle(event, context):
     body = event.body if isinstance(event.body, dict) else {}
-    question = body.get("question")
-    if not isinstance(question, str) or not question:
-        return {"statusCode": 400, "body": {"error": "send {\"question\": \"...\"}"}}
-    completion = context.llm.chat({
-        "messages": [
-            {"role": "system", "content": "Answer in one short sentence."},
-            {"role": "user", "content": question},
-        ],
-        "max_tokens": int(body.get("max_tokens", 64)),
-        "temperature": 0,
-    })
-    answer = completion["choices"][0]["message"]["content"].strip()
-    return {"statusCode": 200, "body": {"answer": answer, "usage": completion["usage"]}}
+    if not isinstance(body.get("prompt"), str):
+        return {"statusCode": 400, "body": {"error": 'send {"prompt": "...", "max_tokens": 64}'}}
+    result = context.llm.complete({"prompt": body["prompt"], "max_tokens": body.get("max_tokens", 64)})
+    return {"statusCode": 200, "body": {"completion": result["choices"][0]["text"]}}
