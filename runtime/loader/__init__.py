@@ -4,8 +4,10 @@
     tensors = load("/dev/shm/sllm/smollm2")            # dict[str, torch.Tensor]
     tensors = load(path, device="cuda")                 # pinned-ring pipeline to the GPU
 
-Strategies (one module each): "mmap" (runtime/loader/mapped.py) for the DRAM tier, "direct"
-(runtime/loader/direct.py) for the SSD tier, and the GPU pipeline (runtime/loader/gpu.py).
+Strategies (one module each): "mmap" (runtime/loader/mapped.py): shared copy-on-write mappings,
+populated in parallel, for every CPU load ("auto"); "direct" (runtime/loader/direct.py): parallel
+O_DIRECT reads into fresh memory, also the reader of the GPU pipeline (runtime/loader/gpu.py).
+benchmarks/README.md has the measurements behind the choice.
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ from runtime.loader.views import tensor_views
 STRATEGIES = ("auto", "mmap", "direct", "buffered")
 
 
-def choose_strategy(directory: str | os.PathLike, device: torch.device | str = "cpu") -> str:
-    """"gpu" for CUDA devices; else "mmap" for memory-resident files and "direct" for the rest."""
-    if torch.device(device).type == "cuda":
-        return "gpu"
-    return "mmap" if current_tier(directory, read_manifest(directory)) == "dram" else "direct"
+def source_tier(directory: str | os.PathLike) -> str:
+    """Where a load of `directory` reads from now: "dram" (tmpfs or fully cached) or "ssd"."""
+    return current_tier(directory, read_manifest(directory))
 
 
 def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, strategy: str = "auto",
@@ -45,9 +45,7 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, st
 
         buffers = load_to_gpu(directory, manifest, device, direct=strategy != "buffered")
     else:
-        if strategy == "auto":
-            strategy = "mmap" if current_tier(directory, manifest) == "dram" else "direct"
-        if strategy == "mmap":
+        if strategy in ("auto", "mmap"):
             from runtime.loader.mapped import map_partitions
 
             buffers = map_partitions(directory, manifest)
@@ -60,4 +58,4 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, st
     return tensor_views(manifest, buffers)
 
 
-__all__ = ["STRATEGIES", "choose_strategy", "load"]
+__all__ = ["STRATEGIES", "load", "source_tier"]

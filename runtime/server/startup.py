@@ -78,9 +78,7 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
 
     import torch
 
-    from runtime.checkpoint.format import read_manifest
-    from runtime.loader import load
-    from runtime.loader.tiers import current_tier
+    from runtime.loader import load, source_tier
     from runtime.model.engine import Engine
     from runtime.model.llama import DecoderConfig, build_decoder
     from runtime.model.tokenizer import Tokenizer
@@ -92,7 +90,7 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
 
     directory = resolve_model_dir(settings.model, settings.model_store)
     # staging_wait_s stays 0 until a node loader is configured (it stages the model before we map it)
-    report.tier = current_tier(directory, read_manifest(directory))
+    report.tier = source_tier(directory)
     state = load(directory)
     now = time.time()
     report.load_s, mark = now - mark, now
