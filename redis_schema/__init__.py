@@ -1,1 +1,9 @@
-"""The Redis key space of sllm-faas (see docs/ARCHITECTURE.md; planned)."""
+"""The whole Redis key space of sllm-faas, as code: key builders, value encoding, schema version.
+
+Every key is documented with a redis-cli example in redis_schema/SCHEMA.md. Values are plain
+hash fields, strings or JSON: nothing is pickled, everything reads with HGETALL/SMEMBERS/ZRANGE/XRANGE.
+"""
+
+from redis_schema.keys import SCHEMA_VERSION, Keys
+
+__all__ = ["SCHEMA_VERSION", "Keys"]

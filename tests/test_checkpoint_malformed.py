@@ -48,6 +48,8 @@ CASES = {
                                 "not a plain file name"),
     "absolute partition": (lambda d: d["partitions"][0].update(file="/etc/passwd"), "partitions[0].file",
                            "not a plain file name"),
+    "extra file escapes": (lambda d: d.update(extra_files=[{"file": "../../etc/passwd", "size": 1, "sha256": "0" * 64}]),
+                           "extra_files[0].file", "not a plain file name"),
     "wrong version": (lambda d: d.update(version=99), "version", "unsupported version 99"),
     "wrong format": (lambda d: d.update(format="gguf"), "format", "expected 'sllm-checkpoint'"),
     "bool as number": (lambda d: d["tensors"]["a"].update(partition=True), "tensors.a.partition", "expected int"),

@@ -96,6 +96,7 @@ class Manifest:
     partitions: list[PartitionEntry]
     aliases: dict[str, str] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    extra_files: list[PartitionEntry] = field(default_factory=list)  # config/tokenizer files, checksummed too
     version: int = FORMAT_VERSION
     alignment: int = TENSOR_ALIGNMENT
 
@@ -112,7 +113,13 @@ class Manifest:
             "partitions": [p.to_json() for p in self.partitions],
             "tensors": {name: t.to_json() for name, t in self.tensors.items()},
             "aliases": self.aliases,
+            "extra_files": [f.to_json() for f in self.extra_files],
         }
+
+    @property
+    def files(self) -> list[PartitionEntry]:
+        """Every file of the checkpoint but the manifest: what a copy or a download must bring."""
+        return [*self.partitions, *self.extra_files]
 
 
 def padded(size: int, multiple: int) -> int:
@@ -166,24 +173,11 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
         raise CheckpointError(path, "alignment", f"must be a power of two, got {alignment}")
     source = _want(path, "source", doc.get("source", {}), dict)
 
-    partitions = []
     seen_files: set[str] = set()
-    for index, part in enumerate(_want(path, "partitions", doc.get("partitions"), list)):
-        where = f"partitions[{index}]"
-        _want(path, where, part, dict)
-        name = _want(path, f"{where}.file", part.get("file"), str)
-        if not _PARTITION_FILE.match(name) or name in (".", "..") or name == MANIFEST_NAME:
-            raise CheckpointError(path, f"{where}.file", f"{name!r} is not a plain file name")
-        if name in seen_files:
-            raise CheckpointError(path, f"{where}.file", f"{name!r} is listed twice")
-        seen_files.add(name)
-        size = _nonneg_int(path, f"{where}.size", part.get("size"))
-        if size % BLOCK_SIZE:
-            raise CheckpointError(path, f"{where}.size", f"{size} is not a multiple of {BLOCK_SIZE}")
-        digest = _want(path, f"{where}.sha256", part.get("sha256"), str)
-        if not _SHA256.match(digest):
-            raise CheckpointError(path, f"{where}.sha256", "not a lowercase hex SHA-256 digest")
-        partitions.append(PartitionEntry(name, size, digest))
+    partitions = [_parse_file(path, f"partitions[{i}]", entry, seen_files, BLOCK_SIZE)
+                  for i, entry in enumerate(_want(path, "partitions", doc.get("partitions"), list))]
+    extra_files = [_parse_file(path, f"extra_files[{i}]", entry, seen_files, 1)
+                   for i, entry in enumerate(_want(path, "extra_files", doc.get("extra_files", []), list))]
 
     tensors: dict[str, TensorEntry] = {}
     for name, spec in _want(path, "tensors", doc.get("tensors"), dict).items():
@@ -197,7 +191,24 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
             raise CheckpointError(path, f"aliases.{alias}", "alias name is also a stored tensor")
         if target not in tensors:
             raise CheckpointError(path, f"aliases.{alias}", f"target {target!r} is not a stored tensor")
-    return Manifest(tensors, partitions, aliases, source, version, alignment)
+    return Manifest(tensors, partitions, aliases, source, extra_files, version, alignment)
+
+
+def _parse_file(path: Path, where: str, entry: Any, seen: set[str], size_multiple: int) -> PartitionEntry:
+    _want(path, where, entry, dict)
+    name = _want(path, f"{where}.file", entry.get("file"), str)
+    if not _PARTITION_FILE.match(name) or name in (".", "..") or name == MANIFEST_NAME:
+        raise CheckpointError(path, f"{where}.file", f"{name!r} is not a plain file name")
+    if name in seen:
+        raise CheckpointError(path, f"{where}.file", f"{name!r} is listed twice")
+    seen.add(name)
+    size = _nonneg_int(path, f"{where}.size", entry.get("size"))
+    if size % size_multiple:
+        raise CheckpointError(path, f"{where}.size", f"{size} is not a multiple of {size_multiple}")
+    digest = _want(path, f"{where}.sha256", entry.get("sha256"), str)
+    if not _SHA256.match(digest):
+        raise CheckpointError(path, f"{where}.sha256", "not a lowercase hex SHA-256 digest")
+    return PartitionEntry(name, size, digest)
 
 
 def _parse_tensor(path: Path, name: str, spec: Any, partitions: list[PartitionEntry]) -> TensorEntry:
@@ -250,12 +261,12 @@ def read_manifest(directory: str | os.PathLike, check_files: bool = True) -> Man
                               "`sllm-faas convert`)") from None
     manifest = parse_manifest(raw, path)
     if check_files:
-        for part in manifest.partitions:
+        for part in manifest.files:
             part_path = directory / part.file
             try:
                 actual = os.stat(part_path).st_size
             except FileNotFoundError:
-                raise CheckpointError(part_path, "file", "partition file is missing") from None
+                raise CheckpointError(part_path, "file", "file listed in the manifest is missing") from None
             if actual != part.size:
                 raise CheckpointError(part_path, "size", f"file has {actual} bytes, manifest says {part.size} "
                                       "(truncated or replaced)")

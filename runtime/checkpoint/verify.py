@@ -30,12 +30,12 @@ def verify_partition(directory: Path, partition: PartitionEntry) -> None:
 
 
 def verify(directory: str | os.PathLike, threads: int | None = None) -> Manifest:
-    """Check every partition's size and SHA-256; raises CheckpointError naming the first bad file."""
+    """Check the size and SHA-256 of every file the manifest lists; raises CheckpointError naming the first bad one."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    workers = threads or min(len(manifest.partitions), os.cpu_count() or 1) or 1
+    workers = threads or min(len(manifest.files), os.cpu_count() or 1) or 1
     with ThreadPoolExecutor(workers) as pool:
-        # map() yields in partition order, so the first mismatch reported is the lowest-numbered one.
-        for _ in pool.map(lambda part: verify_partition(directory, part), manifest.partitions):
+        # map() yields in manifest order, so the first mismatch reported is the first listed file.
+        for _ in pool.map(lambda part: verify_partition(directory, part), manifest.files):
             pass
     return manifest

@@ -33,10 +33,11 @@ from runtime.checkpoint.format import (
     padded,
 )
 from runtime.checkpoint.sources import Source, SourceTensor, from_state_dict, open_source
+from runtime.checkpoint.verify import sha256_file
 
 DEFAULT_PARTITION_SIZE = 1 << 30
 # Bumped whenever the writer lays tensors out differently (caches of converted models key on it).
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 # Tensors a decoder multiplies by the same input: written back to back so that, when no alignment
 # padding falls between them, one view covers the group and one matmul replaces two or three.
 FUSION_GROUPS = (
@@ -158,13 +159,17 @@ def write_checkpoint(source: Source, destination: str | os.PathLike, *, dtype: t
         with bar:
             partitions = [_write_partition(staging, index, size, [p for p in placed if p.entry.partition == index],
                                            source, bar) for index, size in enumerate(sizes)]
+        extra_files = []
         for aux in source.aux_files:
             shutil.copyfile(aux, staging / aux.name)
+            extra_files.append(PartitionEntry(aux.name, (staging / aux.name).stat().st_size,
+                                              sha256_file(staging / aux.name)))
         manifest = Manifest(
             tensors={p.entry.name: p.entry for p in placed}, partitions=partitions, aliases=dict(source.aliases),
             source={**source.description, "dtype": DTYPE_NAMES.get(dtype) if dtype else "unchanged",
                     "converted_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "writer": f"sllm-faas {__version__}", "layout": LAYOUT_VERSION},
+            extra_files=extra_files,
         )
         _write_manifest(staging, manifest)
         _publish(staging, destination, overwrite)
