@@ -17,6 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "inspect": ("runtime.checkpoint.cli", "summarise a converted checkpoint: tensors, dtypes, partitions"),
     "verify": ("runtime.checkpoint.cli", "check every partition checksum of a converted checkpoint"),
     "serve": ("runtime.server.serve", "run the function runtime (OpenAI-compatible API) for one model"),
+    "loader": ("runtime.node_loader.cli", "run the node loader sidecar: stage models into SSD/DRAM/GPU tiers"),
 }
 
 

@@ -24,6 +24,8 @@ class Settings:
     model: str                # SLLM_MODEL: checkpoint directory, or a name under SLLM_MODEL_STORE
     model_store: str          # SLLM_MODEL_STORE
     served_name: str | None   # SLLM_SERVED_MODEL_NAME: the id in /v1/models (default: the model's dir name)
+    loader_socket: str | None  # SLLM_LOADER_SOCKET: the node loader's Unix socket; unset = no loader
+    loader_tier: str          # SLLM_LOADER_TIER: the tier to ask the loader for ("dram", or "gpu")
     max_body_bytes: int       # SLLM_MAX_BODY_BYTES
     max_prompt_tokens: int    # SLLM_MAX_PROMPT_TOKENS
     max_tokens: int           # SLLM_MAX_TOKENS: upper bound for a request's max_tokens
@@ -37,6 +39,8 @@ class Settings:
             model=os.environ.get("SLLM_MODEL", ""),
             model_store=os.environ.get("SLLM_MODEL_STORE", "/var/lib/sllm/models"),
             served_name=os.environ.get("SLLM_SERVED_MODEL_NAME") or None,
+            loader_socket=os.environ.get("SLLM_LOADER_SOCKET") or None,
+            loader_tier=os.environ.get("SLLM_LOADER_TIER", "dram"),
             max_body_bytes=_int("SLLM_MAX_BODY_BYTES", 1 << 20),
             max_prompt_tokens=_int("SLLM_MAX_PROMPT_TOKENS", 4096),
             max_tokens=_int("SLLM_MAX_TOKENS", 1024),

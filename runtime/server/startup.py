@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,6 +71,21 @@ class LoadedModel:
     name: str
     directory: Path
     cold_start: ColdStart
+    lease: object = None  # runtime.node_loader.client.LeaseKeeper while a node loader pins the model
+
+
+def stage_with_loader(settings) -> tuple[Path, str, object]:
+    """Ask the node loader to bring the model to the fast tier and pin it; returns (path, tier it came
+    from, lease keeper). The model must then be given by name, not by path."""
+    from runtime.node_loader.client import LeaseKeeper, LoaderClient
+
+    name = validate_model_name(settings.model)
+    client = LoaderClient(settings.loader_socket)
+    came_from = client.where(name)["tier"]
+    client.stage_and_wait(name, settings.loader_tier)
+    keeper = LeaseKeeper(client, client.lease(name, f"{socket.gethostname()}/{os.getpid()}"))
+    where = client.where(name)
+    return Path(where["path"]), came_from, keeper
 
 
 def start_model(settings, process_started: float, on_finish=None) -> LoadedModel:
@@ -88,9 +104,14 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
     mark = time.time()
     report.imports_s = mark - process_started
 
-    directory = resolve_model_dir(settings.model, settings.model_store)
-    # staging_wait_s stays 0 until a node loader is configured (it stages the model before we map it)
-    report.tier = source_tier(directory)
+    lease = None
+    if settings.loader_socket:
+        directory, report.tier, lease = stage_with_loader(settings)
+    else:
+        directory = resolve_model_dir(settings.model, settings.model_store)
+        report.tier = source_tier(directory)
+    now = time.time()
+    report.staging_wait_s, mark = now - mark, now
     state = load(directory)
     now = time.time()
     report.load_s, mark = now - mark, now
@@ -108,4 +129,4 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
     report.process_start_to_ready_s = now - process_started
     name = settings.served_name or directory.resolve().name
     log.info("%s", report.log_line())
-    return LoadedModel(engine, tokenizer, name, directory, report)
+    return LoadedModel(engine, tokenizer, name, directory, report, lease)

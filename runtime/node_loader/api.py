@@ -1,0 +1,142 @@
+"""The loader's HTTP/JSON API, served on a Unix socket (shared with function pods through a volume).
+
+    POST   /v1/stage              {"model", "tier": "ssd"|"dram"|"gpu"}  -> 202 job (200 if already there)
+    GET    /v1/jobs/<id>                                                 -> job: state, progress, eta_s
+    GET    /v1/models/<model>                                            -> where: tier, tiers, path(s), ipc
+    POST   /v1/leases             {"model", "holder", "ttl_s"?}         -> 201 lease
+    POST   /v1/leases/<id>/renew                                         -> lease
+    DELETE /v1/leases/<id>                                               -> released lease
+    POST   /v1/evict              {"model", "tier"}                      -> {"freed_bytes"}
+    GET    /v1/status                                                    -> tiers, bandwidths, queue, leases
+    GET    /metrics, /healthz
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from redis_schema import Keys
+from runtime.names import InvalidName
+from runtime.node_loader.config import LoaderConfig
+from runtime.node_loader.service import LoaderError, NodeLoader
+from runtime.server.metrics import Registry
+
+MAX_BODY_BYTES = 64 << 10
+log = logging.getLogger("sllm.loader")
+
+
+def _metrics(loader: NodeLoader) -> str:
+    registry = Registry()
+    registry.gauge("sllm_loader_tier_capacity_bytes", "Byte budget of each tier.")
+    registry.gauge("sllm_loader_tier_used_bytes", "Bytes held (or reserved) in each tier.")
+    registry.gauge("sllm_loader_tier_models", "Models held in each tier.")
+    registry.gauge("sllm_loader_bandwidth_bytes_per_second", "Measured bandwidth out of each tier.")
+    registry.gauge("sllm_loader_queue_length", "Staging jobs queued or running.")
+    registry.gauge("sllm_loader_leases", "Active leases.")
+    registry.gauge("sllm_loader_redis_up", "1 while the last publication to Redis succeeded.")
+    status = loader.status()
+    for tier, info in status["tiers"].items():
+        registry.set("sllm_loader_tier_capacity_bytes", info["capacity"], tier=tier)
+        registry.set("sllm_loader_tier_used_bytes", info["used"], tier=tier)
+        registry.set("sllm_loader_tier_models", len(info["models"]), tier=tier)
+    for tier, rate in status["bandwidths"].items():
+        registry.set("sllm_loader_bandwidth_bytes_per_second", rate, tier=tier)
+    registry.set("sllm_loader_queue_length", len(status["queue"]))
+    registry.set("sllm_loader_leases", len(status["leases"]))
+    registry.set("sllm_loader_redis_up", 1 if status["redis"] else 0)
+    return registry.render()
+
+
+def create_app(loader: NodeLoader | None = None) -> Flask:
+    """The app; without a loader, builds and starts one from $SLLM_LOADER_CONFIG (set by `sllm-faas loader`)."""
+    if loader is None:
+        from runtime.node_loader.publisher import RedisPublisher
+
+        config = LoaderConfig.from_json(os.environ["SLLM_LOADER_CONFIG"])
+        publisher = RedisPublisher(config.redis_url, config.node_id, config.tcp or config.socket_path,
+                                   keys=Keys(config.key_prefix))
+        loader = NodeLoader(config, publisher).start()
+
+        def shutdown() -> None:
+            loader.stop()
+            publisher.withdraw()
+
+        atexit.register(shutdown)
+    app = Flask("sllm-faas-loader")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.extensions["sllm_loader"] = loader
+
+    @app.errorhandler(LoaderError)
+    def refused(exc: LoaderError):
+        return jsonify({"error": str(exc)}), exc.status
+
+    @app.errorhandler(InvalidName)
+    def bad_name(exc: InvalidName):
+        return jsonify({"error": str(exc)}), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify({"error": exc.description}), exc.code
+
+    def body() -> dict:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise LoaderError("the request body must be a JSON object")
+        return data
+
+    @app.post("/v1/stage")
+    def stage():
+        data = body()
+        job = loader.stage(data.get("model"), data.get("tier", "dram"))
+        return jsonify(job.as_dict()), 200 if job.state == "done" else 202
+
+    @app.get("/v1/jobs/<job_id>")
+    def job(job_id: str):
+        found = loader.jobs.get(job_id)
+        if found is None:
+            raise LoaderError(f"no job {job_id!r}", 404)
+        return found.as_dict()
+
+    @app.get("/v1/models/<model>")
+    def where(model: str):
+        return loader.where(model)
+
+    @app.post("/v1/leases")
+    def lease():
+        data = body()
+        ttl = data.get("ttl_s")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
+            raise LoaderError("ttl_s must be a number")
+        return jsonify(loader.lease(data.get("model"), str(data.get("holder", "")), ttl).as_dict()), 201
+
+    @app.post("/v1/leases/<lease_id>/renew")
+    def renew(lease_id: str):
+        return loader.renew(lease_id).as_dict()
+
+    @app.delete("/v1/leases/<lease_id>")
+    def release(lease_id: str):
+        return loader.release(lease_id).as_dict()
+
+    @app.post("/v1/evict")
+    def evict():
+        data = body()
+        return {"freed_bytes": loader.evict(data.get("model"), data.get("tier", "dram"))}
+
+    @app.get("/v1/status")
+    def status():
+        return loader.status()
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(_metrics(loader), mimetype="text/plain; version=0.0.4")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    return app

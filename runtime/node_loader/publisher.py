@@ -1,0 +1,124 @@
+"""Publishes the node's state to Redis for the scheduler (keys: redis_schema/SCHEMA.md).
+
+Redis is a mirror, never the source of truth: when it is down the loader keeps serving, keeps
+up to 1,000 events in memory, and republishes everything on the next heartbeat that succeeds.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+
+from redis_schema.keys import EVENTS_MAXLEN, SCHEMA_VERSION, Keys
+
+log = logging.getLogger("sllm.loader")
+
+
+class RedisPublisher:
+    def __init__(self, url: str, node_id: str, address: str, keys: Keys | None = None) -> None:
+        self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.node_id, self.address = node_id, address
+        self.keys = keys or Keys()
+        self.healthy = False
+        self._pending: collections.deque[dict[str, str]] = collections.deque(maxlen=1000)
+        self._lock = threading.Lock()
+        self._gpus: list[dict[str, Any]] | None = None
+
+    def _gpu_inventory(self) -> list[dict[str, Any]]:
+        if self._gpus is None:
+            from runtime.doctor import check_gpus_nvml
+
+            self._gpus = check_gpus_nvml().details.get("gpus", [])
+        return self._gpus
+
+    def node_record(self, loader) -> dict[str, str]:
+        status = loader.status()
+        record = {"node_id": self.node_id, "address": self.address, "heartbeat_at": f"{time.time():.3f}",
+                  "schema_version": str(SCHEMA_VERSION), "queue_length": str(len(status["queue"])),
+                  "gpus": json.dumps(self._gpu_inventory()), "remote": status["remote"]}
+        for tier in ("ssd", "dram", "gpu"):
+            info = status["tiers"].get(tier, {"capacity": 0, "used": 0})
+            record[f"{tier}_capacity"] = str(info["capacity"])
+            record[f"{tier}_used"] = str(info["used"])
+        for tier in ("remote", "ssd", "dram", "gpu"):
+            rate = status["bandwidths"].get(tier)
+            record[f"bw_{tier}"] = "" if rate is None else f"{rate:.0f}"  # bytes/s; empty = not measured yet
+        return record
+
+    def publish_node(self, loader) -> bool:
+        """One heartbeat: node hash, tier model sets and queue, all expiring unless refreshed."""
+        ttl = max(1, int(loader.config.heartbeat_ttl_s))
+        k = self.keys
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(k.schema_version, SCHEMA_VERSION, nx=True)
+            pipe.sadd(k.nodes, self.node_id)
+            pipe.delete(k.node(self.node_id))
+            pipe.hset(k.node(self.node_id), mapping=self.node_record(loader))
+            pipe.expire(k.node(self.node_id), ttl)
+            for tier in ("ssd", "dram", "gpu"):
+                key = k.node_models(self.node_id, tier)
+                models = list(loader.tiers[tier].models()) if tier in loader.tiers else \
+                    list(loader.gpu.status()["models"]) if loader.gpu is not None else []
+                pipe.delete(key)
+                if models:
+                    pipe.sadd(key, *models)
+                    pipe.expire(key, ttl)
+            queue_key = k.node_queue(self.node_id)
+            pipe.delete(queue_key)
+            queue = {f"{j['model']}@{j['tier']}": j["estimated_finish"] or time.time() for j in loader.queue_snapshot()}
+            if queue:
+                pipe.zadd(queue_key, queue)
+                pipe.expire(queue_key, ttl)
+            pipe.execute()
+            self._flush_events()
+        except redis.RedisError as exc:
+            if self.healthy:
+                log.warning("Redis unavailable, serving on and retrying: %s", exc)
+            self.healthy = False
+            return False
+        if not self.healthy:
+            log.info("published node %s to Redis", self.node_id)
+        self.healthy = True
+        return True
+
+    def model_info(self, model: str, manifest) -> None:
+        fields = {"size_bytes": str(manifest.total_bytes), "partitions": str(len(manifest.partitions)),
+                  "format_version": str(manifest.version)}
+        try:
+            self.client.hset(self.keys.model(model), mapping=fields)
+        except redis.RedisError:
+            self.healthy = False
+
+    def event(self, kind: str, model: str, tier: str, **fields: Any) -> None:
+        entry = {"node": self.node_id, "kind": kind, "model": model, "tier": tier, "ts": f"{time.time():.3f}",
+                 **{k: str(v) for k, v in fields.items()}}
+        with self._lock:
+            self._pending.append(entry)
+        if self.healthy:
+            try:
+                self._flush_events()
+            except redis.RedisError:
+                self.healthy = False
+
+    def _flush_events(self) -> None:
+        with self._lock:
+            while self._pending:
+                self.client.xadd(self.keys.events, self._pending[0], maxlen=EVENTS_MAXLEN, approximate=True)
+                self._pending.popleft()
+
+    def withdraw(self) -> None:
+        """On clean shutdown: the node leaves the scheduler's view at once instead of at TTL expiry."""
+        k = self.keys
+        try:
+            self.client.delete(k.node(self.node_id), k.node_queue(self.node_id),
+                               *(k.node_models(self.node_id, t) for t in ("ssd", "dram", "gpu")))
+            self.client.srem(k.nodes, self.node_id)
+        except redis.RedisError:
+            pass

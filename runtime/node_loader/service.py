@@ -1,0 +1,336 @@
+"""The node loader's core: tiers, staging jobs, leases and bandwidths, with no HTTP in sight.
+
+Staging a model to a tier runs the steps it still needs, each into a hidden staging directory
+that is verified, fsynced and renamed into place:
+    remote -> ssd   download, resumable, every file checked against the manifest's SHA-256
+    ssd -> dram     in-kernel copy into tmpfs
+    dram -> gpu     pinned-ring upload, shared with instances through CUDA IPC (GPU nodes only)
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, parse_manifest, read_manifest
+from runtime.checkpoint.verify import sha256_file
+from runtime.names import validate_model_name
+from runtime.node_loader.bandwidth import Bandwidths, probe_write_read
+from runtime.node_loader.config import LoaderConfig
+from runtime.node_loader.jobs import TIER_ORDER, StageJob, faster_or_equal
+from runtime.node_loader.leases import Lease, Leases
+from runtime.node_loader.store import StoreError, copy_file, open_store
+from runtime.node_loader.tiers import BudgetError, Tier
+
+log = logging.getLogger("sllm.loader")
+STAGEABLE = ("ssd", "dram", "gpu")
+
+
+class LoaderError(RuntimeError):
+    """A request the loader refuses; `status` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NodeLoader:
+    def __init__(self, config: LoaderConfig, publisher=None) -> None:
+        self.config = config
+        self.store = open_store(config.remote)
+        self.tiers = {"ssd": Tier("ssd", config.ssd_dir, config.ssd_budget),
+                      "dram": Tier("dram", config.dram_dir, config.dram_budget)}
+        self.gpu = None
+        if config.gpu_budget:
+            from runtime.node_loader.gpu_tier import GpuTier
+
+            self.gpu = GpuTier(config.gpu_budget)
+        self.leases = Leases()
+        self.bandwidths = Bandwidths()
+        self.publisher = publisher
+        self.jobs: dict[str, StageJob] = {}
+        self._inflight: dict[str, list[StageJob]] = collections.defaultdict(list)  # model -> unfinished jobs
+        self._queue: collections.deque[StageJob] = collections.deque()
+        self._lock = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.started_at = time.time()
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self, probe: bool = True) -> NodeLoader:
+        """Rebuild state from the directories (not from Redis), clean leftovers, calibrate, publish."""
+        for tier in self.tiers.values():
+            removed = tier.scan()
+            if removed:
+                log.info("%s tier: removed leftovers %s", tier.name, ", ".join(removed))
+        if probe:
+            self.calibrate()
+        for target, name in ((self._work, "stage-worker"), (self._heartbeat, "heartbeat")):
+            thread = threading.Thread(target=target, name=f"sllm-loader-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def calibrate(self) -> None:
+        """Cache-bypassing probes per tier, so estimates start from measurements."""
+        for tier in ("ssd", "dram"):
+            try:
+                rate = probe_write_read(self.tiers[tier].root, self.config.probe_bytes)
+                self.bandwidths.observe(tier, self.config.probe_bytes, self.config.probe_bytes / rate)
+            except OSError as exc:
+                log.warning("bandwidth probe of the %s tier failed: %s", tier, exc)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def stage(self, model: str, tier: str) -> StageJob:
+        """Bring `model` to `tier` (asynchronously); concurrent requests share one job."""
+        validate_model_name(model)
+        if tier not in STAGEABLE:
+            raise LoaderError(f"tier must be one of {', '.join(STAGEABLE)}, got {tier!r}")
+        if tier == "gpu" and self.gpu is None:
+            raise LoaderError("this node has no GPU tier (gpu_budget is 0)", 409)
+        with self._lock:
+            for job in self._inflight[model]:
+                if faster_or_equal(job.tier, tier):
+                    return job
+            job = StageJob(model, tier)
+            self.jobs[job.id] = job
+            current = self.fastest_tier(model)
+            if faster_or_equal(current, tier):
+                job.finish()
+                return job
+            if current != "remote":
+                job.total_bytes = self._model_bytes(model, None) * len(self._steps(model, tier))
+            self._inflight[model].append(job)
+            self._queue.append(job)
+            self._estimate_queue()
+            self._lock.notify_all()
+        self._event("stage_queued", model, tier, job=job.id)
+        return job
+
+    def fastest_tier(self, model: str) -> str:
+        if self.gpu is not None and self.gpu.has(model):
+            return "gpu"
+        for tier in ("dram", "ssd"):
+            if self.tiers[tier].has(model):
+                return tier
+        return "remote"
+
+    def where(self, model: str) -> dict[str, Any]:
+        validate_model_name(model)
+        present = [t for t in ("gpu", "dram", "ssd") if (t == "gpu" and self.gpu and self.gpu.has(model))
+                   or (t != "gpu" and self.tiers[t].has(model))]
+        answer: dict[str, Any] = {"model": model, "tier": present[0] if present else "remote", "tiers": present,
+                                  "paths": {t: str(self.tiers[t].path(model)) for t in present if t != "gpu"}}
+        local = [t for t in present if t != "gpu"]
+        answer["path"] = answer["paths"][local[0]] if local else None
+        if "gpu" in present:
+            answer["ipc"] = self.gpu.describe(model)
+        for tier in local:
+            self.tiers[tier].touch(model)
+        return answer
+
+    def lease(self, model: str, holder: str, ttl_s: float | None = None) -> Lease:
+        validate_model_name(model)
+        if not holder or len(holder) > 256:
+            raise LoaderError("holder must be 1 to 256 characters")
+        if self.fastest_tier(model) == "remote":
+            raise LoaderError(f"{model} is not on this node; stage it first", 404)
+        ttl = ttl_s or self.config.lease_ttl_s
+        if not 0 < ttl <= 3600:
+            raise LoaderError("ttl_s must be in (0, 3600]")
+        lease = self.leases.acquire(model, holder, ttl)
+        self._event("leased", model, self.fastest_tier(model), lease=lease.id, holder=holder)
+        return lease
+
+    def renew(self, lease_id: str) -> Lease:
+        try:
+            return self.leases.renew(lease_id)
+        except KeyError:
+            raise LoaderError(f"no lease {lease_id!r} (expired or released)", 404) from None
+
+    def release(self, lease_id: str) -> Lease:
+        try:
+            lease = self.leases.release(lease_id)
+        except KeyError:
+            raise LoaderError(f"no lease {lease_id!r} (expired or released)", 404) from None
+        self._event("released", lease.model, "", lease=lease.id)
+        return lease
+
+    def evict(self, model: str, tier: str) -> int:
+        validate_model_name(model)
+        if tier not in STAGEABLE:
+            raise LoaderError(f"tier must be one of {', '.join(STAGEABLE)}, got {tier!r}")
+        if self._pinned(model):
+            raise LoaderError(f"{model} is leased or being staged; it cannot be evicted", 409)
+        return self._evict(model, tier)
+
+    def _evict(self, model: str, tier: str) -> int:
+        if tier == "gpu":
+            freed = self.gpu.remove(model) if self.gpu is not None else 0
+        else:
+            freed = self.tiers[tier].remove(model)
+        if freed:
+            self._event("evicted", model, tier, bytes=freed)
+        return freed
+
+    def _pinned(self, model: str) -> bool:
+        return self.leases.is_leased(model) or bool(self._inflight.get(model))
+
+    # -- the staging worker -------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                while not self._queue and not self._stopping.is_set():
+                    self._lock.wait(timeout=1.0)
+                if self._stopping.is_set():
+                    return
+                job = self._queue[0]
+            self._run(job)
+            with self._lock:
+                self._queue.popleft()
+                self._inflight[job.model].remove(job)
+                if not self._inflight[job.model]:
+                    del self._inflight[job.model]
+                self._estimate_queue()
+
+    def _run(self, job: StageJob) -> None:
+        job.state, job.started_at = "running", time.time()
+        self._event("stage_started", job.model, job.tier, job=job.id)
+        try:
+            manifest_bytes = self.store.read_manifest(job.model) if self.fastest_tier(job.model) == "remote" \
+                else None
+            steps = self._steps(job.model, job.tier)
+            size = self._model_bytes(job.model, manifest_bytes)
+            job.total_bytes = size * len(steps)
+            for step in steps:
+                job.step = step
+                getattr(self, f"_stage_{step.replace('->', '_to_')}")(job, size, manifest_bytes)
+        except (StoreError, BudgetError, CheckpointError, OSError, LoaderError) as exc:
+            log.warning("staging %s to %s failed: %s", job.model, job.tier, exc)
+            job.finish(str(exc))
+            self._event("stage_failed", job.model, job.tier, job=job.id, error=str(exc))
+            return
+        job.finish()
+        self._event("staged", job.model, job.tier, job=job.id, bytes=job.total_bytes)
+
+    def _steps(self, model: str, target: str) -> list[str]:
+        current = self.fastest_tier(model)
+        path = TIER_ORDER[TIER_ORDER.index(current):TIER_ORDER.index(target) + 1]
+        return [f"{a}->{b}" for a, b in zip(path, path[1:], strict=False)]
+
+    def _model_bytes(self, model: str, manifest_bytes: bytes | None) -> int:
+        if manifest_bytes is not None:
+            manifest = parse_manifest(manifest_bytes, Path(f"{self.store.describe()}/{model}/{MANIFEST_NAME}"))
+            return len(manifest_bytes) + sum(f.size for f in manifest.files)
+        local = next(t for t in ("dram", "ssd") if self.tiers[t].has(model))
+        return self.tiers[local].models()[model]
+
+    def _stage_remote_to_ssd(self, job: StageJob, size: int, manifest_bytes: bytes) -> None:
+        tier = self.tiers["ssd"]
+        manifest = parse_manifest(manifest_bytes, Path(f"{self.store.describe()}/{job.model}/{MANIFEST_NAME}"))
+        tier.reserve(job.model, size, self._pinned_or_staging(job), self._evict)
+        staging = tier.staging_dir(job.model)
+        started = time.perf_counter()
+        try:
+            (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
+            job.advance(len(manifest_bytes))
+            for entry in manifest.files:
+                target = staging / entry.file
+                self.store.fetch(job.model, entry.file, target, entry.size, job.advance)
+                digest = sha256_file(target)
+                if digest != entry.sha256:
+                    raise StoreError(f"{job.model}/{entry.file}: checksum mismatch after download "
+                                     f"(manifest {entry.sha256}, got {digest}); download rejected")
+            read_manifest(staging)  # sizes of every file against the manifest
+            tier.publish(staging, job.model)
+        except BaseException:
+            tier.release_reservation(job.model)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.bandwidths.observe("remote", size, time.perf_counter() - started)
+        self._record_model(job.model, manifest_bytes)
+
+    def _stage_ssd_to_dram(self, job: StageJob, size: int, manifest_bytes: bytes | None) -> None:
+        source, tier = self.tiers["ssd"].path(job.model), self.tiers["dram"]
+        tier.reserve(job.model, size, self._pinned_or_staging(job), self._evict)
+        staging = tier.staging_dir(job.model)
+        started = time.perf_counter()
+        try:
+            for entry in sorted(source.iterdir()):
+                copy_file(entry, staging / entry.name, job.advance)
+            read_manifest(staging)
+            tier.publish(staging, job.model)
+        except BaseException:
+            tier.release_reservation(job.model)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.bandwidths.observe("ssd", size, time.perf_counter() - started)
+
+    def _stage_dram_to_gpu(self, job: StageJob, size: int, manifest_bytes: bytes | None) -> None:
+        started = time.perf_counter()
+        self.gpu.upload(job.model, self.tiers["dram"].path(job.model), self._pinned_or_staging(job), self._evict)
+        job.advance(size)
+        self.bandwidths.observe("dram", size, time.perf_counter() - started)
+
+    def _pinned_or_staging(self, job: StageJob):
+        return lambda model: model == job.model or self._pinned(model)
+
+    def _record_model(self, model: str, manifest_bytes: bytes) -> None:
+        if self.publisher is not None:
+            manifest = parse_manifest(manifest_bytes, Path(model))
+            self.publisher.model_info(model, manifest)
+
+    def _estimate_queue(self) -> None:
+        """Estimated finish of every queued job: the bytes ahead of it over the measured bandwidth of
+        the tier each job reads from. Unknown sizes or bandwidths leave the estimate (and those after) empty."""
+        clock: float | None = time.time()
+        for job in self._queue:
+            source = job.step.split("->")[0] if job.step else self.fastest_tier(job.model)
+            rate = self.bandwidths.get(source)
+            if clock is None or not job.total_bytes or not rate:
+                clock = job.estimated_finish = None
+                continue
+            clock += max(0, job.total_bytes - job.done_bytes) / rate
+            job.estimated_finish = clock
+
+    # -- state for Redis, status and metrics --------------------------------------------------------
+    def queue_snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            self._estimate_queue()
+            return [job.as_dict() | {"estimated_finish": job.estimated_finish} for job in self._queue]
+
+    def status(self) -> dict[str, Any]:
+        tiers = {name: {"dir": str(t.root), "capacity": t.budget, "used": t.used, "models": t.models()}
+                 for name, t in self.tiers.items()}
+        if self.gpu is not None:
+            tiers["gpu"] = self.gpu.status()
+        return {"node_id": self.config.node_id, "uptime_s": round(time.time() - self.started_at, 3),
+                "remote": self.store.describe(), "tiers": tiers, "bandwidths": self.bandwidths.as_dict(),
+                "queue": self.queue_snapshot(), "leases": [lease.as_dict() for lease in self.leases.all()],
+                "redis": self.publisher.healthy if self.publisher is not None else None}
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.is_set():
+            for lease in self.leases.expire():
+                self._event("lease_expired", lease.model, "", lease=lease.id, holder=lease.holder)
+            if self.publisher is not None:
+                self.publisher.publish_node(self)
+            self._stopping.wait(self.config.heartbeat_s)
+
+    def _event(self, kind: str, model: str, tier: str, **fields: Any) -> None:
+        log.info("%s %s %s %s", kind, model, tier, fields or "")
+        if self.publisher is not None:
+            self.publisher.event(kind, model, tier, **fields)
+

@@ -1,0 +1,133 @@
+"""A local cache tier: one directory of checkpoint directories, under a byte budget, with LRU order.
+
+What is on disk is the truth: the tier is rebuilt by scanning its directory (at start and after a
+crash); hidden `.NAME.partial-*` directories are staging leftovers and are deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, read_manifest
+
+
+class BudgetError(RuntimeError):
+    """The model cannot fit in the tier, even after evicting every unleased model."""
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(entry.stat().st_size for entry in path.iterdir() if entry.is_file())
+
+
+class Tier:
+    def __init__(self, name: str, root: str | os.PathLike, budget: int) -> None:
+        self.name, self.root, self.budget = name, Path(root), budget
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._sizes: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}
+        self._reserved: dict[str, int] = {}  # models being staged into this tier
+
+    def scan(self) -> list[str]:
+        """Rebuild from disk; returns the names of leftovers removed."""
+        removed = []
+        with self._lock:
+            self._sizes.clear()
+            for entry in self.root.iterdir():
+                if entry.name.startswith("."):
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                    removed.append(entry.name)
+                    continue
+                if not entry.is_dir():
+                    continue
+                try:
+                    read_manifest(entry)  # validates, and checks every listed file's size
+                except CheckpointError:
+                    shutil.rmtree(entry, ignore_errors=True)  # incomplete or corrupt: never serve it
+                    removed.append(entry.name)
+                    continue
+                self._sizes[entry.name] = directory_bytes(entry)
+                self._last_used.setdefault(entry.name, entry.stat().st_atime)
+        return removed
+
+    def has(self, model: str) -> bool:
+        with self._lock:
+            return model in self._sizes
+
+    def path(self, model: str) -> Path:
+        return self.root / model
+
+    def models(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._sizes)
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values()) + sum(self._reserved.values())
+
+    def touch(self, model: str) -> None:
+        with self._lock:
+            self._last_used[model] = time.time()
+
+    def reserve(self, model: str, size: int, leased: Callable[[str], bool], evict: Callable[[str, str], None]) -> None:
+        """Make room for `size` bytes, evicting least-recently-used unleased models; BudgetError if impossible."""
+        with self._lock:
+            if size > self.budget:
+                raise BudgetError(f"{model} needs {size} bytes but the {self.name} tier's budget is {self.budget}")
+            victims = sorted((m for m in self._sizes if not leased(m)), key=lambda m: self._last_used.get(m, 0))
+            free = self.budget - self.used
+            chosen = []
+            for victim in victims:
+                if free >= size:
+                    break
+                chosen.append(victim)
+                free += self._sizes[victim]
+            if free < size:
+                raise BudgetError(f"{model} needs {size} bytes in the {self.name} tier; {self.budget - self.used} "
+                                  f"free of {self.budget} and the rest is leased or being staged")
+            for victim in chosen:
+                evict(victim, self.name)
+            self._reserved[model] = size
+
+    def release_reservation(self, model: str) -> None:
+        with self._lock:
+            self._reserved.pop(model, None)
+
+    def staging_dir(self, model: str) -> Path:
+        path = self.root / f".{model}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        path.mkdir()
+        return path
+
+    def publish(self, staging: Path, model: str) -> None:
+        """Atomically make a fully written, verified directory visible under its name."""
+        for entry in staging.iterdir():
+            with open(entry, "rb") as handle:
+                os.fsync(handle.fileno())
+        target = self.root / model
+        os.rename(staging, target)
+        with self._lock:
+            self._reserved.pop(model, None)
+            self._sizes[model] = directory_bytes(target)
+            self._last_used[model] = time.time()
+
+    def remove(self, model: str) -> int:
+        with self._lock:
+            size = self._sizes.pop(model, 0)
+            self._last_used.pop(model, None)
+        target = self.root / model
+        if target.exists():
+            retired = self.root / f".{model}.retired-{secrets.token_hex(4)}"
+            os.rename(target, retired)  # vanish atomically, then delete at leisure
+            shutil.rmtree(retired, ignore_errors=True)
+        return size
+
+
+def has_manifest(path: Path) -> bool:
+    return (path / MANIFEST_NAME).is_file()
