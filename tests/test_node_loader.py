@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import redis
+import requests
 import torch
 from loader_daemon import LoaderDaemon
 
@@ -292,3 +294,37 @@ def _raw_get(socket_path: str, path: str) -> str:
     connection.request("GET", path)
     return connection.getresponse().read().decode()
 
+
+
+def test_runtime_stages_through_the_loader_and_leases(tmp_path, redis_ns, smollm2):
+    from test_runtime_server import ROOT as REPO
+    from test_runtime_server import Server, shrinkwrap
+
+    store = tmp_path / "remote"
+    shutil.copytree(smollm2["sllm"], store / "smollm2")
+    node = tmp_path / "node"
+    node.mkdir()
+    daemon = LoaderDaemon(node, store, redis_ns.url, redis_ns.prefix).start()
+    build = shrinkwrap(tmp_path, "fn", REPO / "templates" / "sllm-python" / "function")
+    try:
+        first = Server(build, "smollm2", SLLM_LOADER_SOCKET=daemon.socket)
+        try:
+            breakdown = first.wait_ready()["cold_start"]
+            assert breakdown["tier"] == "remote" and breakdown["staging_wait_s"] > 0
+            holders = [lease["holder"] for lease in daemon.client.status()["leases"]]
+            assert len(holders) == 1
+            second = Server(build, "smollm2", SLLM_LOADER_SOCKET=daemon.socket)
+            try:
+                assert second.wait_ready()["cold_start"]["tier"] == "dram"
+                assert len(daemon.client.status()["leases"]) == 2
+            finally:
+                second.stop()
+            answer = requests.post(first.url + "/v1/completions", json={"prompt": "Paris is", "max_tokens": 3},
+                                   timeout=60)
+            assert answer.status_code == 200
+        finally:
+            first.stop()
+        assert daemon.client.status()["leases"] == []  # released at exit, not left to expire
+        assert daemon.client.where("smollm2")["tier"] == "dram"
+    finally:
+        daemon.stop()
