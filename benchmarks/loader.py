@@ -1,0 +1,157 @@
+"""Node loader: SSD -> DRAM staging speed against a plain copy, single-flight under load, status latency.
+
+    python benchmarks/loader.py [--size 1GiB] [--runs 5] [--json OUT]
+
+Runs a real `sllm-faas loader` (gunicorn, Unix socket) against a local-directory store and the Redis
+at $REDIS_URL (else 127.0.0.1:6379, else an embedded one). In the same run:
+- copy:   `cp -r` of the model directory from the SSD tier to /dev/shm, source pages evicted first;
+- stage:  the loader's SSD -> DRAM staging of the same directory, source pages evicted first;
+- single-flight: 50 concurrent stage requests for one new model -> stage_started events;
+- status: 1,000 sequential GET /v1/status over the socket, p50/p99 latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import redis
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from common import machine_info, now_utc, results_path  # noqa: E402
+from loader_daemon import LoaderDaemon  # noqa: E402
+
+from runtime.checkpoint import save_state_dict  # noqa: E402
+from runtime.checkpoint.cli import parse_size  # noqa: E402
+from runtime.embedded_redis import EmbeddedRedis  # noqa: E402
+
+TARGETS = {"stage_vs_copy": 0.8, "status_p99_ms": 5.0}
+
+
+def evict(directory: Path) -> None:
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def write_model(directory: Path, size: int) -> None:
+    torch.manual_seed(0)
+    per = 64 << 20
+    state = {f"w{i}": torch.randn(min(per, size - i * per) // 2).to(torch.bfloat16) for i in range(-(-size // per))}
+    save_state_dict(state, directory, partition_size=512 << 20)
+
+
+def redis_url() -> tuple[str, EmbeddedRedis | None]:
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        return url, None
+    except redis.RedisError:
+        server = EmbeddedRedis()
+        return server.start(), server
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="sllm-loader-bench-", dir="/var/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="sllm-loader-bench-", dir="/dev/shm"))
+    url, embedded = redis_url()
+    prefix = f"sllm-bench-{os.getpid()}:"
+    daemon = None
+    try:
+        write_model(work / "remote" / "model", args.size)
+        (work / "node").mkdir()
+        daemon = LoaderDaemon(work / "node", work / "remote", url, prefix, dram_budget=str(3 * args.size),
+                              ssd_budget=str(4 * args.size), dram_dir=str(shm / "dram")).start()
+        assert daemon.wait_job(daemon.client.stage("model", "ssd"), 600)["state"] == "done"
+        ssd_copy = work / "node" / "ssd" / "model"
+        copies, stages = [], []
+        for _ in range(args.runs):  # interleaved: both see the same disk and memory state
+            evict(ssd_copy)
+            start = time.perf_counter()
+            subprocess.run(["cp", "-r", str(ssd_copy), str(shm / "copy")], check=True)
+            copies.append(time.perf_counter() - start)
+            shutil.rmtree(shm / "copy")
+            evict(ssd_copy)
+            job = daemon.wait_job(daemon.client.stage("model", "dram"), 600)
+            assert job["state"] == "done", job
+            stages.append(job["finished_at"] - job["started_at"])
+            daemon.client.request("POST", "/v1/evict", {"model": "model", "tier": "dram"})
+
+        write_model(work / "remote" / "burst", 256 << 20)
+        with ThreadPoolExecutor(50) as pool:
+            jobs = list(pool.map(lambda _: daemon.client.stage("burst", "dram"), range(50)))
+        daemon.wait_job(jobs[0], 600)
+        client = redis.Redis.from_url(url, decode_responses=True)
+        started = sum(1 for _, e in client.xrange(prefix + "events") if e["kind"] == "stage_started"
+                      and e["model"] == "burst")
+
+        latencies = []
+        for _ in range(1000):
+            start = time.perf_counter()
+            daemon.client.status()
+            latencies.append((time.perf_counter() - start) * 1000)
+        latencies.sort()
+        for key in client.scan_iter(match=prefix + "*"):
+            client.delete(key)
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+        if embedded is not None:
+            embedded.stop()
+
+    copy_s, stage_s = statistics.median(copies), statistics.median(stages)
+    report = {
+        "date": now_utc(), "machine": machine_info(Path("/var/tmp")), "size_bytes": args.size, "runs": args.runs,
+        "copy_s": copy_s, "stage_s": stage_s, "copy_samples": copies, "stage_samples": stages,
+        "stage_vs_copy": copy_s / stage_s,
+        "single_flight": {"requests": 50, "distinct_jobs": len({j["id"] for j in jobs}), "stagings_started": started},
+        "status_ms": {"p50": latencies[len(latencies) // 2], "p99": latencies[int(len(latencies) * 0.99) - 1]},
+        "targets": TARGETS,
+    }
+    lines = [
+        f"# Node loader, {report['date']}", "",
+        f"{report['machine']['cpu_model']}, {report['machine']['nproc']} CPUs; {args.size / 2**30:.2f} GiB model, "
+        f"{args.runs} runs each, medians, page cache of the source evicted before each run.", "",
+        f"- SSD -> DRAM: loader staging {stage_s:.3f} s ({args.size / stage_s / 1e9:.2f} GB/s) vs `cp -r` "
+        f"{copy_s:.3f} s ({args.size / copy_s / 1e9:.2f} GB/s): {report['stage_vs_copy']:.2f}x of the copy bandwidth "
+        f"(target >= {TARGETS['stage_vs_copy']})",
+        f"- 50 concurrent stage requests: {report['single_flight']['distinct_jobs']} job, "
+        f"{started} staging started (target: exactly 1)",
+        f"- GET /v1/status over the socket: p50 {report['status_ms']['p50']:.2f} ms, "
+        f"p99 {report['status_ms']['p99']:.2f} ms (target p99 < {TARGETS['status_p99_ms']} ms)",
+    ]
+    output = args.json or results_path("loader")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
