@@ -61,3 +61,12 @@ def test_hadolint(dockerfile):
     hadolint = shutil.which("hadolint") or str(Path(subprocess.sys.executable).parent / "hadolint")
     result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_loader_daemonset_passes_kubernetes_schema():
+    import kubernetes_validate
+
+    doc = yaml.safe_load((ROOT / "examples" / "smollm2" / "loader-daemonset.yaml").read_text())
+    kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    env = {e["name"] for e in doc["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {"SLLM_LOADER_NODE_ID", "SLLM_LOADER_REMOTE", "SLLM_LOADER_SSD_DIR", "SLLM_LOADER_REDIS_URL"} <= env
