@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, parse_manifest, read_manifest
+from runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, Manifest, parse_manifest
 from runtime.checkpoint.verify import sha256_file
 from runtime.names import validate_model_name
 from runtime.node_loader.bandwidth import Bandwidths, probe_write_read
@@ -209,14 +208,16 @@ class NodeLoader:
         job.state, job.started_at = "running", time.time()
         self._event("stage_started", job.model, job.tier, job=job.id)
         try:
-            manifest_bytes = self.store.read_manifest(job.model) if self.fastest_tier(job.model) == "remote" \
-                else None
+            remote = None
+            if self.fastest_tier(job.model) == "remote":
+                raw = self.store.read_manifest(job.model)
+                remote = (raw, parse_manifest(raw, Path(f"{self.store.describe()}/{job.model}/{MANIFEST_NAME}")))
             steps = self._steps(job.model, job.tier)
-            size = self._model_bytes(job.model, manifest_bytes)
+            size = self._model_bytes(job.model, remote)
             job.total_bytes = size * len(steps)
             for step in steps:
                 job.step = step
-                getattr(self, f"_stage_{step.replace('->', '_to_')}")(job, size, manifest_bytes)
+                getattr(self, f"_stage_{step.replace('->', '_to_')}")(job, size, remote)
         except (StoreError, BudgetError, CheckpointError, OSError, LoaderError) as exc:
             log.warning("staging %s to %s failed: %s", job.model, job.tier, exc)
             job.finish(str(exc))
@@ -230,22 +231,19 @@ class NodeLoader:
         path = TIER_ORDER[TIER_ORDER.index(current):TIER_ORDER.index(target) + 1]
         return [f"{a}->{b}" for a, b in zip(path, path[1:], strict=False)]
 
-    def _model_bytes(self, model: str, manifest_bytes: bytes | None) -> int:
-        if manifest_bytes is not None:
-            manifest = parse_manifest(manifest_bytes, Path(f"{self.store.describe()}/{model}/{MANIFEST_NAME}"))
-            return len(manifest_bytes) + sum(f.size for f in manifest.files)
+    def _model_bytes(self, model: str, remote: tuple[bytes, Manifest] | None) -> int:
+        if remote is not None:
+            raw, manifest = remote
+            return len(raw) + sum(f.size for f in manifest.files)
         local = next(t for t in ("dram", "ssd") if self.tiers[t].has(model))
         return self.tiers[local].models()[model]
 
-    def _stage_remote_to_ssd(self, job: StageJob, size: int, manifest_bytes: bytes) -> None:
-        tier = self.tiers["ssd"]
-        manifest = parse_manifest(manifest_bytes, Path(f"{self.store.describe()}/{job.model}/{MANIFEST_NAME}"))
-        tier.reserve(job.model, size, self._pinned_or_staging(job), self._evict)
-        staging = tier.staging_dir(job.model)
+    def _stage_remote_to_ssd(self, job: StageJob, size: int, remote: tuple[bytes, Manifest]) -> None:
+        raw, manifest = remote
         started = time.perf_counter()
-        try:
-            (staging / MANIFEST_NAME).write_bytes(manifest_bytes)
-            job.advance(len(manifest_bytes))
+        with self.tiers["ssd"].staged(job.model, size, self._pinned_or_staging(job), self._evict) as staging:
+            (staging / MANIFEST_NAME).write_bytes(raw)
+            job.advance(len(raw))
             for entry in manifest.files:
                 target = staging / entry.file
                 self.store.fetch(job.model, entry.file, target, entry.size, job.advance)
@@ -253,32 +251,19 @@ class NodeLoader:
                 if digest != entry.sha256:
                     raise StoreError(f"{job.model}/{entry.file}: checksum mismatch after download "
                                      f"(manifest {entry.sha256}, got {digest}); download rejected")
-            read_manifest(staging)  # sizes of every file against the manifest
-            tier.publish(staging, job.model)
-        except BaseException:
-            tier.release_reservation(job.model)
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self.bandwidths.observe("remote", size, time.perf_counter() - started)
-        self._record_model(job.model, manifest_bytes)
+        if self.publisher is not None:
+            self.publisher.model_info(job.model, manifest)
 
-    def _stage_ssd_to_dram(self, job: StageJob, size: int, manifest_bytes: bytes | None) -> None:
-        source, tier = self.tiers["ssd"].path(job.model), self.tiers["dram"]
-        tier.reserve(job.model, size, self._pinned_or_staging(job), self._evict)
-        staging = tier.staging_dir(job.model)
+    def _stage_ssd_to_dram(self, job: StageJob, size: int, remote: tuple[bytes, Manifest] | None) -> None:
+        source = self.tiers["ssd"].path(job.model)
         started = time.perf_counter()
-        try:
+        with self.tiers["dram"].staged(job.model, size, self._pinned_or_staging(job), self._evict) as staging:
             for entry in sorted(source.iterdir()):
                 copy_file(entry, staging / entry.name, job.advance)
-            read_manifest(staging)
-            tier.publish(staging, job.model)
-        except BaseException:
-            tier.release_reservation(job.model)
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self.bandwidths.observe("ssd", size, time.perf_counter() - started)
 
-    def _stage_dram_to_gpu(self, job: StageJob, size: int, manifest_bytes: bytes | None) -> None:
+    def _stage_dram_to_gpu(self, job: StageJob, size: int, remote: tuple[bytes, Manifest] | None) -> None:
         started = time.perf_counter()
         self.gpu.upload(job.model, self.tiers["dram"].path(job.model), self._pinned_or_staging(job), self._evict)
         job.advance(size)
@@ -286,11 +271,6 @@ class NodeLoader:
 
     def _pinned_or_staging(self, job: StageJob):
         return lambda model: model == job.model or self._pinned(model)
-
-    def _record_model(self, model: str, manifest_bytes: bytes) -> None:
-        if self.publisher is not None:
-            manifest = parse_manifest(manifest_bytes, Path(model))
-            self.publisher.model_info(model, manifest)
 
     def _estimate_queue(self) -> None:
         """Estimated finish of every queued job: the bytes ahead of it over the measured bandwidth of

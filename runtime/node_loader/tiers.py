@@ -11,10 +11,11 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, read_manifest
+from runtime.checkpoint.format import CheckpointError, read_manifest
 
 
 class BudgetError(RuntimeError):
@@ -100,10 +101,22 @@ class Tier:
         with self._lock:
             self._reserved.pop(model, None)
 
-    def staging_dir(self, model: str) -> Path:
-        path = self.root / f".{model}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-        path.mkdir()
-        return path
+    @contextmanager
+    def staged(self, model: str, size: int, leased: Callable[[str], bool],
+               evict: Callable[[str, str], None]) -> Iterator[Path]:
+        """Reserve room, hand out a hidden staging directory, and publish it when the block succeeds;
+        on any failure the reservation and the partial directory are dropped."""
+        self.reserve(model, size, leased, evict)
+        staging = self.root / f".{model}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+            yield staging
+            read_manifest(staging)  # every listed file present with its size, before anyone can see it
+            self.publish(staging, model)
+        except BaseException:
+            self.release_reservation(model)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def publish(self, staging: Path, model: str) -> None:
         """Atomically make a fully written, verified directory visible under its name."""
@@ -128,6 +141,3 @@ class Tier:
             shutil.rmtree(retired, ignore_errors=True)
         return size
 
-
-def has_manifest(path: Path) -> bool:
-    return (path / MANIFEST_NAME).is_file()
