@@ -22,13 +22,17 @@ log = logging.getLogger("sllm.runtime")
 
 
 def process_start_time(pid: int | None = None) -> float:
-    """Wall-clock time at which `pid` was created, from /proc (the kernel's record, not ours)."""
+    """Wall-clock time at which `pid` was created, from the kernel's record in /proc.
+
+    Computed as now minus the process's age on the boot-time clock (both in ticks since boot), so
+    it is precise to a clock tick; /proc/stat's btime alone is rounded to whole seconds.
+    """
+    import time
+
     with open(f"/proc/{pid or os.getpid()}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
-    start_ticks = int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
-    with open("/proc/stat") as handle:
-        boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
-    return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat(5), after "pid (comm)"
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started_after_boot)
 
 
 @dataclass
