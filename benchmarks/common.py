@@ -24,6 +24,17 @@ def results_path(name: str, suffix: str = ".json") -> Path:
     return RESULTS_DIR / f"{name}-{datetime.now(UTC):%Y-%m-%d}-{machine}{suffix}"
 
 
+def evict_page_cache(files) -> None:
+    """Drop our own files' pages from the page cache (fsync first: dirty pages cannot be dropped)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def machine_info(workdir: Path) -> dict[str, Any]:
     meminfo = Path("/proc/meminfo").read_text()
     cpuinfo = Path("/proc/cpuinfo").read_text()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import machine_info, now_utc, results_path  # noqa: E402
+from common import evict_page_cache, machine_info, now_utc, results_path  # noqa: E402
 from loader_daemon import LoaderDaemon  # noqa: E402
 
 from runtime.checkpoint import save_state_dict  # noqa: E402
@@ -39,16 +39,6 @@ from runtime.checkpoint.cli import parse_size  # noqa: E402
 from runtime.embedded_redis import EmbeddedRedis  # noqa: E402
 
 TARGETS = {"stage_vs_copy": 0.8, "status_p99_ms": 5.0}
-
-
-def evict(directory: Path) -> None:
-    for path in directory.iterdir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def write_model(directory: Path, size: int) -> None:
@@ -89,12 +79,12 @@ def main() -> int:
         ssd_copy = work / "node" / "ssd" / "model"
         copies, stages = [], []
         for _ in range(args.runs):  # interleaved: both see the same disk and memory state
-            evict(ssd_copy)
+            evict_page_cache(ssd_copy.iterdir())
             start = time.perf_counter()
             subprocess.run(["cp", "-r", str(ssd_copy), str(shm / "copy")], check=True)
             copies.append(time.perf_counter() - start)
             shutil.rmtree(shm / "copy")
-            evict(ssd_copy)
+            evict_page_cache(ssd_copy.iterdir())
             job = daemon.wait_job(daemon.client.stage("model", "dram"), 600)
             assert job["state"] == "done", job
             stages.append(job["finished_at"] - job["started_at"])
