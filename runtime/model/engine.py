@@ -7,6 +7,7 @@ by one token in a single batched forward. HTTP threads only enqueue requests and
 
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import queue
@@ -89,9 +90,12 @@ class Engine:
     # -- called from HTTP threads -------------------------------------------------------------
     def start(self) -> Engine:
         self._thread.start()
+        atexit.register(self.stop)  # join the engine thread before the interpreter tears torch down
         return self
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         with self._wake:
             self._stopping = True
             self._wake.notify()
