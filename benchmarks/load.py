@@ -18,8 +18,6 @@ import importlib.util
 import json
 import mmap
 import os
-import platform
-import re
 import shutil
 import socket
 import statistics
@@ -35,6 +33,13 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import evict_page_cache, filesystem_of, machine_info, read_text  # noqa: E402
+
+from runtime.checkpoint.cli import parse_size  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 DEFAULT_WORKDIR = Path("/var/tmp/sllm-bench")
@@ -42,10 +47,12 @@ PAGE = mmap.PAGESIZE
 MiB = 1 << 20
 SEED = 0
 CHECKPOINT_VERSION = 1  # bump when the synthetic model or the files written change
-MADV_POPULATE_READ = 22
 MODES = ("cold", "warm", "shm")
 MEMORY_STATES = ("recycled", "idle", "asis")
 IDLE_S = 4.0  # longer than the kernel's free page reporting delay (2 s), so freed memory is back with the host
+IDLE_MAX_S = 20.0
+REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
+SCRATCH_NAME = "scratch.bin"  # next to the formats: read and dropped to recycle page-cache memory
 TARGETS = {"cold_vs_peer": 0.8, "cold_vs_odirect": 0.8, "shm_vs_safetensors": 1.1, "second_anon": 0.05}
 
 
@@ -89,7 +96,8 @@ _KEEP_ALIVE: list[Any] = []  # loader objects whose lifetime must cover the tens
 
 
 def sllm_loader(name: str, path: str, options: dict[str, Any]) -> Callable[[], dict[str, torch.Tensor]]:
-    """Our loader; with options, the strategy's module is called directly with those knobs."""
+    """Our loader; with options, the strategy's module is called directly with those keyword knobs
+    (read_partitions: threads, chunk, hugepages; map_partitions: populate, threads, chunk)."""
     from runtime.checkpoint import read_manifest
     from runtime.loader import load
     from runtime.loader.direct import read_partitions
@@ -105,9 +113,8 @@ def sllm_loader(name: str, path: str, options: dict[str, Any]) -> Callable[[], d
     def load_with_knobs() -> dict[str, torch.Tensor]:
         manifest = read_manifest(path)
         if strategy == "direct":
-            knobs = {key: options[key] for key in ("threads", "chunk", "hugepages") if key in options}
-            return tensor_views(manifest, read_partitions(path, manifest, **knobs))
-        return tensor_views(manifest, map_partitions(path, manifest, bool(options.get("populate", True))))
+            return tensor_views(manifest, read_partitions(path, manifest, **options))
+        return tensor_views(manifest, map_partitions(path, manifest, **options))
     return load_with_knobs
 
 
@@ -122,10 +129,10 @@ def peer_loader(name: str, path: str) -> Callable[[], dict[str, torch.Tensor]]:
     if name == "runai-streamer":
         from runai_model_streamer import SafetensorsStreamer
 
-        def stream() -> dict[str, torch.Tensor]:
+        def stream() -> dict[str, torch.Tensor]:  # with no memory limit set, the tensors outlive the streamer
             with SafetensorsStreamer() as streamer:
                 streamer.stream_file(path)
-                return {key: tensor.clone() for key, tensor in streamer.get_tensors()}
+                return dict(streamer.get_tensors())
         return stream
     if name == "tensorizer":
         from tensorizer import TensorDeserializer
@@ -176,7 +183,9 @@ def run_child(loader: str, path: str, options: dict[str, Any], memory: str, hold
     """Time one load + touch and print the result as one JSON line; with hold, wait for stdin EOF."""
     spec = LOADERS[loader]
     load = sllm_loader(loader, path, options) if spec.fmt == "sllm" else peer_loader(loader, path)
-    settle_memory(memory, bytes_under(Path(path)))
+    files = files_of(Path(path))
+    settle_memory(memory, sum(p.stat().st_size for p in files), Path(path).parent / SCRATCH_NAME)
+    resident = resident_fraction(files)
     reset_peak_rss()
     before = proc_status()
     start = time.perf_counter()
@@ -185,21 +194,26 @@ def run_child(loader: str, path: str, options: dict[str, Any], memory: str, hold
     checksum = touch_every_page(tensors)
     end = time.perf_counter()
     after = proc_status()
+    resident_after = resident_fraction(files)
     nbytes = sum(t.nbytes for t in {(t.data_ptr(), t.nbytes): t for t in tensors.values()}.values())
     result = {"loader": loader, "seconds": end - start, "load_s": loaded - start, "touch_s": end - loaded,
               "tensors": len(tensors), "bytes": nbytes, "checksum": checksum, "peak_rss_mb": after["VmHWM"],
               "rss_before_mb": before["VmRSS"], "anon_before_mb": before["RssAnon"],
               "anon_after_mb": after["RssAnon"], "file_after_mb": after["RssFile"],
-              "shmem_after_mb": after["RssShmem"]}
-    if loader == "sllm-auto":
-        result.update(auto_strategy_cost(path))
+              "shmem_after_mb": after["RssShmem"], "resident_before": resident,
+              "resident_after": resident_after}
     print(json.dumps(result), flush=True)
     if hold:
         sys.stdin.read()
 
 
-def bytes_under(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
+def files_of(path: Path) -> list[Path]:
+    """The regular files of a checkpoint path: the file itself, or those in the directory."""
+    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+
+
+def resident_fraction(files: Sequence[Path]) -> float:
+    return cached_bytes(files) / max(1, sum(p.stat().st_size for p in files))
 
 
 def reset_peak_rss() -> None:
@@ -208,16 +222,6 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
-
-
-def auto_strategy_cost(path: str) -> dict[str, Any]:
-    """Which strategy "auto" picked and how long deciding took (measured after the timed load)."""
-    from runtime.checkpoint import read_manifest
-    from runtime.loader.tiers import current_tier
-
-    start = time.perf_counter()
-    tier = current_tier(path, read_manifest(path))
-    return {"auto_strategy": "mmap" if tier == "dram" else "direct", "tier_check_s": time.perf_counter() - start}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,8 +289,7 @@ class Checkpoint:
 
     def files(self, fmt: str) -> list[Path]:
         """Regular files holding that format (what has to be evicted, warmed or copied)."""
-        path = self.path(fmt)
-        return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        return files_of(self.path(fmt))
 
     def partition_files(self) -> list[Path]:
         from runtime.checkpoint import read_manifest
@@ -310,7 +313,20 @@ def ensure_checkpoint(workdir: Path, size: int, formats: set[str]) -> tuple[Chec
               f"as {', '.join(missing)} under {checkpoint.root}", flush=True)
         write_formats(checkpoint, shape, missing)
         marker.write_text(json.dumps(wanted))
+    write_scratch(checkpoint.root / SCRATCH_NAME, shape.nbytes)
     return checkpoint, shape
+
+
+def write_scratch(path: Path, size: int) -> None:
+    """A file of `size` bytes of zeros (real blocks, not a hole) for settle_memory() to read and drop."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    zeros = bytes(16 * MiB)
+    with open(path, "wb") as handle:
+        for start in range(0, size, len(zeros)):
+            handle.write(zeros[:min(len(zeros), size - start)])
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_formats(checkpoint: Checkpoint, shape: LlamaShape, formats: Sequence[str]) -> None:
@@ -378,22 +394,11 @@ def cached_bytes(files: Sequence[Path]) -> int:
     return sum(int(line.split()[0]) for line in output.splitlines() if line.strip())
 
 
-def evict(files: Sequence[Path]) -> None:
-    """Drop the files' pages from the page cache; dirty pages are written first or they would stay."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def make_cold(files: Sequence[Path], attempts: int = 5) -> str | None:
     """Evict until fincore reports nothing cached; a warning when it never gets there."""
     left = 0
     for _ in range(attempts):
-        evict(files)
+        evict_page_cache(files)
         left = cached_bytes(files)
         if left == 0:
             return None
@@ -435,20 +440,41 @@ def pretouch(buffer: mmap.mmap) -> None:
     del tensor
 
 
-def settle_memory(state: str, size: int) -> None:
+def settle_memory(state: str, size: int, scratch: Path | None = None) -> None:
     """Put the free memory the next `size`-byte allocation will get into a known state.
 
     Under a hypervisor with free page reporting (virtio-balloon, e.g. Firecracker) memory that was
     freed a few seconds ago has been handed back to the host, and touching it again costs a host
     fault per 4 KiB: "idle" waits for that to happen (a node that sat idle), "recycled" faults in
-    and frees `size` bytes first so the load reuses host-backed pages (as on bare metal).
+    and frees `size` bytes first so the load reuses host-backed pages (as on bare metal): as huge
+    anonymous pages and, when a `scratch` file exists, as page cache of the same filesystem (read,
+    then dropped), so copying and mapping loaders both find memory of the shape they allocate.
     """
     if state == "idle":
-        time.sleep(IDLE_S)
+        wait_for_page_reporting()
     elif state == "recycled":
+        if scratch is not None and scratch.exists():
+            make_warm([scratch], attempts=1)
+            evict_page_cache([scratch])
         buffer = anonymous_buffer(size + 64 * MiB, hugepages=True)
         pretouch(buffer)
         buffer.close()
+
+
+def wait_for_page_reporting() -> None:
+    """Sleep IDLE_S, then until the kernel's count of reported free memory stops growing (at most IDLE_MAX_S).
+
+    Reporting runs in bursts (a few hundred MiB every 2 s here), so "stopped" means unchanged over 2.5 s.
+    """
+    time.sleep(IDLE_S)
+    deadline = time.monotonic() + IDLE_MAX_S - IDLE_S
+    last = read_text(str(REPORTED_KIB))
+    while last is not None and time.monotonic() < deadline:
+        time.sleep(2.5)
+        now = read_text(str(REPORTED_KIB))
+        if now == last:
+            break
+        last = now
 
 
 def parallel_direct_read(files: Sequence[Path], buffer: mmap.mmap, threads: int = 8, chunk: int = 16 * MiB) -> float:
@@ -616,18 +642,39 @@ def prepare_cache(mode: str, files: Sequence[Path]) -> str | None:
 
 def run_mode(mode: str, checkpoint: Checkpoint, loaders: Sequence[str], runs: int, memory: str,
              warnings: list[str]) -> dict[str, dict[str, Any]]:
-    """`runs` samples of each loader, interleaved (run 1 of every loader, then run 2, ...) to spread drift."""
+    """`runs` samples of each loader, interleaved (run 1 of every loader, then run 2, ...) to spread drift,
+    each run starting one loader later, so no loader always follows the same one (what the previous sample
+    freed decides how fast fresh memory is on a VM)."""
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in loaders}
     for run in range(runs):
-        for name in loaders:
-            fmt = LOADERS[name].fmt
-            if warning := prepare_cache(mode, checkpoint.files(fmt)):
-                warnings.append(f"{mode}/{name}: {warning}")
-            result = sample(name, checkpoint.path(fmt), memory)
+        for name in loaders[run % len(loaders):] + loaders[:run % len(loaders)]:
+            result = prepared_sample(mode, checkpoint, name, memory, None, warnings)
             samples[name].append(result)
             shown = f"{result['seconds']:.3f} s" if "seconds" in result else f"FAILED: {result['error']}"
             print(f"  {mode:5} run {run + 1}/{runs} {name:16} {shown}", flush=True)
     return {name: aggregate(results) for name, results in samples.items()}
+
+
+def prepared_sample(mode: str, checkpoint: Checkpoint, loader: str, memory: str, options: dict[str, Any] | None,
+                    warnings: list[str], attempts: int = 3) -> dict[str, Any]:
+    """Put the loader's files in the mode's cache state, then take one sample.
+
+    A warm sample whose files were no longer wholly cached when its timer started (proactive reclaim,
+    e.g. DAMON, can page out a file read seconds ago) is not warm: it is retried, up to `attempts`.
+    """
+    fmt = LOADERS[loader].fmt
+    result: dict[str, Any] = {}
+    for attempt in range(1, attempts + 1):
+        if warning := prepare_cache(mode, checkpoint.files(fmt)):
+            warnings.append(f"{mode}/{loader}: {warning}")
+        result = sample(loader, checkpoint.path(fmt), memory, options)
+        result["attempts"] = attempt
+        if mode != "warm" or result.get("resident_before", 1.0) >= 1.0:
+            break
+    if mode == "warm" and result.get("resident_before", 1.0) < 1.0:
+        warnings.append(f"warm/{loader}: only {100 * result['resident_before']:.2f}% cached at the start of the "
+                        f"sample after {attempts} attempts")
+    return result
 
 
 def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -639,13 +686,14 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     median = statistics.median(r["seconds"] for r in good)
     out = {"median_s": median, "samples_s": [r["seconds"] for r in good], "bytes": good[0]["bytes"],
            "gbps": good[0]["bytes"] / median / 1e9, "checksum": good[0]["checksum"], "tensors": good[0]["tensors"]}
-    for key in ("load_s", "touch_s", "peak_rss_mb", "rss_before_mb", "tier_check_s"):
+    for key in ("load_s", "touch_s", "peak_rss_mb", "rss_before_mb"):
         if key in good[0]:
             out[f"median_{key}"] = statistics.median(r[key] for r in good)
     out["median_peak_added_mb"] = statistics.median(r["peak_rss_mb"] - r["rss_before_mb"] for r in good)
     out["median_anon_added_mb"] = statistics.median(r["anon_after_mb"] - r["anon_before_mb"] for r in good)
-    if "auto_strategy" in good[0]:
-        out["auto_strategy"] = sorted({r["auto_strategy"] for r in good})
+    out["min_resident_before"] = min(r["resident_before"] for r in good)
+    out["max_resident_before"] = max(r["resident_before"] for r in good)
+    out["retried_samples"] = sum(r["attempts"] > 1 for r in good)
     if errors:
         out["errors"] = errors
     return out
@@ -676,21 +724,37 @@ def second_process_anon(staged: Checkpoint, loader: str, model_bytes: int) -> di
             holder.wait()
 
 
-def run_sweep(checkpoint: Checkpoint, staged: Checkpoint | None, runs: int, memory: str,
-              warnings: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The direct loader's knobs (threads x chunk, huge pages) cold, and mmap's populate warm and on tmpfs."""
-    direct = [{"threads": t, "chunk": c * MiB, "hugepages": True} for t in (2, 4, 8, 16) for c in (4, 16, 64)]
-    direct += [{"threads": t, "chunk": 16 * MiB, "hugepages": False} for t in (2, 4, 8, 16)]
-    mmap_points = [("warm", checkpoint), ("shm", staged)] if staged else [("warm", checkpoint)]
-    out: dict[str, list[dict[str, Any]]] = {"direct_cold": [], "mmap_populate": []}
-    for options in direct:
-        out["direct_cold"].append({**options, **sweep_point("cold", checkpoint, "sllm-direct", options, runs,
-                                                             memory, warnings)})
-    for mode, where in mmap_points:
-        for populate in (True, False):
-            options = {"populate": populate}
-            out["mmap_populate"].append({"mode": mode, **options,
-                                         **sweep_point(mode, where, "sllm-mmap", options, runs, memory, warnings)})
+SWEEPS = ("all", "direct", "mmap")
+
+
+def sweep_points(which: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(mode, loader, knobs) to time: the direct reader's threads x chunk x huge pages (cold), and the
+    mapping loader's populate threads x chunk (cold) and populate on/off and threads (warm, tmpfs)."""
+    points: list[tuple[str, str, dict[str, Any]]] = []
+    if which in ("all", "direct"):
+        points += [("cold", "sllm-direct", {"threads": t, "chunk": c * MiB, "hugepages": True})
+                   for t in (2, 4, 8, 16) for c in (4, 16, 64)]
+        points += [("cold", "sllm-direct", {"threads": t, "chunk": 16 * MiB, "hugepages": False})
+                   for t in (2, 4, 8, 16)]
+    if which in ("all", "mmap"):
+        points += [("cold", "sllm-mmap", {"threads": t, "chunk": c * MiB})
+                   for t in (1, 2, 4, 8, 16) for c in (4, 16, 64)]
+        points.append(("cold", "sllm-mmap", {"populate": False}))
+        for mode, threads in (("warm", (1, 8)), ("shm", (1, 2, 8))):
+            points += [(mode, "sllm-mmap", {"threads": t, "chunk": 16 * MiB}) for t in threads]
+            points.append((mode, "sllm-mmap", {"populate": False}))
+    return points
+
+
+def run_sweep(which: str, modes: Sequence[str], checkpoint: Checkpoint, staged: Checkpoint | None, runs: int,
+              memory: str, warnings: list[str]) -> list[dict[str, Any]]:
+    """Median of `runs` samples for every sweep point whose mode was selected."""
+    out = []
+    for mode, loader, options in sweep_points(which):
+        if mode in modes:
+            where = staged if mode == "shm" else checkpoint
+            out.append({"mode": mode, "loader": loader, **options,
+                        **sweep_point(mode, where, loader, options, runs, memory, warnings)})
     return out
 
 
@@ -698,9 +762,7 @@ def sweep_point(mode: str, checkpoint: Checkpoint, loader: str, options: dict[st
                 warnings: list[str]) -> dict[str, Any]:
     results = []
     for _ in range(runs):
-        if warning := prepare_cache(mode, checkpoint.files("sllm")):
-            warnings.append(f"sweep {mode}/{loader} {options}: {warning}")
-        results.append(sample(loader, checkpoint.path("sllm"), memory, options))
+        results.append(prepared_sample(mode, checkpoint, loader, memory, options, warnings))
     aggregated = aggregate(results)
     shown = f"{aggregated['median_s']:.3f} s" if "median_s" in aggregated else f"FAILED: {aggregated['error']}"
     print(f"  sweep {mode:5} {loader} {options}: {shown}", flush=True)
@@ -739,73 +801,8 @@ def compute_ratios(results: dict[str, dict[str, dict[str, Any]]], limits: dict[s
     return ratios
 
 
-def machine_info(workdir: Path) -> dict[str, Any]:
-    meminfo = Path("/proc/meminfo").read_text()
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    total_kb = int(re.search(r"^MemTotal:\s+(\d+)", meminfo, re.M).group(1))
-    return {
-        "hostname": socket.gethostname(), "kind": os.environ.get("SLLM_BENCH_KIND"),
-        "cpu_model": model.group(1).strip() if model else platform.processor(),
-        "nproc": len(os.sched_getaffinity(0)), "mem_gib": round(total_kb / 2**20, 1), "kernel": platform.release(),
-        "workdir_filesystem": filesystem_of(workdir), "thp_enabled": read_text("/sys/kernel/mm/transparent_hugepage/"
-                                                                               "enabled"),
-        "thp_defrag": read_text("/sys/kernel/mm/transparent_hugepage/defrag"),
-        "free_page_reporting": free_page_reporting(),
-        "python": platform.python_version(), "torch": torch.__version__, "safetensors": package_version("safetensors"),
-    }
-
-
-def free_page_reporting() -> dict[str, Any]:
-    """Whether a virtio balloon reports free pages to the hypervisor (then fresh memory can be slow to touch)."""
-    enabled = False
-    for device in Path("/sys/bus/virtio/devices").glob("*"):
-        features = read_text(str(device / "features")) or ""
-        if read_text(str(device / "device")) == "0x0005" and len(features) > 5 and features[5] == "1":
-            enabled = True  # VIRTIO_BALLOON_F_REPORTING is feature bit 5
-    params = Path("/sys/module/page_reporting/parameters")
-    return {"balloon_reporting": enabled, **{f"page_reporting_{p.name}": read_text(str(p))
-                                             for p in sorted(params.glob("*"))}}
-
-
-def read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def filesystem_of(path: Path) -> dict[str, str]:
-    """Type, device and mount point of the filesystem holding `path` (longest matching mount)."""
-    resolved, best = str(path.resolve()), {"type": "?", "device": "?", "mount": "/"}
-    with open("/proc/mounts") as handle:
-        for line in handle:
-            device, mount, fstype = line.split()[:3]
-            if (resolved == mount or resolved.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best["mount"]):
-                best = {"type": fstype, "device": device, "mount": mount}
-    return best
-
-
 def summary(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "samples": values}
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.I)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    unit = (match.group(2) or "").upper().rstrip("B")
-    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    return int(float(match.group(1)) * scale[unit])
 
 
 def format_size(size: int) -> str:
@@ -898,23 +895,27 @@ def rss_lines(rss: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def sweep_lines(sweep: dict[str, list[dict[str, Any]]]) -> list[str]:
+def sweep_lines(sweep: list[dict[str, Any]]) -> list[str]:
+    """One row per sweep point, then the fastest knobs per (mode, loader)."""
     if not sweep:
         return []
-    lines = ["| threads | chunk MiB | hugepages | median s | GB/s |", "|---:|---:|---|---:|---:|"]
-    for point in sweep["direct_cold"]:
-        timing = f"{point['median_s']:.3f} | {point['gbps']:.2f}" if "median_s" in point else "failed | -"
-        lines.append(f"| {point['threads']} | {point['chunk'] // MiB} | {point['hugepages']} | {timing} |")
-    good = [p for p in sweep["direct_cold"] if "median_s" in p]
-    if good:
-        best = min(good, key=lambda p: p["median_s"])
-        lines += ["", f"best direct: threads={best['threads']} chunk={best['chunk'] // MiB} MiB "
-                      f"hugepages={best['hugepages']}: {best['median_s']:.3f} s"]
-    lines += ["", "| mode | populate | median s | load s | touch s |", "|---|---|---:|---:|---:|"]
-    for point in sweep["mmap_populate"]:
-        if "median_s" in point:
-            lines.append(f"| {point['mode']} | {point['populate']} | {point['median_s']:.3f} | "
-                         f"{point['median_load_s']:.3f} | {point['median_touch_s']:.3f} |")
+    lines = ["| mode | loader | threads | chunk MiB | hugepages | populate | median s | GB/s | load s | touch s |",
+             "|---|---|---:|---:|---|---|---:|---:|---:|---:|"]
+    for p in sweep:
+        knobs = [str(p.get("threads", "default")), str(p["chunk"] // MiB) if "chunk" in p else "default",
+                 str(p.get("hugepages", "-" if p["loader"] != "sllm-direct" else "default")),
+                 str(p.get("populate", "-" if p["loader"] == "sllm-direct" else "default"))]
+        timing = (f"{p['median_s']:.3f} | {p['gbps']:.2f} | {p['median_load_s']:.3f} | {p['median_touch_s']:.3f}"
+                  if "median_s" in p else "failed | - | - | -")
+        lines.append(f"| {p['mode']} | {p['loader']} | " + " | ".join(knobs) + f" | {timing} |")
+    lines.append("")
+    for key in dict.fromkeys((p["mode"], p["loader"]) for p in sweep):
+        good = [p for p in sweep if (p["mode"], p["loader"]) == key and "median_s" in p]
+        if good:
+            best = min(good, key=lambda p: p["median_s"])
+            knobs = ", ".join(f"{k}={v // MiB if k == 'chunk' else v}" for k, v in best.items()
+                              if k in ("threads", "chunk", "hugepages", "populate"))
+            lines.append(f"- fastest {key[0]} {key[1]}: {knobs} ({best['median_s']:.3f} s)")
     return lines
 
 
@@ -924,7 +925,8 @@ def markdown_report(report: dict[str, Any]) -> str:
              f"{machine['cpu_model']}, {machine['nproc']} CPUs, {machine['mem_gib']} GiB, kernel {machine['kernel']}, "
              f"workdir on {machine['workdir_filesystem']['type']} ({machine['workdir_filesystem']['device']}); "
              f"THP {machine['thp_enabled']}; balloon free page reporting "
-             f"{'on' if machine['free_page_reporting']['balloon_reporting'] else 'off'}.", "",
+             f"{'on' if machine['free_page_reporting']['balloon_reporting'] else 'off'}; DAMON schemes: "
+             f"{', '.join(d['action'] for d in machine['damon_schemes']) or 'none'}.", "",
              f"Model: {format_size(config['model_bytes'])} bf16 Llama-shaped ({config['shape']['layers']} layers, "
              f"hidden {config['shape']['hidden']}), {config['runs']} runs per loader and mode, medians; "
              f"memory state before each sample: {config['memory']}.", ""]
@@ -933,7 +935,7 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += ["", "## Where the time goes", ""] + detail_table(report["results"], config["loaders"])
     for title, body in (("Ratios", ratio_lines(report["ratios"])), ("Physical limits", limit_lines(report["limits"])),
                         ("Second process on tmpfs", rss_lines(report["second_process"])),
-                        ("Sweep", sweep_lines(report.get("sweep", {}))),
+                        ("Sweep", sweep_lines(report.get("sweep", []))),
                         ("Skipped", [f"- {k}: {v}" for k, v in report["skipped"].items()]),
                         ("Warnings", [f"- {w}" for w in report["warnings"]])):
         if body:
@@ -941,9 +943,9 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def default_output(sweep: bool, memory: str) -> Path:
+def default_output(sweep: str | None, memory: str) -> Path:
     host = os.environ.get("SLLM_BENCH_KIND") or socket.gethostname()
-    stem = "load-sweep" if sweep else "load"
+    stem = "load" if not sweep else "load-sweep" if sweep == "all" else f"load-sweep-{sweep}"
     stem += "" if memory == "recycled" else f"-{memory}"
     return RESULTS_DIR / f"{stem}-{datetime.now(UTC):%Y-%m-%d}-{host}.json"
 
@@ -968,11 +970,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "skipped")
     parser.add_argument("--json", type=Path, help="output JSON (a .md summary is written next to it)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where checkpoints live (real disk)")
-    parser.add_argument("--sweep", action="store_true", help="instead of the comparison, sweep the direct "
-                        "loader's threads x chunk cold and mmap populate on/off")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=SWEEPS, help="instead of the comparison, time "
+                        "the loader's knobs: direct threads x chunk x huge pages, mmap populate threads x chunk and "
+                        "on/off (default all; --modes selects which modes' points run)")
     parser.add_argument("--memory", choices=MEMORY_STATES, default="recycled", help="state of free memory before "
                         "each sample: recycled (host-backed, like bare metal; default), idle (wait for free page "
                         "reporting to return it to the hypervisor), asis")
+    parser.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"), help="tmpfs for the shm mode (default "
+                        "/dev/shm; e.g. a tmpfs mounted with huge=within_size)")
     parser.add_argument("--no-limits", action="store_true", help="skip the physical-limit measurements")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -1003,12 +1008,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad := [m for m in modes if m not in MODES]:
         raise SystemExit(f"unknown mode(s) {bad}; known: {', '.join(MODES)}")
     skipped: dict[str, str] = {}
-    loaders = ["sllm-direct"] if args.sweep else select_loaders(args.loaders, skipped)
+    loaders = sorted({p[1] for p in sweep_points(args.sweep)}) if args.sweep else select_loaders(args.loaders,
+                                                                                                   skipped)
     for name, note in skipped.items():
         print(f"skipping {name}: {note}", flush=True)
     formats = {LOADERS[name].fmt for name in loaders} | {"sllm"}
-    if args.sweep:
-        modes = ["cold", "warm", "shm"]
     args.workdir.mkdir(parents=True, exist_ok=True)
     if filesystem_of(args.workdir)["type"] in ("tmpfs", "ramfs"):
         print(f"warning: {args.workdir} is on {filesystem_of(args.workdir)['type']}: cold mode means nothing there")
@@ -1021,15 +1025,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(args.workdir),
         "config": {"size_requested": args.size, "model_bytes": shape.nbytes, "sllm_partition_bytes": sllm_bytes,
                    "shape": asdict(shape), "seed": SEED, "runs": args.runs, "modes": modes, "loaders": loaders,
-                   "workdir": str(checkpoint.root), "sweep": args.sweep, "memory": args.memory},
+                   "workdir": str(checkpoint.root), "sweep": args.sweep, "memory": args.memory,
+                   "shm_dir": str(args.shm_dir), "shm_filesystem": filesystem_of(args.shm_dir)},
         "limits": {} if args.no_limits else measure_limits(checkpoint, args.runs, warnings),
         "results": {}, "second_process": {}, "skipped": skipped, "warnings": warnings,
     }
-    shm_root = Path(f"/dev/shm/sllm-bench-{os.getpid()}")
+    shm_root = args.shm_dir / f"sllm-bench-{os.getpid()}"
     try:
         staged = stage_on_shm(checkpoint, formats, shm_root) if "shm" in modes else None
         if args.sweep:
-            report["sweep"] = run_sweep(checkpoint, staged, args.runs, args.memory, warnings)
+            report["sweep"] = run_sweep(args.sweep, modes, checkpoint, staged, args.runs, args.memory, warnings)
         else:
             for mode in modes:
                 print(f"mode {mode}:", flush=True)
