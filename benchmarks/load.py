@@ -739,6 +739,7 @@ def sweep_points(which: str) -> list[tuple[str, str, dict[str, Any]]]:
     if which in ("all", "mmap"):
         points += [("cold", "sllm-mmap", {"threads": t, "chunk": c * MiB})
                    for t in (1, 2, 4, 8, 16) for c in (4, 16, 64)]
+        points += [("cold", "sllm-mmap", {"threads": t, "chunk": 1 << 30}) for t in (1, 2)]  # a call per partition
         points.append(("cold", "sllm-mmap", {"populate": False}))
         for mode, threads in (("warm", (1, 8)), ("shm", (1, 2, 8))):
             points += [(mode, "sllm-mmap", {"threads": t, "chunk": 16 * MiB}) for t in threads]
