@@ -54,7 +54,7 @@ def cached_pages(path: str | os.PathLike) -> tuple[int, int]:
             if _libc.mincore(ctypes.c_void_p(address), size, vector) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), str(path))
-            return sum(byte & 1 for byte in bytes(vector)), pages
+            return pages - bytes(vector).count(0), pages  # bit 0 = resident; other bits are reserved, 0
         finally:
             _libc.munmap(ctypes.c_void_p(address), size)
     finally:
