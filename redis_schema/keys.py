@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from runtime.names import validate_model_name
@@ -13,8 +14,6 @@ EVENTS_MAXLEN = 10_000
 
 def validate_node_id(node: object) -> str:
     """Node ids follow Kubernetes node names: DNS labels joined by dots, at most 253 characters."""
-    import re
-
     if not isinstance(node, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", node):
         raise ValueError(f"invalid node id {str(node)[:80]!r}: use lowercase letters, digits, '-' and '.'")
     return node

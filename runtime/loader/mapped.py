@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from runtime.checkpoint.format import Manifest
-from runtime.loader.tiers import cached_pages, on_memory_filesystem
+from runtime.loader.tiers import fully_cached, on_memory_filesystem
 
 MADV_POPULATE_READ = 22
 DEFAULT_CHUNK = 16 << 20
@@ -36,11 +36,6 @@ def _populate(address: int, length: int) -> None:
     """MADV_POPULATE_READ through ctypes, which drops the GIL, so chunks populate in parallel."""
     if _libc.madvise(address, length, MADV_POPULATE_READ) != 0:
         _libc.madvise(address, length, mmap.MADV_WILLNEED)  # kernels before 5.14: read-ahead only
-
-
-def _resident(path: Path, size: int) -> bool:
-    cached, total = cached_pages(path)
-    return cached == total
 
 
 def map_partitions(directory: str | os.PathLike, manifest: Manifest, *, populate: bool = True,
@@ -63,7 +58,7 @@ def map_partitions(directory: str | os.PathLike, manifest: Manifest, *, populate
             # Resident pages populate fastest in parallel chunks; a file still on disk populates fastest in
             # one call, which keeps the kernel's read-ahead streaming (8 x 16 MiB chunks: 0.81 s per cold
             # GiB here, one call: 0.44 s; benchmarks/results/load-sweep-mmap-*).
-            step = chunk if resident or _resident(directory / part.file, part.size) else part.size
+            step = chunk if resident or fully_cached(directory / part.file) else part.size
             jobs += [(address + start, min(step, part.size - start)) for start in range(0, part.size, step)]
         if populate and jobs:
             with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:

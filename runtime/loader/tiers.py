@@ -61,13 +61,14 @@ def cached_pages(path: str | os.PathLike) -> tuple[int, int]:
         os.close(fd)
 
 
+def fully_cached(path: str | os.PathLike) -> bool:
+    cached, total = cached_pages(path)
+    return cached == total
+
+
 def current_tier(directory: str | os.PathLike, manifest: Manifest) -> str:
     """"dram" when every partition is memory-resident, else "ssd"."""
     directory = Path(directory)
     if on_memory_filesystem(directory):
         return "dram"
-    for part in manifest.partitions:
-        cached, total = cached_pages(directory / part.file)
-        if cached < total:
-            return "ssd"
-    return "dram"
+    return "dram" if all(fully_cached(directory / part.file) for part in manifest.partitions) else "ssd"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import tomllib
@@ -40,14 +41,10 @@ class LoaderConfig:
             raise ValueError("heartbeat_ttl_s must be longer than heartbeat_s")
 
     def to_env(self) -> str:
-        import json
-
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> LoaderConfig:
-        import json
-
         return cls(**json.loads(text))
 
 
