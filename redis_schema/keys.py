@@ -12,11 +12,15 @@ TIERS = ("gpu", "dram", "ssd")
 EVENTS_MAXLEN = 10_000
 
 
+def validate_id(value: object, what: str = "node id") -> str:
+    """Node, instance, function and migration ids follow Kubernetes object names (DNS subdomains, <= 253 chars)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", value):
+        raise ValueError(f"invalid {what} {str(value)[:80]!r}: use lowercase letters, digits, '-' and '.'")
+    return value
+
+
 def validate_node_id(node: object) -> str:
-    """Node ids follow Kubernetes node names: DNS labels joined by dots, at most 253 characters."""
-    if not isinstance(node, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", node):
-        raise ValueError(f"invalid node id {str(node)[:80]!r}: use lowercase letters, digits, '-' and '.'")
-    return node
+    return validate_id(node, "node id")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,37 @@ class Keys:
     def model(self, model: str) -> str:
         """HASH: what is known of a model wherever it is: size in bytes, partitions, format version."""
         return f"{self.prefix}model:{validate_model_name(model)}"
+
+    def node_slots(self, node: str) -> str:
+        """ZSET, the node's slot ledger: member = instance id (or booking id), score = when the hold expires."""
+        return f"{self.prefix}node:{validate_node_id(node)}:slots"
+
+    @property
+    def instances(self) -> str:
+        """SET of runtime instance ids that have registered (stale members are pruned by readers)."""
+        return f"{self.prefix}instances"
+
+    def instance(self, instance: str) -> str:
+        """HASH: one runtime instance: node, model, address, state, load; expires when heartbeats stop."""
+        return f"{self.prefix}instance:{validate_id(instance, 'instance id')}"
+
+    @property
+    def functions(self) -> str:
+        """SET of deployed function names (local mode gateway)."""
+        return f"{self.prefix}functions"
+
+    def function(self, name: str) -> str:
+        """HASH: one deployed function: model, environment and com.openfaas.scale.* settings."""
+        return f"{self.prefix}function:{validate_id(name, 'function name')}"
+
+    @property
+    def migrations(self) -> str:
+        """ZSET of migration ids, score = creation time (unix seconds)."""
+        return f"{self.prefix}migrations"
+
+    def migration(self, migration: str) -> str:
+        """HASH: one live migration's state machine (state, source, destination, rounds, outcome)."""
+        return f"{self.prefix}migration:{validate_id(migration, 'migration id')}"
 
     @property
     def events(self) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +12,7 @@ import redis
 import requests
 import torch
 from loader_daemon import LoaderDaemon
+from schema_doc import assert_keys_documented
 
 from redis_schema import Keys
 from runtime.checkpoint import read_manifest, save_state_dict
@@ -236,35 +236,11 @@ def wait_for(condition, timeout: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def documented_schema() -> dict[str, set[str]]:
-    """Key patterns and hash fields from redis_schema/SCHEMA.md."""
-    text = (ROOT / "redis_schema" / "SCHEMA.md").read_text()
-    sections = re.split(r"^## ", text, flags=re.M)[1:]
-    schema = {}
-    for section in sections:
-        pattern = re.match(r"`([^`]+)`", section).group(1)
-        first_cells = re.findall(r"^\| (`[^|]+`) \|", section, flags=re.M)  # a field table's first column
-        schema[pattern] = {field for cell in first_cells for field in re.findall(r"`([a-z_]+)`", cell)}
-    return schema
-
-
 def test_published_keys_match_the_documented_schema(daemon, redis_ns):
     daemon.wait_job(daemon.client.stage("small", "dram"))
     daemon.client.lease("small", "x")
     wait_for(lambda: redis_ns.client.sismember(redis_ns.prefix + "node:node-a:models:dram", "small"))
-    schema = documented_schema()
-    patterns = {re.compile("^" + re.escape(p).replace("<node>", "[^:]+").replace("<tier>", "(ssd|dram|gpu)")
-                           .replace("<model>", "[^:]+").replace("sllm:", re.escape(redis_ns.prefix)) + "$"): p
-                for p in schema}
-    keys = list(redis_ns.client.scan_iter(match=redis_ns.prefix + "*"))
-    assert keys
-    for key in keys:
-        matches = [p for regex, p in patterns.items() if regex.match(key)]
-        assert matches, f"undocumented key {key}"
-        if redis_ns.client.type(key) == "hash":
-            fields = set(redis_ns.client.hkeys(key))
-            assert fields <= schema[matches[0]], f"{key}: undocumented fields {fields - schema[matches[0]]}"
-            assert fields == schema[matches[0]] or matches[0] == "sllm:model:<model>"
+    assert_keys_documented(redis_ns.client, redis_ns.prefix)
     node = redis_ns.client.hgetall(redis_ns.prefix + "node:node-a")
     assert float(node["heartbeat_at"]) > time.time() - 10 and int(node["dram_used"]) > 0
     assert 0 < redis_ns.client.ttl(redis_ns.prefix + "node:node-a") <= 2

@@ -16,6 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+from schema_doc import assert_keys_documented
 
 from runtime.embedded_redis import free_tcp_port
 
@@ -234,3 +235,40 @@ def test_missing_model_reports_not_ready(tmp_path):
     finally:
         instance.stop()
 
+
+
+def test_instance_registers_takes_over_its_booking_and_withdraws(smollm2, tmp_path, redis_ns):
+    build = shrinkwrap(tmp_path, "fn", ROOT / "templates" / "sllm-python" / "function")
+    ledger = redis_ns.prefix + "node:node-a:slots"
+    redis_ns.client.zadd(ledger, {"booking-1": time.time() + 60})
+    instance = Server(build, smollm2["sllm"], SLLM_REDIS_URL=redis_ns.url, SLLM_KEY_PREFIX=redis_ns.prefix,
+                      SLLM_INSTANCE_ID="fn-1", SLLM_NODE_ID="node-a", SLLM_BOOKING_ID="booking-1",
+                      SLLM_FUNCTION_NAME="fn", SLLM_INSTANCE_HEARTBEAT_S="1", SLLM_SERVED_MODEL_NAME="smollm2")
+    try:
+        instance.wait_ready()
+        record_key = redis_ns.prefix + "instance:fn-1"
+        deadline = time.monotonic() + 10
+        while redis_ns.client.hget(record_key, "state") != "ready" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        record = redis_ns.client.hgetall(record_key)
+        assert record["state"] == "ready" and record["model"] == "smollm2" and record["node"] == "node-a"
+        assert record["function"] == "fn" and record["address"] == ""
+        assert 0 < redis_ns.client.ttl(record_key) <= 3
+        assert redis_ns.client.zrange(ledger, 0, -1) == ["fn-1"]
+        assert redis_ns.client.smembers(redis_ns.prefix + "instances") == {"fn-1"}
+        assert_keys_documented(redis_ns.client, redis_ns.prefix)
+    finally:
+        instance.stop()
+    assert not redis_ns.client.exists(record_key) and redis_ns.client.zcard(ledger) == 0
+
+
+def test_instance_serves_while_redis_is_down(smollm2, tmp_path):
+    build = shrinkwrap(tmp_path, "fn", ROOT / "templates" / "sllm-python" / "function")
+    instance = Server(build, smollm2["sllm"], SLLM_REDIS_URL=f"redis://127.0.0.1:{free_tcp_port()}/0")
+    try:
+        instance.wait_ready()
+        ok = requests.post(instance.url + "/", json={"prompt": "The capital of France is", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200
+    finally:
+        instance.stop()
+    assert instance.process.returncode == 0

@@ -124,6 +124,11 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def tokens_in_flight(self) -> int:
+        """Prompt + output tokens of the running requests: what a migration would have to recompute."""
+        return sum(len(g.prompt_ids) + len(g.output_ids) for g in list(self._running.values()))
+
     def warm_up(self) -> None:
         """One real forward pass before reporting ready, so the first request pays no lazy init."""
         self.submit(self.tokenizer.encode("Hello") or [0], SamplingParams(max_tokens=2, temperature=0)).wait()

@@ -31,10 +31,11 @@ class LoaderConfig:
     heartbeat_ttl_s: float = 10.0      # the node record expires this long after the last heartbeat
     lease_ttl_s: float = 30.0          # a lease expires unless renewed within this
     probe_bytes: int = 64 << 20        # size of the start-up bandwidth probes
+    slots: int = 0                     # function instances this node hosts; 0 = one per GPU, or 1 without GPUs
 
     def __post_init__(self) -> None:
         validate_node_id(self.node_id)
-        for name in ("ssd_budget", "dram_budget", "gpu_budget", "probe_bytes"):
+        for name in ("ssd_budget", "dram_budget", "gpu_budget", "probe_bytes", "slots"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.heartbeat_ttl_s <= self.heartbeat_s:
@@ -51,6 +52,7 @@ class LoaderConfig:
 _ENV = {f.name: f"SLLM_LOADER_{f.name.upper()}" for f in fields(LoaderConfig)}
 _SIZES = {"ssd_budget", "dram_budget", "gpu_budget", "probe_bytes"}
 _FLOATS = {"heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s"}
+_INTS = {"slots"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +75,8 @@ def _convert(name: str, value: Any) -> Any:
         return value if isinstance(value, int) else parse_size(str(value))
     if name in _FLOATS:
         return float(value)
+    if name in _INTS:
+        return int(value)
     return str(value)
 
 

@@ -29,6 +29,7 @@ class RedisPublisher:
         self._pending: collections.deque[dict[str, str]] = collections.deque(maxlen=1000)
         self._lock = threading.Lock()
         self._gpus: list[dict[str, Any]] | None = None
+        self._queue_members: set[str] = set()  # queue entries of ours published last time
 
     def _gpu_inventory(self) -> list[dict[str, Any]]:
         if self._gpus is None:
@@ -41,7 +42,8 @@ class RedisPublisher:
         status = loader.status()
         record = {"node_id": self.node_id, "address": self.address, "heartbeat_at": f"{time.time():.3f}",
                   "schema_version": str(SCHEMA_VERSION), "queue_length": str(len(status["queue"])),
-                  "gpus": json.dumps(self._gpu_inventory()), "remote": status["remote"]}
+                  "gpus": json.dumps(self._gpu_inventory()), "remote": status["remote"],
+                  "slots": str(loader.config.slots or len(self._gpu_inventory()) or 1)}
         for tier in ("ssd", "dram", "gpu"):
             info = status["tiers"].get(tier, {"capacity": 0, "used": 0})
             record[f"{tier}_capacity"] = str(info["capacity"])
@@ -70,13 +72,17 @@ class RedisPublisher:
                 if models:
                     pipe.sadd(key, *models)
                     pipe.expire(key, ttl)
+            # the controller adds the loads it decided to this queue too: replace only what we wrote
             queue_key = k.node_queue(self.node_id)
-            pipe.delete(queue_key)
             queue = {f"{j['model']}@{j['tier']}": j["estimated_finish"] or time.time() for j in loader.queue_snapshot()}
+            finished = self._queue_members - set(queue)
+            if finished:
+                pipe.zrem(queue_key, *finished)
             if queue:
                 pipe.zadd(queue_key, queue)
-                pipe.expire(queue_key, ttl)
+            pipe.expire(queue_key, ttl)
             pipe.execute()
+            self._queue_members = set(queue)
             self._flush_events()
         except redis.RedisError as exc:
             if self.healthy:

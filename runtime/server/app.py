@@ -55,6 +55,8 @@ class Runtime:
         self.failure: str | None = None
         self.metrics = Registry()
         self._declare_metrics()
+        self.registration = None  # InstanceRegistration when SLLM_REDIS_URL is set
+        self.rates = {"decode_tokens_per_s": 0.0, "prefill_tokens_per_s": 0.0}  # moving averages
 
     def _declare_metrics(self) -> None:
         m = self.metrics
@@ -72,12 +74,29 @@ class Runtime:
                 lambda: self.loaded.engine.waiting if self.loaded else 0)
 
     def release(self) -> None:
-        """At exit: give the node loader our lease back now rather than at its expiry."""
+        """At exit: give the node loader our lease and the node our slot back now rather than at expiry."""
         if self.loaded is not None and self.loaded.lease is not None:
             self.loaded.lease.stop()
+        if self.registration is not None:
+            self.registration.withdraw()
+
+    def describe(self) -> dict[str, str]:
+        """This instance's live state for its Redis record (redis_schema/SCHEMA.md, `sllm:instance:<id>`)."""
+        loaded = self.loaded
+        state = "ready" if loaded else "failed" if self.failure else "starting"
+        name = loaded.name if loaded else self.settings.served_name or os.path.basename(self.settings.model)
+        engine = loaded.engine if loaded else None
+        return {"state": state, "model": name, "slots": str(self.settings.max_batch),
+                "active": str(engine.running + engine.waiting if engine else 0),
+                "tokens": str(engine.tokens_in_flight if engine else 0),
+                **{k: f"{v:.1f}" for k, v in self.rates.items()}}
 
     def start(self, process_started: float) -> None:
         atexit.register(self.release)
+        if self.settings.redis_url:
+            from runtime.server.registration import InstanceRegistration
+
+            self.registration = InstanceRegistration(self.settings, self.describe).start()
 
         def run() -> None:
             try:
@@ -97,10 +116,18 @@ class Runtime:
         if generation.first_token_at:
             ttft = generation.first_token_at - generation.submitted_at
             self.metrics.observe("sllm_time_to_first_token_seconds", ttft)
+            self._update_rate("prefill_tokens_per_s", len(generation.prompt_ids), ttft)
+            self._update_rate("decode_tokens_per_s", len(generation.output_ids) - 1,
+                              generation.finished_at - generation.first_token_at)
         self.metrics.observe("sllm_e2e_request_latency_seconds", generation.finished_at - generation.submitted_at)
         self.metrics.inc("sllm_prompt_tokens_total", len(generation.prompt_ids))
         self.metrics.inc("sllm_generation_tokens_total", len(generation.output_ids))
         self.metrics.inc("sllm_requests_total", finish_reason=generation.finish_reason)
+
+    def _update_rate(self, name: str, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            previous = self.rates[name]
+            self.rates[name] = tokens / seconds if not previous else 0.8 * previous + 0.2 * tokens / seconds
 
     # -- generation, shared by the OpenAI routes and handlers (context.llm) ----------------------
     def _require_ready(self) -> LoadedModel:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from dataclasses import dataclass
 
 
@@ -32,6 +34,14 @@ class Settings:
     max_batch: int            # SLLM_MAX_BATCH: requests generating at once
     max_seq: int              # SLLM_MAX_SEQ: context per request (prompt + output)
     torch_threads: int        # SLLM_TORCH_THREADS
+    redis_url: str | None     # SLLM_REDIS_URL: publish this instance for the controller; unset = not published
+    key_prefix: str           # SLLM_KEY_PREFIX: Redis key prefix (redis_schema)
+    instance_id: str          # SLLM_INSTANCE_ID: default "<hostname>-<pid>" (the pod name in Kubernetes)
+    node_id: str              # SLLM_NODE_ID: the node this instance runs on (downward API spec.nodeName)
+    advertise_url: str        # SLLM_ADVERTISE_URL: base URL other instances and the controller reach us at
+    function_name: str        # SLLM_FUNCTION_NAME: the FaaS function this instance serves
+    booking_id: str | None    # SLLM_BOOKING_ID: the controller's slot booking this instance takes over
+    heartbeat_s: int          # SLLM_INSTANCE_HEARTBEAT_S: the instance record expires after 3 missed beats
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -47,4 +57,21 @@ class Settings:
             max_batch=_int("SLLM_MAX_BATCH", 8),
             max_seq=_int("SLLM_MAX_SEQ", 2048, minimum=16),
             torch_threads=_int("SLLM_TORCH_THREADS", os.cpu_count() or 1),
+            redis_url=os.environ.get("SLLM_REDIS_URL") or None,
+            key_prefix=os.environ.get("SLLM_KEY_PREFIX", "sllm:"),
+            instance_id=os.environ.get("SLLM_INSTANCE_ID") or _default_instance_id(),
+            node_id=os.environ.get("SLLM_NODE_ID") or _dns_label(socket.gethostname()),
+            advertise_url=os.environ.get("SLLM_ADVERTISE_URL", ""),
+            function_name=os.environ.get("SLLM_FUNCTION_NAME", ""),
+            booking_id=os.environ.get("SLLM_BOOKING_ID") or None,
+            heartbeat_s=_int("SLLM_INSTANCE_HEARTBEAT_S", 2),
         )
+
+
+def _dns_label(text: str) -> str:
+    """Hostnames as Redis-schema ids: lowercase, anything outside [a-z0-9.-] becomes '-'."""
+    return re.sub(r"[^a-z0-9.-]", "-", text.lower()).strip("-.") or "localhost"
+
+
+def _default_instance_id() -> str:
+    return f"{_dns_label(socket.gethostname())}-{os.environ.get('SLLM_SPAWN_PID') or os.getpid()}"
