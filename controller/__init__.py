@@ -1,1 +1,3 @@
-"""sllm-faas placement controller (see docs/ARCHITECTURE.md; planned)."""
+"""sllm-faas placement controller: the pure scheduler core (scheduler.py) and its I/O edges (cluster.py
+reads Redis, booking.py books slots, placement.py decides, service.py serves HTTP, kube.py speaks
+Kubernetes)."""

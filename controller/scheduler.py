@@ -16,6 +16,7 @@ infinity and such nodes rank last. Ties break by node id, so the ranking is dete
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -58,6 +59,57 @@ class Snapshot:
     models: dict[str, ModelInfo]
     instances: tuple[InstanceInfo, ...] = ()
 
+    def updated(self, nodes: dict[str, NodeInfo] | None = None, models: dict[str, ModelInfo] | None = None
+                ) -> Snapshot:
+        """A copy with some nodes replaced or models added that keeps this snapshot's derived indexes.
+
+        For callers that apply small changes between full reads (the controller's own bookings): the
+        indexes may be stale about the replaced nodes as migration destinations until the next full read.
+        """
+        nodes = nodes or {}
+        copy = Snapshot(tuple(nodes.get(n.id, n) for n in self.nodes) if nodes else self.nodes,
+                        {**self.models, **(models or {})}, self.instances)
+        for derived in ("fallback_bandwidths", "free_node_index", "migration_options"):
+            if derived in self.__dict__:
+                copy.__dict__[derived] = self.__dict__[derived]
+        return copy
+
+    @functools.cached_property
+    def fallback_bandwidths(self) -> dict[str, float | None]:
+        """Computed once per snapshot: every decision taken on it reuses them."""
+        return cluster_bandwidths(self.nodes)
+
+    @functools.cached_property
+    def free_node_index(self) -> _FreeNodeIndex:
+        return _FreeNodeIndex(self)
+
+    @functools.cached_property
+    def migration_options(self) -> _MigrationOptions:
+        return _MigrationOptions(self)
+
+
+class _FreeNodeIndex:
+    """The nodes with a free slot, arranged so the best destination for any model is found without
+    scanning them all: the holders of each model, plus the remote-only loads that can ever win, i.e.
+    the Pareto frontier of (queue wait low, remote bandwidth high). A node off the frontier is beaten
+    by a frontier node for every model size."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        free = [n for n in snapshot.nodes if n.free_slots > 0]
+        self.holders: dict[str, list[NodeInfo]] = {}
+        for node in free:
+            for model in node.tier_of:
+                self.holders.setdefault(model, []).append(node)
+        fallback = snapshot.fallback_bandwidths.get("remote") or 0.0
+        by_queue = sorted(free, key=lambda n: (n.queue_wait_s, -(n.bandwidth.get("remote") or fallback), n.id))
+        self.remote_frontier: list[NodeInfo] = []
+        best_rate = -1.0
+        for node in by_queue:
+            rate = node.bandwidth.get("remote") or fallback
+            if rate > best_rate:
+                self.remote_frontier.append(node)
+                best_rate = rate
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -68,6 +120,8 @@ class Decision:
     migrate: str | None = None     # instance to move off `node` first
     migrate_to: str | None = None
     migrate_s: float = 0.0
+    feasible: bool = True          # False: no free slot and no migration frees one (an unknown bandwidth
+                                   # makes the estimate infinite but the node stays feasible)
 
     def plan(self) -> dict:
         plan = {"action": "migrate_then_load" if self.migrate else "load", "node": self.node, "tier": self.tier,
@@ -111,38 +165,65 @@ def migration_time(instance: InstanceInfo, model: ModelInfo) -> float:
 def rank(snapshot: Snapshot, model_name: str) -> list[Decision]:
     """Every node, best (lowest estimated startup time) first."""
     model = snapshot.models[model_name]
-    fallback = cluster_bandwidths(snapshot.nodes)
+    fallback = snapshot.fallback_bandwidths
+    moves = snapshot.migration_options
     decisions = []
     for node in snapshot.nodes:
         load_s, tier = load_time(node, model, fallback)
         if node.free_slots > 0:
             decisions.append(Decision(node.id, load_s, tier, load_s))
             continue
-        best = _cheapest_migration(snapshot, node, fallback)
+        best = moves.cheapest(node.id)
         if best is None:
-            decisions.append(Decision(node.id, math.inf, tier, load_s))
+            decisions.append(Decision(node.id, math.inf, tier, load_s, feasible=False))
             continue
-        instance, target, cost = best
-        decisions.append(Decision(node.id, cost + load_s, tier, load_s, instance.id, target, cost))
-    return sorted(decisions, key=lambda d: (d.estimate_s, d.node))
+        cost, instance, target = best
+        decisions.append(Decision(node.id, cost + load_s, tier, load_s, instance, target, cost))
+    decisions.sort(key=lambda d: (not d.feasible, d.estimate_s, d.node))
+    return decisions
 
 
-def _cheapest_migration(snapshot: Snapshot, node: NodeInfo, fallback: dict[str, float | None]):
-    """The instance on `node` whose move (to the best node with a free slot) costs least, or None."""
-    options = []
-    for instance in snapshot.instances:
-        if instance.node != node.id or not instance.migratable or instance.model not in snapshot.models:
-            continue
-        moved = snapshot.models[instance.model]
-        targets = [(load_time(other, moved, fallback)[0], other.id) for other in snapshot.nodes
-                   if other.id != node.id and other.free_slots > 0]
-        if not targets:
-            continue
-        dest_load, dest = min(targets)
-        cost = migration_time(instance, moved) + dest_load
-        if not math.isinf(cost):
-            options.append((cost, instance.id, dest, instance))
-    if not options:
-        return None
-    cost, _, dest, instance = min(options, key=lambda o: (o[0], o[1]))
-    return instance, dest, cost
+class _MigrationOptions:
+    """Cheapest way to free a slot on a full node: move one of its instances to the node where that
+    instance's model loads fastest. It does not depend on the model being placed, so it is computed
+    at most once per node and snapshot, and ranking stays linear in the number of nodes."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot, self.fallback = snapshot, snapshot.fallback_bandwidths
+        self._by_node: dict[str, list[InstanceInfo]] | None = None
+        self._destination: dict[str, tuple[float, str] | None] = {}
+        self._cheapest: dict[str, tuple[float, str, str] | None] = {}
+
+    def _instances_on(self, node_id: str) -> list[InstanceInfo]:
+        if self._by_node is None:
+            self._by_node = {}
+            for instance in self.snapshot.instances:
+                if instance.migratable and instance.model in self.snapshot.models:
+                    self._by_node.setdefault(instance.node, []).append(instance)
+        return self._by_node.get(node_id, [])
+
+    def _best_destination(self, model_name: str) -> tuple[float, str] | None:
+        """(load time, node) of the best node with a free slot; a full node is never its own destination."""
+        if model_name not in self._destination:
+            model, index = self.snapshot.models[model_name], self.snapshot.free_node_index
+            candidates = index.remote_frontier + index.holders.get(model_name, [])
+            targets = [(load_time(n, model, self.fallback)[0], n.id) for n in candidates]
+            self._destination[model_name] = min(targets) if targets else None
+        return self._destination[model_name]
+
+    def cheapest(self, node_id: str) -> tuple[float, str, str] | None:
+        """(migration + destination load cost, instance id, destination node), or None."""
+        if node_id not in self._cheapest:
+            self._cheapest[node_id] = self._compute_cheapest(node_id)
+        return self._cheapest[node_id]
+
+    def _compute_cheapest(self, node_id: str) -> tuple[float, str, str] | None:
+        options = []
+        for instance in self._instances_on(node_id):
+            destination = self._best_destination(instance.model)
+            if destination is None:
+                continue
+            cost = migration_time(instance, self.snapshot.models[instance.model]) + destination[0]
+            if not math.isinf(cost):
+                options.append((cost, instance.id, destination[1]))
+        return min(options) if options else None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from runtime.names import validate_model_name
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TIERS = ("gpu", "dram", "ssd")
 EVENTS_MAXLEN = 10_000
 
@@ -31,6 +31,11 @@ class Keys:
     def schema_version(self) -> str:
         """STRING: the schema version the data was written with."""
         return f"{self.prefix}schema_version"
+
+    @property
+    def schema_lock(self) -> str:
+        """STRING: held while one process upgrades the data to a newer schema version."""
+        return f"{self.prefix}schema_lock"
 
     @property
     def nodes(self) -> str:

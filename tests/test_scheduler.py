@@ -75,3 +75,10 @@ def test_no_free_slot_anywhere_is_infinite():
     snapshot = Snapshot((NodeInfo("a", 0, {"m": "dram"}, dict(BW)),), {"m": MODEL},
                         (InstanceInfo("i", "a", "m", tokens=10),))
     assert math.isinf(rank(snapshot, "m")[0].estimate_s)
+
+
+def test_unmeasured_bandwidth_ranks_last_but_stays_feasible_and_full_nodes_are_infeasible():
+    unmeasured = node("a", None, bandwidth={})  # no node measured the remote tier: infinite estimate
+    full = NodeInfo("b", 0, {"m": "dram"}, {"dram": 10 * GB}, 0.0)
+    ranked = rank(Snapshot((full, unmeasured), {"m": MODEL}), "m")
+    assert [(d.node, d.feasible, math.isinf(d.estimate_s)) for d in ranked] == [("a", True, True), ("b", False, True)]

@@ -1,4 +1,5 @@
-"""What a function instance uses to talk to its node's loader over the Unix socket."""
+"""What a function instance (over the node's Unix socket) and the controller (over TCP, `host:port`)
+use to talk to a node loader."""
 
 from __future__ import annotations
 
@@ -26,18 +27,24 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class LoaderClient:
-    def __init__(self, socket_path: str, timeout: float = 10.0) -> None:
-        self.socket_path, self.timeout = socket_path, timeout
+    def __init__(self, address: str, timeout: float = 10.0) -> None:
+        """`address`: a Unix socket path, or `host:port` (the node record's `address` field)."""
+        self.address, self.timeout = address, timeout
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self.address.startswith("/"):
+            return _UnixConnection(self.address, self.timeout)
+        return http.client.HTTPConnection(self.address, timeout=self.timeout)
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict[str, Any]]:
-        connection = _UnixConnection(self.socket_path, self.timeout)
+        connection = self._connect()
         try:
             connection.request(method, path, body=json.dumps(body) if body is not None else None,
                                headers={"Content-Type": "application/json"})
             response = connection.getresponse()
             return response.status, json.loads(response.read() or b"{}")
         except (OSError, http.client.HTTPException) as exc:
-            raise LoaderUnavailable(f"node loader at {self.socket_path}: {exc}") from None
+            raise LoaderUnavailable(f"node loader at {self.address}: {exc}") from None
         finally:
             connection.close()
 

@@ -1,0 +1,157 @@
+"""Placement: rank the nodes for a model (controller/scheduler.py), book the best one that still has a
+slot (controller/booking.py), and tell its loader to start staging at once, so the model moves toward
+the fast tier while the platform is still creating the container.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import redis
+
+from controller.booking import Booker, NodeGone
+from controller.cluster import ClusterCache
+from controller.scheduler import Decision, ModelInfo, rank
+from redis_schema.keys import Keys
+from runtime.names import validate_model_name
+from runtime.node_loader.client import LoaderClient, LoaderUnavailable
+
+log = logging.getLogger("sllm.controller")
+
+
+class UnknownModel(LookupError):
+    """No size is known for the model: no loader has seen it and the model store does not hold it."""
+
+
+class NoCapacity(RuntimeError):
+    """Every node is full and no migration can free a slot."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    model: str
+    decision: Decision
+    booking: str | None               # slot booking id the instance takes over (SLLM_BOOKING_ID)
+    staging: str | None               # "MODEL@TIER" the node's loader was asked to stage, if any
+    ranked: list[Decision] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, **self.decision.plan(), "booking": self.booking, "staging": self.staging}
+
+
+def target_tier(gpu_capacity: int) -> str:
+    """Where instances on a node read weights from: its GPU tier when it has one, else host DRAM."""
+    return "gpu" if gpu_capacity > 0 else "dram"
+
+
+class Placer:
+    def __init__(self, client: redis.Redis, keys: Keys, cache: ClusterCache, booker: Booker,
+                 model_store: str | None = None, loader_timeout_s: float = 5.0) -> None:
+        self.client, self.keys, self.cache, self.booker = client, keys, cache, booker
+        self.store = None
+        if model_store:
+            from runtime.node_loader.store import open_store
+
+            self.store = open_store(model_store)
+        self.loader_timeout_s = loader_timeout_s
+        self._kicks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sllm-stage-kick")
+        self.kick_failures = 0
+
+    # -- estimates (no side effects) ------------------------------------------------------------
+    def model_info(self, model: str, size_hint: int | None = None) -> ModelInfo:
+        validate_model_name(model)
+        snapshot = self.cache.view().snapshot
+        if model in snapshot.models:
+            return snapshot.models[model]
+        size = self.client.hget(self.keys.model(model), "size_bytes")
+        if size is None and self.store is not None:
+            size = self._size_from_store(model)
+        if size is None:
+            size = size_hint
+        if size is None:
+            raise UnknownModel(f"model {model!r}: size unknown: no node loader has staged it"
+                               + (f" and the model store {self.store.describe()} does not hold it" if self.store
+                                  else " and no --model-store is configured") + "; pass size_bytes")
+        return ModelInfo(model, int(size))
+
+    def _size_from_store(self, model: str) -> int | None:
+        from runtime.checkpoint.format import CheckpointError, parse_manifest
+        from runtime.node_loader.store import StoreError
+
+        try:
+            manifest = parse_manifest(self.store.read_manifest(model), f"{self.store.describe()}/{model}")
+        except (StoreError, CheckpointError, OSError):
+            return None
+        self.client.hset(self.keys.model(model), mapping={
+            "size_bytes": str(manifest.total_bytes), "partitions": str(len(manifest.partitions)),
+            "format_version": str(manifest.version)})
+        return manifest.total_bytes
+
+    def estimate(self, model: str, size_hint: int | None = None) -> list[Decision]:
+        info = self.model_info(model, size_hint)
+        snapshot = self.cache.view().snapshot
+        if model not in snapshot.models:
+            snapshot = self.cache.add_model(info)
+        return rank(snapshot, model)
+
+    # -- decisions (book + stage) -------------------------------------------------------------
+    def place(self, model: str, *, size_hint: int | None = None, candidates: set[str] | None = None,
+              book_slot: bool = True, owner: str = "") -> Placement:
+        """Book the best node that still has a slot and start staging there; try the next best when a
+        concurrent decision took the slot first. `book_slot=False` only prefetches (scale-up alerts)."""
+        ranked = self.estimate(model, size_hint)
+        view = self.cache.view()
+        for decision in ranked:
+            if not decision.feasible:
+                break
+            if candidates is not None and decision.node not in candidates:
+                continue
+            record = view.nodes.get(decision.node)
+            if record is None:
+                continue
+            tier = target_tier(record.capacity.get("gpu", 0))
+            staging = None if decision.tier in ("gpu", tier) else f"{model}@{tier}"
+            finish_at = time.time() + decision.estimate_s
+            booking = None
+            if book_slot:
+                booking_id = f"b-{uuid.uuid4().hex[:16]}"
+                slot_node = decision.migrate_to or decision.node  # a migration needs the destination's slot
+                try:
+                    held = self.booker.book(slot_node, booking_id, staging if slot_node == decision.node else None,
+                                            finish_at, event=self._event(model, decision, booking_id, owner))
+                except NodeGone:
+                    continue
+                if held is None:
+                    continue
+                booking = booking_id
+                self.cache.note_booking(slot_node, finish_at if slot_node == decision.node else None)
+            elif staging:
+                self.client.zadd(self.keys.node_queue(decision.node), {staging: finish_at}, nx=True)
+            if staging:
+                self._kicks.submit(self._kick, record.address, model, tier)
+            return Placement(model, decision, booking, staging, ranked)
+        raise NoCapacity(f"model {model!r}: no node has a free slot"
+                         + (" among the candidates" if candidates is not None else "")
+                         + " and no running instance can be migrated to free one")
+
+    def _event(self, model: str, decision: Decision, booking: str, owner: str) -> dict[str, str]:
+        plan = decision.plan()
+        return {"node": decision.node, "kind": "placed", "model": model, "tier": decision.tier,
+                "ts": f"{time.time():.3f}", "booking": booking, "estimate_s": str(plan["estimate_s"]),
+                "plan": json.dumps(plan), "owner": owner}
+
+    def _kick(self, address: str, model: str, tier: str) -> None:
+        """Ask the node's loader to stage; failures are logged and counted, the instance stages on start."""
+        if not address:
+            return
+        try:
+            LoaderClient(address, timeout=self.loader_timeout_s).stage(model, tier)
+        except LoaderUnavailable as exc:
+            self.kick_failures += 1
+            log.warning("could not start staging %s on %s: %s", model, address, exc)
+

@@ -1,0 +1,295 @@
+"""The placement controller's HTTP API (Flask under gunicorn; stateless, so replicas are safe).
+
+    POST /v1/placements          decide for a model (books a slot, starts staging)
+    GET  /v1/placements/<model>  the ranked estimate, no side effects
+    POST /v1/scale               scale-request entry point: place `replicas` instances of a function/model
+    POST /system/alert           AlertManager receiver (OpenFaaS scale-up alerts): prefetch, no booking
+    POST /filter, /prioritize    kube-scheduler extender
+    POST /mutate                 mutating admission webhook (AdmissionReview v1)
+    GET  /v1/cluster             the cluster view `sllm-faas status` prints
+    GET  /healthz, /metrics
+
+Every endpoint but /healthz and /metrics needs `Authorization: Bearer <token>` when a token is set. The
+kube-scheduler cannot send headers, so the same routes also answer under `/k8s/<token>/...` (put the
+token in the extender's urlPrefix and the webhook's URL path), or run with mTLS (--client-ca).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import os
+import time
+
+import redis
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from controller import kube
+from controller.booking import Booker
+from controller.cluster import ClusterCache
+from controller.config import ControllerConfig
+from controller.placement import NoCapacity, Placer, UnknownModel
+from redis_schema.keys import Keys, validate_id
+from redis_schema.upgrade import ensure_schema
+from runtime.names import InvalidName
+from runtime.server.metrics import Registry
+
+log = logging.getLogger("sllm.controller")
+DECISION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+OPEN_PATHS = {"/healthz", "/metrics"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+    def body(self) -> dict:
+        return {"error": self.message, **({"field": self.field} if self.field else {})}
+
+
+class Controller:
+    """The controller's state per worker process: a Redis client and the cluster view cache."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.keys = Keys(config.key_prefix)
+        self.client = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=2.0,
+                                           socket_connect_timeout=2.0, health_check_interval=10)
+        self.cache = ClusterCache(self.client, self.keys, config.snapshot_max_age_s)
+        self.placer = Placer(self.client, self.keys, self.cache, Booker(self.client, self.keys, config.booking_ttl_s),
+                             config.model_store or None)
+        self.metrics = Registry()
+        m = self.metrics
+        m.counter("sllm_controller_decisions_total", "Placement decisions by source and outcome.")
+        m.histogram("sllm_controller_decision_seconds", "Time to decide (rank + book), by source.",
+                    DECISION_BUCKETS)
+        m.gauge("sllm_controller_nodes", "Live nodes in the cluster view.",
+                lambda: len(self.cache._view.nodes) if self.cache._view else 0)
+        m.gauge("sllm_controller_view_age_seconds", "Age of the cluster view decisions use.",
+                lambda: time.time() - self.cache._view.read_at if self.cache._view else 0)
+        m.gauge("sllm_controller_stage_kick_failures", "Loaders that could not be told to stage.",
+                lambda: self.placer.kick_failures)
+        self._schema_checked_at = -math.inf
+
+    def ensure_schema(self) -> None:
+        """Before writing: the data is at our schema version (upgraded if older). Re-checked at most once a
+        second, which also covers a Redis that restarted empty."""
+        if time.monotonic() - self._schema_checked_at > 1.0:
+            ensure_schema(self.client, self.keys)
+            self._schema_checked_at = time.monotonic()
+
+    def decide(self, source: str, model: str, **options) -> dict:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            placement = self.placer.place(model, **options)
+            outcome = placement.decision.plan()["action"]
+            return placement.as_dict() | {"ranked": [d.plan() for d in placement.ranked[:5]]}
+        except NoCapacity:
+            outcome = "no_capacity"
+            raise
+        finally:
+            self.metrics.inc("sllm_controller_decisions_total", source=source, outcome=outcome)
+            self.metrics.observe("sllm_controller_decision_seconds", time.perf_counter() - started, source=source)
+
+
+def _model_field(body: dict, name: str = "model") -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{name} must be a non-empty string", name)
+    return value
+
+
+def _size_hint(body: dict) -> int | None:
+    size = body.get("size_bytes")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size > 1 << 50:
+        raise ApiError(400, "size_bytes must be a positive integer (bytes, at most 1 PiB)", "size_bytes")
+    return size
+
+
+def create_app(config: ControllerConfig | None = None) -> Flask:
+    config = config or ControllerConfig.from_json(os.environ.get("SLLM_CONTROLLER_CONFIG", "{}"))
+    controller = Controller(config)
+    app = Flask("sllm-faas-controller")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.extensions["sllm_controller"] = controller
+
+    @app.before_request
+    def authenticate():
+        if (request.content_length or 0) > config.max_body_bytes:
+            return jsonify({"error": f"request body over the {config.max_body_bytes} byte limit"}), 413
+        if not config.token or request.path in OPEN_PATHS:
+            return None
+        header = request.headers.get("Authorization", "")
+        sent = header[7:] if header.startswith("Bearer ") else (request.view_args or {}).get("token", "")
+        if not hmac.compare_digest(sent.encode(), config.token.encode()):
+            return jsonify({"error": "missing or wrong bearer token"}), 401, {"WWW-Authenticate": "Bearer"}
+        return None
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError):
+        return jsonify(exc.body()), exc.status
+
+    @app.errorhandler(kube.BadRequest)
+    @app.errorhandler(InvalidName)
+    @app.errorhandler(ValueError)
+    def bad_request(exc: Exception):
+        return jsonify({"error": str(exc)}), 400
+
+    @app.errorhandler(UnknownModel)
+    def unknown_model(exc: UnknownModel):
+        return jsonify({"error": str(exc), "field": "model"}), 404
+
+    @app.errorhandler(NoCapacity)
+    def no_capacity(exc: NoCapacity):
+        return jsonify({"error": str(exc)}), 409
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(exc: redis.RedisError):
+        log.warning("Redis unavailable: %s", exc)
+        return jsonify({"error": f"Redis unavailable at {config.redis_url.split('@')[-1]}: {exc}"}), 503
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return jsonify({"error": exc.description or exc.name}), exc.code
+
+    def json_body() -> dict:
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def hook(rule: str, **options):
+        """A route under both its plain path and /k8s/<token>/... (callers that cannot send headers)."""
+        def register(view):
+            app.add_url_rule(rule, view_func=view, **options)
+            app.add_url_rule(f"/k8s/<token>{rule}", endpoint=f"{view.__name__}_k8s",
+                             view_func=lambda token, **kw: view(**kw), **options)
+            return view
+        return register
+
+    @hook("/v1/placements", methods=["POST"])
+    def place():
+        controller.ensure_schema()
+        body = json_body()
+        return controller.decide("api", _model_field(body), size_hint=_size_hint(body),
+                                 owner=str(body.get("function") or ""))
+
+    @hook("/v1/placements/<model>", methods=["GET"])
+    def estimate(model: str):
+        ranked = controller.placer.estimate(model, _size_hint({"size_bytes": request.args.get("size_bytes", type=int)}))
+        return {"model": model, "ranked": [d.plan() for d in ranked]}
+
+    @hook("/v1/scale", methods=["POST"])
+    def scale():
+        controller.ensure_schema()
+        body = json_body()
+        function = body.get("function")
+        model = body.get("model")
+        if function is not None:
+            validate_id(function, "function name")
+            model = model or controller.client.hget(controller.keys.function(function), "model")
+        model = _model_field({"model": model})
+        replicas = body.get("replicas", 1)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 64:
+            raise ApiError(400, "replicas must be an integer from 1 to 64", "replicas")
+        placements = []
+        for _ in range(replicas):
+            placements.append(controller.decide("scale", model, size_hint=_size_hint(body), owner=function or ""))
+        return {"function": function, "model": model, "placements": placements}
+
+    @hook("/system/alert", methods=["POST"])
+    def alert():
+        """AlertManager webhook: each firing alert's function is prefetched on its best node."""
+        body = json_body()
+        alerts = body.get("alerts")
+        if not isinstance(alerts, list):
+            raise ApiError(400, "alerts must be a list", "alerts")
+        prefetched = []
+        for index, entry in enumerate(alerts):
+            labels = entry.get("labels") if isinstance(entry, dict) else None
+            name = labels.get("function_name") if isinstance(labels, dict) else None
+            if not isinstance(name, str) or not name:
+                raise ApiError(400, f"alerts[{index}].labels.function_name must be a non-empty string",
+                               f"alerts[{index}].labels.function_name")
+            if (entry.get("status") or body.get("status")) != "firing":
+                continue
+            function = name.split(".", 1)[0]  # OpenFaaS names functions "name.namespace"
+            model = controller.client.hget(controller.keys.function(validate_id(function, "function name")),
+                                           "model") or function
+            try:
+                decision = controller.decide("alert", model, book_slot=False, owner=function)
+            except (UnknownModel, NoCapacity) as exc:
+                decision = {"model": model, "error": str(exc)}
+            prefetched.append({"function": function, **decision})
+        return {"prefetched": prefetched}
+
+    @hook("/filter", methods=["POST"])
+    def extender_filter():
+        body = json_body()
+        pod, names, names_only = kube.parse_extender_args(body)
+        model = kube.model_of(pod)
+        ranked = controller.placer.estimate(model) if model else None
+        return kube.filter_result(body, names, names_only, ranked)
+
+    @hook("/prioritize", methods=["POST"])
+    def extender_prioritize():
+        pod, names, _ = kube.parse_extender_args(json_body())
+        model = kube.model_of(pod)
+        return jsonify(kube.priorities(names, controller.placer.estimate(model) if model else None))
+
+    @hook("/mutate", methods=["POST"])
+    def mutate():
+        uid, pod, dry_run = kube.parse_admission_review(json_body())
+        model = kube.model_of(pod)
+        if not model:
+            return kube.admission_response(uid)
+        try:
+            if dry_run:  # no side effects: rank only
+                ranked = controller.placer.estimate(model)
+                placement = ranked[0].plan() if ranked and ranked[0].feasible else None
+            else:
+                controller.ensure_schema()
+                placement = controller.decide("webhook", model, owner=kube.function_of(pod))
+        except (UnknownModel, NoCapacity) as exc:  # never block a pod: admit it unplaced, say why
+            return kube.admission_response(uid, warning=f"sllm-faas: {exc}")
+        if placement is None:
+            return kube.admission_response(uid, warning="sllm-faas: no node can start this model")
+        best = [d["node"] for d in placement.get("ranked", [placement])][:len(kube.AFFINITY_WEIGHTS)]
+        summary = {k: placement.get(k) for k in ("node", "tier", "estimate_s", "action", "booking", "instance", "to")}
+        return kube.admission_response(uid, kube.placement_patch(pod, best, summary))
+
+    @hook("/v1/cluster", methods=["GET"])
+    def cluster():
+        view = controller.cache.refresh()
+        return {"read_at": view.read_at,
+                "nodes": [{**vars(view.nodes[n.id]), "free_slots": n.free_slots, "queue_wait_s": n.queue_wait_s,
+                           "models": n.tier_of, "queue": view.queues.get(n.id, [])} for n in view.snapshot.nodes],
+                "instances": [vars(i) for i in view.instances.values()],
+                "migrations": _migrations_from(controller.client, controller.keys),
+                "skipped": view.skipped}
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(controller.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return app
+
+
+def _migrations_from(client: redis.Redis, keys: Keys) -> list[dict]:
+    """The latest 50 migration records (written by controller/migration.py)."""
+    ids = client.zrevrange(keys.migrations, 0, 49)
+    pipe = client.pipeline(transaction=False)
+    for migration in ids:
+        pipe.hgetall(keys.migration(migration))
+    return [{"id": m, **record} for m, record in zip(ids, pipe.execute(), strict=True) if record]
+

@@ -1,0 +1,341 @@
+"""The placement controller against real Redis and real controller processes (gunicorn)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+import requests
+from controller_process import GB, ControllerProcess, publish_model, publish_node
+from schema_doc import assert_keys_documented
+
+from redis_schema import Keys
+from redis_schema.upgrade import SchemaError, ensure_schema
+from runtime.embedded_redis import EmbeddedRedis, free_tcp_port
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def cluster(redis_ns):
+    """Three nodes, one slot each: node-a holds m1 in DRAM, node-b on SSD, node-c has nothing."""
+    publish_model(redis_ns.client, redis_ns.prefix, "m1", 4 * GB)
+    publish_node(redis_ns.client, redis_ns.prefix, "node-a", dram=["m1"])
+    publish_node(redis_ns.client, redis_ns.prefix, "node-b", ssd=["m1"])
+    publish_node(redis_ns.client, redis_ns.prefix, "node-c")
+    return redis_ns
+
+
+@pytest.fixture
+def controller(cluster, tmp_path):
+    process = ControllerProcess(tmp_path, cluster.url, cluster.prefix, token=TOKEN).start()
+    yield process
+    process.stop()
+
+
+def pod(model: str | None = "m1", **metadata) -> dict:
+    annotations = {"sllm.io/model": model} if model else {}
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "m1-7d9f", "namespace": "openfaas-fn", "labels": {"faas_function": "m1"},
+                         "annotations": annotations, **metadata},
+            "spec": {"containers": [{"name": "m1", "image": "ghcr.io/x/m1:latest"}]}}
+
+
+def node_item(name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}}}
+
+
+def review(obj: dict, dry_run: bool = False) -> dict:
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "kind": {"group": "", "version": "v1",
+                                                                               "kind": "Pod"},
+                        "resource": {"group": "", "version": "v1", "resource": "pods"}, "operation": "CREATE",
+                        "namespace": "openfaas-fn", "object": obj, "dryRun": dry_run}}
+
+
+def apply_patch(document: dict, patch: list[dict]) -> dict:
+    """RFC 6902 `add`, the only op the webhook emits."""
+    document = json.loads(json.dumps(document))
+    for op in patch:
+        assert op["op"] == "add"
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        target = document
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if isinstance(target, list):
+            target.append(op["value"]) if last == "-" else target.insert(int(last), op["value"])
+        else:
+            target[last] = op["value"]
+    return document
+
+
+def test_placement_books_the_fastest_node_queues_and_records(controller, cluster):
+    first = controller.post("/v1/placements", {"model": "m1", "function": "fn"})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["node"], body["tier"], body["action"]) == ("node-a", "dram", "load")
+    assert body["estimate_s"] == pytest.approx(0.4)       # 4 GB / 10 GB/s
+    assert [d["node"] for d in body["ranked"]] == ["node-a", "node-b", "node-c"]
+    ledger = cluster.client.zrange(cluster.prefix + "node:node-a:slots", 0, -1)
+    assert ledger == [body["booking"]]
+    events = [fields for _, fields in cluster.client.xrange(cluster.prefix + "events")]
+    assert events[-1]["kind"] == "placed" and events[-1]["booking"] == body["booking"] and events[-1]["owner"] == "fn"
+
+    second = controller.post("/v1/placements", {"model": "m1"}).json()   # node-a's only slot is taken
+    assert (second["node"], second["tier"], second["staging"]) == ("node-b", "ssd", "m1@dram")
+    queue = cluster.client.zrange(cluster.prefix + "node:node-b:queue", 0, -1, withscores=True)
+    assert queue[0][0] == "m1@dram" and queue[0][1] == pytest.approx(time.time() + 2.0, abs=1.5)
+    third = controller.post("/v1/placements", {"model": "m1"}).json()
+    assert third["node"] == "node-c" and third["tier"] == "remote"
+    full = controller.post("/v1/placements", {"model": "m1"})
+    assert full.status_code == 409 and "no node has a free slot" in full.json()["error"]
+    assert_keys_documented(cluster.client, cluster.prefix)
+
+
+def test_queue_wait_counts_and_estimates_have_no_side_effects(cluster, controller):
+    publish_node(cluster.client, cluster.prefix, "node-a", dram=["m1"], queue={"m9@dram": time.time() + 30})
+    estimate = controller.get("/v1/placements/m1").json()
+    assert [d["node"] for d in estimate["ranked"]][0] == "node-b"   # node-a's queue drains in ~30 s
+    assert not cluster.client.exists(cluster.prefix + "node:node-b:slots")
+
+
+def test_unknown_model_and_bad_fields(controller):
+    unknown = controller.post("/v1/placements", {"model": "never-seen"})
+    assert unknown.status_code == 404 and unknown.json()["field"] == "model"
+    hinted = controller.post("/v1/placements", {"model": "never-seen", "size_bytes": GB})
+    assert hinted.status_code == 200 and hinted.json()["tier"] == "remote"
+    for body, field in (({"model": "../etc"}, None), ({"model": 5}, "model"), ({}, "model"),
+                        ({"model": "m1", "size_bytes": -1}, "size_bytes"), ({"model": "m1", "size_bytes": True},
+                                                                             "size_bytes")):
+        response = controller.post("/v1/placements", body)
+        assert response.status_code == 400, body
+        assert field is None or response.json()["field"] == field
+    assert controller.post("/v1/scale", {"function": "Bad_Name"}).status_code == 400
+    assert controller.post("/v1/scale", {"model": "m1", "replicas": 0}).json()["field"] == "replicas"
+    too_big = requests.post(controller.url + "/v1/placements", data=b"x" * (5 << 20), headers=controller.headers(),
+                            timeout=30)
+    assert too_big.status_code == 413
+
+
+def test_auth_failure_is_401_with_no_side_effect(controller, cluster):
+    before = cluster.client.xlen(cluster.prefix + "events")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + TOKEN}):
+        response = requests.post(controller.url + "/v1/placements", json={"model": "m1"}, headers=headers, timeout=10)
+        assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.post(f"{controller.url}/k8s/wrong/mutate", json=review(pod()), timeout=10).status_code == 401
+    assert cluster.client.xlen(cluster.prefix + "events") == before
+    assert not any(cluster.client.exists(f"{cluster.prefix}node:{n}:slots") for n in ("node-a", "node-b", "node-c"))
+    assert requests.get(controller.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_extender_filter_and_prioritize_with_kube_scheduler_payloads(controller, cluster):
+    publish_node(cluster.client, cluster.prefix, "node-d", slots=0)  # full, nothing to migrate
+    names = ["node-c", "node-a", "node-b", "node-d", "not-ours"]
+    args = {"pod": pod(), "nodes": {"apiVersion": "v1", "kind": "NodeList", "items": [node_item(n) for n in names]},
+            "nodenames": None}
+    del args["nodenames"]
+    filtered = requests.post(f"{controller.url}/k8s/{TOKEN}/filter", json=args, timeout=10).json()
+    assert [i["metadata"]["name"] for i in filtered["nodes"]["items"]] == ["node-c", "node-a", "node-b", "not-ours"]
+    assert list(filtered["failedNodes"]) == ["node-d"] and filtered["error"] == ""
+    by_name = controller.post("/filter", {"Pod": pod(), "NodeNames": names}).json()  # nodeCacheCapable callers
+    assert by_name["nodenames"] == ["node-c", "node-a", "node-b", "not-ours"]
+    scores = requests.post(f"{controller.url}/k8s/{TOKEN}/prioritize", json={"pod": pod(), "nodenames": names},
+                           timeout=10).json()
+    assert scores == [{"host": "node-c", "score": 0}, {"host": "node-a", "score": 10},
+                      {"host": "node-b", "score": 6}, {"host": "node-d", "score": 0}, {"host": "not-ours", "score": 0}]
+    not_ours = controller.post("/prioritize", {"pod": pod(model=None), "nodenames": ["node-a"]}).json()
+    assert not_ours == [{"host": "node-a", "score": 0}]
+    for bad in ({"nodenames": names}, {"pod": pod(), "nodenames": "node-a"}, {"pod": pod(), "nodes": {"items": [{}]}},
+                [1, 2], {"pod": pod(), "nodes": {}}):
+        assert controller.post("/filter", bad).status_code == 400, bad
+        assert controller.post("/prioritize", bad).status_code == 400, bad
+    assert not cluster.client.exists(cluster.prefix + "node:node-a:slots")  # the extender never books
+
+
+def test_admission_webhook_patches_affinity_annotation_and_booking(controller, cluster):
+    answer = requests.post(f"{controller.url}/k8s/{TOKEN}/mutate", json=review(pod()), timeout=10).json()
+    response = answer["response"]
+    assert answer["apiVersion"] == "admission.k8s.io/v1" and response["allowed"] is True
+    assert response["uid"] == "705ab4f5-6393-11e8-b7cc-42010a800002" and response["patchType"] == "JSONPatch"
+    patched = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
+    placement = json.loads(patched["metadata"]["annotations"]["sllm.io/placement"])
+    assert placement["node"] == "node-a" and placement["estimate_s"] == pytest.approx(0.4)
+    terms = patched["spec"]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert [(t["weight"], t["preference"]["matchExpressions"][0]["values"]) for t in terms] == [
+        (100, ["node-a"]), (50, ["node-b"]), (25, ["node-c"])]
+    booking = patched["metadata"]["annotations"]["sllm.io/booking"]
+    assert patched["spec"]["containers"][0]["env"] == [{"name": "SLLM_BOOKING_ID", "value": booking}]
+    assert cluster.client.zrange(cluster.prefix + "node:node-a:slots", 0, -1) == [booking]
+
+    existing = pod()
+    existing["spec"]["affinity"] = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]}}
+    existing["spec"]["containers"][0]["env"] = [{"name": "A", "value": "1"}]
+    answer = controller.post("/mutate", review(existing, dry_run=True)).json()["response"]
+    patched = apply_patch(existing, json.loads(base64.b64decode(answer["patch"])))
+    terms = patched["spec"]["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert terms[0]["weight"] == 1 and terms[1]["preference"]["matchExpressions"][0]["values"] == ["node-b"]
+    assert cluster.client.zcard(cluster.prefix + "node:node-b:slots") == 0  # dry run: nothing booked
+
+    untouched = controller.post("/mutate", review(pod(model=None))).json()["response"]
+    assert untouched == {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": True}
+    unknown = controller.post("/mutate", review(pod(model="nobody-has-it"))).json()["response"]
+    assert unknown["allowed"] is True and "size unknown" in unknown["warnings"][0]
+    for bad in ({"kind": "AdmissionReview"}, {**review(pod()), "request": {"uid": "x", "kind": {"kind": "Service"},
+                                                                           "object": {}}},
+                {**review(pod()), "request": {"kind": {"kind": "Pod"}, "object": pod()}}, "text"):
+        assert controller.post("/mutate", bad).status_code == 400, bad
+
+
+def test_alert_receiver_prefetches_without_booking(controller, cluster, tmp_path):
+    cluster.client.hset(cluster.prefix + "function:chat", mapping={"model": "m1"})
+    alert = {"receiver": "scale-up", "status": "firing", "alerts": [
+        {"status": "firing", "labels": {"alertname": "APIHighInvocationRate", "function_name": "chat.openfaas-fn"}}]}
+    # node-a already holds m1 in DRAM; make node-b the best so a staging is needed
+    cluster.client.srem(cluster.prefix + "node:node-a:models:dram", "m1")
+    publish_node(cluster.client, cluster.prefix, "node-b", ssd=["m1"], bw_ssd=20 * GB)
+    answer = controller.post("/system/alert", alert).json()
+    assert answer["prefetched"][0]["node"] == "node-b" and answer["prefetched"][0]["booking"] is None
+    assert cluster.client.zrange(cluster.prefix + "node:node-b:queue", 0, -1) == ["m1@dram"]
+    assert not cluster.client.exists(cluster.prefix + "node:node-b:slots")
+    resolved = controller.post("/system/alert", {"status": "resolved", "alerts": [
+        {"status": "resolved", "labels": {"function_name": "chat"}}]}).json()
+    assert resolved == {"prefetched": []}
+    assert controller.post("/system/alert", {"alerts": [{"labels": {}}]}).json()["field"] == \
+        "alerts[0].labels.function_name"
+
+
+def test_scale_places_replicas_on_distinct_slots(controller, cluster):
+    cluster.client.hset(cluster.prefix + "function:chat", mapping={"model": "m1"})
+    answer = controller.post("/v1/scale", {"function": "chat", "replicas": 3}).json()
+    assert sorted(p["node"] for p in answer["placements"]) == ["node-a", "node-b", "node-c"]
+    assert controller.post("/v1/scale", {"function": "chat"}).status_code == 409
+
+
+def test_two_controllers_never_double_book(cluster, tmp_path):
+    for i in range(8):
+        publish_node(cluster.client, cluster.prefix, f"node-{i}", slots=1, ssd=["m1"] if i % 2 else [])
+    controllers = [ControllerProcess(tmp_path, cluster.url, cluster.prefix, token=TOKEN).start() for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda i: controllers[i % 2].post("/v1/placements", {"model": "m1"}), range(40)))
+    finally:
+        for process in controllers:
+            process.stop()
+    placed = [r.json() for r in responses if r.status_code == 200]
+    assert sorted(r.status_code for r in responses) == [200] * 11 + [409] * 29   # 3 + 8 slots in all
+    assert len({p["booking"] for p in placed}) == 11
+    for node in ["node-a", "node-b", "node-c"] + [f"node-{i}" for i in range(8)]:
+        assert cluster.client.zcard(f"{cluster.prefix}node:{node}:slots") == 1, node
+
+
+def test_expired_node_is_not_placed_and_is_pruned(cluster, tmp_path):
+    publish_node(cluster.client, cluster.prefix, "node-a", dram=["m1"], ttl=1)
+    process = ControllerProcess(tmp_path, cluster.url, cluster.prefix, snapshot_max_age_s="0.1").start()
+    try:
+        assert process.post("/v1/placements", {"model": "m1"}).json()["node"] == "node-a"
+        cluster.client.delete(cluster.prefix + "node:node-a:slots")
+        time.sleep(1.5)  # node-a's loader stopped heartbeating: its record expired
+        placed = process.post("/v1/placements", {"model": "m1"}).json()
+        assert placed["node"] == "node-b"
+        assert not cluster.client.sismember(cluster.prefix + "nodes", "node-a")
+    finally:
+        process.stop()
+
+
+def test_redis_restart_during_operation(tmp_path):
+    port = free_tcp_port()
+    server = EmbeddedRedis(port=port)
+    server.start()
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    publish_model(client, "sllm:", "m1", GB)
+    publish_node(client, "sllm:", "node-a", dram=["m1"], slots=4)
+    process = ControllerProcess(tmp_path, server.url, "sllm:", snapshot_max_age_s="0.1").start()
+    try:
+        assert process.post("/v1/placements", {"model": "m1"}).status_code == 200
+        server.stop()
+        time.sleep(2.5)  # the cached view is now too old to decide on
+        down = process.post("/v1/placements", {"model": "m1"})
+        assert down.status_code == 503 and "Redis unavailable" in down.json()["error"]
+        server = EmbeddedRedis(port=port)
+        server.start()
+        publish_model(client, "sllm:", "m1", GB)
+        publish_node(client, "sllm:", "node-a", dram=["m1"], slots=4)
+        deadline = time.monotonic() + 10
+        while (answer := process.post("/v1/placements", {"model": "m1"})).status_code != 200:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.2)
+        assert answer.json()["node"] == "node-a" and client.get("sllm:schema_version") == "2"
+    finally:
+        process.stop()
+        server.stop()
+
+
+def test_schema_upgrade_from_version_1_and_refusal_of_newer(redis_ns):
+    keys = Keys(redis_ns.prefix)
+    client = redis_ns.client
+    client.set(keys.schema_version, "1")
+    client.sadd(keys.nodes, "gpu-node", "cpu-node")
+    client.hset(keys.node("gpu-node"), mapping={"node_id": "gpu-node", "heartbeat_at": "1",
+                                                "gpus": json.dumps([{"index": 0}, {"index": 1}])})
+    client.hset(keys.node("cpu-node"), mapping={"node_id": "cpu-node", "heartbeat_at": "1", "gpus": "[]"})
+    with ThreadPoolExecutor(4) as pool:  # concurrent controllers upgrade once
+        assert set(pool.map(lambda _: ensure_schema(client, keys), range(4))) == {2}
+    assert client.get(keys.schema_version) == "2"
+    assert client.hget(keys.node("gpu-node"), "slots") == "2" and client.hget(keys.node("cpu-node"), "slots") == "1"
+    client.set(keys.schema_version, "7")
+    with pytest.raises(SchemaError, match="newer sllm-faas"):
+        ensure_schema(client, keys)
+
+
+def test_status_and_place_cli(cluster):
+    env_args = ["--redis-url", cluster.url, "--key-prefix", cluster.prefix]
+    place = subprocess.run([sys.executable, "-m", "runtime.cli", "place", "m1", *env_args], capture_output=True,
+                           text=True, timeout=60)
+    assert place.returncode == 0, place.stderr
+    lines = place.stdout.splitlines()
+    assert lines[0].split()[:3] == ["rank", "node", "estimate_s"] and lines[1].split()[:3] == ["1", "node-a", "0.400"]
+    status = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--json", *env_args], capture_output=True,
+                            text=True, timeout=60)
+    data = json.loads(status.stdout)
+    assert {n["node_id"] for n in data["nodes"]} == {"node-a", "node-b", "node-c"}
+    table = subprocess.run([sys.executable, "-m", "runtime.cli", "status", *env_args], capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "NODES" in table and "node-a" in table and "INSTANCES" in table
+    down = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--redis-url",
+                           f"redis://127.0.0.1:{free_tcp_port()}/0"], capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "Redis unavailable" in down.stderr
+
+
+def test_decision_starts_staging_on_the_chosen_nodes_real_loader(redis_ns, tmp_path):
+    from loader_daemon import LoaderDaemon
+    from test_node_loader import make_model
+
+    store = tmp_path / "remote"
+    make_model(store, "small", 1)
+    (tmp_path / "node").mkdir()
+    loader = LoaderDaemon(tmp_path / "node", store, redis_ns.url, redis_ns.prefix, node="node-a").start()
+    process = ControllerProcess(tmp_path, redis_ns.url, redis_ns.prefix, model_store=str(store)).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not redis_ns.client.exists(redis_ns.prefix + "node:node-a"):
+            assert time.monotonic() < deadline, "the loader never published its node"
+            time.sleep(0.05)
+        placed = process.post("/v1/placements", {"model": "small"}).json()   # size read from the model store
+        assert "node" in placed, placed
+        assert placed["node"] == "node-a" and placed["tier"] == "remote" and placed["staging"] == "small@dram"
+        deadline = time.monotonic() + 30
+        while loader.client.where("small")["tier"] != "dram":
+            assert time.monotonic() < deadline, "the loader was never told to stage"
+            time.sleep(0.05)
+        kinds = [f["kind"] for _, f in redis_ns.client.xrange(redis_ns.prefix + "events") if f["model"] == "small"]
+        assert kinds[0] == "placed" and "staged" in kinds
+    finally:
+        process.stop()
+        loader.stop()
