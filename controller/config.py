@@ -16,7 +16,7 @@ class ControllerConfig:
     key_prefix: str = "sllm:"
     token: str = ""                            # bearer token for every endpoint; empty = no auth (local mode)
     model_store: str = ""                      # where model sizes are read when no loader has seen a model yet
-    snapshot_max_age_s: float = 0.5            # how stale the cluster view may get between background reads
+    snapshot_max_age_s: float = 1.0            # how stale the cluster view may get between background reads
     booking_ttl_s: float = 120.0               # how long a booked slot waits for its instance to register
     max_body_bytes: int = 4 << 20              # request body limit (AdmissionReview pods can be large)
     workers: int = 2                           # gunicorn worker processes

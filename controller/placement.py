@@ -5,10 +5,12 @@ the fast tier while the platform is still creating the container.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
+import random
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -16,7 +18,7 @@ import redis
 
 from controller.booking import Booker, NodeGone
 from controller.cluster import ClusterCache
-from controller.scheduler import Decision, ModelInfo, rank
+from controller.scheduler import Decision, ModelInfo, Snapshot, rank, shortlist
 from redis_schema.keys import Keys
 from runtime.names import validate_model_name
 from runtime.node_loader.client import LoaderClient, LoaderUnavailable
@@ -60,6 +62,7 @@ class Placer:
             self.store = open_store(model_store)
         self.loader_timeout_s = loader_timeout_s
         self._kicks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sllm-stage-kick")
+        self._ids = random.Random(os.urandom(16))  # booking ids: unique across controllers, no syscall each
         self.kick_failures = 0
 
     # -- estimates (no side effects) ------------------------------------------------------------
@@ -92,21 +95,29 @@ class Placer:
             "format_version": str(manifest.version)})
         return manifest.total_bytes
 
-    def estimate(self, model: str, size_hint: int | None = None) -> list[Decision]:
+    def _snapshot_with(self, model: str, size_hint: int | None) -> Snapshot:
         info = self.model_info(model, size_hint)
         snapshot = self.cache.view().snapshot
-        if model not in snapshot.models:
-            snapshot = self.cache.add_model(info)
-        return rank(snapshot, model)
+        return snapshot if model in snapshot.models else self.cache.add_model(info)
+
+    def estimate(self, model: str, size_hint: int | None = None) -> list[Decision]:
+        """Every node, ranked (the extender and `sllm-faas place` show them all)."""
+        return rank(self._snapshot_with(model, size_hint), model)
 
     # -- decisions (book + stage) -------------------------------------------------------------
     def place(self, model: str, *, size_hint: int | None = None, candidates: set[str] | None = None,
               book_slot: bool = True, owner: str = "") -> Placement:
         """Book the best node that still has a slot and start staging there; try the next best when a
         concurrent decision took the slot first. `book_slot=False` only prefetches (scale-up alerts)."""
-        ranked = self.estimate(model, size_hint)
+        snapshot = self._snapshot_with(model, size_hint)
         view = self.cache.view()
-        for decision in ranked:
+        ranked = shortlist(snapshot, model)
+        tried = {d.node for d in ranked}
+
+        def the_rest():  # ranked only if every shortlisted node is taken meanwhile
+            yield from (d for d in rank(snapshot, model) if d.node not in tried)
+
+        for decision in itertools.chain(ranked, the_rest()):
             if not decision.feasible:
                 break
             if candidates is not None and decision.node not in candidates:
@@ -119,7 +130,7 @@ class Placer:
             finish_at = time.time() + decision.estimate_s
             booking = None
             if book_slot:
-                booking_id = f"b-{uuid.uuid4().hex[:16]}"
+                booking_id = f"b-{self._ids.getrandbits(64):016x}"
                 slot_node = decision.migrate_to or decision.node  # a migration needs the destination's slot
                 try:
                     held = self.booker.book(slot_node, booking_id, staging if slot_node == decision.node else None,

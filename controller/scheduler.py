@@ -69,10 +69,14 @@ class Snapshot:
         nodes = nodes or {}
         copy = Snapshot(tuple(nodes.get(n.id, n) for n in self.nodes) if nodes else self.nodes,
                         {**self.models, **(models or {})}, self.instances)
-        for derived in ("fallback_bandwidths", "free_node_index", "migration_options"):
+        for derived in ("fallback_bandwidths", "free_node_index", "migration_options", "shortlist_index"):
             if derived in self.__dict__:
                 copy.__dict__[derived] = self.__dict__[derived]
         return copy
+
+    @functools.cached_property
+    def node_by_id(self) -> dict[str, NodeInfo]:
+        return {n.id: n for n in self.nodes}
 
     @functools.cached_property
     def fallback_bandwidths(self) -> dict[str, float | None]:
@@ -87,12 +91,14 @@ class Snapshot:
     def migration_options(self) -> _MigrationOptions:
         return _MigrationOptions(self)
 
+    @functools.cached_property
+    def shortlist_index(self) -> _ShortlistIndex:
+        return _ShortlistIndex(self)
+
 
 class _FreeNodeIndex:
-    """The nodes with a free slot, arranged so the best destination for any model is found without
-    scanning them all: the holders of each model, plus the remote-only loads that can ever win, i.e.
-    the Pareto frontier of (queue wait low, remote bandwidth high). A node off the frontier is beaten
-    by a frontier node for every model size."""
+    """The nodes with a free slot, arranged so the best migration destination for any model is found
+    without scanning them all: the holders of each model, plus the remote-load frontier."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         free = [n for n in snapshot.nodes if n.free_slots > 0]
@@ -101,14 +107,7 @@ class _FreeNodeIndex:
             for model in node.tier_of:
                 self.holders.setdefault(model, []).append(node)
         fallback = snapshot.fallback_bandwidths.get("remote") or 0.0
-        by_queue = sorted(free, key=lambda n: (n.queue_wait_s, -(n.bandwidth.get("remote") or fallback), n.id))
-        self.remote_frontier: list[NodeInfo] = []
-        best_rate = -1.0
-        for node in by_queue:
-            rate = node.bandwidth.get("remote") or fallback
-            if rate > best_rate:
-                self.remote_frontier.append(node)
-                best_rate = rate
+        self.remote_frontier = _Frontier([(n.queue_wait_s, n) for n in free], fallback)
 
 
 @dataclass(frozen=True)
@@ -165,22 +164,86 @@ def migration_time(instance: InstanceInfo, model: ModelInfo) -> float:
 def rank(snapshot: Snapshot, model_name: str) -> list[Decision]:
     """Every node, best (lowest estimated startup time) first."""
     model = snapshot.models[model_name]
-    fallback = snapshot.fallback_bandwidths
-    moves = snapshot.migration_options
-    decisions = []
-    for node in snapshot.nodes:
-        load_s, tier = load_time(node, model, fallback)
-        if node.free_slots > 0:
-            decisions.append(Decision(node.id, load_s, tier, load_s))
-            continue
-        best = moves.cheapest(node.id)
-        if best is None:
-            decisions.append(Decision(node.id, math.inf, tier, load_s, feasible=False))
-            continue
-        cost, instance, target = best
-        decisions.append(Decision(node.id, cost + load_s, tier, load_s, instance, target, cost))
-    decisions.sort(key=lambda d: (not d.feasible, d.estimate_s, d.node))
+    decisions = [_decide(snapshot, node, model) for node in snapshot.nodes]
+    decisions.sort(key=_order)
     return decisions
+
+
+def shortlist(snapshot: Snapshot, model_name: str) -> list[Decision]:
+    """The nodes that can rank first, ranked; `shortlist(s, m)[0] == rank(s, m)[0]` on a fully read snapshot.
+
+    A decision needs the best node, not all of them: the holders of the model, plus the nodes on the
+    frontiers of remote-only loads (see _Frontier), which is a few dozen nodes out of thousands. On a
+    snapshot from `updated()`, candidates are scored with the updated values but chosen from the last full
+    read's frontiers: a node that became best only because others got busier shows at the next read."""
+    model = snapshot.models[model_name]
+    index, current = snapshot.shortlist_index, snapshot.node_by_id
+    candidates = {n.id for n in index.holders.get(model_name, [])}
+    holders = set(candidates)
+    candidates.update(n.id for n in index.free_frontier.candidates(holders) + index.full_frontier.candidates(holders))
+    decisions = sorted((_decide(snapshot, current[node], model) for node in candidates), key=_order)
+    if not decisions or not decisions[0].feasible or math.isinf(decisions[0].estimate_s):
+        return rank(snapshot, model_name)  # degenerate (nothing measured or nothing free): rank them all
+    return decisions
+
+
+def _order(decision: Decision) -> tuple:
+    return not decision.feasible, decision.estimate_s, decision.node
+
+
+def _decide(snapshot: Snapshot, node: NodeInfo, model: ModelInfo) -> Decision:
+    load_s, tier = load_time(node, model, snapshot.fallback_bandwidths)
+    if node.free_slots > 0:
+        return Decision(node.id, load_s, tier, load_s)
+    best = snapshot.migration_options.cheapest(node.id)
+    if best is None:
+        return Decision(node.id, math.inf, tier, load_s, feasible=False)
+    cost, instance, target = best
+    return Decision(node.id, cost + load_s, tier, load_s, instance, target, cost)
+
+
+class _Frontier:
+    """Nodes ordered by how a load from the remote store (offset + size / remote bandwidth) can rank,
+    whatever the model size: layers of Pareto frontiers of (offset low, remote bandwidth high), the first
+    layer being the nodes no other node beats on both. Every node of a deeper layer is beaten (or tied)
+    by one in the layer above, so for a model, holders aside, the best remote load is in the layers down
+    to the first that holds no node holding that model (whose cost is not a remote load)."""
+
+    def __init__(self, offsets: list[tuple[float, NodeInfo]], fallback: float) -> None:
+        ordered = sorted(offsets, key=lambda o: (o[0], -(o[1].bandwidth.get("remote") or fallback), o[1].id))
+        self.layers: list[list[NodeInfo]] = []
+        tops: list[tuple[float, float]] = []  # per layer: (rate, offset) of its last node
+        for offset, node in ordered:
+            rate = node.bandwidth.get("remote") or fallback
+            for layer, (top_rate, top_offset) in enumerate(tops):
+                if rate > top_rate or (rate == top_rate and offset == top_offset):
+                    self.layers[layer].append(node)
+                    tops[layer] = (rate, offset)
+                    break
+            else:
+                self.layers.append([node])
+                tops.append((rate, offset))
+
+    def candidates(self, holders: set[str]) -> list[NodeInfo]:
+        chosen = []
+        for layer in self.layers:
+            chosen += layer
+            if not any(node.id in holders for node in layer):
+                break
+        return chosen
+
+
+class _ShortlistIndex:
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.holders: dict[str, list[NodeInfo]] = {}
+        for node in snapshot.nodes:
+            for model in node.tier_of:
+                self.holders.setdefault(model, []).append(node)
+        fallback = snapshot.fallback_bandwidths.get("remote") or 0.0
+        self.free_frontier = _Frontier([(n.queue_wait_s, n) for n in snapshot.nodes if n.free_slots > 0], fallback)
+        moves = snapshot.migration_options
+        full = [(n, moves.cheapest(n.id)) for n in snapshot.nodes if n.free_slots <= 0]
+        self.full_frontier = _Frontier([(n.queue_wait_s + best[0], n) for n, best in full if best], fallback)
 
 
 class _MigrationOptions:
@@ -206,7 +269,8 @@ class _MigrationOptions:
         """(load time, node) of the best node with a free slot; a full node is never its own destination."""
         if model_name not in self._destination:
             model, index = self.snapshot.models[model_name], self.snapshot.free_node_index
-            candidates = index.remote_frontier + index.holders.get(model_name, [])
+            holders = index.holders.get(model_name, [])
+            candidates = index.remote_frontier.candidates({n.id for n in holders}) + holders
             targets = [(load_time(n, model, self.fallback)[0], n.id) for n in candidates]
             self._destination[model_name] = min(targets) if targets else None
         return self._destination[model_name]

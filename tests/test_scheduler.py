@@ -82,3 +82,24 @@ def test_unmeasured_bandwidth_ranks_last_but_stays_feasible_and_full_nodes_are_i
     full = NodeInfo("b", 0, {"m": "dram"}, {"dram": 10 * GB}, 0.0)
     ranked = rank(Snapshot((full, unmeasured), {"m": MODEL}), "m")
     assert [(d.node, d.feasible, math.isinf(d.estimate_s)) for d in ranked] == [("a", True, True), ("b", False, True)]
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_shortlist_picks_the_same_best_node_as_the_full_ranking(seed):
+    import random
+
+    from controller.scheduler import shortlist
+
+    rng = random.Random(seed)
+    names = [f"m{i}" for i in range(12)]
+    models = {n: ModelInfo(n, rng.choice([1, 4, 16, 70]) * GB, rng.choice([None, 500.0, 5000.0])) for n in names}
+    nodes = tuple(NodeInfo(f"n{i}", rng.choice([0, 0, 1, 2]),
+                           {m: rng.choice(["ssd", "dram", "gpu"]) for m in rng.sample(names, rng.randint(0, 4))},
+                           {"remote": rng.choice([None, 1 * GB, 1 * GB, 3 * GB]), "ssd": rng.choice([None, 2 * GB]),
+                            "dram": 10 * GB}, rng.choice([0.0, 0.0, 0.5, 3.0]))
+                  for i in range(rng.randint(1, 30)))
+    instances = tuple(InstanceInfo(f"i{k}", rng.choice(nodes).id, rng.choice(names), rng.randint(1, 3000),
+                                   rng.random() < 0.8) for k in range(rng.randint(0, 20)))
+    snapshot = Snapshot(nodes, models, instances)
+    for name in names:
+        assert shortlist(snapshot, name)[0] == rank(snapshot, name)[0]

@@ -1,0 +1,213 @@
+"""Placement controller: decision latency and throughput with 1,000 nodes and 500 models in Redis.
+
+    python benchmarks/scheduler.py [--nodes 1000] [--models 500] [--decisions 2000]
+
+Fills the Redis at $REDIS_URL (else 127.0.0.1:6379, else an embedded one) under a private key prefix with
+node records as loaders write them (8 slots, ~20 models in random tiers, measured bandwidths, some queues)
+and 1,000 instance records, with every node heartbeating every 2 s as loaders do, then, in the same run:
+- in-process: Placer.place (rank on the cached view + the atomic Lua booking), p50/p99;
+- peer "read per decision": what a controller without the cached view does, read_cluster + rank per decision;
+- HTTP: sequential POST /v1/placements to a real `sllm-faas controller` (gunicorn), p50/p99;
+- throughput: 8 client threads against the controller (2 workers), decisions per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from common import machine_info, now_utc, results_path  # noqa: E402
+from controller_process import GB, ControllerProcess, publish_model, publish_node  # noqa: E402
+
+from controller.booking import Booker  # noqa: E402
+from controller.cluster import ClusterCache, read_cluster  # noqa: E402
+from controller.placement import Placer  # noqa: E402
+from controller.scheduler import rank  # noqa: E402
+from redis_schema.keys import Keys  # noqa: E402
+
+
+def redis_url() -> tuple[str, object]:
+    import os
+
+    from runtime.embedded_redis import EmbeddedRedis
+
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url).ping()
+        return url, None
+    except redis.RedisError:
+        server = EmbeddedRedis()
+        server.start()
+        return server.url, server
+
+
+def populate(client: redis.Redis, prefix: str, nodes: int, models: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    names = [f"model-{i}" for i in range(models)]
+    for name in names:
+        publish_model(client, prefix, name, rng.randint(1, 140) * GB)
+    for i in range(nodes):
+        held = rng.sample(names, 20)
+        tiers = {t: [m for m in held if rng.random() < p] for t, p in (("dram", 0.2), ("ssd", 0.8))}
+        queue = {f"{rng.choice(names)}@dram": time.time() + rng.uniform(1, 60)} if rng.random() < 0.2 else None
+        publish_node(client, prefix, f"node-{i:04d}", slots=8, dram=tiers["dram"], ssd=tiers["ssd"],
+                     bw_remote=rng.uniform(0.5, 1.5) * GB, bw_ssd=rng.uniform(2, 4) * GB,
+                     bw_dram=rng.uniform(15, 25) * GB, ttl=3600, queue=queue)
+    pipe = client.pipeline()
+    for i in range(nodes):
+        instance = f"inst-{i:04d}"
+        pipe.sadd(prefix + "instances", instance)
+        pipe.hset(f"{prefix}instance:{instance}", mapping={
+            "id": instance, "node": f"node-{rng.randrange(nodes):04d}", "model": rng.choice(names), "function": "",
+            "address": "http://10.0.0.1:8080", "state": "ready", "slots": "8", "active": "1",
+            "tokens": str(rng.randint(10, 2000)), "decode_tokens_per_s": "30", "prefill_tokens_per_s": "2000",
+            "started_at": "0", "heartbeat_at": f"{time.time():.3f}"})
+        pipe.expire(f"{prefix}instance:{instance}", 3600)
+    pipe.execute()
+    return names
+
+
+def heartbeat(client: redis.Redis, prefix: str, nodes: int, stop: threading.Event) -> None:
+    """Each node's loader rewrites its record every 2 s: spread evenly, as real loaders are."""
+    while not stop.is_set():
+        for i in range(0, nodes, max(1, nodes // 20)):
+            pipe = client.pipeline(transaction=False)
+            for j in range(i, min(nodes, i + max(1, nodes // 20))):
+                pipe.hset(f"{prefix}node:node-{j:04d}", "heartbeat_at", f"{time.time():.3f}")
+            pipe.execute()
+            if stop.wait(0.1):
+                return
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def timed(function, count: int) -> list[float]:
+    samples = []
+    for i in range(count):
+        start = time.perf_counter()
+        function(i)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--models", type=int, default=500)
+    parser.add_argument("--decisions", type=int, default=2000)
+    args = parser.parse_args()
+    url, server = redis_url()
+    client = redis.Redis.from_url(url, decode_responses=True)
+    prefix = f"sllm-bench:{uuid.uuid4().hex[:8]}:"
+    keys = Keys(prefix)
+    workdir = Path(__file__).resolve().parent / "results"
+    rng = random.Random(1)
+    try:
+        started = time.perf_counter()
+        names = populate(client, prefix, args.nodes, args.models)
+        print(f"populated {args.nodes} nodes, {args.models} models, {args.nodes} instances "
+              f"in {time.perf_counter() - started:.1f} s", flush=True)
+        stop = threading.Event()
+        beats = threading.Thread(target=heartbeat, args=(client, prefix, args.nodes, stop), daemon=True)
+        beats.start()
+        read = timed(lambda _: read_cluster(client, keys), 5)
+
+        cache = ClusterCache(client, keys)
+        placer = Placer(client, keys, cache, Booker(client, keys))
+        placer.estimate(names[0])  # first view read
+        in_process = timed(lambda _: placer.place(rng.choice(names)), args.decisions)
+        peer = timed(lambda _: rank(read_cluster(client, keys).snapshot.updated(
+            models={n: placer.model_info(n) for n in [rng.choice(names)]}), names[0]), 20)
+
+        process = ControllerProcess(workdir, url, prefix, workers="2").start()
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+
+            def post(_):
+                connection.request("POST", "/v1/placements", json.dumps({"model": rng.choice(names)}),
+                                   {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                assert response.status == 200, response.status
+
+            timed(post, 50)  # both workers read their view
+            over_http = timed(post, args.decisions)
+            done = []
+
+            def worker():
+                conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+                for _ in range(args.decisions // 8):
+                    conn.request("POST", "/v1/placements", json.dumps({"model": rng.choice(names)}),
+                                 {"Content-Type": "application/json"})
+                    answer = conn.getresponse()
+                    answer.read()
+                    done.append(answer.status)
+
+            threads = [threading.Thread(target=worker) for _ in range(8)]
+            start = time.perf_counter()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            throughput = len(done) / (time.perf_counter() - start)
+            assert set(done) == {200}, set(done)
+        finally:
+            process.stop()
+    finally:
+        stop.set()
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            client.delete(key)
+        if server is not None:
+            server.stop()
+
+    ms = lambda v: round(v * 1e3, 3)  # noqa: E731
+    report = {"date": now_utc(), "machine": machine_info(workdir), "nodes": args.nodes, "models": args.models,
+              "instances": args.nodes, "decisions": args.decisions,
+              "read_cluster_ms_median": ms(statistics.median(read)),
+              "in_process_ms": {"p50": ms(percentile(in_process, 0.5)), "p99": ms(percentile(in_process, 0.99))},
+              "read_per_decision_ms": {"p50": ms(percentile(peer, 0.5)), "p99": ms(percentile(peer, 0.99))},
+              "http_ms": {"p50": ms(percentile(over_http, 0.5)), "p99": ms(percentile(over_http, 0.99))},
+              "throughput_decisions_per_s": round(throughput, 1)}
+    ratio = report["read_per_decision_ms"]["p50"] / report["in_process_ms"]["p50"]
+    lines = [f"# Scheduler benchmark ({report['date']}, {report['machine'].get('cpu', '')}, "
+             f"{report['machine'].get('cores', '')} cores)", "",
+             f"{args.nodes} nodes (8 slots, ~20 models each), {args.models} models, {args.nodes} instances in Redis; "
+             f"{args.decisions} decisions per measurement.", "",
+             "| measurement | p50 ms | p99 ms |", "|---|---|---|",
+             f"| decision in-process (cached view + Lua booking) | {report['in_process_ms']['p50']} | "
+             f"{report['in_process_ms']['p99']} |",
+             f"| peer: read the cluster per decision + rank | {report['read_per_decision_ms']['p50']} | "
+             f"{report['read_per_decision_ms']['p99']} |",
+             f"| decision over HTTP (POST /v1/placements, sequential) | {report['http_ms']['p50']} | "
+             f"{report['http_ms']['p99']} |", "",
+             "- full cluster read (background, every 1 s; heartbeats every 2 s): "
+             f"{report['read_cluster_ms_median']} ms median",
+             f"- throughput, 8 client threads, 2 gunicorn workers: {report['throughput_decisions_per_s']} decisions/s "
+             "(target >= 500)",
+             f"- read-per-decision peer / ours, p50: {ratio:.1f}x", ""]
+    print("\n".join(lines))
+    output = results_path("scheduler")
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
