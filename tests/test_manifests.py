@@ -1,9 +1,16 @@
-"""Deployables are valid: Knative YAML (schema + Knative's rules), stack.yml labels, Dockerfiles (hadolint)."""
+"""Deployables are valid: Knative YAML (schema + Knative's rules), stack.yml labels, Dockerfiles (hadolint), and the
+placement controller's manifests in deploy/ (schema, and the routes, verbs and settings they use exist)."""
 
 from __future__ import annotations
 
+import argparse
+import base64
+import dataclasses
+import importlib
+import re
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -70,3 +77,287 @@ def test_loader_daemonset_passes_kubernetes_schema():
     kubernetes_validate.validate(doc, "1.30.0", strict=True)
     env = {e["name"] for e in doc["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert {"SLLM_LOADER_NODE_ID", "SLLM_LOADER_REMOTE", "SLLM_LOADER_SSD_DIR", "SLLM_LOADER_REDIS_URL"} <= env
+
+
+# -- deploy/: the placement controller's manifests -------------------------------------------------------------
+
+DEPLOY = ROOT / "deploy"
+TOKEN = "5f0c2a9e7b41d8e3" * 4  # the shape `openssl rand -hex 32` prints, as deploy/README.md says to make it
+CA_BUNDLE = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n").decode()
+PLACEHOLDERS = {"<TOKEN>": TOKEN, "<CA_BUNDLE>": CA_BUNDLE}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"}
+SECRET_VALUES = {("sllm-controller", "token"): TOKEN,
+                 ("sllm-redis", "url"): "redis://:pw@redis.sllm-system.svc.cluster.local:6379/0"}
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+GO_DURATION = re.compile(r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
+# kubescheduler.config.k8s.io/v1 fields (kube-scheduler decodes its --config strictly: unknown fields are errors)
+SCHEDULER_FIELDS = {"apiVersion", "kind", "parallelism", "leaderElection", "clientConnection", "enableProfiling",
+                    "enableContentionProfiling", "percentageOfNodesToScore", "podInitialBackoffSeconds",
+                    "podMaxBackoffSeconds", "profiles", "extenders", "delayCacheUntilActive"}
+EXTENDER_FIELDS = {"urlPrefix", "filterVerb", "preemptVerb", "prioritizeVerb", "weight", "bindVerb", "enableHTTPS",
+                   "tlsConfig", "httpTimeout", "nodeCacheCapable", "managedResources", "ignorable"}
+EXTENDER_TLS_FIELDS = {"insecure", "serverName", "certFile", "keyFile", "caFile", "certData", "keyData", "caData"}
+LEADER_ELECTION_FIELDS = {"leaderElect", "leaseDuration", "renewDeadline", "retryPeriod", "resourceLock",
+                          "resourceName", "resourceNamespace"}
+PROFILE_FIELDS = {"schedulerName", "percentageOfNodesToScore", "plugins", "pluginConfig"}
+
+
+def deploy_docs(name: str, fill: bool = True) -> list[dict]:
+    """The documents of deploy/NAME, with the placeholders deploy/README.md tells users to fill in filled."""
+    text = (DEPLOY / name).read_text()
+    for placeholder, value in PLACEHOLDERS.items() if fill else ():
+        text = text.replace(placeholder, value)
+    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"].get("name"))]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def service_link_variables(service: dict) -> set[str]:
+    """The variables the kubelet puts in every pod of the Service's namespace (enableServiceLinks, the default)."""
+    prefix = service["metadata"]["name"].upper().replace("-", "_")
+    names = {f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT", f"{prefix}_PORT"}
+    for port in service["spec"]["ports"]:
+        if port.get("name"):
+            names.add(f"{prefix}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}")
+        base = f"{prefix}_PORT_{port['port']}_{port.get('protocol', 'TCP')}"
+        names |= {base, f"{base}_PROTO", f"{base}_PORT", f"{base}_ADDR"}
+    return names
+
+
+def target_port(service: dict, container: dict, port: int) -> int:
+    entry = next(p for p in service["spec"]["ports"] if p["port"] == port)
+    target = entry.get("targetPort", port)
+    if isinstance(target, str):
+        target = next(p["containerPort"] for p in container["ports"] if p.get("name") == target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def controller_app():
+    """The real app with the token the manifests carry. Port 1 has no Redis: building the app must not connect
+    (the client connects on first use), and nothing the tests below send needs Redis."""
+    from controller.config import ControllerConfig
+    from controller.service import create_app
+
+    return create_app(ControllerConfig(redis_url="redis://127.0.0.1:1/0", token=TOKEN))
+
+
+def endpoint(app, path: str, method: str) -> str:
+    return app.url_map.bind("sllm-controller.sllm-system.svc").match(path, method=method)[0]
+
+
+def kube_pod() -> dict:
+    """A pod that names no model: the controller answers it without touching Redis."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"generateName": "fn-", "namespace": "openfaas-fn"},
+            "spec": {"containers": [{"name": "fn", "image": "ghcr.io/x/fn:1"}]}}
+
+
+def controller_objects():
+    docs = deploy_docs("controller.yaml")
+    deployment = one(docs, "Deployment", "sllm-controller")
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "controller"]
+    return docs, deployment, container, one(docs, "Service", "sllm-controller")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DEPLOY.glob("*.yaml")))
+def test_deploy_manifests_pass_kubernetes_schema(name):
+    import kubernetes_validate
+
+    docs = deploy_docs(name)
+    assert docs
+    for doc in docs:
+        if doc["apiVersion"].startswith("kubescheduler.config.k8s.io/"):
+            continue  # kube-scheduler's --config file, not an API object: checked field by field below
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+        if doc["kind"] not in CLUSTER_SCOPED:  # never depend on the namespace of kubectl's context
+            assert doc["metadata"].get("namespace"), f"{name}: {doc['kind']} {doc['metadata']['name']} has no namespace"
+
+
+def test_controller_app_starts_without_redis_and_fails_softly_when_used(controller_app):
+    client = controller_app.test_client()
+    assert client.get("/healthz").status_code == 200
+    answer = client.get("/v1/cluster", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 503 and "Redis unavailable at redis://127.0.0.1:1/0" in answer.get_json()["error"]
+
+
+def test_controller_deployment_runs_a_known_verb_with_known_settings(monkeypatch):
+    from controller.config import ENV, resolve
+    from controller.service import OPEN_PATHS, create_app
+    from runtime.cli import VERBS
+
+    docs, deployment, container, service = controller_objects()
+    pod_spec = deployment["spec"]["template"]["spec"]
+    verb, *args = container["args"]
+    assert verb in VERBS and VERBS[verb][0] == "controller.cli"
+    assert deployment["spec"]["replicas"] == 2
+
+    env = {}
+    for entry in container["env"]:
+        assert entry["name"] in ENV.values(), f"{entry['name']} is not a setting of controller/config.py"
+        ref = (entry.get("valueFrom") or {}).get("secretKeyRef")
+        env[entry["name"]] = SECRET_VALUES[ref["name"], ref["key"]] if ref else entry["value"]
+    # Service links would add SLLM_CONTROLLER_PORT=tcp://...: a controller setting. They must be off.
+    collisions = service_link_variables(service) & set(ENV.values())
+    assert not collisions or pod_spec.get("enableServiceLinks") is False, collisions
+
+    module = importlib.import_module(VERBS[verb][0])
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser, verb)
+    for name in [*ENV.values(), "REDIS_URL"]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = resolve(parser.parse_args(args))  # what `sllm-faas controller` would run with
+
+    assert config.token == TOKEN and config.redis_url == SECRET_VALUES["sllm-redis", "url"]
+    assert config.key_prefix == "sllm:" and not config.client_ca  # token mode: webhook.yaml uses /k8s/<TOKEN>/
+    https = next(p["containerPort"] for p in container["ports"] if p["name"] == "https")
+    assert config.port == https == target_port(service, container, 443)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    tls = next(name for name, v in volumes.items() if v.get("secret", {}).get("secretName") == "sllm-controller-tls")
+    assert "items" not in volumes[tls]["secret"]  # a kubernetes.io/tls Secret's keys are tls.crt and tls.key
+    assert config.tls_cert == f"{mounts[tls]['mountPath']}/tls.crt" and mounts[tls]["readOnly"] is True
+    assert config.tls_key == f"{mounts[tls]['mountPath']}/tls.key"
+
+    app = create_app(dataclasses.replace(config, redis_url="redis://127.0.0.1:1/0"))
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] in OPEN_PATHS and endpoint(app, get["path"], "GET") == "healthz"
+        assert get["scheme"] == "HTTPS" and get["port"] in ("https", https)
+        assert app.test_client().get(get["path"]).status_code == 200
+
+    user = re.search(r"^USER (\d+)$", (ROOT / "Dockerfile.runtime").read_text(), re.M).group(1)
+    security = pod_spec["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == int(user)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")  # gunicorn's worker temp files
+    assert "emptyDir" in volumes[tmp["name"]]
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+    account = one(docs, "ServiceAccount", pod_spec["serviceAccountName"])
+    assert account["automountServiceAccountToken"] is False and pod_spec["automountServiceAccountToken"] is False
+
+
+def test_webhook_calls_a_route_the_controller_serves(controller_app):
+    _, _, _, service = controller_objects()
+    config = one(deploy_docs("webhook.yaml"), "MutatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    target = hook["clientConfig"]["service"]
+    assert (target["name"], target["namespace"]) == (service["metadata"]["name"], service["metadata"]["namespace"])
+    assert target["port"] in [p["port"] for p in service["spec"]["ports"]]
+    # The API server accepts a webhook path only if every segment is a DNS-1123 subdomain.
+    segments = target["path"].strip("/").split("/")
+    assert all(DNS1123_SUBDOMAIN.fullmatch(s) and len(s) <= 253 for s in segments), target["path"]
+    assert endpoint(controller_app, target["path"], "POST") == "mutate_k8s"
+    base64.b64decode(hook["clientConfig"]["caBundle"], validate=True)
+
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+              "request": {"uid": "0d6c3e2a-1f7b-4c1e-9a51-3f8e2b7c9d40", "kind": {"group": "", "version": "v1",
+                                                                               "kind": "Pod"},
+                          "operation": "CREATE", "namespace": "openfaas-fn", "object": kube_pod(), "dryRun": False}}
+    client = controller_app.test_client()
+    answer = client.post(target["path"], json=review)
+    assert answer.status_code == 200
+    assert answer.get_json()["response"] == {"uid": review["request"]["uid"], "allowed": True}
+    assert client.post(target["path"].replace(TOKEN, "0" * 64), json=review).status_code == 401
+
+    assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                              "resources": ["pods"], "scope": "Namespaced"}]
+    assert hook["admissionReviewVersions"] == ["v1"] and hook["failurePolicy"] == "Ignore"
+    assert hook["sideEffects"] == "NoneOnDryRun" and hook["timeoutSeconds"] == 5
+    assert hook["reinvocationPolicy"] == "Never"
+    selector = hook["namespaceSelector"]
+    assert selector["matchLabels"] == {"sllm.io/placement": "enabled"}
+    excluded = next(e for e in selector["matchExpressions"] if e["key"] == "kubernetes.io/metadata.name")
+    assert excluded["operator"] == "NotIn" and service["metadata"]["namespace"] in excluded["values"]
+
+
+def test_placeholders_fail_loudly_when_left_in():
+    for name in ("webhook.yaml", "scheduler-config.yaml"):
+        assert set(re.findall(r"<[A-Z_]+>", (DEPLOY / name).read_text())) == set(PLACEHOLDERS), name
+    (hook,) = one(deploy_docs("webhook.yaml", fill=False), "MutatingWebhookConfiguration")["webhooks"]
+    assert not all(DNS1123_SUBDOMAIN.fullmatch(s) for s in hook["clientConfig"]["service"]["path"].split("/")[1:])
+    with pytest.raises(ValueError):
+        base64.b64decode(hook["clientConfig"]["caBundle"], validate=True)
+
+
+def test_scheduler_config_extender_calls_routes_the_controller_serves(controller_app):
+    _, _, _, service = controller_objects()
+    (config,) = deploy_docs("scheduler-config.yaml")
+    assert config["apiVersion"] == "kubescheduler.config.k8s.io/v1" and config["kind"] == "KubeSchedulerConfiguration"
+    assert set(config) <= SCHEDULER_FIELDS
+    assert set(config["leaderElection"]) <= LEADER_ELECTION_FIELDS
+    assert config["leaderElection"]["resourceName"] != "kube-scheduler"  # not the default scheduler's lease
+    assert all(set(p) <= PROFILE_FIELDS for p in config["profiles"])
+    (extender,) = config["extenders"]
+    assert set(extender) <= EXTENDER_FIELDS and set(extender["tlsConfig"]) <= EXTENDER_TLS_FIELDS
+
+    url = urllib.parse.urlsplit(extender["urlPrefix"])
+    assert url.scheme == "https" and extender["enableHTTPS"] is True
+    assert url.hostname == f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert url.port in [p["port"] for p in service["spec"]["ports"]]
+    # enableHTTPS without a CA makes kube-scheduler skip verification altogether
+    assert not extender["tlsConfig"].get("insecure")
+    base64.b64decode(extender["tlsConfig"]["caData"], validate=True)
+
+    args = {"pod": kube_pod(), "nodenames": ["node-a", "node-b"]}  # nodeCacheCapable: names only
+    assert extender["nodeCacheCapable"] is True
+    client = controller_app.test_client()
+    expected = {"filterVerb": ("extender_filter_k8s", {"nodenames": ["node-a", "node-b"], "failedNodes": {},
+                                                       "error": ""}),
+                "prioritizeVerb": ("extender_prioritize_k8s", [{"host": "node-a", "score": 0},
+                                                                {"host": "node-b", "score": 0}])}
+    for verb, (view, answer) in expected.items():
+        path = url.path.rstrip("/") + "/" + extender[verb]  # how kube-scheduler builds the URL
+        assert endpoint(controller_app, path, "POST") == view
+        response = client.post(path, json=args)
+        assert response.status_code == 200 and response.get_json() == answer
+    assert not extender.get("bindVerb") and not extender.get("preemptVerb")  # the controller serves neither
+
+    weight = extender["weight"]
+    assert isinstance(weight, int) and not isinstance(weight, bool) and weight > 0
+    assert extender["ignorable"] is True and not extender.get("managedResources")
+    assert GO_DURATION.fullmatch(extender["httpTimeout"])
+    unfilled = deploy_docs("scheduler-config.yaml", fill=False)[0]["extenders"][0]["urlPrefix"]
+    assert unfilled.endswith("/k8s/<TOKEN>")
+
+
+def test_rbac_binds_only_the_dedicated_scheduler():
+    accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for p in DEPLOY.glob("*.yaml")
+                for d in deploy_docs(p.name) if d["kind"] == "ServiceAccount"}
+    rbac = deploy_docs("rbac.yaml")
+    subjects = {(s["namespace"], s["name"]) for d in rbac if d["kind"].endswith("Binding") for s in d["subjects"]}
+    assert subjects <= accounts and ("sllm-system", "sllm-controller") not in subjects  # the controller needs none
+
+    (config,) = deploy_docs("scheduler-config.yaml")
+    election = config["leaderElection"]
+    lease = one(rbac, "Role", "sllm-scheduler-lease")
+    assert lease["metadata"]["namespace"] == election["resourceNamespace"]
+    assert election["resourceName"] in lease["rules"][0]["resourceNames"]
+
+    scheduler = one(deploy_docs("scheduler.yaml"), "Deployment", "sllm-scheduler")
+    pod_spec = scheduler["spec"]["template"]["spec"]
+    assert ("sllm-system", pod_spec["serviceAccountName"]) in subjects
+    (container,) = pod_spec["containers"]
+    config_path = next(a.split("=", 1)[1] for a in container["command"] if a.startswith("--config="))
+    (mount,) = container["volumeMounts"]
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+    assert "secret" in volume and config_path == f"{mount['mountPath']}/config.yaml"  # the token is in there
+
+
+def test_deploy_readme_lists_every_controller_setting():
+    from controller.config import ENV, ControllerConfig
+
+    rows = {}
+    for line in (DEPLOY / "README.md").read_text().splitlines():
+        match = re.fullmatch(r"\| `--([a-z-]+)` \| `(\w+)` \| (.+?) \| .+ \|", line)
+        if match:
+            rows[match[1]] = (match[2], match[3])
+    assert rows == {f.name.replace("_", "-"): (ENV[f.name], f"`{f.default}`" if f.default != "" else "(empty)")
+                    for f in dataclasses.fields(ControllerConfig)}
