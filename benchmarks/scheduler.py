@@ -19,6 +19,7 @@ import json
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -136,7 +137,7 @@ def main() -> int:
         peer = timed(lambda _: rank(read_cluster(client, keys).snapshot.updated(
             models={n: placer.model_info(n) for n in [rng.choice(names)]}), names[0]), 20)
 
-        process = ControllerProcess(workdir, url, prefix, workers="2").start()
+        process = ControllerProcess(Path(tempfile.mkdtemp(prefix="sllm-bench-")), url, prefix, workers="2").start()
         try:
             connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
 

@@ -57,6 +57,18 @@ def model_of(pod: dict) -> str | None:
     return None
 
 
+def booked_node(pod: dict) -> str | None:
+    """The node our webhook booked a slot on for this pod (from its placement annotation), if any."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    if not annotations.get(BOOKING_ANNOTATION):
+        return None
+    try:
+        node = json.loads(annotations.get(PLACEMENT_ANNOTATION) or "{}").get("node")
+    except (json.JSONDecodeError, AttributeError):
+        raise BadRequest(f"pod annotation {PLACEMENT_ANNOTATION} is not a JSON object") from None
+    return node if isinstance(node, str) else None
+
+
 def function_of(pod: dict) -> str:
     labels = (pod.get("metadata") or {}).get("labels") or {}
     return str(labels.get("faas_function") or labels.get("serving.knative.dev/service") or "")

@@ -5,6 +5,7 @@ the fast tier while the platform is still creating the container.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -40,10 +41,12 @@ class Placement:
     decision: Decision
     booking: str | None               # slot booking id the instance takes over (SLLM_BOOKING_ID)
     staging: str | None               # "MODEL@TIER" the node's loader was asked to stage, if any
+    loader: str = ""                  # the node loader's address (its node record's `address`)
     ranked: list[Decision] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"model": self.model, **self.decision.plan(), "booking": self.booking, "staging": self.staging}
+        return {"model": self.model, **self.decision.plan(), "booking": self.booking, "staging": self.staging,
+                "loader": self.loader}
 
 
 def target_tier(gpu_capacity: int) -> str:
@@ -100,9 +103,14 @@ class Placer:
         snapshot = self.cache.view().snapshot
         return snapshot if model in snapshot.models else self.cache.add_model(info)
 
-    def estimate(self, model: str, size_hint: int | None = None) -> list[Decision]:
-        """Every node, ranked (the extender and `sllm-faas place` show them all)."""
-        return rank(self._snapshot_with(model, size_hint), model)
+    def estimate(self, model: str, size_hint: int | None = None, booked_node: str | None = None) -> list[Decision]:
+        """Every node, ranked (the extender and `sllm-faas place` show them all). `booked_node`: the node
+        whose slot the asking pod already holds (booked by the webhook), so that slot counts as free to it."""
+        snapshot = self._snapshot_with(model, size_hint)
+        own = snapshot.node_by_id.get(booked_node or "")
+        if own is not None:
+            snapshot = snapshot.updated(nodes={own.id: dataclasses.replace(own, free_slots=own.free_slots + 1)})
+        return rank(snapshot, model)
 
     # -- decisions (book + stage) -------------------------------------------------------------
     def place(self, model: str, *, size_hint: int | None = None, candidates: set[str] | None = None,
@@ -145,7 +153,7 @@ class Placer:
                 self.client.zadd(self.keys.node_queue(decision.node), {staging: finish_at}, nx=True)
             if staging:
                 self._kicks.submit(self._kick, record.address, model, tier)
-            return Placement(model, decision, booking, staging, ranked)
+            return Placement(model, decision, booking, staging, record.address, ranked)
         raise NoCapacity(f"model {model!r}: no node has a free slot"
                          + (" among the candidates" if candidates is not None else "")
                          + " and no running instance can be migrated to free one")

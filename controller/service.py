@@ -234,14 +234,15 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         body = json_body()
         pod, names, names_only = kube.parse_extender_args(body)
         model = kube.model_of(pod)
-        ranked = controller.placer.estimate(model) if model else None
+        ranked = controller.placer.estimate(model, booked_node=kube.booked_node(pod)) if model else None
         return kube.filter_result(body, names, names_only, ranked)
 
     @hook("/prioritize", methods=["POST"])
     def extender_prioritize():
         pod, names, _ = kube.parse_extender_args(json_body())
         model = kube.model_of(pod)
-        return jsonify(kube.priorities(names, controller.placer.estimate(model) if model else None))
+        ranked = controller.placer.estimate(model, booked_node=kube.booked_node(pod)) if model else None
+        return jsonify(kube.priorities(names, ranked))
 
     @hook("/mutate", methods=["POST"])
     def mutate():

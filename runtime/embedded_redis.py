@@ -7,9 +7,7 @@ so the kernel stops it when the owner dies, however it dies.
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -18,12 +16,7 @@ from pathlib import Path
 
 import redis
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+from runtime.processes import die_with_parent
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -67,7 +60,7 @@ class EmbeddedRedis:
         ]
         self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=die_with_parent,  # noqa: PLW1509
         )
         deadline = time.monotonic() + timeout
         client = redis.Redis(host=self.host, port=self.port, socket_timeout=1.0)

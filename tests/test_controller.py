@@ -339,3 +339,21 @@ def test_decision_starts_staging_on_the_chosen_nodes_real_loader(redis_ns, tmp_p
     finally:
         process.stop()
         loader.stop()
+
+
+def test_extender_counts_the_pods_own_webhook_booking_as_free(controller, cluster):
+    for node in ("node-b", "node-c"):
+        publish_node(cluster.client, cluster.prefix, node, slots=1, ssd=["m1"])
+    response = controller.post("/mutate", review(pod())).json()["response"]
+    patched = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
+    assert cluster.client.zcard(cluster.prefix + "node:node-a:slots") == 1    # node-a is now full...
+    names = ["node-a", "node-b", "node-c"]
+    filtered = controller.post("/filter", {"pod": patched, "nodenames": names}).json()
+    assert filtered["nodenames"] == names                                        # ...but not for this pod
+    def scores(obj: dict) -> dict[str, int]:
+        return {s["host"]: s["score"] for s in controller.post("/prioritize", {"pod": obj, "nodenames": names}).json()}
+
+    mine = scores(patched)
+    assert mine["node-a"] == 10 and mine["node-b"] < 10
+    other = scores(pod())
+    assert other["node-a"] < 10                                                  # another pod sees the slot taken

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import requests
 from schema_doc import assert_keys_documented
 
 from runtime.embedded_redis import free_tcp_port
+from runtime.local.build import shrinkwrap as build_function
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -26,11 +26,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 def shrinkwrap(build_root: Path, function: str, handler_dir: Path) -> Path:
     """What `faas-cli build --shrinkwrap` does: the template, with the handler copied into function/."""
-    build = build_root / "build" / function
-    shutil.copytree(ROOT / "templates" / "sllm-python", build)
-    shutil.rmtree(build / "function")
-    shutil.copytree(handler_dir, build / "function")
-    return build
+    (build_root / "build").mkdir(parents=True, exist_ok=True)
+    return build_function("sllm-python", handler_dir, build_root / "build" / function)
 
 
 class Server:

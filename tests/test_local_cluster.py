@@ -1,0 +1,246 @@
+"""`sllm-faas up` end to end: real Redis, controller, node loaders, gateway and runtime processes, driven
+through the gateway with the official openai client and the `deploy` / `invoke` verbs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from runtime.embedded_redis import free_tcp_port
+from runtime.node_loader.client import LoaderClient
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Up:
+    """A `sllm-faas up` process and the cluster it reports in its state file."""
+
+    def __init__(self, tmp: Path, store: Path, redis_url: str | None, prefix: str, nodes: int = 2, slots: int = 1):
+        self.workdir = tmp / "work"
+        self.state_file = tmp / "cluster.json"
+        args = [sys.executable, "-m", "runtime.cli", "up", "--nodes", str(nodes), "--slots", str(slots),
+                "--port", str(free_tcp_port()), "--model-store", str(store), "--workdir", str(self.workdir),
+                "--key-prefix", prefix, "--state-file", str(self.state_file), "--dram-budget", "1GiB"]
+        if redis_url:
+            args += ["--redis-url", redis_url]
+        self.log = open(tmp / "up.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
+        deadline = time.monotonic() + 120
+        while not self.state_file.exists():
+            assert self.process.poll() is None, (tmp / "up.log").read_text()
+            assert time.monotonic() < deadline, "sllm-faas up did not come up"
+            time.sleep(0.1)
+        self.state = json.loads(self.state_file.read_text())
+        self.gateway = self.state["gateway"]
+
+    def deploy(self, stack: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f", str(stack), "-g", self.gateway,
+                               "--build-dir", str(self.workdir / "build")], capture_output=True, text=True, timeout=60)
+
+    def function(self, name: str) -> dict:
+        return requests.get(f"{self.gateway}/system/function/{name}", timeout=10).json()
+
+    def client(self, name: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.gateway}/function/{name}/v1", api_key="unused", timeout=300)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=60)
+        finally:
+            self.log.close()
+        return code
+
+
+def write_stack(path: Path, functions: dict[str, dict]) -> Path:
+    import yaml
+
+    body = {"version": 1.0, "provider": {"name": "openfaas", "gateway": "http://127.0.0.1:8080"}, "functions": {}}
+    for name, options in functions.items():
+        body["functions"][name] = {
+            "lang": "sllm-python", "handler": str(ROOT / "examples" / "smollm2" / "function"),
+            "image": f"example/{name}:latest", "environment": {"SLLM_MODEL": options["model"], "SLLM_MAX_TOKENS": "64"},
+            "labels": {"com.openfaas.scale.zero": "true", "com.openfaas.scale.max": str(options.get("max", 1)),
+                       "com.openfaas.scale.zero-duration": options.get("zero_duration", "10m"),
+                       "com.openfaas.scale.target": str(options.get("target", 8))}}
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(smollm2, tmp_path_factory):
+    """The loaders' remote store: the example model under two names (two models, same weights)."""
+    root = tmp_path_factory.mktemp("store")
+    for name in ("smollm2-a", "smollm2-b"):
+        (root / name).symlink_to(smollm2["sllm"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster(store, tmp_path_factory, redis_target):
+    prefix = f"sllm-test-up:{os.getpid()}:"
+    up = Up(tmp_path_factory.mktemp("up"), store, redis_target.url, prefix, nodes=2, slots=1)
+    stack = write_stack(up.workdir.parent / "stack.yml", {"fa": {"model": "smollm2-a", "zero_duration": "4s"},
+                                                           "fb": {"model": "smollm2-b"}})
+    deployed = up.deploy(stack)
+    assert deployed.returncode == 0, deployed.stderr
+    yield up
+    assert up.stop() == 0
+
+
+def wait_until(condition, timeout: float = 60, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(step)
+    return value
+
+
+def test_scale_from_zero_then_to_zero_with_the_openai_client(cluster):
+    assert cluster.function("fa")["replicas"] == 0
+    raw = cluster.client("fa").chat.completions.with_raw_response.create(model="smollm2-a", messages=QUESTION,
+                                                                         max_tokens=12, temperature=0)
+    assert "Paris" in raw.parse().choices[0].message.content
+    cold = json.loads(raw.headers["X-Sllm-Cold-Start"])
+    assert cold["process_start_to_ready_s"] > 0 and cold["tier"] in ("ssd", "dram")
+    assert json.loads(raw.headers["X-Sllm-Placement"])["tier"] == "remote"  # only the store had it
+    status = cluster.function("fa")
+    assert status["availableReplicas"] == 1 and status["instances"][0]["node"] == raw.headers["X-Sllm-Node"]
+    pid = status["instances"][0]["pid"]
+    wait_until(lambda: cluster.function("fa")["replicas"] == 0, timeout=30)   # 4 s idle, then scaled to zero
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
+    warm_again = cluster.client("fa").completions.create(model="smollm2-a", prompt="The capital of France is",
+                                                         max_tokens=3, temperature=0)
+    assert "Paris" in warm_again.choices[0].text
+
+
+def test_second_cold_start_lands_on_the_node_holding_the_model_in_dram(cluster):
+    first = cluster.client("fa").chat.completions.with_raw_response.create(model="smollm2-a", messages=QUESTION,
+                                                                           max_tokens=4)
+    fa_node = first.headers["X-Sllm-Node"]
+    other = cluster.client("fb").chat.completions.with_raw_response.create(model="smollm2-b", messages=QUESTION,
+                                                                           max_tokens=4)
+    assert other.headers["X-Sllm-Node"] != fa_node   # one slot per node: fb goes to the other node
+    assert requests.post(f"{cluster.gateway}/system/scale-function/fa", json={"serviceName": "fa", "replicas": 0},
+                         timeout=30).status_code == 202
+    wait_until(lambda: cluster.function("fa")["replicas"] == 0)
+    again = cluster.client("fa").chat.completions.with_raw_response.create(model="smollm2-a", messages=QUESTION,
+                                                                           max_tokens=4)
+    assert again.headers["X-Sllm-Node"] == fa_node
+    assert json.loads(again.headers["X-Sllm-Placement"])["tier"] == "dram"
+    assert json.loads(again.headers["X-Sllm-Cold-Start"])["tier"] == "dram"
+    for name in ("fa", "fb"):
+        requests.post(f"{cluster.gateway}/system/scale-function/{name}", json={"replicas": 0}, timeout=30)
+
+
+def test_burst_of_20_at_zero_all_answered_with_one_staging_per_node(cluster, redis_target):
+    import redis
+
+    client = redis.Redis.from_url(redis_target.url, decode_responses=True)
+    prefix = cluster.state["key_prefix"]
+    wait_until(lambda: cluster.function("fb")["replicas"] == 0)
+    for socket_path in cluster.state["nodes"].values():  # back to "only in the store" on every node
+        for tier in ("dram", "ssd"):  # 409 while the last instance's lease is still being released
+            wait_until(lambda s=socket_path, t=tier: LoaderClient(s).request(
+                "POST", "/v1/evict", {"model": "smollm2-b", "tier": t})[0] == 200)
+    wait_until(lambda: not any(client.sismember(f"{prefix}node:{n}:models:{t}", "smollm2-b")
+                               for n in cluster.state["nodes"] for t in ("dram", "ssd")))
+    before = client.xlen(prefix + "events")
+
+    def ask(i: int) -> str:
+        answer = cluster.client("fb").chat.completions.create(model="smollm2-b", messages=QUESTION, max_tokens=4,
+                                                              temperature=0)
+        return answer.choices[0].message.content
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(ask, range(20)))
+    assert len(answers) == 20 and all(answers)
+    events = [f for _, f in client.xrange(prefix + "events")][before:]
+    staged = {}
+    for event in events:
+        if event["kind"] == "stage_started" and event["model"] == "smollm2-b":
+            staged[(event["node"], event["tier"])] = staged.get((event["node"], event["tier"]), 0) + 1
+    assert staged and set(staged.values()) == {1}, staged
+
+
+def test_gateway_routes_and_bad_requests(cluster, tmp_path):
+    listed = requests.get(f"{cluster.gateway}/system/functions", timeout=10).json()
+    assert {f["name"] for f in listed} == {"fa", "fb"} and all(f["namespace"] == "openfaas-fn" for f in listed)
+    assert requests.post(f"{cluster.gateway}/function/nope", json={}, timeout=10).status_code == 404
+    assert requests.post(f"{cluster.gateway}/system/scale-function/fa", json={"replicas": -1},
+                         timeout=10).status_code == 400
+    bad = requests.post(f"{cluster.gateway}/system/functions", json={"service": "x", "envVars": {"SLLM_MODEL": "m"},
+                                                                      "annotations": {"sllm.io/build": "/etc"}},
+                        timeout=10)
+    assert bad.status_code == 400 and "sllm.io/build" in bad.json()["error"]
+    assert requests.post(f"{cluster.gateway}/system/functions", json={"service": "../x"},
+                         timeout=10).status_code == 400
+    assert requests.delete(f"{cluster.gateway}/system/functions", json={"functionName": "nope"},
+                           timeout=10).status_code == 404
+
+
+@pytest.mark.parametrize("stack, message", [
+    ("functions: {}\n", "needs a `functions:` mapping"),
+    ("functions:\n  f1:\n    lang: sllm-python\n    handler: ./missing\n", "is not a directory"),
+    ("functions:\n  f1:\n    lang: sllm-python\n    handler: .\n", "name the model"),
+    ("functions:\n  f1:\n    lang: sllm-python\n    handler: .\n    environment: {SLLM_MODEL: m}\n    labels:\n"
+     "      com.openfaas.scale.zero-duration: soon\n", "is not a duration"),
+    ("functions:\n  f1:\n    lang: nodejs\n    handler: .\n    environment: {SLLM_MODEL: m}\n", "unknown template"),
+    ("functions:\n  Bad_Name:\n    lang: sllm-python\n    handler: .\n", "invalid function name"),
+    ("functions: [\n", "not valid YAML"),
+])
+def test_bad_stack_file_gives_a_clear_error(tmp_path, stack, message):
+    path = tmp_path / "stack.yml"
+    path.write_text(stack)
+    result = subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f", str(path), "-g",
+                             f"http://127.0.0.1:{free_tcp_port()}", "--build-dir", str(tmp_path / "build")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and str(path) in result.stderr, result.stderr
+
+
+def test_ctrl_c_leaves_no_processes_and_no_shm_files(store, tmp_path):
+    up = Up(tmp_path, store, None, "sllm:", nodes=1, slots=1)   # embedded Redis
+    try:
+        stack = write_stack(tmp_path / "stack.yml", {"fc": {"model": "smollm2-a"}})
+        assert up.deploy(stack).returncode == 0
+        answer = requests.post(f"{up.gateway}/function/fc", json={"question": "Capital of France?"}, timeout=300)
+        assert answer.status_code == 200 and answer.json()["answer"]
+        instance_pid = up.function("fc")["instances"][0]["pid"]
+        shm = Path(f"/dev/shm/sllm-up-{up.process.pid}")
+        assert any(shm.rglob("manifest.json"))   # the DRAM tier holds the model
+        family = descendants(up.process.pid)
+        assert instance_pid in family and len(family) >= 6  # redis, controller, loader, gateway (+workers), instance
+    finally:
+        code = up.stop(signal.SIGINT)
+    assert code == 0
+    assert not shm.exists()
+    survivors = [pid for pid in family if Path(f"/proc/{pid}").exists()]
+    assert survivors == [], survivors
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
