@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # so a second `make test` with nothing changed installs nothing.
 STAMP := $(VENV)/.sllm-faas-installed
 
-.PHONY: test lint install clean
+.PHONY: test lint install clean demo
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The README's main command: the example model on a local cluster, and three cold starts explained.
+demo: $(STAMP)
+	$(PY) examples/smollm2/demo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
