@@ -94,6 +94,69 @@ def heartbeat(client: redis.Redis, prefix: str, nodes: int, stop: threading.Even
                 return
 
 
+def estimate_vs_measured(url: str, runs: int, size: int) -> list[dict]:
+    """A real node loader with a model on its SSD tier (page cache evicted, as for the loader's probe):
+    the controller's estimate for placing it (q + size / bw_ssd) against the staging it then triggers,
+    timed from the decision to the loader's `staged` event."""
+    from common import evict_page_cache
+    from loader_daemon import LoaderDaemon
+
+    from runtime.checkpoint import save_state_dict
+
+    root = Path(tempfile.mkdtemp(prefix="sllm-bench-local-"))
+    store = root / "remote"
+    torch_state = _synthetic_state(size)
+    save_state_dict(torch_state, store / "bench-model", partition_size=512 << 20)
+    (root / "node").mkdir()
+    prefix = f"sllm-bench:{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    keys = Keys(prefix)
+    loader = LoaderDaemon(root / "node", store, url, prefix, node="node-a", dram_budget="4GiB", ssd_budget="8GiB",
+                          probe_bytes="256MiB").start()
+    results = []
+    try:
+        loader.wait_job(loader.client.stage("bench-model", "ssd"), timeout=300)
+        placer = Placer(client, keys, ClusterCache(client, keys, 0.05), Booker(client, keys))
+        for _ in range(runs):
+            loader.client.request("POST", "/v1/evict", {"model": "bench-model", "tier": "dram"})
+            evict_page_cache((root / "node" / "ssd" / "bench-model").iterdir())
+            time.sleep(1.0)  # the node record shows the model on SSD only again
+            placer.cache.refresh()
+            last = client.xrevrange(keys.events, count=1)
+            since = last[0][0] if last else "0"
+            placement = placer.place("bench-model")
+            decided = time.time()
+            while True:
+                staged = [f for _, f in client.xrange(keys.events, min=f"({since}") if f["kind"] == "staged"
+                          and f["model"] == "bench-model" and f["tier"] == "dram"]
+                if staged:
+                    break
+                time.sleep(0.005)
+            measured = float(staged[0]["ts"]) - decided
+            client.zrem(keys.node_slots("node-a"), placement.booking)
+            results.append({"tier": placement.decision.tier, "estimate_s": round(placement.decision.estimate_s, 4),
+                            "measured_s": round(measured, 4),
+                            "error": round(placement.decision.estimate_s / measured - 1, 4)})
+            print(f"  estimate {results[-1]['estimate_s']:.3f} s from {results[-1]['tier']}, measured "
+                  f"{results[-1]['measured_s']:.3f} s ({results[-1]['error']:+.1%})", flush=True)
+    finally:
+        loader.stop()
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            client.delete(key)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def _synthetic_state(size: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    per = 64 << 20
+    return {f"w{i}": torch.randn(min(per, size - i * per) // 2).to(torch.bfloat16) for i in range(-(-size // per))}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -113,6 +176,8 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--models", type=int, default=500)
     parser.add_argument("--decisions", type=int, default=2000)
+    parser.add_argument("--local-runs", type=int, default=5, help="estimate-vs-measured runs with a real loader")
+    parser.add_argument("--local-size", type=int, default=1 << 30, help="model bytes for those runs (default 1 GiB)")
     args = parser.parse_args()
     url, server = redis_url()
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -171,6 +236,9 @@ def main() -> int:
             assert set(done) == {200}, set(done)
         finally:
             process.stop()
+        stop.set()
+        print("estimated vs measured load time with a real node loader (SSD -> DRAM):", flush=True)
+        local = estimate_vs_measured(url, args.local_runs, args.local_size) if args.local_runs else []
     finally:
         stop.set()
         for key in client.scan_iter(match=prefix + "*", count=1000):
@@ -185,7 +253,7 @@ def main() -> int:
               "in_process_ms": {"p50": ms(percentile(in_process, 0.5)), "p99": ms(percentile(in_process, 0.99))},
               "read_per_decision_ms": {"p50": ms(percentile(peer, 0.5)), "p99": ms(percentile(peer, 0.99))},
               "http_ms": {"p50": ms(percentile(over_http, 0.5)), "p99": ms(percentile(over_http, 0.99))},
-              "throughput_decisions_per_s": round(throughput, 1)}
+              "throughput_decisions_per_s": round(throughput, 1), "estimate_vs_measured": local}
     ratio = report["read_per_decision_ms"]["p50"] / report["in_process_ms"]["p50"]
     lines = [f"# Scheduler benchmark ({report['date']}, {report['machine'].get('cpu', '')}, "
              f"{report['machine'].get('cores', '')} cores)", "",
@@ -203,6 +271,14 @@ def main() -> int:
              f"- throughput, 8 client threads, 2 gunicorn workers: {report['throughput_decisions_per_s']} decisions/s "
              "(target >= 500)",
              f"- read-per-decision peer / ours, p50: {ratio:.1f}x", ""]
+    if local:
+        errors = [abs(r["error"]) for r in local]
+        lines += [f"Estimated vs measured load time, real node loader, {args.local_size >> 20} MiB model on SSD "
+                  "(page cache evicted) staged to DRAM on decision (target: within 20%):", "",
+                  "| run | estimate s | measured s | error |", "|---|---|---|---|"]
+        lines += [f"| {i + 1} | {r['estimate_s']} | {r['measured_s']} | {r['error']:+.1%} |"
+                  for i, r in enumerate(local)]
+        lines += ["", f"- median absolute error {statistics.median(errors):.1%}, worst {max(errors):.1%}", ""]
     print("\n".join(lines))
     output = results_path("scheduler")
     output.write_text(json.dumps(report, indent=2) + "\n")

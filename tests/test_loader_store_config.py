@@ -117,3 +117,16 @@ def test_config_errors_name_the_setting(tmp_path, monkeypatch):
         loader_config.resolve(parse(["--config", str(bad)]))
     with pytest.raises(ValueError, match="invalid node id"):
         loader_config.resolve(parse(["--remote", "/x", "--ssd-dir", "/y", "--node-id", "Bad Node!"]))
+
+
+def test_first_real_transfer_replaces_the_probe_then_a_moving_average():
+    from runtime.node_loader.bandwidth import SMOOTHING, Bandwidths
+
+    rates = Bandwidths()
+    rates.observe("ssd", 100 << 20, 0.01, probe=True)       # 10 GB/s: a read-only probe
+    rates.observe("ssd", 100 << 20, 0.1)                    # a staging: 1 GB/s replaces it
+    assert rates.get("ssd") == pytest.approx((100 << 20) / 0.1)
+    rates.observe("ssd", 100 << 20, 0.05)
+    assert rates.get("ssd") == pytest.approx((1 - SMOOTHING) * (100 << 20) / 0.1 + SMOOTHING * (100 << 20) / 0.05)
+    rates.observe("ssd", 1 << 20, 10.0)                     # too small to measure bandwidth: ignored
+    assert rates.get("ssd") == pytest.approx((1 - SMOOTHING) * (100 << 20) / 0.1 + SMOOTHING * (100 << 20) / 0.05)

@@ -1,7 +1,8 @@
 """Measured tier bandwidths (bytes/s): the `b` of the scheduler's `q + n/b`, never a constant.
 
-Each tier starts from a small cache-bypassing probe and then follows an exponential moving
-average of every real transfer into it.
+Each tier starts from a small cache-bypassing probe. The probe only reads, while a staging also
+writes the copy into the next tier, so the first real transfer replaces the probe's value and later
+ones follow an exponential moving average.
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ class Bandwidths:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: dict[str, float] = {}
+        self._probed: set[str] = set()  # tiers whose value is still the probe's
 
-    def observe(self, tier: str, nbytes: int, seconds: float) -> None:
+    def observe(self, tier: str, nbytes: int, seconds: float, probe: bool = False) -> None:
         if nbytes < MIN_OBSERVED_BYTES or seconds <= 0:
             return
         rate = nbytes / seconds
         with self._lock:
-            previous = self._values.get(tier)
+            previous = None if tier in self._probed else self._values.get(tier)
             self._values[tier] = rate if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * rate
+            if probe:
+                self._probed.add(tier)
+            else:
+                self._probed.discard(tier)
 
     def get(self, tier: str) -> float | None:
         with self._lock:

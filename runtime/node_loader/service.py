@@ -87,7 +87,7 @@ class NodeLoader:
         for tier in ("ssd", "dram"):
             try:
                 rate = probe_write_read(self.tiers[tier].root, self.config.probe_bytes)
-                self.bandwidths.observe(tier, self.config.probe_bytes, self.config.probe_bytes / rate)
+                self.bandwidths.observe(tier, self.config.probe_bytes, self.config.probe_bytes / rate, probe=True)
             except OSError as exc:
                 log.warning("bandwidth probe of the %s tier failed: %s", tier, exc)
 
