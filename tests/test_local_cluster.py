@@ -175,7 +175,12 @@ def test_burst_of_20_at_zero_all_answered_with_one_staging_per_node(cluster, red
     assert staged and set(staged.values()) == {1}, staged
 
 
-def test_gateway_routes_and_bad_requests(cluster, tmp_path):
+def test_gateway_routes_and_bad_requests(cluster, tmp_path, redis_target):
+    import redis
+    from schema_doc import assert_keys_documented
+
+    assert_keys_documented(redis.Redis.from_url(redis_target.url, decode_responses=True),
+                           cluster.state["key_prefix"])
     listed = requests.get(f"{cluster.gateway}/system/functions", timeout=10).json()
     assert {f["name"] for f in listed} == {"fa", "fb"} and all(f["namespace"] == "openfaas-fn" for f in listed)
     assert requests.post(f"{cluster.gateway}/function/nope", json={}, timeout=10).status_code == 404
