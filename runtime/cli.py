@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "verify": ("runtime.checkpoint.cli", "check every partition checksum of a converted checkpoint"),
     "serve": ("runtime.server.serve", "run the function runtime (OpenAI-compatible API) for one model"),
     "loader": ("runtime.node_loader.cli", "run the node loader sidecar: stage models into SSD/DRAM/GPU tiers"),
+    "simulate": ("controller.simulator.cli", "replay a cluster scenario's trace under each placement policy"),
     "controller": ("controller.cli", "run the placement controller: placement API, scheduler extender, webhook"),
     "status": ("controller.cli", "show nodes, tiers, models, queues, instances and migrations from Redis"),
     "place": ("controller.cli", "show the ranked startup-time estimate for a model (books nothing)"),

@@ -1,0 +1,140 @@
+"""Trace-driven simulator: the paper's scheduling comparison, and the time to simulate a 1,000-node cluster.
+
+    python benchmarks/simulate.py [--scenarios default,paper-8gpu,paper-4x4] [--no-scale] [--no-plots]
+
+For each scenario: one trace at its base rate replayed under every policy (p50/p99 time to first token,
+GPU-hours, cold starts by tier, migrations), then its sweep of request rates. Ratios printed are each
+policy's p99 over ours (higher: ours is better). Then `scale-1000` (1,000 nodes x 10,000 requests) under
+every policy, timed. Output: results/simulate-<date>-<machine>.md and .json, and the plots next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import RESULTS_DIR, machine_info, now_utc, results_path  # noqa: E402
+
+import controller.scheduler as scheduler  # noqa: E402
+from controller.simulator.config import load_scenario  # noqa: E402
+from controller.simulator.engine import RunResult, run_policies, simulate  # noqa: E402
+from controller.simulator.report import ratios, scenario_markdown, write_plots  # noqa: E402
+from controller.simulator.workload import generate  # noqa: E402
+
+AVAILABILITY_ONLY = ("random", "least-allocated")
+TARGETS = {"vs_availability_only_p99": (1.27, 1.95), "vs_release_p99_default": 1.2, "scale_wall_s": 60.0}
+
+
+@contextlib.contextmanager
+def timed_rank():
+    """Seconds spent inside controller.scheduler.rank and calls (the policies call it through the module)."""
+    real, spent = scheduler.rank, [0.0, 0]
+
+    def rank(snapshot, model_name):
+        started = time.perf_counter()
+        try:
+            return real(snapshot, model_name)
+        finally:
+            spent[0] += time.perf_counter() - started
+            spent[1] += 1
+
+    scheduler.rank = rank
+    try:
+        yield spent
+    finally:
+        scheduler.rank = real
+
+
+def summary(result: RunResult) -> dict:
+    return {"policy": result.policy, "rate": result.rate, "mean_s": result.mean, "p50_s": result.percentile(50),
+            "p99_s": result.percentile(99), "gpu_hours": result.gpu_seconds / 3600,
+            "cold_starts": dict(result.cold_starts), "warm_starts": result.warm_starts,
+            "migrations": result.migrations, "unserved": result.unserved, "simulated_s": result.simulated_s,
+            "wall_s": result.wall_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", default="default,paper-8gpu,paper-4x4")
+    parser.add_argument("--no-scale", action="store_true", help="skip the 1,000-node timing run")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args()
+
+    output = results_path("simulate", ".json")
+    report = {"date": now_utc(), "machine": machine_info(RESULTS_DIR), "targets": TARGETS, "scenarios": {}}
+    sections = []
+    for name in args.scenarios.split(","):
+        scenario = load_scenario(name)
+        results = run_policies(scenario)
+        sweep = [run_policies(scenario, rate) for rate in scenario.workload.sweep_rates]
+        base = ratios(results)
+        print(f"{name}: p99 over ours' p99 at {results[0].rate:g} req/s: "
+              + ", ".join(f"{policy} {ratio:.2f}x" for policy, ratio in base.items()))
+        for point in sweep:
+            print(f"  at {point[0].rate:g} req/s: "
+                  + ", ".join(f"{policy} {ratio:.2f}x" for policy, ratio in ratios(point).items()))
+        sections.append(scenario_markdown(scenario, results, sweep))
+        if not args.no_plots:
+            write_plots(output.with_name(f"{output.stem}-{name}"), results, sweep)
+        report["scenarios"][name] = {"base": [summary(r) for r in results], "ratios": base,
+                                     "sweep": [{"rate": point[0].rate, "results": [summary(r) for r in point],
+                                                "ratios": ratios(point)} for point in sweep]}
+    if not args.no_scale:
+        scenario = load_scenario("scale-1000")
+        started = time.perf_counter()
+        trace = generate(scenario)
+        trace_s = time.perf_counter() - started
+        results, in_rank = [], {}
+        for policy in scenario.policies:
+            with timed_rank() as spent:
+                results.append(simulate(scenario, policy, trace))
+            in_rank[policy] = {"seconds": spent[0], "calls": spent[1]}
+            print(f"scale-1000 {policy}: {results[-1].wall_s:.1f} s for {len(trace)} requests on 1,000 nodes, "
+                  f"{spent[0]:.1f} s of it in {spent[1]} scheduler.rank calls "
+                  f"(target < {TARGETS['scale_wall_s']:.0f} s)")
+        sections.append(scenario_markdown(scenario, results) + f"\nTrace generation: {trace_s:.2f} s. Inside "
+                        "`controller.scheduler.rank`: " + ", ".join(f"{p} {t['seconds']:.1f} s ({t['calls']} calls)"
+                                                                    for p, t in in_rank.items()) + ".\n")
+        report["scenarios"]["scale-1000"] = {"base": [summary(r) for r in results], "trace_s": trace_s,
+                                             "in_rank_s": in_rank}
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text(markdown(report, sections))
+    print(f"wrote {output} and {output.with_suffix('.md')}")
+    return 0
+
+
+def markdown(report: dict, sections: list[str]) -> str:
+    machine = report["machine"]
+    lines = [f"# Simulator results, {report['date']}", "",
+             f"Machine: {machine['cpu_model']}, {machine['nproc']} CPUs, Python {machine['python']}. "
+             "Simulated times to first token in seconds; `p99 / ours' p99` above 1 means ours has the shorter tail.",
+             "", "## Targets", ""]
+    scenarios = report["scenarios"]
+    if "paper-4x4" in scenarios:
+        low, high = TARGETS["vs_availability_only_p99"]
+        cluster = scenarios["paper-4x4"]
+        points = [(point["rate"], point["ratios"]) for point in cluster["sweep"]] or [
+            (cluster["base"][0]["rate"], cluster["ratios"])]
+        lines.append(f"- paper-4x4, availability-only p99 / ours (paper: {low}-{high}x):")
+        for rate, got in points:
+            lines.append(f"  - {rate:g} req/s: "
+                         + ", ".join(f"{policy} {got[policy]:.2f}x" for policy in AVAILABILITY_ONLY if policy in got))
+    if "default" in scenarios:
+        got = scenarios["default"]["ratios"].get("sllm-release")
+        lines.append(f"- default, sllm-release p99 / ours (target >= {TARGETS['vs_release_p99_default']}x): "
+                     f"{got:.2f}x" if got else "- default: sllm-release not run")
+    if "scale-1000" in scenarios:
+        walls = ", ".join(f"{r['policy']} {r['wall_s']:.1f} s" for r in scenarios["scale-1000"]["base"])
+        lines.append(f"- scale-1000, wall time per policy (target < {TARGETS['scale_wall_s']:.0f} s): {walls}")
+    return "\n".join(lines + ["", "## Scenarios", ""] + sections)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
