@@ -94,10 +94,11 @@ def heartbeat(client: redis.Redis, prefix: str, nodes: int, stop: threading.Even
                 return
 
 
-def estimate_vs_measured(url: str, runs: int, size: int) -> list[dict]:
+def estimate_vs_measured(url: str, runs: int, size: int, warmup: int = 2) -> list[dict]:
     """A real node loader with a model on its SSD tier (page cache evicted, as for the loader's probe):
     the controller's estimate for placing it (q + size / bw_ssd) against the staging it then triggers,
-    timed from the decision to the loader's `staged` event."""
+    timed from the decision to the loader's `staged` event. The first `warmup` runs calibrate the
+    loader's bandwidth from real stagings (its start-up probe only reads) and are not reported."""
     from common import evict_page_cache
     from loader_daemon import LoaderDaemon
 
@@ -117,7 +118,7 @@ def estimate_vs_measured(url: str, runs: int, size: int) -> list[dict]:
     try:
         loader.wait_job(loader.client.stage("bench-model", "ssd"), timeout=300)
         placer = Placer(client, keys, ClusterCache(client, keys, 0.05), Booker(client, keys))
-        for _ in range(runs):
+        for run in range(warmup + runs):
             loader.client.request("POST", "/v1/evict", {"model": "bench-model", "tier": "dram"})
             evict_page_cache((root / "node" / "ssd" / "bench-model").iterdir())
             time.sleep(1.0)  # the node record shows the model on SSD only again
@@ -134,6 +135,8 @@ def estimate_vs_measured(url: str, runs: int, size: int) -> list[dict]:
                 time.sleep(0.005)
             measured = float(staged[0]["ts"]) - decided
             client.zrem(keys.node_slots("node-a"), placement.booking)
+            if run < warmup:
+                continue
             results.append({"tier": placement.decision.tier, "estimate_s": round(placement.decision.estimate_s, 4),
                             "measured_s": round(measured, 4),
                             "error": round(placement.decision.estimate_s / measured - 1, 4)})

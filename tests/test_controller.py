@@ -357,3 +357,21 @@ def test_extender_counts_the_pods_own_webhook_booking_as_free(controller, cluste
     assert mine["node-a"] == 10 and mine["node-b"] < 10
     other = scores(pod())
     assert other["node-a"] < 10                                                  # another pod sees the slot taken
+
+
+def test_a_controller_killed_and_restarted_loses_nothing(cluster, tmp_path):
+    first = ControllerProcess(tmp_path, cluster.url, cluster.prefix).start()
+    booked = first.post("/v1/placements", {"model": "m1"}).json()
+    import os
+    import signal
+
+    os.killpg(first.process.pid, signal.SIGKILL)     # no shutdown code runs
+    first.process.wait()
+    first.log.close()
+    second = ControllerProcess(tmp_path, cluster.url, cluster.prefix).start()
+    try:
+        nodes = {n["node_id"]: n for n in second.get("/v1/cluster").json()["nodes"]}
+        assert nodes[booked["node"]]["free_slots"] == 0              # the booking lives in Redis
+        assert second.post("/v1/placements", {"model": "m1"}).json()["node"] != booked["node"]
+    finally:
+        second.stop()
