@@ -16,6 +16,7 @@ infinity and such nodes rank last. Ties break by node id, so the ranking is dete
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import statistics
@@ -213,16 +214,18 @@ class _Frontier:
         ordered = sorted(offsets, key=lambda o: (o[0], -(o[1].bandwidth.get("remote") or fallback), o[1].id))
         self.layers: list[list[NodeInfo]] = []
         tops: list[tuple[float, float]] = []  # per layer: (rate, offset) of its last node
+        negated: list[float] = []             # -rate of each layer's top: non-decreasing, so bisectable
         for offset, node in ordered:
             rate = node.bandwidth.get("remote") or fallback
-            for layer, (top_rate, top_offset) in enumerate(tops):
-                if rate > top_rate or (rate == top_rate and offset == top_offset):
-                    self.layers[layer].append(node)
-                    tops[layer] = (rate, offset)
-                    break
-            else:
-                self.layers.append([node])
+            layer = bisect.bisect_right(negated, -rate)  # the first layer whose top is slower than this node
+            if layer and tops[layer - 1] == (rate, offset):
+                layer -= 1                               # an exact duplicate joins its twin's layer
+            if layer == len(self.layers):
+                self.layers.append([])
                 tops.append((rate, offset))
+                negated.append(-rate)
+            self.layers[layer].append(node)
+            tops[layer], negated[layer] = (rate, offset), -rate
 
     def candidates(self, holders: set[str]) -> list[NodeInfo]:
         chosen = []
