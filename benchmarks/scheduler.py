@@ -94,7 +94,7 @@ def heartbeat(client: redis.Redis, prefix: str, nodes: int, stop: threading.Even
                 return
 
 
-def estimate_vs_measured(url: str, runs: int, size: int, warmup: int = 2) -> list[dict]:
+def estimate_vs_measured(url: str, runs: int, size: int, warmup: int) -> list[dict]:
     """A real node loader with a model on its SSD tier (page cache evicted, as for the loader's probe):
     the controller's estimate for placing it (q + size / bw_ssd) against the staging it then triggers,
     timed from the decision to the loader's `staged` event. The first `warmup` runs calibrate the
@@ -181,6 +181,7 @@ def main() -> int:
     parser.add_argument("--decisions", type=int, default=2000)
     parser.add_argument("--local-runs", type=int, default=5, help="estimate-vs-measured runs with a real loader")
     parser.add_argument("--local-size", type=int, default=1 << 30, help="model bytes for those runs (default 1 GiB)")
+    parser.add_argument("--local-warmup", type=int, default=3, help="calibrating runs before those (not reported)")
     args = parser.parse_args()
     url, server = redis_url()
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -241,7 +242,8 @@ def main() -> int:
             process.stop()
         stop.set()
         print("estimated vs measured load time with a real node loader (SSD -> DRAM):", flush=True)
-        local = estimate_vs_measured(url, args.local_runs, args.local_size) if args.local_runs else []
+        local = estimate_vs_measured(url, args.local_runs, args.local_size, args.local_warmup) if args.local_runs \
+            else []
     finally:
         stop.set()
         for key in client.scan_iter(match=prefix + "*", count=1000):
@@ -281,7 +283,12 @@ def main() -> int:
                   "| run | estimate s | measured s | error |", "|---|---|---|---|"]
         lines += [f"| {i + 1} | {r['estimate_s']} | {r['measured_s']} | {r['error']:+.1%} |"
                   for i, r in enumerate(local)]
-        lines += ["", f"- median absolute error {statistics.median(errors):.1%}, worst {max(errors):.1%}", ""]
+        mean_estimate = statistics.mean(r["estimate_s"] for r in local)
+        mean_measured = statistics.mean(r["measured_s"] for r in local)
+        lines += ["", f"- median absolute error {statistics.median(errors):.1%}, worst {max(errors):.1%}; mean estimate "
+                  f"{mean_estimate:.3f} s vs mean measured {mean_measured:.3f} s ({mean_estimate / mean_measured - 1:+.1%})",
+                  f"- measured spread in this run: {min(r['measured_s'] for r in local):.3f}-"
+                  f"{max(r['measured_s'] for r in local):.3f} s for the same copy", ""]
     print("\n".join(lines))
     output = results_path("scheduler")
     output.write_text(json.dumps(report, indent=2) + "\n")
