@@ -285,8 +285,9 @@ def main() -> int:
                   for i, r in enumerate(local)]
         mean_estimate = statistics.mean(r["estimate_s"] for r in local)
         mean_measured = statistics.mean(r["measured_s"] for r in local)
-        lines += ["", f"- median absolute error {statistics.median(errors):.1%}, worst {max(errors):.1%}; mean estimate "
-                  f"{mean_estimate:.3f} s vs mean measured {mean_measured:.3f} s ({mean_estimate / mean_measured - 1:+.1%})",
+        bias = mean_estimate / mean_measured - 1
+        lines += ["", f"- median absolute error {statistics.median(errors):.1%}, worst {max(errors):.1%}; "
+                  f"mean estimate {mean_estimate:.3f} s vs mean measured {mean_measured:.3f} s ({bias:+.1%})",
                   f"- measured spread in this run: {min(r['measured_s'] for r in local):.3f}-"
                   f"{max(r['measured_s'] for r in local):.3f} s for the same copy", ""]
     print("\n".join(lines))
