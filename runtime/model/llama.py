@@ -1,9 +1,22 @@
 """A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in plain torch, with a slot-based KV cache.
 
 Numerics follow transformers' implementation (RMSNorm in float32, RoPE tables in float32 cast to
-the activation dtype, SDPA attention), so greedy tokens match it. The KV cache holds `max_batch`
-sequences of up to `max_seq` tokens; each running request owns one slot, and one decode step
-advances every active slot together.
+the activation dtype, eager attention with a float32 softmax), so greedy tokens match it. The KV
+cache holds `max_batch` sequences of up to `max_seq` tokens; each running request owns one slot, and
+one decode step advances every active slot together.
+
+Batch invariance: a token's logits do not depend on which other requests share its decode step, nor
+on whether its context was computed by decode steps or by one prefill. Live migration relies on it
+(the destination recomputes the context with a prefill and must continue with the very same tokens),
+and so does reproducible serving. Two rules give it on CPU, where oneDNN's bf16 matmul sums every
+row's products in the same order whatever the number of rows, as long as there are at least two:
+- every matmul gets at least two rows (`linear`, `attend`): with one row oneDNN takes a
+  matrix-vector path that sums long rows (K >= 1024 or so) in another order;
+- attention is plain matmul + softmax over keys padded to a multiple of KEY_BLOCK, masked by
+  position: a query row sees the same keys, in the same order, with the same trailing masked block,
+  in a prefill and in a decode step. SDPA's fused kernels split keys and queries into blocks whose
+  size depends on the lengths, which changes the sums.
+tests/test_migration.py checks both on the real model; docs/MIGRATION.md says where it holds.
 """
 
 from __future__ import annotations
@@ -109,7 +122,14 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(outputs, device="meta"), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear that computes a lone row as one of two, so its sums run in the batched order (module doc)."""
+    if x.numel() != x.shape[-1]:
+        return F.linear(x, weight, bias)
+    return F.linear(torch.cat([x, x]), weight, bias)[:1]
 
 
 class Embedding(nn.Module):
@@ -161,14 +181,46 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return torch.frombuffer(allocate_buffer(nbytes), dtype=torch.uint8).view(dtype).view(shape)
 
 
+KEY_BLOCK = 128  # attention reads keys in whole blocks of this many positions (batch invariance, module doc)
+
+
+def padded_length(length: int) -> int:
+    return -(-length // KEY_BLOCK) * KEY_BLOCK
+
+
 class KVCache:
-    """Keys and values of every layer for `max_batch` slots of `max_seq` positions."""
+    """Keys and values of every layer for `max_batch` slots of `max_seq` positions (room rounded up to a
+    whole KEY_BLOCK, so attention can always read whole blocks)."""
 
     def __init__(self, config: DecoderConfig, max_batch: int, max_seq: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu") -> None:
-        shape = (config.num_layers, max_batch, config.num_kv_heads, max_seq, config.head_dim)
+        shape = (config.num_layers, max_batch, config.num_kv_heads, padded_length(max_seq), config.head_dim)
         self.keys, self.values = _zeros(shape, dtype, device), _zeros(shape, dtype, device)
         self.max_batch, self.max_seq = max_batch, max_seq
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Attention of `q` (batch, heads, steps, dim) over `keys`/`values` (batch, kv_heads, padded, dim).
+
+    `allowed` (batch, 1, 1, steps, padded) masks keys after each query's position. Query heads that share
+    a key head are stacked as rows of one matmul, which also gives grouped-query attention without copies.
+    """
+    batch, heads, steps, dim = q.shape
+    kv_heads, padded = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    rows = (q * dim ** -0.5).reshape(batch, kv_heads, group * steps, dim)
+    lone = group * steps == 1
+    if lone:  # two rows, so the matmuls sum in their batched order (module doc)
+        rows = torch.cat([rows, rows], dim=2)
+    scores = torch.matmul(rows, keys.transpose(-1, -2))
+    if lone:
+        scores = scores[:, :, :1]
+    scores = scores.view(batch, kv_heads, group, steps, padded).masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * steps, padded)  # computed in float32
+    if lone:
+        probs = torch.cat([probs, probs], dim=2)
+    out = torch.matmul(probs, values)[:, :, :group * steps]
+    return out.view(batch, kv_heads, group, steps, dim).reshape(batch, heads, steps, dim)
 
 
 class Attention(nn.Module):
@@ -194,10 +246,10 @@ class Attention(nn.Module):
         return self.qkv_weight is not None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                slots: torch.Tensor, positions: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
+                slots: torch.Tensor, positions: torch.Tensor, padded: int, allowed: torch.Tensor) -> torch.Tensor:
         batch, steps, _ = x.shape
         if self.qkv_weight is not None:
-            q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(
+            q, k, v = linear(x, self.qkv_weight, self.qkv_bias).split(
                 [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -211,14 +263,20 @@ class Attention(nn.Module):
             slot, start = int(slots[0]), int(positions[0, 0])
             keys[slot, :, start:start + steps] = k[0]
             values[slot, :, start:start + steps] = v[0]
-            past_k, past_v = keys[slot, None, :, :length], values[slot, None, :, :length]
+            past_k, past_v = keys[slot, None, :, :padded], values[slot, None, :, :padded]
         else:
             slot_index = slots[:, None].expand(batch, steps)
             keys[slot_index, :, positions] = k.transpose(1, 2)
             values[slot_index, :, positions] = v.transpose(1, 2)
-            past_k, past_v = keys[slots, :, :length], values[slots, :, :length]
-        out = F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=mask, is_causal=mask is None and steps > 1,
-                                             enable_gqa=self.kv_heads != self.heads)
+            past_k, past_v = keys[slots, :, :padded], values[slots, :, :padded]
+        if steps <= KEY_BLOCK:
+            out = attend(q, past_k, past_v, allowed)
+        else:  # a long prefill: each block of queries reads only the keys up to its last position
+            ends = range(KEY_BLOCK, steps + KEY_BLOCK, KEY_BLOCK)
+            out = torch.cat([attend(q[:, :, end - KEY_BLOCK:end], past_k[:, :, :seen], past_v[:, :, :seen],
+                                    allowed[..., end - KEY_BLOCK:end, :seen])
+                             for end in ends for seen in [padded_length(int(positions[0, min(end, steps) - 1]) + 1)]],
+                            dim=2)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
 
 
@@ -236,7 +294,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -250,8 +308,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache, slots, positions, length, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, positions, length, mask)
+    def forward(self, x, cos, sin, cache, slots, positions, padded, allowed):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, positions, padded, allowed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -284,13 +342,10 @@ class LlamaDecoder(nn.Module):
         angles = positions[..., None].float() * self.inv_freq
         emb = torch.cat((angles, angles), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
-        length = int(positions.max()) + 1
-        batch, steps = tokens.shape
-        mask = None
-        if batch > 1 or (steps > 1 and positions[0, 0] != 0):  # not a plain causal prefill: mask by position
-            mask = torch.arange(length, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+        padded = padded_length(int(positions.max()) + 1)
+        allowed = (torch.arange(padded, device=tokens.device)[None, None, :] <= positions[:, :, None])[:, None, None]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, slots, positions, length, mask)
+            x = layer(x, cos, sin, cache, slots, positions, padded, allowed)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()
