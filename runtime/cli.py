@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "controller": ("controller.cli", "run the placement controller: placement API, scheduler extender, webhook"),
     "status": ("controller.cli", "show nodes, tiers, models, queues, instances and migrations from Redis"),
     "place": ("controller.cli", "show the ranked startup-time estimate for a model (books nothing)"),
+    "migrate": ("controller.migrate_cli", "move in-flight generations to another instance, live; --list, --recover"),
     "up": ("runtime.local.cli", "run everything on this machine: Redis, controller, N node loaders, gateway"),
     "deploy": ("runtime.local.cli", "deploy the functions of an OpenFaaS stack file to the gateway"),
     "invoke": ("runtime.local.cli", "call a function through the gateway (body from stdin)"),

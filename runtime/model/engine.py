@@ -3,6 +3,13 @@
 One engine thread owns the model and the KV cache. Waiting requests are admitted into free cache
 slots (prefill, one request at a time); every loop iteration then advances all running requests
 by one token in a single batched forward. HTTP threads only enqueue requests and read events.
+
+Live migration (runtime/migration/) moves a generation between engines by its tokens. The source
+pauses it between two steps, hands it over and detaches it (its slot is freed at once); the
+destination stages the tokens into a slot in rounds (prefill without sampling) and resumes by
+sampling from the last staged position. These control calls run on the engine thread between steps,
+so they never race a forward pass. Sampling depends only on (logits, seed, position), and the decoder
+is batch-invariant (runtime/model/llama.py), so a resumed generation continues with the same tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +36,14 @@ _ids = itertools.count(1)
 
 class RequestTooLong(ValueError):
     """Prompt plus max_tokens cannot fit in the engine's context."""
+
+
+class NoFreeSlot(RuntimeError):
+    """Every cache slot is taken, so a migrated generation cannot be staged here now."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine thread has stopped (the process is exiting, or the instance released its model)."""
 
 
 @dataclass
@@ -44,6 +61,22 @@ class Generation:
     finished_at: float | None = None
     slot: int | None = None
     cancelled: bool = False
+    request_id: str | None = None  # the id its client sees (the OpenAI response id), set by the server
+    # waiting | running | paused (handing over) | staged (a migration's destination, not sampling yet)
+    # | detached (handed over: its tokens now come from another instance) | finished
+    state: str = "waiting"
+    cached: int = 0  # context positions already in its KV cache slot
+    held_logits: torch.Tensor | None = None  # staged: the logits after its last token, sampled on resume
+    counted: bool = True  # reported to on_finish; a staged generation is another instance's request
+
+    def context(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def end(self, reason: str, error: str | None = None) -> None:
+        """Mark it finished and tell its reader; `reason` is the OpenAI finish_reason."""
+        self.finish_reason, self.error, self.state = reason, error, "finished"
+        self.finished_at = time.monotonic()
+        self.events.put(("error", error) if error else ("done", reason))
 
     def stream(self):
         """Yield text deltas until the generation ends; raises RuntimeError if the engine failed it."""
@@ -83,6 +116,7 @@ class Engine:
         self.on_finish = on_finish
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: dict[int, Generation] = {}  # slot -> generation
+        self._commands: list[tuple[Callable[[], Any], Future]] = []  # control calls for the engine thread
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="sllm-engine", daemon=True)
@@ -101,20 +135,136 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout=10)
 
+    def _check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
+        if prompt_tokens + params.max_tokens > self.max_seq:
+            raise RequestTooLong(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                                 f"context of {self.max_seq} tokens")
+
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         if not prompt_ids:
             raise RequestTooLong("the prompt is empty")
-        if len(prompt_ids) + params.max_tokens > self.max_seq:
-            raise RequestTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                                 f"context of {self.max_seq} tokens")
+        self._check_fits(len(prompt_ids), params)
         generation = Generation(list(prompt_ids), params)
         with self._wake:
+            if self._stopping:
+                raise EngineStopped("the engine has stopped")
             self._waiting.append(generation)
             self._wake.notify()
         return generation
 
     def cancel(self, generation: Generation) -> None:
         generation.cancelled = True  # the engine thread frees its slot at the next step
+        with self._wake:
+            self._wake.notify()  # a paused or staged generation is in no step: wake the loop to free it
+
+    def generations(self) -> list[Generation]:
+        """The waiting and slotted generations, oldest first."""
+        with self._wake:
+            return list(self._waiting) + sorted(self._running.values(), key=lambda g: g.id)
+
+    # -- migration control: each runs on the engine thread between two steps ----------------------
+    def _call(self, command: Callable[[], Any], timeout: float | None = 60.0) -> Any:
+        """Run `command` on the engine thread and return its result. On timeout a command that has not
+        started is withdrawn (TimeoutError); one that has started is waited for, never abandoned half done."""
+        future: Future = Future()
+        with self._wake:
+            if self._stopping or not self._thread.is_alive():
+                raise EngineStopped("the engine has stopped")
+            self._commands.append((command, future))
+            self._wake.notify()
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():
+                raise
+            return future.result()
+
+    def pause(self, generation: Generation) -> bool:
+        """Stop generating `generation` after the current step; False if it finished first."""
+        def command() -> bool:
+            if generation.finish_reason is not None:
+                return False
+            if generation.state != "running":
+                raise ValueError(f"the request is {generation.state}, not running")
+            generation.state = "paused"
+            return True
+        return self._call(command)
+
+    def unpause(self, generation: Generation) -> None:
+        """Go on generating a paused generation (its handover failed): its slot and cache are intact."""
+        def command() -> None:
+            if generation.state == "paused":
+                generation.state = "running"
+        self._call(command)
+
+    def detach(self, generation: Generation) -> None:
+        """Free a paused generation's slot: it was handed over and now lives on elsewhere."""
+        def command() -> None:
+            if generation.slot is not None and self._running.get(generation.slot) is generation:
+                del self._running[generation.slot]
+            if generation.finish_reason is None:  # a request cancelled while paused stays finished
+                generation.slot, generation.state, generation.cached = None, "detached", 0
+        self._call(command)
+
+    def restore(self, generation: Generation) -> None:
+        """Take a detached generation back (its destination failed): queue it first; admission prefills its
+        prompt and output so far, and decoding goes on from there."""
+        def command() -> None:
+            if generation.state != "detached":
+                raise ValueError(f"the request is {generation.state}, not detached")
+            generation.state = "waiting"
+            with self._wake:
+                self._waiting.appendleft(generation)
+        self._call(command)
+
+    def stage(self, prompt_ids: list[int], output_ids: list[int], params: SamplingParams) -> Generation:
+        """Take another instance's generation into a free slot now and prefill its tokens, without
+        sampling; NoFreeSlot if every slot is busy."""
+        if not prompt_ids:
+            raise RequestTooLong("the prompt is empty")
+        self._check_fits(len(prompt_ids), params)
+        if len(output_ids) >= params.max_tokens:
+            raise RequestTooLong(f"{len(output_ids)} tokens generated already reach max_tokens ({params.max_tokens})")
+        generation = Generation(list(prompt_ids), params, output_ids=list(output_ids), state="staged", counted=False)
+
+        def command() -> Generation:
+            free = [s for s in range(self.max_batch) if s not in self._running]
+            if not free:
+                raise NoFreeSlot(f"all {self.max_batch} slots are busy")
+            generation.slot = free[0]
+            self._running[generation.slot] = generation
+            try:
+                self._prefill(generation)
+            except Exception:
+                del self._running[generation.slot]
+                raise
+            return generation
+        return self._call(command)
+
+    def extend(self, generation: Generation, tokens: list[int]) -> None:
+        """Append tokens the source generated since the last round to a staged generation and prefill them."""
+        def command() -> None:
+            if generation.state != "staged":
+                raise ValueError(f"the request is {generation.state}, not staged")
+            if len(generation.output_ids) + len(tokens) >= generation.params.max_tokens:
+                raise RequestTooLong("the tokens sent reach max_tokens: the request is complete")
+            generation.output_ids.extend(tokens)
+            self._prefill(generation)
+        self._call(command)
+
+    def resume(self, generation: Generation, tokens: list[int], text: str) -> None:
+        """Take over a staged generation: prefill the final tokens, adopt the text its client has seen, and
+        sample the next token exactly where the source stopped."""
+        def command() -> None:
+            if generation.state != "staged":
+                raise ValueError(f"the request is {generation.state}, not staged")
+            if tokens:
+                generation.output_ids.extend(tokens)
+                self._prefill(generation)
+            generation.text, generation.state = text, "running"
+            logits, generation.held_logits = generation.held_logits, None
+            self._accept(generation, logits)
+        self._call(command)
 
     @property
     def running(self) -> int:
@@ -134,25 +284,41 @@ class Engine:
         self.submit(self.tokenizer.encode("Hello") or [0], SamplingParams(max_tokens=2, temperature=0)).wait()
 
     # -- the engine thread --------------------------------------------------------------------
+    def _needs_step(self) -> bool:
+        return any(g.state == "running" or g.cancelled for g in self._running.values())
+
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._waiting and not self._running:
+                while not self._stopping and not self._waiting and not self._commands and not self._needs_step():
                     self._wake.wait()
+                commands, self._commands = self._commands, []
                 if self._stopping:
+                    for _, future in commands:
+                        future.set_exception(EngineStopped("the engine has stopped"))
                     return
+            for command, future in commands:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(command())
+                    except Exception as exc:  # the caller gets it; the engine goes on
+                        future.set_exception(exc)
+            with self._wake:
                 admitted = []
                 free = [s for s in range(self.max_batch) if s not in self._running]
                 while self._waiting and free:
                     generation = self._waiting.popleft()
-                    generation.slot = free.pop(0)
+                    generation.slot, generation.state = free.pop(0), "running"
                     self._running[generation.slot] = generation
                     admitted.append(generation)
             try:
                 for generation in admitted:
-                    self._prefill(generation)
+                    if generation.cancelled:
+                        self._finish(generation, "cancelled")
+                    else:
+                        self._prefill(generation)
                 self._drop_finished()
-                if self._running:
+                if self._needs_step():
                     self._decode_step()
                     self._drop_finished()
             except Exception as exc:  # a failed step fails its requests, never the process
@@ -161,25 +327,30 @@ class Engine:
                 self._drop_finished()
 
     def _prefill(self, generation: Generation) -> None:
-        if generation.cancelled:
-            return self._finish(generation, "cancelled")
-        tokens = torch.tensor([generation.prompt_ids])
-        positions = torch.arange(len(generation.prompt_ids))[None]
+        """Run the context positions not yet in the slot's cache (a new prompt, a restored or staged
+        generation's tokens) and sample the next token, or hold the logits while staged."""
+        fresh = generation.context()[generation.cached:]
+        tokens = torch.tensor([fresh])
+        positions = torch.arange(generation.cached, generation.cached + len(fresh))[None]
         logits = self.model(tokens, positions, self.cache, torch.tensor([generation.slot]))
-        self._accept(generation, logits[0, -1])
+        generation.cached += len(fresh)
+        if generation.state == "staged":
+            generation.held_logits = logits[0, -1]
+        else:
+            self._accept(generation, logits[0, -1])
 
     def _decode_step(self) -> None:
-        batch = [g for g in self._running.values() if g.finish_reason is None]
-        for generation in batch:
+        for generation in list(self._running.values()):
             if generation.cancelled:
                 self._finish(generation, "cancelled")
-        batch = [g for g in batch if g.finish_reason is None]
+        batch = [g for g in self._running.values() if g.state == "running"]
         if not batch:
             return
         tokens = torch.tensor([[g.output_ids[-1]] for g in batch])
         positions = torch.tensor([[len(g.prompt_ids) + len(g.output_ids) - 1] for g in batch])
         logits = self.model(tokens, positions, self.cache, torch.tensor([g.slot for g in batch]))
         for row, generation in enumerate(batch):
+            generation.cached = int(positions[row, 0]) + 1
             self._accept(generation, logits[row, -1])
 
     def _accept(self, generation: Generation, logits: torch.Tensor) -> None:
@@ -218,11 +389,8 @@ class Engine:
             return
         if error is None:
             self._emit_text(generation, final=True)  # flush text held back for a stop string that never came
-        generation.finish_reason = reason or "error"
-        generation.error = error
-        generation.finished_at = time.monotonic()
-        generation.events.put(("error", error) if error else ("done", generation.finish_reason))
-        if self.on_finish:
+        generation.end(reason or "error", error)
+        if self.on_finish and generation.counted:
             self.on_finish(generation)
 
     def _drop_finished(self) -> None:

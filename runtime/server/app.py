@@ -20,6 +20,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from runtime.migration.routes import register_migration_routes
 from runtime.server import openai_api as api
 from runtime.server.metrics import COLD_START_BUCKETS, LATENCY_BUCKETS, Registry
 from runtime.server.settings import Settings
@@ -177,6 +178,7 @@ class Runtime:
     def _respond(self, prompt_ids: list[int], body: dict, chat: bool, default_max_tokens: int) -> dict | Response:
         generation, parsed = self._submit(prompt_ids, body, default_max_tokens)
         shape = api.ResponseShape(self.loaded.name, chat)
+        generation.request_id = shape.id  # how /_/requests and migrations name it
         if not parsed.stream:
             try:
                 text = generation.wait()
@@ -189,9 +191,11 @@ class Runtime:
         def guarded():
             try:
                 yield from frames
-            finally:  # the client went away: free the slot
+            finally:  # the client went away: free the slot, or stop relaying a migrated request
                 if generation.finish_reason is None:
-                    self.loaded.engine.cancel(generation)
+                    generation.cancelled = True
+                    if self.loaded is not None:
+                        self.loaded.engine.cancel(generation)
 
         return Response(guarded(), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -294,5 +298,6 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
     def metrics():
         return Response(runtime.metrics.render(), mimetype="text/plain; version=0.0.4")
 
+    register_migration_routes(app, runtime)
     runtime.start(process_started)
     return app

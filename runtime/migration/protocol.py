@@ -1,0 +1,168 @@
+"""The migration wire format: JSON bodies checked field by field, and NDJSON for the continuation stream.
+
+Destination endpoints (called by the source):
+    POST   /_/migration/<id>/tokens   {"start", "tokens", and on the first round "prompt_tokens", "params",
+                                       "model", "numerics"} -> {"position", "prefill_s", ...}
+    POST   /_/migration/<id>/commit   {"start", "tokens", "text"} -> NDJSON: resumed, delta..., done | error
+Both roles:
+    GET    /_/migration/<id>          this instance's status of the migration
+    DELETE /_/migration/<id>          abort it (before the handover)
+    GET    /_/migration               every migration this instance remembers
+Source endpoints (called by the coordinator):
+    GET    /_/requests                the in-flight requests, by the id their clients see
+    POST   /_/requests/<id>/migrate   {"destination", "migration", "threshold", ...} -> 202, the status
+
+Token ids travel as JSON integers; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # importing sampling imports torch: the app registers these routes before torch is loaded
+    from runtime.model.sampling import SamplingParams
+
+PREFIX = "/_/migration"
+MIGRATION_ID = re.compile(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?")  # a DNS label: also a valid Redis-schema id
+MAX_TOKEN_ID = 1 << 31
+
+
+class ProtocolError(Exception):
+    """A request the protocol refuses; `status` is its HTTP status, `field` the body field at fault."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.field, self.extra = status, message, field, extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "field": self.field, **self.extra}}
+
+
+def check_migration_id(value: object) -> str:
+    if not isinstance(value, str) or not MIGRATION_ID.fullmatch(value):
+        raise ProtocolError(400, f"migration id {str(value)[:80]!r} must be a DNS label: lowercase letters, digits "
+                                 "and '-', at most 63 characters", "migration")
+    return value
+
+
+def require(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """body[name] if it has the JSON type `kind` (bools are not numbers), else a 400 naming the field."""
+    if name not in body or body[name] is None:
+        if default is ...:
+            raise ProtocolError(400, f"'{name}' is required", name)
+        return default
+    value = body[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ProtocolError(400, f"'{name}' must be a {names}", name)
+    return value
+
+
+def number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = float(require(body, name, (int, float), default))
+    if not low <= value <= high:
+        raise ProtocolError(400, f"'{name}' must be between {low} and {high}", name)
+    return value
+
+
+def token_list(body: dict, name: str = "tokens", limit: int = 1 << 20) -> list[int]:
+    tokens = require(body, name, list)
+    if len(tokens) > limit:
+        raise ProtocolError(413, f"'{name}' has {len(tokens)} tokens; the limit is {limit}", name)
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < MAX_TOKEN_ID for t in tokens):
+        raise ProtocolError(400, f"'{name}' must be a list of token ids (non-negative integers)", name)
+    return tokens
+
+
+def json_object(raw: object) -> dict:
+    if not isinstance(raw, dict):
+        raise ProtocolError(400, "the request body must be a JSON object")
+    return raw
+
+
+def params_to_json(params: SamplingParams) -> dict[str, Any]:
+    return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "seed": params.seed, "stop": list(params.stop), "ignore_eos": params.ignore_eos}
+
+
+def params_from_json(raw: object) -> SamplingParams:
+    """The sampling state of the request: with its seed, the destination draws the very same tokens."""
+    from runtime.model.sampling import SamplingParams
+
+    if not isinstance(raw, dict):
+        raise ProtocolError(400, "'params' must be an object", "params")
+    max_tokens = require(raw, "max_tokens", int)
+    seed = require(raw, "seed", int)
+    stop = require(raw, "stop", list, [])
+    if max_tokens < 1 or not 0 <= seed < 2**63:
+        raise ProtocolError(400, "'params.max_tokens' must be >= 1 and 'params.seed' in [0, 2**63)", "params")
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ProtocolError(400, "'params.stop' must be a list of non-empty strings", "params.stop")
+    return SamplingParams(max_tokens=max_tokens, temperature=number(raw, "temperature", 1.0, 0.0, 2.0),
+                          top_p=number(raw, "top_p", 1.0, 1e-9, 1.0), seed=seed, stop=stop,
+                          ignore_eos=require(raw, "ignore_eos", bool, False))
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    """How the source runs one migration; every field has a default (docs/MIGRATION.md)."""
+
+    destination: str
+    threshold: int = 20              # pause and hand over once fewer new tokens than this remain to send
+    max_rounds: int = 8              # hand over after this many rounds even if the destination lags behind
+    timeout_s: float = 30.0          # longest wait for a round's prefill, or between two relayed events
+    handover_timeout_s: float = 5.0  # longest pause: commit -> the destination's "resumed"
+    release: bool = False            # release the model once no request is left on the source
+
+    @classmethod
+    def from_json(cls, body: dict) -> MigrateOptions:
+        destination = require(body, "destination", str)
+        if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", destination):
+            raise ProtocolError(400, "'destination' must be an http(s) base URL such as http://10.0.0.7:8080",
+                                "destination")
+        threshold = require(body, "threshold", int, cls.threshold)
+        max_rounds = require(body, "max_rounds", int, cls.max_rounds)
+        if threshold < 1 or max_rounds < 1:
+            raise ProtocolError(400, "'threshold' and 'max_rounds' must be >= 1", "threshold")
+        return cls(destination.rstrip("/"), threshold, max_rounds,
+                   number(body, "timeout_s", cls.timeout_s, 0.1, 3600.0),
+                   number(body, "handover_timeout_s", cls.handover_timeout_s, 0.1, 600.0),
+                   require(body, "release", bool, False))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"destination": self.destination, "threshold": self.threshold, "max_rounds": self.max_rounds,
+                "timeout_s": self.timeout_s, "handover_timeout_s": self.handover_timeout_s, "release": self.release}
+
+
+def auth_headers() -> dict[str, str]:
+    """The bearer token migration endpoints require when SLLM_MIGRATION_TOKEN is set (routes.py)."""
+    token = os.environ.get("SLLM_MIGRATION_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def error_text(response) -> str:
+    """The message of an error reply (`requests` response), whichever shape it has."""
+    try:
+        error = response.json().get("error")
+    except ValueError:
+        return response.text[:200]
+    return error.get("message", str(error)) if isinstance(error, dict) else str(error)
+
+
+def ndjson(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":")) + "\n"
+
+
+def numerics(engine) -> dict[str, Any]:
+    """What a token's logits depend on besides the model: equal fingerprints on both sides give equal tokens
+    (runtime/model/llama.py, batch invariance)."""
+    import torch
+
+    weight = engine.model.model.embed_tokens.weight
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(weight.dtype).split(".")[-1],
+            "device": weight.device.type, "cpu": torch.backends.cpu.get_cpu_capability()}
