@@ -177,24 +177,28 @@ class Migrator:
     def _follow(self, migration_id: str, record: dict[str, str]) -> None:
         """Mirror the source's progress into the record until the handover or the abort."""
         url = f"{record['source']}/_/migration/{migration_id}"
-        seen, renewed, unreachable_since = None, time.monotonic(), None
         handover_timeout_s = float(json.loads(record["options"]).get("handover_timeout_s", 5.0))
-        handed_over_at = None
+        seen = last = handed_over_at = unreachable_since = None
+        renewed = time.monotonic()
         while True:
             try:
                 response = requests.get(url, headers=auth_headers(), timeout=self.request_timeout_s)
                 status = response.json() if response.status_code == 200 else None
+                lost = "the source no longer knows the migration (it restarted)" if response.status_code == 404 \
+                    else None
                 unreachable_since = None
             except (requests.RequestException, ValueError) as exc:
                 unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > self.lease_s:
-                    self._source_lost(migration_id, record, f"the source stopped answering: {exc}")
-                    return
                 status = None
-                response = None
-            if response is not None and response.status_code == 404:
-                self._source_lost(migration_id, record, "the source no longer knows the migration (it restarted)")
+                lost = f"the source stopped answering: {exc}" \
+                    if time.monotonic() - unreachable_since > self.lease_s else None
+            if lost and handed_over_at is not None:  # it died after the handover: the destination records that
+                self._end(migration_id, "completed", "handed_over", None, last)
                 return
+            if lost:
+                self._source_lost(migration_id, record, lost)
+                return
+            last = status or last
             if status is not None:
                 progress = {k: status.get(k) for k in ("rounds", "tokens_recomputed", "same_numerics")}
                 if status["state"] in HANDED_OVER:

@@ -162,7 +162,8 @@ def instances(smollm2, namespace, tmp_path_factory):
     Redis, so no one picks them)."""
     _, prefix, url = namespace
     log_dir = tmp_path_factory.mktemp("instances")
-    specs = [("src-a", "node-a", True, {}), ("dst-b", "node-b", True, {}), ("src-drained", "node-d", True, {})]
+    specs = [("src-a", "node-a", True, {}), ("dst-b", "node-b", True, {}), ("src-drained", "node-d", True, {}),
+             ("source.paused:exit", "node-e", False, {"SLLM_MIGRATION_FAULT": "source.paused:exit"})]
     specs += [(f"{step}:{action}", "node-c", False, {"SLLM_MIGRATION_FAULT": f"{step}:{action}"})
               for step, action, _ in FAULTS]
     specs += [(f"destination.relay:{action}", "node-c", False, {"SLLM_MIGRATION_FAULT": f"destination.relay:{action}"})
@@ -365,6 +366,20 @@ def test_controller_dies_mid_migration_and_another_finishes_it(pair, migrator, n
     assert record["state"] == "completed" and record["owner"] == migrator.owner, record
     assert any("taken over" in e["detail"] for e in events_of(record))
     assert call.result() == expected
+
+
+def test_source_death_before_handover_fails_the_record_and_frees_the_destination(instances, pair, migrator):
+    _, destination = pair
+    source = instances["source.paused:exit"]
+    call = Call(source, "greedy-chat", True)
+    [request_id] = running_requests(source, 1, min_tokens=4)
+    record = migrator.migrate(source.url, request_id, destination.url, **FAST)
+    assert record["state"] == "failed" and record["outcome"] == "source_lost", record
+    call.join(timeout=60)
+    assert call.error is not None  # its worker died with the request: the client's stream broke
+    assert any(f"exited with code {EXIT_CODE}" in line for line in source.worker_exits())
+    eventually(lambda: destination.migration(record["id"])["state"] == "aborted")  # the coordinator dropped it
+    source.kill()
 
 
 def test_release_and_source_death_after_handover(instances, pair, migrator):

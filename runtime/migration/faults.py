@@ -5,8 +5,9 @@
 
 Steps: destination.tokens (first round), destination.round (a later round), destination.commit (the
 handover, while the source is paused), destination.relay (after the first relayed tokens),
-controller.pending / controller.started / controller.transferring (right after the coordinator has
-persisted that state). Several faults can be given, separated by commas. Unset, `inject` does nothing.
+source.paused (the source, once it has paused the request), controller.pending / controller.started /
+controller.transferring (right after the coordinator has persisted that state). Several faults can be
+given, separated by commas. Unset, `inject` does nothing.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import requests
 
+from runtime.migration import faults
 from runtime.migration.protocol import PREFIX, MigrateOptions, auth_headers, error_text, numerics, params_to_json
 from runtime.migration.state import Migrations, MigrationStatus
 from runtime.model.engine import EngineStopped, Generation
@@ -97,6 +98,7 @@ class SourceMigration(MigrationStatus):
         self.paused_at = time.monotonic()
         final = generation.context()[self.sent:]
         self.move("paused", f"{len(final)} tokens left to send")
+        faults.inject("source.paused")
         response, lines = self._commit(session, final)
         self.rounds += 1
         self.tokens_recomputed += len(final)
