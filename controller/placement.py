@@ -20,7 +20,7 @@ import redis
 from controller.booking import Booker, NodeGone
 from controller.cluster import ClusterCache
 from controller.scheduler import Decision, ModelInfo, Snapshot, rank, shortlist
-from redis_schema.keys import Keys
+from redis_schema.keys import EVENTS_MAXLEN, Keys
 from runtime.names import validate_model_name
 from runtime.node_loader.client import LoaderClient, LoaderUnavailable
 
@@ -116,7 +116,9 @@ class Placer:
     def place(self, model: str, *, size_hint: int | None = None, candidates: set[str] | None = None,
               book_slot: bool = True, owner: str = "") -> Placement:
         """Book the best node that still has a slot and start staging there; try the next best when a
-        concurrent decision took the slot first. `book_slot=False` only prefetches (scale-up alerts)."""
+        concurrent decision took the slot first. `book_slot=False` only prefetches (scale-up alerts). A plan
+        that migrates an instance away first books nothing: the slot frees when that instance hands over
+        (the caller runs the migration, controller/migration.py)."""
         snapshot = self._snapshot_with(model, size_hint)
         view = self.cache.view()
         ranked = shortlist(snapshot, model)
@@ -137,20 +139,24 @@ class Placer:
             staging = None if decision.tier in ("gpu", tier) else f"{model}@{tier}"
             finish_at = time.time() + decision.estimate_s
             booking = None
-            if book_slot:
+            if book_slot and not decision.migrate:
                 booking_id = f"b-{self._ids.getrandbits(64):016x}"
-                slot_node = decision.migrate_to or decision.node  # a migration needs the destination's slot
                 try:
-                    held = self.booker.book(slot_node, booking_id, staging if slot_node == decision.node else None,
-                                            finish_at, event=self._event(model, decision, booking_id, owner))
+                    held = self.booker.book(decision.node, booking_id, staging, finish_at,
+                                            event=self._event(model, decision, booking_id, owner))
                 except NodeGone:
                     continue
                 if held is None:
                     continue
                 booking = booking_id
-                self.cache.note_booking(slot_node, finish_at if slot_node == decision.node else None)
-            elif staging:
-                self.client.zadd(self.keys.node_queue(decision.node), {staging: finish_at}, nx=True)
+                self.cache.note_booking(decision.node, finish_at)
+            else:  # a prefetch, or a slot that a migration frees: nothing to book yet, stage anyway
+                pipe = self.client.pipeline()
+                if staging:
+                    pipe.zadd(self.keys.node_queue(decision.node), {staging: finish_at}, nx=True)
+                pipe.xadd(self.keys.events, self._event(model, decision, "", owner), maxlen=EVENTS_MAXLEN,
+                          approximate=True)
+                pipe.execute()
             if staging:
                 self._kicks.submit(self._kick, record.address, model, tier)
             return Placement(model, decision, booking, staging, record.address, ranked)

@@ -4,6 +4,7 @@
     GET  /v1/placements/<model>  the ranked estimate, no side effects
     POST /v1/scale               scale-request entry point: place `replicas` instances of a function/model
     POST /system/alert           AlertManager receiver (OpenFaaS scale-up alerts): prefetch, no booking
+    POST /v1/migrations          operator-triggered live migration of one request; GET /v1/migrations/<id>
     POST /filter, /prioritize    kube-scheduler extender
     POST /mutate                 mutating admission webhook (AdmissionReview v1)
     GET  /v1/cluster             the cluster view `sllm-faas status` prints
@@ -20,9 +21,12 @@ import hmac
 import logging
 import math
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
+import requests
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -30,6 +34,7 @@ from controller import kube
 from controller.booking import Booker
 from controller.cluster import ClusterCache
 from controller.config import ControllerConfig
+from controller.migration import Migrator, NoDestination
 from controller.placement import NoCapacity, Placer, UnknownModel
 from redis_schema.keys import Keys, validate_id
 from redis_schema.upgrade import ensure_schema
@@ -72,6 +77,10 @@ class Controller:
                 lambda: time.time() - self.cache._view.read_at if self.cache._view else 0)
         m.gauge("sllm_controller_stage_kick_failures", "Loaders that could not be told to stage.",
                 lambda: self.placer.kick_failures)
+        m.counter("sllm_controller_migrations_total", "Migrations this controller ran, by reason and outcome.")
+        self.migrator = Migrator(self.client, self.keys)
+        self._migrations = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sllm-migrate")
+        threading.Thread(target=self._recover_forever, name="sllm-migration-recovery", daemon=True).start()
         self._schema_checked_at = -math.inf
 
     def ensure_schema(self) -> None:
@@ -81,12 +90,39 @@ class Controller:
             ensure_schema(self.client, self.keys)
             self._schema_checked_at = time.monotonic()
 
+    def _recover_forever(self, every_s: float = 5.0) -> None:
+        """Finish or abort migrations whose coordinator died (any controller replica may take them)."""
+        while True:
+            try:
+                for record in self.migrator.recover():
+                    self.metrics.inc("sllm_controller_migrations_total", reason="recovered",
+                                     outcome=record.get("state", ""))
+            except (redis.RedisError, requests.RequestException, LookupError, ValueError) as exc:
+                log.warning("migration recovery: %s", exc)
+            time.sleep(every_s)
+
+    def migrate_in_background(self, run, reason: str) -> None:
+        def job():
+            try:
+                records = run()
+                for record in records if isinstance(records, list) else [records]:
+                    self.metrics.inc("sllm_controller_migrations_total", reason=reason,
+                                     outcome=record.get("state", ""))
+            except (NoDestination, LookupError, ValueError, redis.RedisError, requests.RequestException) as exc:
+                log.warning("%s migration not started: %s", reason, exc)
+                self.metrics.inc("sllm_controller_migrations_total", reason=reason, outcome="not_started")
+
+        self._migrations.submit(job)
+
     def decide(self, source: str, model: str, **options) -> dict:
         started = time.perf_counter()
         outcome = "error"
         try:
             placement = self.placer.place(model, **options)
-            outcome = placement.decision.plan()["action"]
+            plan = placement.decision.plan()
+            outcome = plan["action"]
+            if plan["action"] == "migrate_then_load":  # free the slot: drain the instance to the planned node
+                self.migrate_in_background(lambda: self.migrator.execute_plan(plan), "plan")
             return placement.as_dict() | {"ranked": [d.plan() for d in placement.ranked[:5]]}
         except NoCapacity:
             outcome = "no_capacity"
@@ -264,6 +300,32 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         best = [d["node"] for d in placement.get("ranked", [placement])][:len(kube.AFFINITY_WEIGHTS)]
         summary = {k: placement.get(k) for k in ("node", "tier", "estimate_s", "action", "booking", "instance", "to")}
         return kube.admission_response(uid, kube.placement_patch(pod, best, summary))
+
+    @hook("/v1/migrations", methods=["POST"])
+    def start_migration():
+        """Operator-triggered migration of one request; runs in the background, follow it by id."""
+        body = json_body()
+        for field in ("source", "request"):
+            if not isinstance(body.get(field), str) or not body[field]:
+                raise ApiError(400, f"{field} must be a non-empty string", field)
+        destination = body.get("destination")
+        if destination is not None and not isinstance(destination, str):
+            raise ApiError(400, "destination must be a string (a base URL or an instance id)", "destination")
+        threshold = body.get("threshold", 20)
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or not 1 <= threshold <= 4096:
+            raise ApiError(400, "threshold must be an integer from 1 to 4096", "threshold")
+        migration_id = f"m-{int(time.time())}-{os.urandom(4).hex()}"
+        controller.migrate_in_background(lambda: controller.migrator.migrate(
+            body["source"], body["request"], destination, threshold=threshold, reason="operator",
+            migration_id=migration_id), "operator")
+        return {"id": migration_id, "record": controller.keys.migration(migration_id)}, 202
+
+    @hook("/v1/migrations/<migration_id>", methods=["GET"])
+    def migration_record(migration_id: str):
+        record = controller.migrator.get(validate_id(migration_id, "migration id"))
+        if not record:
+            raise ApiError(404, f"no migration {migration_id}", "migration_id")
+        return record
 
     @hook("/v1/cluster", methods=["GET"])
     def cluster():

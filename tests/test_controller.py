@@ -375,3 +375,13 @@ def test_a_controller_killed_and_restarted_loses_nothing(cluster, tmp_path):
         assert second.post("/v1/placements", {"model": "m1"}).json()["node"] != booked["node"]
     finally:
         second.stop()
+
+
+def test_migration_api_validates_and_reports_unknown_ids(controller):
+    for body, field in (({"request": "cmpl-1"}, "source"), ({"source": "http://127.0.0.1:9", "request": ""}, "request"),
+                        ({"source": "a", "request": "b", "threshold": 0}, "threshold"),
+                        ({"source": "a", "request": "b", "destination": 5}, "destination")):
+        response = controller.post("/v1/migrations", body)
+        assert response.status_code == 400 and response.json()["field"] == field, body
+    assert controller.get("/v1/migrations/m-none").status_code == 404
+    assert controller.get("/v1/migrations/..%2Fx").status_code in (400, 404)

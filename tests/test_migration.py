@@ -442,3 +442,43 @@ def test_bad_requests_get_clear_errors(pair):
                   timeout=10)
     assert commit.status_code == 404
     assert json.loads(requests.get(f"{source.url}/_/requests", timeout=10).text)["object"] == "list"
+
+
+def test_controller_runs_the_schedulers_migration_plan(smollm2, namespace, tmp_path):
+    """A model whose only fast node is full: the controller's decision is "migrate the instance there to the
+    other node, then load", and it carries the migration out; the client's stream goes on, equal."""
+    from controller_process import GB, ControllerProcess, publish_model, publish_node
+
+    client, prefix, url = namespace
+    source = Instance(smollm2["sllm"], "plan-src", "node-p", (url, prefix), tmp_path)
+    destination = Instance(smollm2["sllm"], "plan-dst", "node-q", (url, prefix), tmp_path)
+    source.wait_ready()
+    destination.wait_ready()
+    try:
+        keys = Keys(prefix)
+        publish_model(client, prefix, "big-model", 10 * GB)
+        publish_model(client, prefix, "smollm2", 270 * 10**6)
+        publish_node(client, prefix, "node-p", slots=1, dram=["big-model", "smollm2"])   # full: plan-src
+        publish_node(client, prefix, "node-q", slots=2, dram=["smollm2"], bw_remote=10**6)  # big-model: remote only
+        expected = Call(source, "long-chat", True).result()   # alone, unmigrated (also measures prefill speed)
+        eventually(lambda: float(client.hget(keys.instance("plan-src"), "prefill_tokens_per_s") or 0) > 0)
+        call = Call(source, "long-chat", True)
+        running_requests(source, 1, min_tokens=5)
+        controller = ControllerProcess(tmp_path, url, prefix, snapshot_max_age_s="0.1").start()
+        try:
+            placed = controller.post("/v1/placements", {"model": "big-model"}).json()
+            assert (placed["action"], placed["node"], placed["instance"], placed["to"]) == \
+                ("migrate_then_load", "node-p", "plan-src", "node-q"), placed
+            assert placed["booking"] is None and placed["staging"] is None   # already in node-p's DRAM
+            assert call.result() == expected
+            eventually(lambda: not client.exists(keys.instance("plan-src")), timeout=30)  # released: slot free
+            records = [client.hgetall(keys.migration(m)) for m in client.zrange(keys.migrations, 0, -1)]
+            mine = [r for r in records if r.get("reason") == "plan" and r.get("source_instance") == "plan-src"]
+            assert [r["state"] for r in mine] == ["completed"] and mine[0]["destination_instance"] == "plan-dst"
+            assert 'sllm_controller_migrations_total{outcome="completed",reason="plan"} 1.0' in \
+                requests.get(controller.url + "/metrics", timeout=10).text
+        finally:
+            controller.stop()
+    finally:
+        source.kill()
+        destination.kill()
