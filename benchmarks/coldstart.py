@@ -32,7 +32,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import machine_info, now_utc, results_path  # noqa: E402
+from common import machine_info, now_utc, results_path, write_results  # noqa: E402
 
 from examples.smollm2.prepare import prepare  # noqa: E402
 from runtime.embedded_redis import free_tcp_port  # noqa: E402
@@ -231,12 +231,8 @@ def main() -> int:
             f"{key} {statistics.median(b[key] for b in breakdowns):.3f}" for key in
             ("imports_s", "staging_wait_s", "load_s", "build_s", "first_forward_s", "process_start_to_ready_s")),
     ]
-    output = args.json or results_path("coldstart")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwrote {output} and {output.with_suffix('.md')}")
+    write_results(args.json or results_path("coldstart"), report, "\n".join(lines))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -115,3 +116,9 @@ def summary(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "samples": values}
 
 
+def write_results(output: Path, report: dict[str, Any], markdown: str) -> None:
+    """The run's JSON and its markdown summary side by side (OUTPUT and OUTPUT with .md)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
+    print(f"wrote {output} and {output.with_suffix('.md')}")

@@ -13,7 +13,6 @@ at $REDIS_URL (else 127.0.0.1:6379, else an embedded one). In the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import evict_page_cache, machine_info, now_utc, results_path  # noqa: E402
+from common import evict_page_cache, machine_info, now_utc, results_path, write_results  # noqa: E402
 from loader_daemon import LoaderDaemon  # noqa: E402
 
 from runtime.checkpoint import save_state_dict  # noqa: E402
@@ -135,11 +134,8 @@ def main() -> int:
         f"- GET /v1/status over the socket: p50 {report['status_ms']['p50']:.2f} ms, "
         f"p99 {report['status_ms']['p99']:.2f} ms (target p99 < {TARGETS['status_p99_ms']} ms)",
     ]
-    output = args.json or results_path("loader")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    write_results(args.json or results_path("loader"), report, "\n".join(lines))
     return 0
 
 

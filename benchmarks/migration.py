@@ -22,7 +22,6 @@ each with `--threads` torch threads, coordinated by `controller.migration.Migrat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -41,7 +40,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import machine_info, now_utc, results_path  # noqa: E402
+from common import machine_info, now_utc, results_path, write_results  # noqa: E402
 
 from controller.migration import Migrator  # noqa: E402
 from examples.smollm2.prepare import prepare  # noqa: E402
@@ -266,12 +265,8 @@ def main() -> int:
               f"{context['handover_gap_s'] * 1e3:.0f} / {context['inter_token_s'] * 1e3:.0f} ms |", "",
               f"Target: migration <= {TARGETS['migration_vs_prefill']}x the destination's prefill time (time to the "
               "first streamed token of a prompt that long, on the destination, same run)."]
-    output = args.json or results_path("migration")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"\nwrote {output} and {output.with_suffix('.md')}")
+    write_results(args.json or results_path("migration"), report, "\n".join(lines))
     return 0
 
 

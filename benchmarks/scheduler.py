@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import machine_info, now_utc, results_path  # noqa: E402
+from common import machine_info, now_utc, results_path, write_results  # noqa: E402
 from controller_process import GB, ControllerProcess, publish_model, publish_node  # noqa: E402
 
 from controller.booking import Booker  # noqa: E402
@@ -291,9 +291,7 @@ def main() -> int:
                   f"- measured spread in this run: {min(r['measured_s'] for r in local):.3f}-"
                   f"{max(r['measured_s'] for r in local):.3f} s for the same copy", ""]
     print("\n".join(lines))
-    output = results_path("scheduler")
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(results_path("scheduler"), report, "\n".join(lines))
     return 0
 
 

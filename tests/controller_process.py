@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import requests
+from process_group import stop_group
 
 from runtime.embedded_redis import free_tcp_port
 
@@ -54,13 +53,8 @@ class ControllerProcess:
         return requests.get(self.url + path, headers=self.headers(), timeout=30)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process:
+            stop_group(self.process)
         self.log.close()
 
 

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from process_group import stop_group
+
 from runtime.node_loader.client import LoaderClient, LoaderUnavailable
 
 
@@ -47,13 +49,8 @@ class LoaderDaemon:
         self.log.close()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return
+        if self.process:
+            stop_group(self.process)
         self.log.close()
 
     def wait_job(self, job: dict, timeout: float = 60) -> dict:
