@@ -93,7 +93,8 @@ def cluster(store, tmp_path_factory, redis_target):
     prefix = f"sllm-test-up:{os.getpid()}:"
     up = Up(tmp_path_factory.mktemp("up"), store, redis_target.url, prefix, nodes=2, slots=1)
     stack = write_stack(up.workdir.parent / "stack.yml", {"fa": {"model": "smollm2-a", "zero_duration": "4s"},
-                                                           "fb": {"model": "smollm2-b"}})
+                                                           "fb": {"model": "smollm2-b"},
+                                                           "fd": {"model": "smollm2-a", "target": 1, "max": 2}})
     deployed = up.deploy(stack)
     assert deployed.returncode == 0, deployed.stderr
     yield up
@@ -114,7 +115,7 @@ def test_scale_from_zero_then_to_zero_with_the_openai_client(cluster):
                                                                          max_tokens=12, temperature=0)
     assert "Paris" in raw.parse().choices[0].message.content
     cold = json.loads(raw.headers["X-Sllm-Cold-Start"])
-    assert cold["process_start_to_ready_s"] > 0 and cold["tier"] in ("ssd", "dram")
+    assert cold["process_start_to_ready_s"] > 0 and cold["tier"] in ("remote", "ssd", "dram")  # as found
     assert json.loads(raw.headers["X-Sllm-Placement"])["tier"] == "remote"  # only the store had it
     status = cluster.function("fa")
     assert status["availableReplicas"] == 1 and status["instances"][0]["node"] == raw.headers["X-Sllm-Node"]
@@ -173,6 +174,23 @@ def test_burst_of_20_at_zero_all_answered_with_one_staging_per_node(cluster, red
         if event["kind"] == "stage_started" and event["model"] == "smollm2-b":
             staged[(event["node"], event["tier"])] = staged.get((event["node"], event["tier"]), 0) + 1
     assert staged and set(staged.values()) == {1}, staged
+    requests.post(f"{cluster.gateway}/system/scale-function/fb", json={"replicas": 0}, timeout=30)
+    wait_until(lambda: cluster.function("fb")["replicas"] == 0)
+
+
+def test_scale_up_under_concurrency_up_to_max(cluster):
+    wait_until(lambda: all(cluster.function(f)["replicas"] == 0 for f in ("fa", "fb")), timeout=60)
+
+    def ask(_) -> str:
+        return cluster.client("fd").completions.create(model="smollm2-a", prompt="Once upon a time", max_tokens=48,
+                                                       temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+
+    with ThreadPoolExecutor(3) as pool:   # 3 in flight, target 1 per instance, max 2
+        answers = list(pool.map(ask, range(3)))
+    assert len(set(answers)) == 1
+    status = wait_until(lambda: (s := cluster.function("fd"))["availableReplicas"] == 2 and s, timeout=120)
+    assert {i["node"] for i in status["instances"]} == set(cluster.state["nodes"])   # one slot per node
+    requests.post(f"{cluster.gateway}/system/scale-function/fd", json={"replicas": 0}, timeout=30)
 
 
 def test_gateway_routes_and_bad_requests(cluster, tmp_path, redis_target):
@@ -182,7 +200,7 @@ def test_gateway_routes_and_bad_requests(cluster, tmp_path, redis_target):
     assert_keys_documented(redis.Redis.from_url(redis_target.url, decode_responses=True),
                            cluster.state["key_prefix"])
     listed = requests.get(f"{cluster.gateway}/system/functions", timeout=10).json()
-    assert {f["name"] for f in listed} == {"fa", "fb"} and all(f["namespace"] == "openfaas-fn" for f in listed)
+    assert {f["name"] for f in listed} == {"fa", "fb", "fd"} and all(f["namespace"] == "openfaas-fn" for f in listed)
     assert requests.post(f"{cluster.gateway}/function/nope", json={}, timeout=10).status_code == 404
     assert requests.post(f"{cluster.gateway}/system/scale-function/fa", json={"replicas": -1},
                          timeout=10).status_code == 400
