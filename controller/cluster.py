@@ -32,6 +32,7 @@ class ClusterView:
     queues: dict[str, list[tuple[str, float]]]
     read_at: float
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why it was left out (malformed record)
+    holds: dict[str, set[str]] = field(default_factory=dict)  # node -> live members of its slot ledger
 
 
 # One server-side pass over the cluster, returned as one JSON string: a pipeline of ~7 commands per node
@@ -45,7 +46,7 @@ for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   nodes[#nodes + 1] = {node, redis.call('HGETALL', base), redis.call('SMEMBERS', base .. ':models:gpu'),
     redis.call('SMEMBERS', base .. ':models:dram'), redis.call('SMEMBERS', base .. ':models:ssd'),
     redis.call('ZRANGE', base .. ':queue', 0, -1, 'WITHSCORES'),
-    redis.call('ZCOUNT', base .. ':slots', '(' .. now, '+inf')}
+    redis.call('ZRANGEBYSCORE', base .. ':slots', '(' .. now, '+inf')}
 end
 for _, instance in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   instances[#instances + 1] = {instance, redis.call('HGETALL', prefix .. 'instance:' .. instance)}
@@ -84,6 +85,7 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
     node_rows, instance_rows, sizes = json.loads(raw)
     nodes: dict[str, NodeRecord] = {}
     infos, queues, skipped, gone = [], {}, {}, []
+    holds: dict[str, set[str]] = {}
     for node, record, gpu, dram, ssd, queue, held in sorted(node_rows or [], key=lambda row: row[0]):
         record = _as_dict(record)
         if not record:
@@ -103,7 +105,8 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
         entries = [(member, float(score)) for member, score in _as_dict(queue).items()]
         queues[node] = entries
         wait = max([score - now for _, score in entries], default=0.0)
-        infos.append(NodeInfo(node, parsed.slots - int(held), tier_of, parsed.bandwidth, max(0.0, wait)))
+        holds[node] = set(held or [])
+        infos.append(NodeInfo(node, parsed.slots - len(holds[node]), tier_of, parsed.bandwidth, max(0.0, wait)))
 
     instances: dict[str, InstanceRecord] = {}
     stale = []
@@ -131,7 +134,7 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
             rates.setdefault(instance.model, []).append(instance.prefill_tokens_per_s)
     models = {name: ModelInfo(name, int(size), statistics.median(rates[name]) if name in rates else None)
               for name, size in _as_dict(sizes).items() if size.isdigit()}
-    return ClusterView(Snapshot(tuple(infos), models, running), nodes, instances, queues, now, skipped)
+    return ClusterView(Snapshot(tuple(infos), models, running), nodes, instances, queues, now, skipped, holds)
 
 
 class ClusterCache:
@@ -140,18 +143,26 @@ class ClusterCache:
 
     def __init__(self, client: redis.Redis, keys: Keys, max_age_s: float = 1.0) -> None:
         self.client, self.keys, self.max_age_s = client, keys, max_age_s
-        self._view: ClusterView | None = None
+        self._read: ClusterView | None = None  # the last read, as Redis had it
+        self._view: ClusterView | None = None  # that read plus our own bookings since
         self._lock = threading.Lock()
         self._reading = threading.Lock()
         self._refresher: threading.Thread | None = None
+        self._own: dict[str, tuple[str, float | None, float]] = {}  # our bookings: id -> (node, finish, forget at)
+
+    @property
+    def latest(self) -> ClusterView | None:
+        """The view decisions use now, without reading Redis (None before the first read)."""
+        return self._view
 
     def refresh(self) -> ClusterView:
         with self._reading:
-            view = read_cluster(self.client, self.keys, self._view)
+            view = read_cluster(self.client, self.keys, self._read)
             view.snapshot.shortlist_index  # built here, off the decision path  # noqa: B018
             with self._lock:
-                self._view = view
-        return view
+                self._read = view
+                self._view = self._with_own_bookings(view)
+        return self._view
 
     def _refresh_forever(self) -> None:
         while True:
@@ -175,27 +186,39 @@ class ClusterCache:
             view = self.refresh()
         return view
 
-    def note_booking(self, node: str, finish_at: float | None) -> None:
-        """Apply a booking we just made to the cached view, so our next decision sees it before the refresh.
+    def note_booking(self, node: str, booking: str, finish_at: float | None) -> None:
+        """Apply a booking we just made to the cached view, so our next decision sees it before a read does.
 
-        The snapshot's derived indexes are carried over (Snapshot.updated): they may be up to `max_age_s` stale
-        about this node as a migration destination, which the atomic booking check covers."""
+        Bookings are matched by id against the ledgers each read returns, so one that a read already saw
+        is never counted twice. The snapshot's derived indexes are carried over (Snapshot.updated)."""
         with self._lock:
-            view = self._view
-            if view is None:
-                return
-            old = view.snapshot
-            info = next((n for n in old.nodes if n.id == node), None)
-            if info is None:
-                return
-            wait = max(info.queue_wait_s, (finish_at or 0.0) - time.time())
-            booked = dataclasses.replace(info, free_slots=info.free_slots - 1, queue_wait_s=wait)
-            self._view = dataclasses.replace(view, snapshot=old.updated(nodes={node: booked}))
+            self._own[booking] = (node, finish_at, time.time() + 60.0)
+            if self._read is not None:
+                self._view = self._with_own_bookings(self._read)
+
+    def _with_own_bookings(self, view: ClusterView) -> ClusterView:
+        """The read `view` plus our bookings that its ledgers do not hold yet (called with the lock held)."""
+        now = time.time()
+        for booking, (node, _, forget_at) in list(self._own.items()):
+            if forget_at < now or booking in view.holds.get(node, ()):
+                del self._own[booking]  # the read shows it (or it is long gone): Redis has the truth
+        missing: dict[str, list[tuple[str, float | None]]] = {}
+        for booking, (node, finish_at, _) in self._own.items():
+            if node in view.holds:
+                missing.setdefault(node, []).append((booking, finish_at))
+        if not missing:
+            return view
+        current, replaced = view.snapshot.node_by_id, {}
+        for node, bookings in missing.items():
+            info = current[node]
+            wait = max([info.queue_wait_s] + [(f or 0.0) - now for _, f in bookings])
+            replaced[node] = dataclasses.replace(info, free_slots=info.free_slots - len(bookings), queue_wait_s=wait)
+        return dataclasses.replace(view, snapshot=view.snapshot.updated(nodes=replaced))
 
     def add_model(self, model: ModelInfo) -> Snapshot:
         """The cached snapshot with `model` known (its size read on demand), kept for later decisions."""
         with self._lock:
-            view = self._view
-            snapshot = view.snapshot.updated(models={model.name: model})
-            self._view = dataclasses.replace(view, snapshot=snapshot)
-            return snapshot
+            known = self._read.snapshot.updated(models={model.name: model})
+            self._read = dataclasses.replace(self._read, snapshot=known)
+            self._view = self._with_own_bookings(self._read)
+            return self._view.snapshot

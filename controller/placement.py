@@ -149,7 +149,7 @@ class Placer:
                 if held is None:
                     continue
                 booking = booking_id
-                self.cache.note_booking(decision.node, finish_at)
+                self.cache.note_booking(decision.node, booking_id, finish_at)
             else:  # a prefetch, or a slot that a migration frees: nothing to book yet, stage anyway
                 pipe = self.client.pipeline()
                 if staging:

@@ -72,9 +72,9 @@ class Controller:
         m.histogram("sllm_controller_decision_seconds", "Time to decide (rank + book), by source.",
                     DECISION_BUCKETS)
         m.gauge("sllm_controller_nodes", "Live nodes in the cluster view.",
-                lambda: len(self.cache._view.nodes) if self.cache._view else 0)
+                lambda: len(self.cache.latest.nodes) if self.cache.latest else 0)
         m.gauge("sllm_controller_view_age_seconds", "Age of the cluster view decisions use.",
-                lambda: time.time() - self.cache._view.read_at if self.cache._view else 0)
+                lambda: time.time() - self.cache.latest.read_at if self.cache.latest else 0)
         m.gauge("sllm_controller_stage_kick_failures", "Loaders that could not be told to stage.",
                 lambda: self.placer.kick_failures)
         m.counter("sllm_controller_migrations_total", "Migrations this controller ran, by reason and outcome.")

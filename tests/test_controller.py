@@ -385,3 +385,26 @@ def test_migration_api_validates_and_reports_unknown_ids(controller):
         assert response.status_code == 400 and response.json()["field"] == field, body
     assert controller.get("/v1/migrations/m-none").status_code == 404
     assert controller.get("/v1/migrations/..%2Fx").status_code in (400, 404)
+
+
+def test_own_bookings_count_once_whether_or_not_a_read_has_seen_them(redis_ns):
+    from controller.booking import Booker
+    from controller.cluster import ClusterCache
+
+    publish_node(redis_ns.client, redis_ns.prefix, "node-a", slots=3)
+    keys = Keys(redis_ns.prefix)
+    cache, booker = ClusterCache(redis_ns.client, keys, max_age_s=60), Booker(redis_ns.client, keys)
+
+    def free() -> int:
+        return cache.view().snapshot.node_by_id["node-a"].free_slots
+
+    assert free() == 3
+    assert booker.book("node-a", "b-1") is not None
+    cache.note_booking("node-a", "b-1", None)
+    assert free() == 2                     # before any read sees it
+    cache.refresh()
+    assert free() == 2                     # the read sees it: not counted twice
+    cache.note_booking("node-a", "b-2", None)   # booked by us, not yet visible to a read
+    assert free() == 1
+    cache.refresh()
+    assert free() == 1
