@@ -19,7 +19,11 @@ from redis_schema.keys import EVENTS_MAXLEN, Keys
 #       events maxlen, then the event's field/value pairs
 _BOOK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local slots = tonumber(redis.call('HGET', KEYS[1], 'slots') or '1')
+local slots = tonumber(redis.call('HGET', KEYS[1], 'slots') or '')
+if not slots then  -- as redis_schema/records.py: one per GPU, or 1 without GPUs
+  local ok, gpus = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'gpus') or '[]')
+  slots = (ok and type(gpus) == 'table' and #gpus > 0) and #gpus or 1
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[2]) >= slots then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
@@ -66,5 +70,6 @@ class Booker:
             raise NodeGone(f"node {node}: no live record ({k.node(node)} expired)")
         return Booking(booking_id, node, now + self.hold_s) if result == 1 else None
 
-    def cancel(self, booking: Booking) -> None:
-        self.client.zrem(self.keys.node_slots(booking.node), booking.id)
+    def cancel(self, booking: Booking) -> int:
+        """1 if the hold was there and is gone, 0 if it was not (expired, taken over, or never made)."""
+        return self.client.zrem(self.keys.node_slots(booking.node), booking.id)

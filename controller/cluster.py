@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import statistics
 import threading
 import time
@@ -20,6 +21,8 @@ import redis
 from controller.scheduler import InstanceInfo, ModelInfo, NodeInfo, Snapshot
 from redis_schema.keys import Keys
 from redis_schema.records import InstanceRecord, NodeRecord, RecordError
+
+log = logging.getLogger("sllm.controller")
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class ClusterCache:
         self._reading = threading.Lock()
         self._refresher: threading.Thread | None = None
         self._own: dict[str, tuple[str, float | None, float]] = {}  # our bookings: id -> (node, finish, forget at)
+        self._migrating: dict[str, float] = {}  # instances our decisions are moving -> forget at
 
     @property
     def latest(self) -> ClusterView | None:
@@ -170,6 +174,8 @@ class ClusterCache:
                 self.refresh()
             except redis.RedisError:
                 pass  # decisions see the error themselves once the view is too old
+            except Exception:  # a bug must not silently stop the reads
+                log.exception("reading the cluster failed")
             time.sleep(self.max_age_s)
 
     def view(self) -> ClusterView:
@@ -196,24 +202,42 @@ class ClusterCache:
             if self._read is not None:
                 self._view = self._with_own_bookings(self._read)
 
+    def note_migration(self, instance: str) -> None:
+        """An instance a decision has planned to move: no later decision plans it again (for 60 s, or until
+        a read no longer lists it)."""
+        with self._lock:
+            self._migrating[instance] = time.time() + 60.0
+            if self._read is not None:
+                self._view = self._with_own_bookings(self._read)
+
+    def forget_booking(self, booking: str) -> None:
+        """A booking we cancelled: stop counting it."""
+        with self._lock:
+            if self._own.pop(booking, None) is not None and self._read is not None:
+                self._view = self._with_own_bookings(self._read)
+
     def _with_own_bookings(self, view: ClusterView) -> ClusterView:
         """The read `view` plus our bookings that its ledgers do not hold yet (called with the lock held)."""
         now = time.time()
         for booking, (node, _, forget_at) in list(self._own.items()):
             if forget_at < now or booking in view.holds.get(node, ()):
                 del self._own[booking]  # the read shows it (or it is long gone): Redis has the truth
+        for instance, forget_at in list(self._migrating.items()):
+            if forget_at < now or instance not in view.instances:
+                del self._migrating[instance]
         missing: dict[str, list[tuple[str, float | None]]] = {}
         for booking, (node, finish_at, _) in self._own.items():
             if node in view.holds:
                 missing.setdefault(node, []).append((booking, finish_at))
-        if not missing:
+        if not missing and not self._migrating:
             return view
         current, replaced = view.snapshot.node_by_id, {}
         for node, bookings in missing.items():
             info = current[node]
             wait = max([info.queue_wait_s] + [(f or 0.0) - now for _, f in bookings])
             replaced[node] = dataclasses.replace(info, free_slots=info.free_slots - len(bookings), queue_wait_s=wait)
-        return dataclasses.replace(view, snapshot=view.snapshot.updated(nodes=replaced))
+        snapshot = view.snapshot.updated(nodes=replaced, migrating=frozenset(self._migrating))
+        return dataclasses.replace(view, snapshot=snapshot)
 
     def add_model(self, model: ModelInfo) -> Snapshot:
         """The cached snapshot with `model` known (its size read on demand), kept for later decisions."""

@@ -22,7 +22,7 @@ from controller.cluster import ClusterCache
 from controller.scheduler import Decision, ModelInfo, Snapshot, rank, shortlist
 from redis_schema.keys import EVENTS_MAXLEN, Keys
 from runtime.names import validate_model_name
-from runtime.node_loader.client import LoaderClient, LoaderUnavailable
+from runtime.node_loader.client import LoaderClient
 
 log = logging.getLogger("sllm.controller")
 
@@ -137,7 +137,8 @@ class Placer:
                 continue
             tier = target_tier(record.capacity.get("gpu", 0))
             staging = None if decision.tier in ("gpu", tier) else f"{model}@{tier}"
-            finish_at = time.time() + decision.estimate_s
+            # an unmeasured bandwidth makes the estimate infinite: queue it as the hold time, not forever
+            finish_at = time.time() + min(decision.estimate_s, self.booker.hold_s)
             booking = None
             if book_slot and not decision.migrate:
                 booking_id = f"b-{self._ids.getrandbits(64):016x}"
@@ -176,7 +177,7 @@ class Placer:
             return
         try:
             LoaderClient(address, timeout=self.loader_timeout_s).stage(model, tier)
-        except LoaderUnavailable as exc:
+        except Exception as exc:  # runs in a pool: a failure must be counted and logged, never swallowed
             self.kick_failures += 1
             log.warning("could not start staging %s on %s: %s", model, address, exc)
 

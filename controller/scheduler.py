@@ -59,9 +59,10 @@ class Snapshot:
     nodes: tuple[NodeInfo, ...]
     models: dict[str, ModelInfo]
     instances: tuple[InstanceInfo, ...] = ()
+    migrating: frozenset[str] = frozenset()  # instances already being moved by an earlier decision
 
-    def updated(self, nodes: dict[str, NodeInfo] | None = None, models: dict[str, ModelInfo] | None = None
-                ) -> Snapshot:
+    def updated(self, nodes: dict[str, NodeInfo] | None = None, models: dict[str, ModelInfo] | None = None,
+                migrating: frozenset[str] = frozenset()) -> Snapshot:
         """A copy with some nodes replaced or models added that keeps this snapshot's derived indexes.
 
         For callers that apply small changes between full reads (the controller's own bookings): the
@@ -69,7 +70,7 @@ class Snapshot:
         """
         nodes = nodes or {}
         copy = Snapshot(tuple(nodes.get(n.id, n) for n in self.nodes) if nodes else self.nodes,
-                        {**self.models, **(models or {})}, self.instances)
+                        {**self.models, **(models or {})}, self.instances, self.migrating | migrating)
         for derived in ("fallback_bandwidths", "free_node_index", "migration_options", "shortlist_index"):
             if derived in self.__dict__:
                 copy.__dict__[derived] = self.__dict__[derived]
@@ -197,6 +198,10 @@ def _decide(snapshot: Snapshot, node: NodeInfo, model: ModelInfo) -> Decision:
     if node.free_slots > 0:
         return Decision(node.id, load_s, tier, load_s)
     best = snapshot.migration_options.cheapest(node.id)
+    if best is not None:  # options may be carried over from the last full read: check them against now
+        target = snapshot.node_by_id.get(best[2])
+        if best[1] in snapshot.migrating or target is None or target.free_slots <= 0:
+            best = None
     if best is None:
         return Decision(node.id, math.inf, tier, load_s, feasible=False)
     cost, instance, target = best

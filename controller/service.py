@@ -31,7 +31,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from controller import kube
-from controller.booking import Booker
+from controller.booking import Booker, Booking
 from controller.cluster import ClusterCache
 from controller.config import ControllerConfig
 from controller.migration import Migrator, NoDestination
@@ -97,9 +97,15 @@ class Controller:
                 for record in self.migrator.recover():
                     self.metrics.inc("sllm_controller_migrations_total", reason="recovered",
                                      outcome=record.get("state", ""))
-            except (redis.RedisError, requests.RequestException, LookupError, ValueError) as exc:
+            except (redis.RedisError, requests.RequestException) as exc:
                 log.warning("migration recovery: %s", exc)
+            except Exception:  # never let the recovery thread die
+                log.exception("migration recovery failed")
             time.sleep(every_s)
+
+    def cancel_booking(self, node: str, booking: str) -> bool:
+        self.cache.forget_booking(booking)
+        return bool(self.placer.booker.cancel(Booking(booking, node, 0.0)))
 
     def migrate_in_background(self, run, reason: str) -> None:
         def job():
@@ -111,6 +117,9 @@ class Controller:
             except (NoDestination, LookupError, ValueError, redis.RedisError, requests.RequestException) as exc:
                 log.warning("%s migration not started: %s", reason, exc)
                 self.metrics.inc("sllm_controller_migrations_total", reason=reason, outcome="not_started")
+            except Exception:
+                log.exception("%s migration failed", reason)
+                self.metrics.inc("sllm_controller_migrations_total", reason=reason, outcome="error")
 
         self._migrations.submit(job)
 
@@ -121,7 +130,8 @@ class Controller:
             placement = self.placer.place(model, **options)
             plan = placement.decision.plan()
             outcome = plan["action"]
-            if plan["action"] == "migrate_then_load":  # free the slot: drain the instance to the planned node
+            if plan["action"] == "migrate_then_load" and options.get("book_slot", True):  # not for prefetches
+                self.cache.note_migration(plan["instance"])
                 self.migrate_in_background(lambda: self.migrator.execute_plan(plan), "plan")
             return placement.as_dict() | {"ranked": [d.plan() for d in placement.ranked[:5]]}
         except NoCapacity:
@@ -235,9 +245,21 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 64:
             raise ApiError(400, "replicas must be an integer from 1 to 64", "replicas")
         placements = []
-        for _ in range(replicas):
-            placements.append(controller.decide("scale", model, size_hint=_size_hint(body), owner=function or ""))
+        try:
+            for _ in range(replicas):
+                placements.append(controller.decide("scale", model, size_hint=_size_hint(body), owner=function or ""))
+        except NoCapacity:  # all or nothing: give back the replicas already booked
+            for placed in placements:
+                if placed.get("booking"):
+                    controller.cancel_booking(placed["node"], placed["booking"])
+            raise
         return {"function": function, "model": model, "placements": placements}
+
+    @hook("/v1/bookings/<node>/<booking>", methods=["DELETE"])
+    def cancel_booking(node: str, booking: str):
+        """A caller whose instance could not start gives its slot back before the booking expires."""
+        removed = controller.cancel_booking(node, validate_id(booking, "booking id"))
+        return {"cancelled": removed}, 200 if removed else 404
 
     @hook("/system/alert", methods=["POST"])
     def alert():
@@ -297,7 +319,8 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
             return kube.admission_response(uid, warning=f"sllm-faas: {exc}")
         if placement is None:
             return kube.admission_response(uid, warning="sllm-faas: no node can start this model")
-        best = [d["node"] for d in placement.get("ranked", [placement])][:len(kube.AFFINITY_WEIGHTS)]
+        ranked = [d["node"] for d in placement.get("ranked", []) if d["node"] != placement["node"]]
+        best = [placement["node"], *ranked][:len(kube.AFFINITY_WEIGHTS)]  # the booked node first
         summary = {k: placement.get(k) for k in ("node", "tier", "estimate_s", "action", "booking", "instance", "to")}
         return kube.admission_response(uid, kube.placement_patch(pod, best, summary))
 

@@ -45,6 +45,8 @@ class NodeRecord:
             gpus = json.loads(record.get("gpus") or "[]")
         except json.JSONDecodeError:
             raise RecordError(key, "gpus", "is not JSON") from None
+        if not isinstance(gpus, list):
+            raise RecordError(key, "gpus", "is not a JSON list")
         return cls(node_id=record.get("node_id") or key.rsplit(":", 1)[-1], address=record.get("address", ""),
                    heartbeat_at=_number(record, key, "heartbeat_at"),
                    slots=_number(record, key, "slots", int, default=len(gpus) or 1),

@@ -35,8 +35,9 @@ UPGRADES: dict[int, Callable[[redis.Redis, Keys], None]] = {1: _upgrade_1_to_2}
 
 def ensure_schema(client: redis.Redis, keys: Keys) -> int:
     """The version the data is at after this call (always SCHEMA_VERSION, or SchemaError)."""
-    if client.set(keys.schema_version, SCHEMA_VERSION, nx=True):
-        return SCHEMA_VERSION
+    if client.set(keys.schema_version, SCHEMA_VERSION, nx=True) or client.get(keys.schema_version) == str(
+            SCHEMA_VERSION):
+        return SCHEMA_VERSION  # the usual case: no lock taken
     with client.lock(keys.schema_lock, timeout=60, blocking_timeout=60):
         raw = client.get(keys.schema_version)
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class InvalidName(ValueError):
@@ -13,7 +13,7 @@ class InvalidName(ValueError):
 
 def validate_model_name(name: object) -> str:
     """Plain names only: 1-128 of [A-Za-z0-9._-], not starting with '.', '-' or '_' (no paths, no NUL)."""
-    if not isinstance(name, str) or not _MODEL_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name) or ".." in name:
         shown = repr(name)[:80]
         raise InvalidName(f"invalid model name {shown}: use 1-128 letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit")

@@ -52,6 +52,9 @@ class ControllerProcess:
     def get(self, path: str) -> requests.Response:
         return requests.get(self.url + path, headers=self.headers(), timeout=30)
 
+    def delete(self, path: str) -> requests.Response:
+        return requests.delete(self.url + path, headers=self.headers(), timeout=30)
+
     def stop(self) -> None:
         if self.process:
             stop_group(self.process)

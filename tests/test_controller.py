@@ -408,3 +408,22 @@ def test_own_bookings_count_once_whether_or_not_a_read_has_seen_them(redis_ns):
     assert free() == 1
     cache.refresh()
     assert free() == 1
+
+
+def test_booking_script_defaults_slots_like_the_reader_and_scale_is_all_or_nothing(controller, cluster):
+    from controller.booking import Booker
+
+    key = cluster.prefix + "node:node-a"
+    cluster.client.hdel(key, "slots")
+    cluster.client.hset(key, "gpus", json.dumps([{"index": 0}, {"index": 1}]))   # 2 GPUs, no `slots` field
+    booker = Booker(cluster.client, Keys(cluster.prefix))
+    assert booker.book("node-a", "b-1") is not None and booker.book("node-a", "b-2") is not None
+    assert booker.book("node-a", "b-3") is None
+    cluster.client.delete(cluster.prefix + "node:node-a:slots")
+    before = {n: cluster.client.zcard(f"{cluster.prefix}node:{n}:slots") for n in ("node-a", "node-b", "node-c")}
+    too_many = controller.post("/v1/scale", {"model": "m1", "replicas": 5})           # 4 slots in all
+    assert too_many.status_code == 409
+    assert {n: cluster.client.zcard(f"{cluster.prefix}node:{n}:slots") for n in before} == before
+    placed = controller.post("/v1/placements", {"model": "m1"}).json()
+    assert controller.delete(f"/v1/bookings/{placed['node']}/{placed['booking']}").json() == {"cancelled": True}
+    assert controller.delete(f"/v1/bookings/{placed['node']}/{placed['booking']}").status_code == 404

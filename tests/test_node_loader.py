@@ -132,7 +132,7 @@ def test_renewed_lease_survives(daemon):
     assert daemon.client.status()["leases"] == []
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "", "a" * 300, "a\x00b", ".hidden", "a/b", "..", 7])
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "", "a" * 300, "a\x00b", ".hidden", "a/b", "..", 7, "m\n"])
 def test_bad_model_names_are_rejected(daemon, name):
     status, answer = daemon.client.request("POST", "/v1/stage", {"model": name, "tier": "dram"})
     assert status == 400 and "invalid model name" in answer["error"]

@@ -103,3 +103,15 @@ def test_shortlist_picks_the_same_best_node_as_the_full_ranking(seed):
     snapshot = Snapshot(nodes, models, instances)
     for name in names:
         assert shortlist(snapshot, name)[0] == rank(snapshot, name)[0]
+
+
+def test_carried_migration_options_are_checked_against_the_current_nodes():
+    moved = ModelInfo("small", size_bytes=1 * GB, prefill_tokens_per_s=1000.0)
+    full = NodeInfo("a", 0, {"m": "dram"}, dict(BW), 0.0)
+    spare = NodeInfo("b", 1, {"small": "dram"}, dict(BW), 0.0)
+    snapshot = Snapshot((full, spare), {"m": MODEL, "small": moved}, (InstanceInfo("i1", "a", "small", 100),))
+    assert rank(snapshot, "m")[0].migrate == "i1"                       # indexes built on this snapshot
+    busy = snapshot.updated(nodes={"b": NodeInfo("b", 0, {"small": "dram"}, dict(BW), 0.0)})
+    assert not rank(busy, "m")[0].feasible                              # b filled since: no stale plan onto it
+    planned = snapshot.updated(migrating=frozenset({"i1"}))
+    assert rank(planned, "m")[0].migrate is None                        # i1 is already being moved

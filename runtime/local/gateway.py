@@ -23,6 +23,7 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
@@ -30,7 +31,7 @@ import requests
 from flask import Flask, Response, jsonify, request
 
 from redis_schema.keys import Keys, validate_id
-from runtime.local.instances import Instance, InstanceFailed, InstanceLauncher
+from runtime.local.instances import Instance, InstanceLauncher
 from runtime.local.stack import ScaleSettings, StackError
 
 log = logging.getLogger("sllm.gateway")
@@ -91,7 +92,8 @@ class Function:
         return {"name": self.name, "image": self.image, "namespace": "openfaas-fn", "envProcess": "sllm-faas serve",
                 "envVars": self.env, "labels": self.labels, "annotations": self.annotations,
                 "replicas": len(self.instances), "availableReplicas": len(ready),
-                "invocationCount": self.invocations, "createdAt": self.created_at}
+                "invocationCount": self.invocations,
+                "createdAt": datetime.fromtimestamp(self.created_at, UTC).isoformat().replace("+00:00", "Z")}
 
 
 def function_from_deployment(body: dict) -> Function:
@@ -218,7 +220,7 @@ class Gateway:
                          daemon=True).start()
 
     def _run_start(self, function: Function) -> None:
-        instance = None
+        instance = placement = None
         try:
             placement = self._place(function)
             instance_id = f"{function.name}-{self._ids.getrandbits(32):08x}"
@@ -231,13 +233,17 @@ class Gateway:
             log.info("starting %s on %s for %s (estimate %.2fs from %s)", instance_id, placement["node"],
                      function.name, placement.get("estimate_s") or -1, placement.get("tier"))
             with function.changed:
+                if self.functions.get(function.name) is not function or self._stopping.is_set():
+                    raise GatewayError(410, f"function {function.name} was removed or updated while starting")
                 function.instances.append(instance)
             self.launcher.wait_ready(instance, self.config.cold_start_timeout_s)
-        except (GatewayError, InstanceFailed, requests.RequestException, KeyError) as exc:
-            message = exc.message if isinstance(exc, GatewayError) else str(exc)
+        except Exception as exc:  # any failure must reach the waiting requests, or they would start another
+            message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
             log.warning("could not start an instance of %s: %s", function.name, message)
             if instance is not None:
                 self.launcher.stop(instance, grace_s=2)
+            if placement is not None and placement.get("booking"):
+                self._cancel_booking(placement["node"], placement["booking"])
             with function.changed:
                 function.last_error = message
                 if instance in function.instances:
@@ -247,11 +253,21 @@ class Gateway:
                 function.starting -= 1
                 function.changed.notify_all()
 
+    def _controller_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.config.controller_token}"} if self.config.controller_token else {}
+
+    def _cancel_booking(self, node: str, booking: str) -> None:
+        """A start that failed gives its slot back now rather than at the booking's expiry."""
+        try:
+            requests.delete(f"{self.config.controller_url}/v1/bookings/{node}/{booking}",
+                            headers=self._controller_headers(), timeout=10)
+        except requests.RequestException as exc:
+            log.warning("could not cancel booking %s on %s: %s", booking, node, exc)
+
     def _place(self, function: Function) -> dict:
-        headers = {"Authorization": f"Bearer {self.config.controller_token}"} if self.config.controller_token else {}
         response = requests.post(self.config.controller_url + "/v1/scale", json={"function": function.name,
                                                                                "model": function.model},
-                                 headers=headers, timeout=30)
+                                 headers=self._controller_headers(), timeout=30)
         if response.status_code != 200:
             raise GatewayError(503, f"controller: {response.json().get('error', response.status_code)}")
         return response.json()["placements"][0]
@@ -259,8 +275,8 @@ class Gateway:
     def scale_to(self, name: str, replicas: int) -> None:
         function = self.get(name)
         with function.changed:
-            live = [i for i in function.instances if i.process.poll() is None]
-            missing = replicas - len(live) - function.starting
+            live = [i for i in function.instances if i.process.poll() is None and i.ready.is_set()]
+            missing = replicas - len(live) - function.starting  # `starting` covers those not ready yet
             for _ in range(max(0, missing)):
                 self._start_instance(function)
             extra = sorted(live, key=lambda i: (i.in_flight, -i.last_used))[:max(0, len(live) - replicas)]
@@ -369,27 +385,27 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     @app.route("/function/<name>", defaults={"path": ""}, methods=methods)
     @app.route("/function/<name>/<path:path>", methods=methods)
     def invoke(name: str, path: str):
-        instance, waited = gateway.acquire(name)
+        body = request.get_data()  # before acquiring: an oversized body (413) must not hold an instance
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        instance, waited = gateway.acquire(name)
         try:
-            upstream = requests.request(request.method, f"{instance.url}/{path}", params=request.args,
-                                        data=request.get_data(), headers=headers, stream=True, timeout=(10, 600))
+            upstream = requests.request(request.method, f"{instance.url}/{path}", params=request.args, data=body,
+                                        headers=headers, stream=True, timeout=(10, 600))
         except requests.RequestException as exc:
             gateway.release(name, instance)
             raise GatewayError(502, f"function {name}: instance {instance.id} did not answer: {exc}") from None
-
-        def relay():
-            try:
-                yield from upstream.iter_content(chunk_size=None)
-            finally:
-                upstream.close()
-                gateway.release(name, instance)
-
         reply = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         reply.update({"X-Sllm-Instance": instance.id, "X-Sllm-Node": instance.node})
         if waited and instance.cold_start:  # this request paid the cold start: say where the time went
             reply["X-Sllm-Cold-Start"] = json.dumps(instance.cold_start)
             reply["X-Sllm-Placement"] = json.dumps(instance.placement)
-        return Response(relay(), status=upstream.status_code, headers=reply)
+        response = Response(upstream.iter_content(chunk_size=None), status=upstream.status_code, headers=reply)
+
+        @response.call_on_close
+        def done() -> None:  # runs for every response, streamed or not, HEAD and 204 included
+            upstream.close()
+            gateway.release(name, instance)
+
+        return response
 
     return app

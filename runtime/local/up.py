@@ -144,15 +144,18 @@ class LocalCluster:
         raise RuntimeError(f"node loaders did not publish within {timeout:.0f} s")
 
     def stop(self) -> None:
-        for _name, process in reversed(self.children):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+        """In reverse order of start, each part (and its process group) gone before the next is told: the
+        gateway stops its instances while the loaders can still take their leases back."""
         for _name, process in reversed(self.children):
             try:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+            except ProcessLookupError:  # already gone
+                pass
         if self.redis_server is not None:
             self.redis_server.stop()
         shutil.rmtree(self.shm_root, ignore_errors=True)

@@ -71,11 +71,16 @@ class InstanceRegistration:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_s):
-            self.publish()
+            try:
+                self.publish()
+            except Exception:  # a bug in describe() must not stop the heartbeat (the slot would look free)
+                log.exception("publishing the instance record failed")
 
     def withdraw(self) -> None:
         """On exit: free the slot and drop the record now rather than at expiry."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)  # a beat in flight would put the record back after the delete
         k = self.keys
         try:
             pipe = self.client.pipeline(transaction=True)
