@@ -199,8 +199,12 @@ class ClusterCache:
         is never counted twice. The snapshot's derived indexes are carried over (Snapshot.updated)."""
         with self._lock:
             self._own[booking] = (node, finish_at, time.time() + 60.0)
-            if self._read is not None:
-                self._view = self._with_own_bookings(self._read)
+            view = self._view
+            if view is not None and node in view.holds:  # apply just this one; reads rebuild from scratch
+                info = view.snapshot.node_by_id[node]
+                wait = max(info.queue_wait_s, (finish_at or 0.0) - time.time())
+                booked = dataclasses.replace(info, free_slots=info.free_slots - 1, queue_wait_s=wait)
+                self._view = dataclasses.replace(view, snapshot=view.snapshot.updated(nodes={node: booked}))
 
     def note_migration(self, instance: str) -> None:
         """An instance a decision has planned to move: no later decision plans it again (for 60 s, or until

@@ -29,19 +29,24 @@ class ControllerProcess:
         for key, value in extra.items():
             self.args += ["--" + key.replace("_", "-"), value]
         self.process: subprocess.Popen | None = None
+        self.log = None
 
     def start(self, timeout: float = 30) -> ControllerProcess:
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log_path.read_text()
-            try:
-                if requests.get(self.url + "/healthz", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                time.sleep(0.05)
-        raise TimeoutError("controller did not start")
+        try:
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, self.log_path.read_text()
+                try:
+                    if requests.get(self.url + "/healthz", timeout=5).status_code == 200:
+                        return self
+                except requests.RequestException:
+                    time.sleep(0.05)
+            raise TimeoutError("controller did not start")
+        except BaseException:
+            self.stop()  # a start that fails leaves nothing running
+            raise
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -58,7 +63,8 @@ class ControllerProcess:
     def stop(self) -> None:
         if self.process:
             stop_group(self.process)
-        self.log.close()
+        if self.log:
+            self.log.close()
 
 
 def publish_node(client, prefix: str, node: str, *, slots: int = 1, dram=(), ssd=(), gpu=(), bw_remote: float = 1 * GB,

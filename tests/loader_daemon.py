@@ -33,14 +33,18 @@ class LoaderDaemon:
         self.log = open(self.root / "loader.log", "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.root / "loader.log").read_text()
-            try:
-                self.client.status()
-                return self
-            except LoaderUnavailable:
-                time.sleep(0.05)
-        raise TimeoutError("loader did not start")
+        try:
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, (self.root / "loader.log").read_text()
+                try:
+                    self.client.status()
+                    return self
+                except LoaderUnavailable:
+                    time.sleep(0.05)
+            raise TimeoutError("loader did not start")
+        except BaseException:
+            self.stop()  # a start that fails leaves nothing running
+            raise
 
     def kill(self) -> None:
         """SIGKILL the whole process group, as an OOM kill or node failure would."""

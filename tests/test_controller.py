@@ -321,8 +321,9 @@ def test_decision_starts_staging_on_the_chosen_nodes_real_loader(redis_ns, tmp_p
     make_model(store, "small", 1)
     (tmp_path / "node").mkdir()
     loader = LoaderDaemon(tmp_path / "node", store, redis_ns.url, redis_ns.prefix, node="node-a").start()
-    process = ControllerProcess(tmp_path, redis_ns.url, redis_ns.prefix, model_store=str(store)).start()
+    process = ControllerProcess(tmp_path, redis_ns.url, redis_ns.prefix, model_store=str(store))
     try:
+        process.start()
         deadline = time.monotonic() + 30
         while not redis_ns.client.exists(redis_ns.prefix + "node:node-a"):
             assert time.monotonic() < deadline, "the loader never published its node"
