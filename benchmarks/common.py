@@ -122,3 +122,32 @@ def write_results(output: Path, report: dict[str, Any], markdown: str) -> None:
     output.write_text(json.dumps(report, indent=2) + "\n")
     output.with_suffix(".md").write_text(markdown if markdown.endswith("\n") else markdown + "\n")
     print(f"wrote {output} and {output.with_suffix('.md')}")
+
+
+def redis_url():
+    """($REDIS_URL, or 127.0.0.1:6379 if it answers; None) or (an embedded server's URL, that server, which the
+    caller stops)."""
+    import redis
+
+    from runtime.embedded_redis import EmbeddedRedis
+
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+        return url, None
+    except redis.RedisError:
+        server = EmbeddedRedis()
+        return server.start(), server
+
+
+def write_model(directory: Path, size: int) -> None:
+    """A seeded bf16 checkpoint of `size` bytes in 64 MiB tensors, 512 MiB partitions (torch imported here:
+    most benchmarks never need it in their parent process)."""
+    import torch
+
+    from runtime.checkpoint import save_state_dict
+
+    torch.manual_seed(0)
+    per = 64 << 20
+    state = {f"w{i}": torch.randn(min(per, size - i * per) // 2).to(torch.bfloat16) for i in range(-(-size // per))}
+    save_state_dict(state, directory, partition_size=512 << 20)

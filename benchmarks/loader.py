@@ -24,37 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import redis
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import evict_page_cache, machine_info, now_utc, results_path, write_results  # noqa: E402
+from common import evict_page_cache, machine_info, now_utc, redis_url, results_path, write_model, write_results  # noqa: E402
 from loader_daemon import LoaderDaemon  # noqa: E402
 
-from runtime.checkpoint import save_state_dict  # noqa: E402
 from runtime.checkpoint.cli import parse_size  # noqa: E402
-from runtime.embedded_redis import EmbeddedRedis  # noqa: E402
 
 TARGETS = {"stage_vs_copy": 0.8, "status_p99_ms": 5.0}
-
-
-def write_model(directory: Path, size: int) -> None:
-    torch.manual_seed(0)
-    per = 64 << 20
-    state = {f"w{i}": torch.randn(min(per, size - i * per) // 2).to(torch.bfloat16) for i in range(-(-size // per))}
-    save_state_dict(state, directory, partition_size=512 << 20)
-
-
-def redis_url() -> tuple[str, EmbeddedRedis | None]:
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-        return url, None
-    except redis.RedisError:
-        server = EmbeddedRedis()
-        return server.start(), server
 
 
 def main() -> int:

@@ -40,12 +40,12 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import machine_info, now_utc, results_path, write_results  # noqa: E402
+from common import machine_info, now_utc, redis_url, results_path, write_results  # noqa: E402
 
 from controller.migration import Migrator  # noqa: E402
 from examples.smollm2.prepare import prepare  # noqa: E402
 from redis_schema.keys import Keys  # noqa: E402
-from runtime.embedded_redis import EmbeddedRedis, free_tcp_port  # noqa: E402
+from runtime.embedded_redis import free_tcp_port  # noqa: E402
 
 TARGETS = {"pause_vs_inter_token": 2.0, "migration_vs_prefill": 2.0}
 STORY = "Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
@@ -186,13 +186,7 @@ def main() -> int:
     args = parser.parse_args()
     thresholds = [int(t) for t in args.thresholds.split(",")]
 
-    embedded = None
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
-    except redis.RedisError:
-        embedded = EmbeddedRedis().__enter__()
-        url = embedded.url
+    url, embedded = redis_url()
     client = redis.Redis.from_url(url, decode_responses=True)
     prefix = f"sllm-bench-{os.getpid()}:"
     staging = Path(tempfile.mkdtemp(prefix="sllm-migration-", dir="/dev/shm"))
@@ -224,7 +218,7 @@ def main() -> int:
         for key in client.scan_iter(match=prefix + "*"):
             client.delete(key)
         if embedded is not None:
-            embedded.__exit__(None, None, None)
+            embedded.stop()
 
     def median(rows: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in rows)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from common import machine_info, now_utc, results_path, write_results  # noqa: E402
+from common import machine_info, now_utc, redis_url, results_path, write_results  # noqa: E402
 from controller_process import GB, ControllerProcess, publish_model, publish_node  # noqa: E402
 
 from controller.booking import Booker  # noqa: E402
@@ -39,21 +39,6 @@ from controller.cluster import ClusterCache, read_cluster  # noqa: E402
 from controller.placement import Placer  # noqa: E402
 from controller.scheduler import rank  # noqa: E402
 from redis_schema.keys import Keys  # noqa: E402
-
-
-def redis_url() -> tuple[str, object]:
-    import os
-
-    from runtime.embedded_redis import EmbeddedRedis
-
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    try:
-        redis.Redis.from_url(url).ping()
-        return url, None
-    except redis.RedisError:
-        server = EmbeddedRedis()
-        server.start()
-        return server.url, server
 
 
 def populate(client: redis.Redis, prefix: str, nodes: int, models: int, seed: int = 0) -> list[str]:
@@ -99,15 +84,12 @@ def estimate_vs_measured(url: str, runs: int, size: int, warmup: int) -> list[di
     the controller's estimate for placing it (q + size / bw_ssd) against the staging it then triggers,
     timed from the decision to the loader's `staged` event. The first `warmup` runs calibrate the
     loader's bandwidth from real stagings (its start-up probe only reads) and are not reported."""
-    from common import evict_page_cache
+    from common import evict_page_cache, write_model
     from loader_daemon import LoaderDaemon
-
-    from runtime.checkpoint import save_state_dict
 
     root = Path(tempfile.mkdtemp(prefix="sllm-bench-local-"))
     store = root / "remote"
-    torch_state = _synthetic_state(size)
-    save_state_dict(torch_state, store / "bench-model", partition_size=512 << 20)
+    write_model(store / "bench-model", size)
     (root / "node").mkdir()
     prefix = f"sllm-bench:{uuid.uuid4().hex[:8]}:"
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -150,14 +132,6 @@ def estimate_vs_measured(url: str, runs: int, size: int, warmup: int) -> list[di
 
         shutil.rmtree(root, ignore_errors=True)
     return results
-
-
-def _synthetic_state(size: int) -> dict:
-    import torch
-
-    torch.manual_seed(0)
-    per = 64 << 20
-    return {f"w{i}": torch.randn(min(per, size - i * per) // 2).to(torch.bfloat16) for i in range(-(-size // per))}
 
 
 def percentile(values: list[float], q: float) -> float:
