@@ -109,16 +109,12 @@ def print_table(header: list[str], rows: list[list]) -> None:
 
 
 def print_status(view, client, keys, as_json: bool) -> int:
-    from controller.service import _migrations_from
+    from controller.cluster import read_migrations
 
-    migrations = _migrations_from(client, keys)
+    migrations = read_migrations(client, keys)
     now = time.time()
     if as_json:
-        print(json.dumps({"nodes": [{**vars(view.nodes[n.id]), "free_slots": n.free_slots,
-                                     "queue_wait_s": n.queue_wait_s, "models": n.tier_of,
-                                     "queue": view.queues.get(n.id, [])} for n in view.snapshot.nodes],
-                          "instances": [vars(i) for i in view.instances.values()],
-                          "migrations": migrations, "skipped": view.skipped}, indent=2))
+        print(json.dumps({**view.as_dict(), "migrations": migrations}, indent=2))
         return 0
     print("NODES")
     print_table(["node", "slots free", "queue s", "bw remote/ssd/dram GB/s", "ssd used", "dram used", "heartbeat"],

@@ -37,6 +37,13 @@ class ClusterView:
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why it was left out (malformed record)
     holds: dict[str, set[str]] = field(default_factory=dict)  # node -> live members of its slot ledger
 
+    def as_dict(self) -> dict:
+        """What `GET /v1/cluster` and `sllm-faas status --json` show."""
+        nodes = [{**vars(self.nodes[n.id]), "free_slots": n.free_slots, "queue_wait_s": n.queue_wait_s,
+                  "models": n.tier_of, "queue": self.queues.get(n.id, [])} for n in self.snapshot.nodes]
+        return {"read_at": self.read_at, "nodes": nodes, "instances": [vars(i) for i in self.instances.values()],
+                "skipped": self.skipped}
+
 
 # One server-side pass over the cluster, returned as one JSON string: a pipeline of ~7 commands per node
 # costs ~30 us of client-side reply parsing each (0.25 s for 1,000 nodes); this costs Redis a few ms.
@@ -153,6 +160,7 @@ class ClusterCache:
         self._refresher: threading.Thread | None = None
         self._own: dict[str, tuple[str, float | None, float]] = {}  # our bookings: id -> (node, finish, forget at)
         self._migrating: dict[str, float] = {}  # instances our decisions are moving -> forget at
+        self._cancelled: dict[str, tuple[str, float]] = {}  # bookings we cancelled: id -> (node, forget at)
 
     @property
     def latest(self) -> ClusterView | None:
@@ -165,7 +173,7 @@ class ClusterCache:
             view.snapshot.shortlist_index  # built here, off the decision path  # noqa: B018
             with self._lock:
                 self._read = view
-                self._view = self._with_own_bookings(view)
+                self._rebuild()
         return self._view
 
     def _refresh_forever(self) -> None:
@@ -201,9 +209,7 @@ class ClusterCache:
             self._own[booking] = (node, finish_at, time.time() + 60.0)
             view = self._view
             if view is not None and node in view.holds:  # apply just this one; reads rebuild from scratch
-                info = view.snapshot.node_by_id[node]
-                wait = max(info.queue_wait_s, (finish_at or 0.0) - time.time())
-                booked = dataclasses.replace(info, free_slots=info.free_slots - 1, queue_wait_s=wait)
+                booked = _booked(view.snapshot.node_by_id[node], [finish_at], time.time())
                 self._view = dataclasses.replace(view, snapshot=view.snapshot.updated(nodes={node: booked}))
 
     def note_migration(self, instance: str) -> None:
@@ -211,14 +217,19 @@ class ClusterCache:
         a read no longer lists it)."""
         with self._lock:
             self._migrating[instance] = time.time() + 60.0
-            if self._read is not None:
-                self._view = self._with_own_bookings(self._read)
+            self._rebuild()
 
-    def forget_booking(self, booking: str) -> None:
-        """A booking we cancelled: stop counting it."""
+    def forget_booking(self, node: str, booking: str) -> None:
+        """A booking we cancelled: stop counting it, also where the last read still holds it."""
         with self._lock:
-            if self._own.pop(booking, None) is not None and self._read is not None:
-                self._view = self._with_own_bookings(self._read)
+            self._own.pop(booking, None)
+            self._cancelled[booking] = (node, time.time() + 60.0)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """The view from the last read plus what we did since (called with the lock held)."""
+        if self._read is not None:
+            self._view = self._with_own_bookings(self._read)
 
     def _with_own_bookings(self, view: ClusterView) -> ClusterView:
         """The read `view` plus our bookings that its ledgers do not hold yet (called with the lock held)."""
@@ -229,17 +240,20 @@ class ClusterCache:
         for instance, forget_at in list(self._migrating.items()):
             if forget_at < now or instance not in view.instances:
                 del self._migrating[instance]
-        missing: dict[str, list[tuple[str, float | None]]] = {}
-        for booking, (node, finish_at, _) in self._own.items():
+        freed: dict[str, int] = {}
+        for booking, (node, forget_at) in list(self._cancelled.items()):
+            if forget_at < now or booking not in view.holds.get(node, ()):
+                del self._cancelled[booking]  # a read after the cancellation: it no longer holds the slot
+            else:
+                freed[node] = freed.get(node, 0) + 1
+        missing: dict[str, list[float | None]] = {}
+        for node, finish_at, _ in self._own.values():
             if node in view.holds:
-                missing.setdefault(node, []).append((booking, finish_at))
-        if not missing and not self._migrating:
+                missing.setdefault(node, []).append(finish_at)
+        if not missing and not freed and not self._migrating:
             return view
-        current, replaced = view.snapshot.node_by_id, {}
-        for node, bookings in missing.items():
-            info = current[node]
-            wait = max([info.queue_wait_s] + [(f or 0.0) - now for _, f in bookings])
-            replaced[node] = dataclasses.replace(info, free_slots=info.free_slots - len(bookings), queue_wait_s=wait)
+        replaced = {node: _booked(view.snapshot.node_by_id[node], missing.get(node, []), now, freed.get(node, 0))
+                    for node in missing.keys() | freed.keys()}
         snapshot = view.snapshot.updated(nodes=replaced, migrating=frozenset(self._migrating))
         return dataclasses.replace(view, snapshot=snapshot)
 
@@ -248,5 +262,22 @@ class ClusterCache:
         with self._lock:
             known = self._read.snapshot.updated(models={model.name: model})
             self._read = dataclasses.replace(self._read, snapshot=known)
-            self._view = self._with_own_bookings(self._read)
+            self._rebuild()
             return self._view.snapshot
+
+
+def _booked(info: NodeInfo, finishes: list[float | None], now: float, freed: int = 0) -> NodeInfo:
+    """`info` with one slot taken per booking (and `freed` given back), its queue wait covering the loads
+    the bookings started."""
+    wait = max([info.queue_wait_s] + [(finish or 0.0) - now for finish in finishes])
+    return dataclasses.replace(info, free_slots=info.free_slots - len(finishes) + freed, queue_wait_s=wait)
+
+
+def read_migrations(client: redis.Redis, keys: Keys) -> list[dict]:
+    """The latest 50 migration records (written by controller/migration.py)."""
+    ids = client.zrevrange(keys.migrations, 0, 49)
+    pipe = client.pipeline(transaction=False)
+    for migration in ids:
+        pipe.hgetall(keys.migration(migration))
+    return [{"id": m, **record} for m, record in zip(ids, pipe.execute(), strict=True) if record]
+

@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from controller import kube
 from controller.booking import Booker, Booking
-from controller.cluster import ClusterCache
+from controller.cluster import ClusterCache, read_migrations
 from controller.config import ControllerConfig
 from controller.migration import Migrator, NoDestination
 from controller.placement import NoCapacity, Placer, UnknownModel
@@ -104,7 +104,7 @@ class Controller:
             time.sleep(every_s)
 
     def cancel_booking(self, node: str, booking: str) -> bool:
-        self.cache.forget_booking(booking)
+        self.cache.forget_booking(node, booking)
         return bool(self.placer.booker.cancel(Booking(booking, node, 0.0)))
 
     def migrate_in_background(self, run, reason: str) -> None:
@@ -352,13 +352,8 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
 
     @hook("/v1/cluster", methods=["GET"])
     def cluster():
-        view = controller.cache.refresh()
-        return {"read_at": view.read_at,
-                "nodes": [{**vars(view.nodes[n.id]), "free_slots": n.free_slots, "queue_wait_s": n.queue_wait_s,
-                           "models": n.tier_of, "queue": view.queues.get(n.id, [])} for n in view.snapshot.nodes],
-                "instances": [vars(i) for i in view.instances.values()],
-                "migrations": _migrations_from(controller.client, controller.keys),
-                "skipped": view.skipped}
+        return {**controller.cache.refresh().as_dict(),
+                "migrations": read_migrations(controller.client, controller.keys)}
 
     @app.get("/healthz")
     def healthz():
@@ -369,13 +364,3 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         return Response(controller.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     return app
-
-
-def _migrations_from(client: redis.Redis, keys: Keys) -> list[dict]:
-    """The latest 50 migration records (written by controller/migration.py)."""
-    ids = client.zrevrange(keys.migrations, 0, 49)
-    pipe = client.pipeline(transaction=False)
-    for migration in ids:
-        pipe.hgetall(keys.migration(migration))
-    return [{"id": m, **record} for m, record in zip(ids, pipe.execute(), strict=True) if record]
-

@@ -428,3 +428,20 @@ def test_booking_script_defaults_slots_like_the_reader_and_scale_is_all_or_nothi
     placed = controller.post("/v1/placements", {"model": "m1"}).json()
     assert controller.delete(f"/v1/bookings/{placed['node']}/{placed['booking']}").json() == {"cancelled": True}
     assert controller.delete(f"/v1/bookings/{placed['node']}/{placed['booking']}").status_code == 404
+
+
+def test_a_cancelled_booking_frees_its_slot_even_in_a_read_that_saw_it(redis_ns):
+    from controller.booking import Booker, Booking
+    from controller.cluster import ClusterCache
+
+    publish_node(redis_ns.client, redis_ns.prefix, "node-a", slots=1)
+    keys = Keys(redis_ns.prefix)
+    cache, booker = ClusterCache(redis_ns.client, keys, max_age_s=60), Booker(redis_ns.client, keys)
+    assert booker.book("node-a", "b-1") is not None
+    cache.refresh()                                        # this read holds b-1
+    assert cache.view().snapshot.node_by_id["node-a"].free_slots == 0
+    booker.cancel(Booking("b-1", "node-a", 0.0))
+    cache.forget_booking("node-a", "b-1")
+    assert cache.view().snapshot.node_by_id["node-a"].free_slots == 1
+    cache.refresh()                                        # a read after the cancellation: not freed twice
+    assert cache.view().snapshot.node_by_id["node-a"].free_slots == 1
