@@ -169,19 +169,25 @@ def test_every_request_is_served_under_every_policy():
 
 # --- the scheduler core is the only estimator ---
 
-def test_startup_time_policies_decide_through_the_scheduler_core(monkeypatch):
+@pytest.fixture
+def rank_calls(monkeypatch) -> list[tuple]:
+    """(snapshot, model name) of every call to the scheduler core's rank() while the test runs."""
     calls = []
     real_rank = scheduler.rank
 
     def spy(snapshot, model_name):
-        calls.append(model_name)
+        calls.append((snapshot, model_name))
         return real_rank(snapshot, model_name)
 
     monkeypatch.setattr(scheduler, "rank", spy)
+    return calls
+
+
+def test_startup_time_policies_decide_through_the_scheduler_core(monkeypatch, rank_calls):
     for name in ("ours", "sllm-release"):
-        calls.clear()
+        rank_calls.clear()
         result = simulate(tiny(), name, generate(tiny()))
-        assert calls and sum(result.cold_starts.values()) <= len(calls), name
+        assert rank_calls and sum(result.cold_starts.values()) <= len(rank_calls), name
 
     def poisoned(snapshot, model_name):
         raise AssertionError("availability-only policies must not call the estimator")
@@ -206,17 +212,9 @@ def test_ours_follows_whatever_rank_decides(monkeypatch):
     assert dict(result.cold_starts) == {"remote": 1}
 
 
-def test_release_ranks_local_nodes_at_a_constant_25_gbps(monkeypatch):
-    seen = []
-    real_rank = scheduler.rank
-
-    def spy(snapshot, model_name):
-        seen.append(snapshot)
-        return real_rank(snapshot, model_name)
-
-    monkeypatch.setattr(scheduler, "rank", spy)
+def test_release_ranks_local_nodes_at_a_constant_25_gbps(rank_calls):
     simulate(tiny(), "sllm-release", TRACE[:1])
-    (snapshot,) = seen
+    ((snapshot, _),) = rank_calls
     assert [node.id for node in snapshot.nodes] == ["n0"] and not snapshot.instances
     assert set(snapshot.nodes[0].bandwidth.values()) == {policies.RELEASE_BANDWIDTH}
 

@@ -75,9 +75,7 @@ class Destination:
             return self._first_round(migration_id, body, tokens, source)
         status = self._staged(migration_id)
         with status.lock:
-            if start != status.position:
-                raise ProtocolError(409, f"'start' is {start} but {status.position} tokens are staged", "start",
-                                    position=status.position)
+            _check_start(status, start)
             faults.inject("destination.round")
             self._prefill(status, lambda: self._engine().engine.extend(status.generation, tokens), len(tokens))
         return self._round_reply(status)
@@ -133,9 +131,7 @@ class Destination:
         start, tokens = require(body, "start", int), token_list(body)
         text = require(body, "text", str)
         with status.lock:
-            if start != status.position:
-                raise ProtocolError(409, f"'start' is {start} but {status.position} tokens are staged", "start",
-                                    position=status.position)
+            _check_start(status, start)
             faults.inject("destination.commit")
             generation = status.generation
             status.handed = len(generation.output_ids) + len(tokens)
@@ -201,3 +197,10 @@ class Destination:
                 if isinstance(status, StagedMigration) and status.state == "staged" and \
                         now - status.last_seen > STAGE_TIMEOUT_S:
                     self.abort(status, f"the source sent nothing for {STAGE_TIMEOUT_S:.0f} s")
+
+
+def _check_start(status: StagedMigration, start: int) -> None:
+    """Rounds and the commit must continue exactly where the staged tokens end."""
+    if start != status.position:
+        raise ProtocolError(409, f"'start' is {start} but {status.position} tokens are staged", "start",
+                            position=status.position)
