@@ -16,6 +16,7 @@ this process.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -78,8 +79,9 @@ class Function:
     last_error: str | None = None
     changed: threading.Condition = field(default_factory=threading.Condition)
 
-    @property
+    @functools.cached_property
     def scale(self) -> ScaleSettings:
+        """Parsed once: a deployment's labels never change (an update replaces the Function)."""
         return ScaleSettings.from_labels(self.labels, f"function {self.name} labels")
 
     def record(self) -> dict[str, str]:
@@ -294,17 +296,23 @@ class Gateway:
     def _scale_down_idle(self) -> None:
         while not self._stopping.wait(self.config.idle_check_s):
             for function in list(self.functions.values()):
-                scale = function.scale
-                with function.changed:
-                    idle = time.monotonic() - function.last_request
-                    busy = any(i.in_flight for i in function.instances) or function.starting
-                    if not scale.zero or busy or idle < scale.zero_duration_s or len(function.instances) <= scale.min:
-                        continue
-                    stopping = function.instances[scale.min:]
-                    function.instances = function.instances[:scale.min]
-                for instance in stopping:
-                    log.info("scaling %s down: stopping %s after %.0f s idle", function.name, instance.id, idle)
-                    self.launcher.stop(instance)
+                try:
+                    self._scale_down_if_idle(function)
+                except Exception:  # one bad function (labels edited in Redis, say) must not stop the others
+                    log.exception("scaling %s down failed", function.name)
+
+    def _scale_down_if_idle(self, function: Function) -> None:
+        scale = function.scale
+        with function.changed:
+            idle = time.monotonic() - function.last_request
+            busy = any(i.in_flight for i in function.instances) or function.starting
+            if not scale.zero or busy or idle < scale.zero_duration_s or len(function.instances) <= scale.min:
+                return
+            stopping = function.instances[scale.min:]
+            function.instances = function.instances[:scale.min]
+        for instance in stopping:
+            log.info("scaling %s down: stopping %s after %.0f s idle", function.name, instance.id, idle)
+            self.launcher.stop(instance)
 
     def shutdown(self) -> None:
         self._stopping.set()
