@@ -316,15 +316,23 @@ class Engine:
                     if generation.cancelled:
                         self._finish(generation, "cancelled")
                     else:
-                        self._prefill(generation)
+                        self._isolated(generation, self._prefill, generation)
                 self._drop_finished()
                 if self._needs_step():
                     self._decode_step()
                     self._drop_finished()
-            except Exception as exc:  # a failed step fails its requests, never the process
+            except Exception as exc:  # a failed batched forward fails its requests, never the process
                 for generation in list(self._running.values()):
                     self._finish(generation, None, error=f"generation failed: {exc}")
                 self._drop_finished()
+
+    def _isolated(self, generation: Generation, work: Callable[..., None], *args: Any) -> None:
+        """Run one request's own work (its prefill, sampling its token, emitting its text); a failure there
+        fails that request alone (its client gets an error), never its batch-mates."""
+        try:
+            work(*args)
+        except Exception as exc:
+            self._finish(generation, None, error=f"generation failed: {type(exc).__name__}: {exc}")
 
     def _prefill(self, generation: Generation) -> None:
         """Run the context positions not yet in the slot's cache (a new prompt, a restored or staged
@@ -351,7 +359,7 @@ class Engine:
         logits = self.model(tokens, positions, self.cache, torch.tensor([g.slot for g in batch]))
         for row, generation in enumerate(batch):
             generation.cached = int(positions[row, 0]) + 1
-            self._accept(generation, logits[row, -1])
+            self._isolated(generation, self._accept, generation, logits[row, -1])
 
     def _accept(self, generation: Generation, logits: torch.Tensor) -> None:
         token = next_token(logits, generation.params, len(generation.output_ids))

@@ -28,11 +28,22 @@ class SamplingParams:
             self.seed = random.getrandbits(63)
 
 
+# Below this temperature sampling is greedy: dividing logits by a tinier one overflows float32 to inf
+# (1e-300 is a valid OpenAI temperature), and the distribution is one-hot to float32 precision anyway.
+MIN_TEMPERATURE = 1e-5
+
+
 def next_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
-    """`logits`: float32 (vocab,) of the last position; `step`: index of the token being generated."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    """`logits`: (vocab,) of the last position; `step`: index of the token being generated.
+
+    Total for every value the API accepts and any logits (huge, -inf, +inf, NaN): it returns a valid
+    token id rather than raise, because a raise here would be one request's failure on the engine thread.
+    """
+    logits = logits.float()
+    top = logits.max()
+    if not params.temperature >= MIN_TEMPERATURE or not torch.isfinite(top):
+        return int(torch.argmax(logits))  # greedy; also where +inf or NaN leaves no distribution to draw from
+    probs = torch.softmax((logits - top) / params.temperature, dim=-1)  # the top token has weight 1: sum >= 1
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
