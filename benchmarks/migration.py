@@ -46,6 +46,7 @@ from controller.migration import Migrator  # noqa: E402
 from examples.smollm2.prepare import prepare  # noqa: E402
 from redis_schema.keys import Keys  # noqa: E402
 from runtime.embedded_redis import free_tcp_port  # noqa: E402
+from runtime.migration.protocol import auth_headers  # noqa: E402
 
 TARGETS = {"pause_vs_inter_token": 2.0, "migration_vs_prefill": 2.0}
 STORY = "Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
@@ -82,7 +83,7 @@ class Instance:
     def running(self, min_tokens: int) -> str:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            rows = requests.get(self.url + "/_/requests", timeout=10).json()["data"]
+            rows = requests.get(self.url + "/_/requests", headers=auth_headers(), timeout=10).json()["data"]
             rows = [r for r in rows if r["state"] == "running" and r["completion_tokens"] >= min_tokens]
             if rows:
                 return rows[0]["id"]
@@ -143,7 +144,7 @@ def migrated_stream(source: Instance, destination: Instance, migrator: Migrator,
     returned = time.time()
     stream.join()
     assert record["state"] == "completed", record
-    status = requests.get(f"{source.url}/_/migration/{record['id']}", timeout=10).json()
+    status = requests.get(f"{source.url}/_/migration/{record['id']}", headers=auth_headers(), timeout=10).json()
     paused = status["created_at"] + next(e["t"] for e in status["events"] if e["state"] == "paused")
     # the first chunk after the pause is relayed from the destination (the last one from the source arrives
     # within a few ms of the pause; a relayed one at least pause_s later)
@@ -175,6 +176,7 @@ def context_sample(source: Instance, destination: Instance, migrator: Migrator, 
 
 
 def main() -> int:
+    os.environ.setdefault("SLLM_MIGRATION_TOKEN", os.urandom(16).hex())  # the instances started here inherit it
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per instance (default 1: one core "

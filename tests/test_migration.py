@@ -8,6 +8,7 @@ without migration.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from controller.migration import Migrator
 from redis_schema.keys import Keys
 from runtime.embedded_redis import free_tcp_port
 from runtime.migration.faults import EXIT_CODE
+from runtime.migration.protocol import auth_headers
 from runtime.migration.record import events_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +82,10 @@ class Instance:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
     def in_flight(self) -> list[dict]:
-        return requests.get(self.url + "/_/requests", timeout=10).json()["data"]
+        return requests.get(self.url + "/_/requests", headers=auth_headers(), timeout=10).json()["data"]
 
     def migration(self, migration_id: str) -> dict:
-        return requests.get(f"{self.url}/_/migration/{migration_id}", timeout=10).json()
+        return requests.get(f"{self.url}/_/migration/{migration_id}", headers=auth_headers(), timeout=10).json()
 
     def kill(self) -> None:
         """SIGKILL the master and its worker at once (a stopped worker too): the instance dies."""
@@ -136,6 +138,19 @@ class Call(threading.Thread):
         assert not self.is_alive(), "the request never finished"
         assert self.error is None, repr(self.error)
         return "".join(self.pieces), self.finish_reason, self.usage
+
+
+@pytest.fixture(scope="module", autouse=True)
+def migration_token():
+    """Migration needs credentials (the routes refuse without SLLM_MIGRATION_TOKEN): instances, coordinators
+    and the controller started here inherit this process's token."""
+    previous = os.environ.get("SLLM_MIGRATION_TOKEN")
+    os.environ["SLLM_MIGRATION_TOKEN"] = uuid.uuid4().hex
+    yield os.environ["SLLM_MIGRATION_TOKEN"]
+    if previous is None:
+        del os.environ["SLLM_MIGRATION_TOKEN"]
+    else:
+        os.environ["SLLM_MIGRATION_TOKEN"] = previous
 
 
 @pytest.fixture(scope="module")
@@ -415,7 +430,7 @@ def test_release_and_source_death_after_handover(instances, pair, migrator):
 
 def test_bad_requests_get_clear_errors(pair):
     source, destination = pair
-    post = requests.post
+    post = functools.partial(requests.post, headers=auth_headers())
     unknown = post(f"{source.url}/_/requests/cmpl-nope/migrate", json={"destination": destination.url}, timeout=10)
     assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "request"
     malformed = post(f"{source.url}/_/requests/cmpl-nope/migrate", data="{nope",
@@ -437,11 +452,12 @@ def test_bad_requests_get_clear_errors(pair):
     oversized = post(f"{destination.url}/_/migration/m-w/tokens", json={"start": 0, "tokens": [1] * 40_000},
                      timeout=10)
     assert oversized.status_code == 413
-    assert requests.get(f"{source.url}/_/migration/m-unknown", timeout=10).status_code == 404
+    assert requests.get(f"{source.url}/_/migration/m-unknown", headers=auth_headers(), timeout=10).status_code == 404
     commit = post(f"{destination.url}/_/migration/m-unknown/commit", json={"start": 0, "tokens": [], "text": ""},
                   timeout=10)
     assert commit.status_code == 404
-    assert json.loads(requests.get(f"{source.url}/_/requests", timeout=10).text)["object"] == "list"
+    listed = requests.get(f"{source.url}/_/requests", headers=auth_headers(), timeout=10)
+    assert json.loads(listed.text)["object"] == "list"
 
 
 def test_controller_runs_the_schedulers_migration_plan(smollm2, namespace, tmp_path):

@@ -8,6 +8,7 @@ import random
 import time
 
 import pytest
+import requests
 import torch
 
 from runtime.model.sampling import SamplingParams, next_token
@@ -86,3 +87,56 @@ def test_one_requests_failure_in_the_engine_does_not_fail_its_batch_mates(engine
         hostile.wait()
     assert normal.wait() == alone.text and normal.output_ids == alone.output_ids
     assert normal.finish_reason == "length" and hostile.finish_reason == "error"
+
+
+MIGRATION_ROUTES = [("GET", "/_/requests"), ("POST", "/_/requests/cmpl-x/migrate"), ("GET", "/_/migration"),
+                    ("GET", "/_/migration/m-1"), ("DELETE", "/_/migration/m-1"), ("POST", "/_/migration/m-1/tokens"),
+                    ("POST", "/_/migration/m-1/commit")]
+
+
+def started(tmp_path, **env: str):
+    """A real runtime (gunicorn) whose model does not exist: it serves HTTP at once, no weights are loaded."""
+    from test_runtime_server import ROOT, Server, shrinkwrap
+
+    build = shrinkwrap(tmp_path, "fn", ROOT / "templates" / "sllm-python" / "function")
+    server = Server(build, tmp_path / "no-such-model", SLLM_MODEL_STORE=str(tmp_path), **env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            requests.get(server.url + "/_/health", timeout=2)
+            return server
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    server.stop()
+    raise TimeoutError("the runtime never answered")
+
+
+def test_migration_routes_refuse_everyone_without_a_migration_token(tmp_path):
+    """They expose other callers' prompts and let anyone write into their streams: no token, no migration."""
+    server = started(tmp_path, SLLM_MIGRATION_TOKEN="")
+    try:
+        for method, path in MIGRATION_ROUTES:
+            for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer anything"}):
+                response = requests.request(method, server.url + path, json={}, headers=headers, timeout=10)
+                assert response.status_code == 403, (method, path, response.text)
+                assert "SLLM_MIGRATION_TOKEN" in response.json()["error"]["message"]
+        assert requests.get(server.url + "/_/health", timeout=10).status_code == 200
+        assert requests.get(server.url + "/_/ready", timeout=10).status_code == 503  # open: it says why
+        assert requests.get(server.url + "/metrics", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_migration_routes_need_the_exact_bearer_token(tmp_path):
+    server = started(tmp_path / "a", SLLM_MIGRATION_TOKEN="s3cret-token")
+    try:
+        for method, path in MIGRATION_ROUTES:
+            for headers in ({}, {"Authorization": "Bearer s3cret"}, {"Authorization": "s3cret-token"},
+                            {"Authorization": "Bearer s3cret-token2"}):
+                response = requests.request(method, server.url + path, json={}, headers=headers, timeout=10)
+                assert response.status_code == 401, (method, path, headers, response.text)
+        listed = requests.get(server.url + "/_/migration", headers={"Authorization": "Bearer s3cret-token"},
+                              timeout=10)
+        assert listed.status_code == 200 and listed.json() == {"object": "list", "data": []}
+    finally:
+        server.stop()

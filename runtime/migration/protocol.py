@@ -140,7 +140,7 @@ class MigrateOptions:
 
 
 def auth_headers() -> dict[str, str]:
-    """The bearer token migration endpoints require when SLLM_MIGRATION_TOKEN is set (routes.py)."""
+    """The bearer token the migration endpoints require (SLLM_MIGRATION_TOKEN; without it they refuse, routes.py)."""
     token = os.environ.get("SLLM_MIGRATION_TOKEN")
     return {"Authorization": f"Bearer {token}"} if token else {}
 

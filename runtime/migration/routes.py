@@ -1,8 +1,9 @@
 """The migration routes of the function runtime (the list is in protocol.py).
 
 They live under `/_/`, next to health and readiness: internal endpoints for the controller and peer
-instances, not for clients. With SLLM_MIGRATION_TOKEN set every one of them requires
-`Authorization: Bearer <token>` (instances send it to each other, the coordinator sends it too).
+instances, not for clients. Every one of them requires `Authorization: Bearer <SLLM_MIGRATION_TOKEN>`
+(instances send it to each other, the coordinator sends it too); without a token set they are refused
+(403), because they expose other callers' prompts and streams. /_/health, /_/ready and /metrics stay open.
 This module imports no torch: the app registers the routes before the model (and torch) has loaded.
 """
 
@@ -56,8 +57,11 @@ def register_migration_routes(app: Flask, runtime: Runtime) -> Migrations:
 
     @app.before_request
     def authorize():
-        if not token or not (request.path == "/_/requests" or request.path.startswith(("/_/requests/", PREFIX))):
+        if not (request.path == "/_/requests" or request.path.startswith(("/_/requests/", PREFIX))):
             return None
+        if not token:
+            raise ProtocolError(403, "migration is disabled until SLLM_MIGRATION_TOKEN is set on this instance "
+                                     "(the migration routes expose other callers' requests)")
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise ProtocolError(401, "missing or wrong bearer token (SLLM_MIGRATION_TOKEN)")
