@@ -11,24 +11,82 @@ from __future__ import annotations
 import base64
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from controller.scheduler import Decision
+from runtime import jsonbody
 
 MODEL_ANNOTATION = "sllm.io/model"
 PLACEMENT_ANNOTATION = "sllm.io/placement"
 BOOKING_ANNOTATION = "sllm.io/booking"
+KNATIVE_SERVICE_LABEL = "serving.knative.dev/service"
 MAX_PRIORITY = 10  # extenderv1.MaxExtenderPriority
 AFFINITY_WEIGHTS = (100, 50, 25)  # preferred-affinity weight of the best, second and third node
 
 
 class BadRequest(ValueError):
-    """A malformed payload; the message names the field at fault."""
+    """A malformed payload; `field` is the path of the field at fault (e.g. `request.object.spec.containers[0]`)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
-def _object(value: Any, field: str) -> dict:
-    if not isinstance(value, dict):
-        raise BadRequest(f"{field} must be an object")
+# -- typed parse: every field we read, with the type Kubernetes gives it -------------------------------------------
+# A schema is a dict (a JSON object and the fields we read from it), a one-item list (an array of that), a type or a
+# tuple of types (a scalar), or STRING_MAP (map[string]string). JSON null is accepted everywhere, as Go decodes it to
+# the zero value; what must be present is checked by the parsers below.
+STRING_MAP = "map[string]string"
+PROBE = {"httpGet": {"path": str, "port": (int, str)}, "exec": {"command": [str]}}
+CONTAINER = {"name": str, "env": [{"name": str, "value": str}], "volumeMounts": [{"name": str, "mountPath": str}],
+             "ports": [{"name": str, "containerPort": int}], "readinessProbe": PROBE}
+PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
+POD = {"metadata": {"annotations": STRING_MAP, "labels": STRING_MAP},
+       "spec": {"containers": [CONTAINER], "volumes": [{"name": str}], "affinity": {"nodeAffinity": {PREFERRED: [{}]}}}}
+NODE_ITEM = {"metadata": {"name": str}}
+JSON_TYPE = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+
+
+def _found(value: Any) -> str:
+    return JSON_TYPE.get(type(value), type(value).__name__)
+
+
+def _wrong(path: str, expected: str, value: Any) -> BadRequest:
+    return BadRequest(f"{path} must be {expected}, not {_found(value)}", path)
+
+
+def check(value: Any, schema: Any, path: str) -> None:
+    """Raise BadRequest naming the first field whose JSON type is not the one the schema gives it."""
+    if value is None:
+        return
+    if schema == STRING_MAP:
+        if not isinstance(value, dict):
+            raise _wrong(path, "an object of strings", value)
+        for key, item in value.items():
+            if not isinstance(item, str):
+                raise _wrong(f"{path}[{key!r}]", "a string", item)
+    elif isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise _wrong(path, "an object", value)
+        for name, sub in schema.items():
+            check(value.get(name), sub, f"{path}.{name}")
+    elif isinstance(schema, list):
+        if not isinstance(value, list):
+            raise _wrong(path, "an array", value)
+        for index, item in enumerate(value):
+            check(item, schema[0], f"{path}[{index}]")
+    else:
+        types = schema if isinstance(schema, tuple) else (schema,)
+        if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+            raise _wrong(path, " or ".join("an integer" if t is int else JSON_TYPE[t] for t in types), value)
+
+
+def _required(value: Any, schema: Any, path: str) -> Any:
+    if value is None:
+        raise BadRequest(f"{path} is missing", path)
+    check(value, schema, path)
     return value
 
 
@@ -41,19 +99,14 @@ def _get(data: dict, name: str) -> Any:
 
 
 def model_of(pod: dict) -> str | None:
-    metadata = pod.get("metadata") or {}
-    annotations = metadata.get("annotations") or {}
-    if not isinstance(annotations, dict):
-        raise BadRequest("pod.metadata.annotations must be an object")
+    """The model a pod (checked against POD) serves, or None: not ours."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
     if annotations.get(MODEL_ANNOTATION):
-        return str(annotations[MODEL_ANNOTATION])
-    containers = (pod.get("spec") or {}).get("containers") or []
-    if not isinstance(containers, list):
-        raise BadRequest("pod.spec.containers must be a list")
-    for container in containers:
+        return annotations[MODEL_ANNOTATION]
+    for container in (pod.get("spec") or {}).get("containers") or []:
         for env in (container or {}).get("env") or []:
-            if isinstance(env, dict) and env.get("name") == "SLLM_MODEL" and env.get("value"):
-                return str(env["value"])
+            if env and env.get("name") == "SLLM_MODEL" and env.get("value"):
+                return env["value"]
     return None
 
 
@@ -63,34 +116,33 @@ def booked_node(pod: dict) -> str | None:
     if not annotations.get(BOOKING_ANNOTATION):
         return None
     try:
-        node = json.loads(annotations.get(PLACEMENT_ANNOTATION) or "{}").get("node")
-    except (json.JSONDecodeError, AttributeError):
-        raise BadRequest(f"pod annotation {PLACEMENT_ANNOTATION} is not a JSON object") from None
+        node = jsonbody.loads_object(annotations.get(PLACEMENT_ANNOTATION) or "{}").get("node")
+    except jsonbody.JsonError:
+        field = f"pod.metadata.annotations[{PLACEMENT_ANNOTATION!r}]"
+        raise BadRequest(f"{field} is not a JSON object", field) from None
     return node if isinstance(node, str) else None
 
 
 def function_of(pod: dict) -> str:
+    """The FaaS function a pod serves: OpenFaaS's `faas_function` label, else Knative's service label."""
     labels = (pod.get("metadata") or {}).get("labels") or {}
-    return str(labels.get("faas_function") or labels.get("serving.knative.dev/service") or "")
+    return labels.get("faas_function") or labels.get(KNATIVE_SERVICE_LABEL) or ""
 
 
-def parse_extender_args(body: Any) -> tuple[dict, list[str], bool]:
+def parse_extender_args(body: dict) -> tuple[dict, list[str], bool]:
     """(pod, candidate node names, whether the caller sent names only) from ExtenderArgs."""
-    args = _object(body, "ExtenderArgs")
-    pod = _object(_get(args, "pod"), "ExtenderArgs.pod")
-    names = _get(args, "nodenames")
+    pod = _required(_get(body, "pod"), POD, "ExtenderArgs.pod")
+    names = _get(body, "nodenames")
     if names is not None:
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise BadRequest("ExtenderArgs.nodenames must be a list of strings")
+        check(names, [str], "ExtenderArgs.nodenames")
         return pod, names, True
-    nodes = _object(_get(args, "nodes"), "ExtenderArgs.nodes")
-    items = nodes.get("items")
-    if not isinstance(items, list):
-        raise BadRequest("ExtenderArgs.nodes.items must be a list")
-    try:
-        return pod, [str(item["metadata"]["name"]) for item in items], False
-    except (TypeError, KeyError):
-        raise BadRequest("ExtenderArgs.nodes.items[].metadata.name is missing") from None
+    nodes = _required(_get(body, "nodes"), {"items": [NODE_ITEM]}, "ExtenderArgs.nodes")
+    items = _required(nodes.get("items"), [NODE_ITEM], "ExtenderArgs.nodes.items")
+    for index, item in enumerate(items):
+        _required(item, NODE_ITEM, f"ExtenderArgs.nodes.items[{index}]")
+        _required(item.get("metadata"), NODE_ITEM["metadata"], f"ExtenderArgs.nodes.items[{index}].metadata")
+        _required(item["metadata"].get("name"), str, f"ExtenderArgs.nodes.items[{index}].metadata.name")
+    return pod, [item["metadata"]["name"] for item in items], False
 
 
 def filter_result(body: dict, names: list[str], names_only: bool, ranked: list[Decision] | None) -> dict:
@@ -101,7 +153,8 @@ def filter_result(body: dict, names: list[str], names_only: bool, ranked: list[D
     passed = [n for n in names if n not in failed]
     if names_only:
         return {"nodenames": passed, "failedNodes": failed, "error": ""}
-    items = [item for item in _get(body, "nodes")["items"] if item["metadata"]["name"] in set(passed)]
+    keep = set(passed)  # once: a set per item made this quadratic (40k nodes took 52 s)
+    items = [item for item in _get(body, "nodes")["items"] if item["metadata"]["name"] in keep]
     return {"nodes": {"apiVersion": "v1", "kind": "NodeList", "items": items}, "failedNodes": failed, "error": ""}
 
 
@@ -123,19 +176,21 @@ def priorities(names: list[str], ranked: list[Decision] | None) -> list[dict]:
     return scores
 
 
-def parse_admission_review(body: Any) -> tuple[str, dict, bool]:
+def parse_admission_review(body: dict) -> tuple[str, dict, bool]:
     """(request uid, pod, dry run) from an AdmissionReview v1 for a pod."""
-    review = _object(body, "AdmissionReview")
-    if review.get("apiVersion") != "admission.k8s.io/v1" or review.get("kind") != "AdmissionReview":
-        raise BadRequest("apiVersion/kind must be admission.k8s.io/v1 AdmissionReview")
-    request = _object(review.get("request"), "AdmissionReview.request")
-    uid = request.get("uid")
-    if not isinstance(uid, str) or not uid:
-        raise BadRequest("AdmissionReview.request.uid is missing")
-    kind = request.get("kind") or {}
-    if not isinstance(kind, dict) or kind.get("kind") != "Pod":
-        raise BadRequest("AdmissionReview.request.kind.kind must be Pod")
-    pod = _object(request.get("object"), "AdmissionReview.request.object")
+    if body.get("apiVersion") != "admission.k8s.io/v1" or body.get("kind") != "AdmissionReview":
+        raise BadRequest(f"apiVersion/kind must be admission.k8s.io/v1 AdmissionReview, not "
+                         f"{str(body.get('apiVersion'))[:60]}/{str(body.get('kind'))[:60]}", "apiVersion")
+    request = _required(body.get("request"), {"uid": str, "kind": {"kind": str}, "object": POD, "dryRun": bool},
+                        "AdmissionReview.request")
+    uid = _required(request.get("uid"), str, "AdmissionReview.request.uid")
+    if not uid:
+        raise BadRequest("AdmissionReview.request.uid is empty", "AdmissionReview.request.uid")
+    kind = _required(request.get("kind"), {"kind": str}, "AdmissionReview.request.kind")
+    if kind.get("kind") != "Pod":
+        raise BadRequest(f"AdmissionReview.request.kind.kind must be Pod, not {str(kind.get('kind'))[:60]}",
+                         "AdmissionReview.request.kind.kind")
+    pod = _required(request.get("object"), POD, "AdmissionReview.request.object")
     return uid, pod, bool(request.get("dryRun"))
 
 
@@ -153,15 +208,167 @@ def _pointer(name: str) -> str:
     return name.replace("~", "~0").replace("/", "~1")  # RFC 6901
 
 
-def placement_patch(pod: dict, best_nodes: list[str], placement: dict) -> list[dict]:
-    """JSONPatch: preferred node affinity for the best nodes, the decision as an annotation, and the
-    booking id in the first container's env (the instance takes the booked slot over)."""
+@dataclass(frozen=True)
+class Plumbing:
+    """What every function pod gets from the node (the webhook injects it, as a mesh injects its sidecar)."""
+
+    socket_dir: str                 # host dir of the node loader's socket, mounted read-write (connect() needs it)
+    dram_dir: str                   # host dir of the DRAM tier, mounted read-only (weights are mapped MAP_PRIVATE)
+    redis_url: str                  # SLLM_REDIS_URL as a plain value, when no Secret is named
+    redis_secret: str = ""          # "SECRET/KEY" in the pod's namespace: SLLM_REDIS_URL from there instead
+    key_prefix: str = "sllm:"
+
+    def volumes(self) -> list[tuple[str, str, bool]]:
+        """(volume name, host path = mount path, read-only)."""
+        return [(SOCKET_VOLUME, self.socket_dir, False), (DRAM_VOLUME, self.dram_dir, True)]
+
+    def env(self, pod: dict) -> list[dict]:
+        if self.redis_secret:
+            secret, key = self.redis_secret.split("/", 1)
+            redis_url = {"name": "SLLM_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        else:
+            redis_url = {"name": "SLLM_REDIS_URL", "value": self.redis_url}
+        env = [{"name": "SLLM_NODE_ID", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}},
+               {"name": "SLLM_LOADER_SOCKET", "value": f"{self.socket_dir.rstrip('/')}/{LOADER_SOCKET}"},
+               redis_url, {"name": "SLLM_KEY_PREFIX", "value": self.key_prefix}]
+        function = function_of(pod)
+        return env + ([{"name": "SLLM_FUNCTION_NAME", "value": function}] if function else [])
+
+
+SOCKET_VOLUME, DRAM_VOLUME, LOADER_SOCKET = "sllm-loader-socket", "sllm-dram-tier", "loader.sock"
+QUEUE_PROXY = "queue-proxy"                 # Knative's sidecar (pkg/reconciler/revision/resources/queue.go)
+KNATIVE_USER_PORT_NAME = "user-port"        # the serving container's port (resources/deploy.go buildContainerPorts)
+WATCHDOG_PORT = 8080                        # of-watchdog's port, faas-netes' RuntimeHTTPPort, Knative's default
+READY_PATH = "/_/ready"                     # the runtime's readiness (model loaded and warmed up)
+
+
+def function_container(pod: dict) -> int | None:
+    """Index of the container serving the function: OpenFaaS names it after the function (faas-netes
+    makeDeploymentSpec); Knative gives it the port named user-port (its default name is user-container);
+    otherwise the first container that is not a known sidecar."""
+    containers = (pod.get("spec") or {}).get("containers") or []
+    named = (function_of(pod), "user-container")
+    for rule in (lambda c: c.get("name") == named[0] and named[0],
+                 lambda c: any((p or {}).get("name") == KNATIVE_USER_PORT_NAME for p in c.get("ports") or []),
+                 lambda c: c.get("name") == named[1],
+                 lambda c: c.get("name") != QUEUE_PROXY):
+        for index, container in enumerate(containers):
+            if container and rule(container):
+                return index
+    return None
+
+
+def _extend(patch: list[dict], path: str, current: list | None, items: list) -> None:
+    """Append `items` to the array at `path`, creating it when absent (JSONPatch cannot append to nothing)."""
+    if not items:
+        return
+    if current is None:
+        patch.append({"op": "add", "path": path, "value": items})
+    else:
+        patch += [{"op": "add", "path": f"{path}/-", "value": item} for item in items]
+
+
+def _is_platform_default(probe: dict | None) -> bool:
+    """faas-netes' own readiness probe (pkg/k8s/probes.go MakeProbes: GET /_/health, or `cat /tmp/.lock`): it
+    turns ready before the model has loaded, so it is replaced; a probe of any other shape is the user's."""
+    if not probe:
+        return True
+    http, command = probe.get("httpGet") or {}, (probe.get("exec") or {}).get("command")
+    return http.get("path") == "/_/health" or command == ["cat", "/tmp/.lock"]
+
+
+def _readiness_patch(pod: dict, index: int) -> list[dict]:
+    """Readiness on the runtime's /_/ready, which turns 200 only once the model is loaded and warmed up.
+
+    Knative: the kubelet never runs the user-container's HTTP readiness probe; Knative moves it into queue-proxy's
+    SERVING_READINESS_PROBE env, defaulting to TCP on the user port (resources/deploy.go createServingContainer,
+    resources/queue.go applyReadinessProbeDefaults). A TCP probe there (the port opens long before the model is
+    loaded) becomes an HTTP GET of /_/ready; an HTTP probe the user set is kept.
+    OpenFaaS: of-watchdog answers /_/ready on its port by calling the upstream's `ready_path` (of-watchdog
+    pkg/readiness.go); the sllm-python template sets ready_path=/_/ready."""
+    containers = pod["spec"]["containers"]
+    for q, container in enumerate(containers):
+        if (container or {}).get("name") != QUEUE_PROXY:
+            continue
+        env = container.get("env") or []
+        port = next((e.get("value") for e in env if e and e.get("name") == "USER_PORT"), None) or ""
+        for e, entry in enumerate(env):
+            if entry and entry.get("name") == "SERVING_READINESS_PROBE" and entry.get("value"):
+                value = _knative_probe(entry["value"], int(port) if port.isdigit() else WATCHDOG_PORT)
+                return [] if value == entry["value"] else [
+                    {"op": "replace", "path": f"/spec/containers/{q}/env/{e}/value", "value": value}]
+        return []
+    current = containers[index].get("readinessProbe")
+    if not _is_platform_default(current):
+        return []
+    port = ((current or {}).get("httpGet") or {}).get("port") or WATCHDOG_PORT
+    timing = {k: v for k, v in (current or {}).items() if k not in ("httpGet", "exec", "tcpSocket", "grpc")}
+    probe = {"httpGet": {"path": READY_PATH, "port": port}, "periodSeconds": 2, "failureThreshold": 3, **timing}
+    return [{"op": "add", "path": f"/spec/containers/{index}/readinessProbe", "value": probe}]
+
+
+def _knative_probe(encoded: str, user_port: int) -> str:
+    """queue-proxy's probe JSON (one probe, or a list with multi-container probing: pkg/queue/readiness
+    EncodeSingleProbe / EncodeMultipleProbes) with the TCP probe of the user port turned into GET /_/ready."""
+    try:
+        probes = jsonbody.loads(encoded, "queue-proxy env SERVING_READINESS_PROBE")
+    except jsonbody.JsonError as exc:
+        raise BadRequest(str(exc), "SERVING_READINESS_PROBE") from None
+    changed = False
+    for probe in probes if isinstance(probes, list) else [probes]:
+        tcp = probe.get("tcpSocket") if isinstance(probe, dict) else None
+        if isinstance(tcp, dict) and tcp.get("port") == user_port:
+            del probe["tcpSocket"]
+            probe["httpGet"] = {"path": READY_PATH, "port": user_port, "host": "127.0.0.1", "scheme": "HTTP",
+                                "httpHeaders": [{"name": "K-Network-Probe", "value": "queue"}]}
+            changed = True
+    return json.dumps(probes, separators=(",", ":")) if changed else encoded
+
+
+def pod_patch(pod: dict, plumbing: Plumbing, best_nodes: list[str] = (), placement: dict | None = None) -> list[dict]:
+    """JSONPatch computed against the pod as it is now, so a reinvocation adds nothing twice: the node plumbing
+    (volumes, mounts, env, readiness) into the function container, and, when placed, preferred node affinity for
+    the best nodes, the decision as annotations and the booking id in the env. A volume, mount or env variable the
+    pod already has (by name, by mount path) is left as the user set it."""
+    patch = _placement_annotations_and_affinity(pod, best_nodes, placement) if placement else []
+    index = function_container(pod)
+    if index is None:
+        return patch
+    spec = pod["spec"]
+    container = spec["containers"][index]
+    mounted = {(m or {}).get("mountPath") for m in container.get("volumeMounts") or []}
+    volume_names = {(v or {}).get("name") for v in spec.get("volumes") or []}
+    volumes, mounts = [], []
+    for name, path, read_only in plumbing.volumes():
+        if path in mounted:
+            continue
+        mounts.append({"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})})
+        if name not in volume_names:
+            volumes.append({"name": name, "hostPath": {"path": path, "type": "Directory"}})
+    _extend(patch, "/spec/volumes", spec.get("volumes"), volumes)
+    _extend(patch, f"/spec/containers/{index}/volumeMounts", container.get("volumeMounts"), mounts)
+    env = plumbing.env(pod)
+    if placement and placement.get("booking"):
+        env.append({"name": "SLLM_BOOKING_ID", "value": placement["booking"]})
+    present = {(e or {}).get("name") for e in container.get("env") or []}
+    _extend(patch, f"/spec/containers/{index}/env", container.get("env"), [e for e in env if e["name"] not in present])
+    return patch + _readiness_patch(pod, index)
+
+
+def placed(pod: dict) -> bool:
+    """Whether our webhook already placed this pod (a reinvocation must not book a second slot)."""
+    return PLACEMENT_ANNOTATION in ((pod.get("metadata") or {}).get("annotations") or {})
+
+
+def _placement_annotations_and_affinity(pod: dict, best_nodes: list[str], placement: dict) -> list[dict]:
     patch: list[dict] = []
     metadata = pod.get("metadata") or {}
     annotations = {PLACEMENT_ANNOTATION: json.dumps(placement, sort_keys=True)}
     if placement.get("booking"):
         annotations[BOOKING_ANNOTATION] = placement["booking"]
-    if "annotations" not in metadata or metadata["annotations"] is None:
+    if "metadata" not in pod or pod["metadata"] is None:
+        patch.append({"op": "add", "path": "/metadata", "value": {"annotations": annotations}})
+    elif metadata.get("annotations") is None:
         patch.append({"op": "add", "path": "/metadata/annotations", "value": annotations})
     else:
         patch += [{"op": "add", "path": f"/metadata/annotations/{_pointer(k)}", "value": v}
@@ -171,19 +378,12 @@ def placement_patch(pod: dict, best_nodes: list[str], placement: dict) -> list[d
         for weight, node in zip(AFFINITY_WEIGHTS, best_nodes, strict=False)]
     spec = pod.get("spec") or {}
     node_affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
-    preferred = "preferredDuringSchedulingIgnoredDuringExecution"
     if terms and not spec.get("affinity"):
-        patch.append({"op": "add", "path": "/spec/affinity", "value": {"nodeAffinity": {preferred: terms}}})
+        patch.append({"op": "add", "path": "/spec/affinity", "value": {"nodeAffinity": {PREFERRED: terms}}})
     elif terms and not node_affinity:
-        patch.append({"op": "add", "path": "/spec/affinity/nodeAffinity", "value": {preferred: terms}})
-    elif terms and not node_affinity.get(preferred):
-        patch.append({"op": "add", "path": f"/spec/affinity/nodeAffinity/{preferred}", "value": terms})
+        patch.append({"op": "add", "path": "/spec/affinity/nodeAffinity", "value": {PREFERRED: terms}})
+    elif terms and not node_affinity.get(PREFERRED):
+        patch.append({"op": "add", "path": f"/spec/affinity/nodeAffinity/{PREFERRED}", "value": terms})
     elif terms:
-        patch += [{"op": "add", "path": f"/spec/affinity/nodeAffinity/{preferred}/-", "value": t} for t in terms]
-    if placement.get("booking") and spec.get("containers"):
-        env = {"name": "SLLM_BOOKING_ID", "value": placement["booking"]}
-        if spec["containers"][0].get("env"):
-            patch.append({"op": "add", "path": "/spec/containers/0/env/-", "value": env})
-        else:
-            patch.append({"op": "add", "path": "/spec/containers/0/env", "value": [env]})
+        patch += [{"op": "add", "path": f"/spec/affinity/nodeAffinity/{PREFERRED}/-", "value": t} for t in terms]
     return patch

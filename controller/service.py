@@ -10,7 +10,8 @@
     GET  /v1/cluster             the cluster view `sllm-faas status` prints
     GET  /healthz, /metrics
 
-Every endpoint but /healthz and /metrics needs `Authorization: Bearer <token>` when a token is set. The
+Every endpoint but /healthz and /metrics needs `Authorization: Bearer <token>` when a token is set (a controller
+with neither token nor client CA starts only with --insecure-no-auth). The
 kube-scheduler cannot send headers, so the same routes also answer under `/k8s/<token>/...` (put the
 token in the extender's urlPrefix and the webhook's URL path), or run with mTLS (--client-ca).
 """
@@ -23,11 +24,12 @@ import math
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 import requests
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from controller import kube
@@ -38,6 +40,7 @@ from controller.migration import Migrator, NoDestination
 from controller.placement import NoCapacity, Placer, UnknownModel
 from redis_schema.keys import Keys, validate_id
 from redis_schema.upgrade import ensure_schema
+from runtime import jsonbody
 from runtime.names import InvalidName
 from runtime.server.metrics import Registry
 
@@ -158,15 +161,26 @@ def _size_hint(body: dict) -> int | None:
     return size
 
 
+def _id(value: object, what: str) -> str:
+    """validate_id for a value from the request: its ValueError is the client's fault (400), not ours."""
+    try:
+        return validate_id(value, what)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), what) from None
+
+
 def create_app(config: ControllerConfig | None = None) -> Flask:
     config = config or ControllerConfig.from_json(os.environ.get("SLLM_CONTROLLER_CONFIG", "{}"))
     controller = Controller(config)
     app = Flask("sllm-faas-controller")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["sllm_controller"] = controller
+    plumbing = kube.Plumbing(config.inject_socket_dir, config.inject_dram_dir, config.redis_url,
+                             config.inject_redis_secret, config.key_prefix)
 
     @app.before_request
     def authenticate():
+        g.request_id = uuid.uuid4().hex[:16]
         if (request.content_length or 0) > config.max_body_bytes:
             return jsonify({"error": f"request body over the {config.max_body_bytes} byte limit"}), 413
         if not config.token or request.path in OPEN_PATHS:
@@ -182,10 +196,16 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         return jsonify(exc.body()), exc.status
 
     @app.errorhandler(kube.BadRequest)
+    def bad_shape(exc: kube.BadRequest):
+        return jsonify({"error": str(exc), **({"field": exc.field} if exc.field else {})}), 400
+
+    @app.errorhandler(jsonbody.JsonError)
+    def bad_json(exc: jsonbody.JsonError):
+        return jsonify({"error": exc.message}), exc.status
+
     @app.errorhandler(InvalidName)
-    @app.errorhandler(ValueError)
-    def bad_request(exc: Exception):
-        return jsonify({"error": str(exc)}), 400
+    def bad_name(exc: InvalidName):
+        return jsonify({"error": str(exc), "field": "model"}), 400
 
     @app.errorhandler(UnknownModel)
     def unknown_model(exc: UnknownModel):
@@ -204,11 +224,16 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
     def http_error(exc: HTTPException):
         return jsonify({"error": exc.description or exc.name}), exc.code
 
+    @app.errorhandler(Exception)
+    def internal_error(exc: Exception):
+        """Only the errors above are the client's; anything else is our bug: logged, 500, with an id to find it."""
+        request_id = g.get("request_id", "-")
+        log.exception("internal error, request %s %s %s", request_id, request.method, request.path)
+        return jsonify({"error": f"internal error ({type(exc).__name__}); see the controller log",
+                        "request_id": request_id}), 500
+
     def json_body() -> dict:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+        return jsonbody.request_object()
 
     def hook(rule: str, **options):
         """A route under both its plain path and /k8s/<token>/... (callers that cannot send headers)."""
@@ -238,7 +263,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         function = body.get("function")
         model = body.get("model")
         if function is not None:
-            validate_id(function, "function name")
+            _id(function, "function name")
             model = model or controller.client.hget(controller.keys.function(function), "model")
         model = _model_field({"model": model})
         replicas = body.get("replicas", 1)
@@ -258,7 +283,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
     @hook("/v1/bookings/<node>/<booking>", methods=["DELETE"])
     def cancel_booking(node: str, booking: str):
         """A caller whose instance could not start gives its slot back before the booking expires."""
-        removed = controller.cancel_booking(node, validate_id(booking, "booking id"))
+        removed = controller.cancel_booking(_id(node, "node id"), _id(booking, "booking id"))
         return {"cancelled": removed}, 200 if removed else 404
 
     @hook("/system/alert", methods=["POST"])
@@ -278,7 +303,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
             if (entry.get("status") or body.get("status")) != "firing":
                 continue
             function = name.split(".", 1)[0]  # OpenFaaS names functions "name.namespace"
-            model = controller.client.hget(controller.keys.function(validate_id(function, "function name")),
+            model = controller.client.hget(controller.keys.function(_id(function, "function name")),
                                            "model") or function
             try:
                 decision = controller.decide("alert", model, book_slot=False, owner=function)
@@ -308,6 +333,8 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         model = kube.model_of(pod)
         if not model:
             return kube.admission_response(uid)
+        if kube.placed(pod):  # a reinvocation: placed and booked already, only what is still missing is added
+            return kube.admission_response(uid, kube.pod_patch(pod, plumbing))
         try:
             if dry_run:  # no side effects: rank only
                 ranked = controller.placer.estimate(model)
@@ -316,13 +343,14 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
                 controller.ensure_schema()
                 placement = controller.decide("webhook", model, owner=kube.function_of(pod))
         except (UnknownModel, NoCapacity) as exc:  # never block a pod: admit it unplaced, say why
-            return kube.admission_response(uid, warning=f"sllm-faas: {exc}")
+            return kube.admission_response(uid, kube.pod_patch(pod, plumbing), warning=f"sllm-faas: {exc}")
         if placement is None:
-            return kube.admission_response(uid, warning="sllm-faas: no node can start this model")
+            return kube.admission_response(uid, kube.pod_patch(pod, plumbing),
+                                           warning="sllm-faas: no node can start this model")
         ranked = [d["node"] for d in placement.get("ranked", []) if d["node"] != placement["node"]]
         best = [placement["node"], *ranked][:len(kube.AFFINITY_WEIGHTS)]  # the booked node first
         summary = {k: placement.get(k) for k in ("node", "tier", "estimate_s", "action", "booking", "instance", "to")}
-        return kube.admission_response(uid, kube.placement_patch(pod, best, summary))
+        return kube.admission_response(uid, kube.pod_patch(pod, plumbing, best, summary))
 
     @hook("/v1/migrations", methods=["POST"])
     def start_migration():
@@ -345,7 +373,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
 
     @hook("/v1/migrations/<migration_id>", methods=["GET"])
     def migration_record(migration_id: str):
-        record = controller.migrator.get(validate_id(migration_id, "migration id"))
+        record = controller.migrator.get(_id(migration_id, "migration id"))
         if not record:
             raise ApiError(404, f"no migration {migration_id}", "migration_id")
         return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 import time
@@ -17,15 +18,17 @@ GB = 10**9
 
 
 class ControllerProcess:
-    def __init__(self, root: Path, redis_url: str, prefix: str, token: str = "", **extra: str) -> None:
+    def __init__(self, root: Path, redis_url: str, prefix: str, token: str | None = None, insecure: bool = False,
+                 **extra: str) -> None:
+        """A controller with `token` (a fresh random one by default: it refuses to start without credentials),
+        or none at all with `insecure` (--insecure-no-auth)."""
         self.port = free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.token = token
+        self.token = "" if insecure else token or secrets.token_hex(16)
         self.log_path = root / f"controller-{self.port}.log"
         self.args = [sys.executable, "-m", "runtime.cli", "controller", "--host", "127.0.0.1", "--port", str(self.port),
                      "--redis-url", redis_url, "--key-prefix", prefix, "--workers", "1"]
-        if token:
-            self.args += ["--token", token]
+        self.args += ["--insecure-no-auth"] if insecure else ["--token", self.token]
         for key, value in extra.items():
             self.args += ["--" + key.replace("_", "-"), value]
         self.process: subprocess.Popen | None = None

@@ -170,7 +170,8 @@ def test_admission_webhook_patches_affinity_annotation_and_booking(controller, c
     assert [(t["weight"], t["preference"]["matchExpressions"][0]["values"]) for t in terms] == [
         (100, ["node-a"]), (50, ["node-b"]), (25, ["node-c"])]
     booking = patched["metadata"]["annotations"]["sllm.io/booking"]
-    assert patched["spec"]["containers"][0]["env"] == [{"name": "SLLM_BOOKING_ID", "value": booking}]
+    env = {e["name"]: e for e in patched["spec"]["containers"][0]["env"]}
+    assert env["SLLM_BOOKING_ID"] == {"name": "SLLM_BOOKING_ID", "value": booking}
     assert cluster.client.zrange(cluster.prefix + "node:node-a:slots", 0, -1) == [booking]
 
     existing = pod()

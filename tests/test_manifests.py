@@ -271,7 +271,7 @@ def test_webhook_calls_a_route_the_controller_serves(controller_app):
                               "resources": ["pods"], "scope": "Namespaced"}]
     assert hook["admissionReviewVersions"] == ["v1"] and hook["failurePolicy"] == "Ignore"
     assert hook["sideEffects"] == "NoneOnDryRun" and hook["timeoutSeconds"] == 5
-    assert hook["reinvocationPolicy"] == "Never"
+    assert hook["reinvocationPolicy"] == "IfNeeded"  # safe: the patch is computed against the current pod
     selector = hook["namespaceSelector"]
     assert selector["matchLabels"] == {"sllm.io/placement": "enabled"}
     excluded = next(e for e in selector["matchExpressions"] if e["key"] == "kubernetes.io/metadata.name")

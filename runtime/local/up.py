@@ -88,7 +88,7 @@ class LocalCluster:
         self.spawn("controller", python + ["controller", "--host", "127.0.0.1", "--port", str(controller_port),
                                            "--redis-url", self.redis_url, "--key-prefix", args.key_prefix,
                                            "--model-store", str(store), "--workers", "1",
-                                           "--snapshot-max-age-s", "0.2"])
+                                           "--snapshot-max-age-s", "0.2", "--insecure-no-auth"])
         nodes = {}
         for index in range(args.nodes):
             node = f"node-{index}"
