@@ -15,52 +15,90 @@ from pathlib import Path
 
 import pytest
 import yaml
-from knative_rules import as_core_pod, knative_service_errors
+from knative_rules import as_core_pod, knative_service_errors, readiness_poll_interval_s, with_knative_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 KNATIVE = ROOT / "examples" / "smollm2" / "knative-service.yaml"
 DOCKERFILES = [ROOT / "Dockerfile.runtime", ROOT / "templates" / "sllm-python" / "Dockerfile"]
 
 
+WEBHOOK_INJECTED_ENV = {"SLLM_NODE_ID", "SLLM_REDIS_URL", "SLLM_FUNCTION_NAME", "SLLM_LOADER_SOCKET", "SLLM_KEY_PREFIX"}
+
+
 def test_knative_service_passes_kubernetes_schema_and_knative_rules():
     import kubernetes_validate
 
     doc = yaml.safe_load(KNATIVE.read_text())
-    assert knative_service_errors(doc, {"kubernetes.podspec-volumes-hostpath"}) == []
+    assert knative_service_errors(doc) == []  # no feature flag needed: the webhook adds the hostPath volumes
     kubernetes_validate.validate(as_core_pod(doc), "1.30.0", strict=True)
+    (container,) = doc["spec"]["template"]["spec"]["containers"]
+    readiness = with_knative_defaults(doc)["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert readiness["httpGet"]["path"] == "/_/ready"
+    assert readiness_poll_interval_s(readiness) == 0.05  # queue-proxy's aggressive probing while starting
+    assert "failureThreshold" not in readiness and container["startupProbe"]["httpGet"]["path"] == "/_/health"
+    assert not {e["name"] for e in container["env"]} & WEBHOOK_INJECTED_ENV
+    assert not any("hostPath" in v for v in doc["spec"]["template"]["spec"]["volumes"])
 
 
 def test_knative_rules_catch_mistakes():
     doc = yaml.safe_load(KNATIVE.read_text())
     doc["metadata"]["annotations"] = {"autoscaling.knative.dev/min-scale": "0"}
-    doc["spec"]["template"]["spec"]["timeoutSeconds"] = 3600
-    doc["spec"]["template"]["spec"]["containers"][0]["ports"].append({"containerPort": 9090})
+    spec = doc["spec"]["template"]["spec"]
+    spec["timeoutSeconds"] = 3600
+    container = spec["containers"][0]
+    container["ports"].append({"containerPort": 9090})
+    container["readinessProbe"]["failureThreshold"] = 600  # the old way of waiting for the model
+    container["env"].append({"name": "PORT", "value": "9000"})
+    spec["volumes"].append({"name": "sock", "hostPath": {"path": "/run/sllm", "type": "Directory"}})
+    container["volumeMounts"].append({"name": "sock", "mountPath": "/run/sllm"})
     errors = knative_service_errors(doc)
-    assert any("spec.template.metadata" in e for e in errors)
-    assert any("timeoutSeconds" in e for e in errors)
-    assert any("one port" in e for e in errors)
-    assert any("podspec-volumes-hostpath" in e for e in errors)
-
-
-def test_broken_pod_fails_the_schema():
-    import kubernetes_validate
+    expected = ["metadata.annotations.autoscaling.knative.dev/min-scale", "timeoutSeconds: 3600",
+                "ports: Knative allows one port", "readinessProbe.failureThreshold: 600 is disallowed",
+                "env.PORT: reserved", "podspec-volumes-hostpath", "volumeMounts[1].readOnly"]
+    for fragment in expected:
+        assert any(fragment in e for e in errors), (fragment, errors)
+    assert len(errors) == len(expected), errors
 
     doc = yaml.safe_load(KNATIVE.read_text())
-    pod = as_core_pod(doc)
-    pod["spec"]["containers"][0]["ports"][0]["containerPort"] = "eighty"
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(pod, "1.30.0", strict=True)
+    doc["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": 8012}]
+    errors = knative_service_errors(doc)
+    assert any("'http' must be empty, http1 or h2c" in e for e in errors)
+    assert any("8012 is reserved" in e for e in errors)
 
 
-def test_stack_file_scale_labels():
-    stack = yaml.safe_load((ROOT / "examples" / "smollm2" / "stack.yml").read_text())
-    function = stack["functions"]["smollm2"]
-    assert function["lang"] == "sllm-python"
-    assert (ROOT / "examples" / "smollm2" / function["handler"] / "handler.py").exists()
-    labels = function["labels"]
-    assert all(isinstance(v, str) for v in labels.values())
-    assert int(labels["com.openfaas.scale.min"]) <= int(labels["com.openfaas.scale.max"])
-    assert labels["com.openfaas.scale.zero"] == "true"
+def test_knative_readme_agrees_with_the_service():
+    """Every `key: value` the example README states for the Knative Service is what the YAML sets."""
+    doc = yaml.safe_load(KNATIVE.read_text())
+    flat = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(value, (dict, list)):
+                    flat.setdefault(str(key), set()).add(str(value))
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(doc)
+    readme = (ROOT / "examples" / "smollm2" / "README.md").read_text()
+    section = readme[readme.index("### Knative"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    claims = re.findall(r"`([\w./-]+): \"?([^`\"]+)\"?`", section)
+    assert len(claims) >= 6, claims
+    for key, value in claims:
+        assert value in flat.get(key, set()), f"examples/smollm2/README.md says {key}: {value}; the YAML has " \
+                                               f"{sorted(flat.get(key, []))}"
+
+
+def test_stack_files_name_the_template_and_handler():
+    for name in ("stack.yml", "stack-pro.yml"):
+        stack = yaml.safe_load((ROOT / "examples" / "smollm2" / name).read_text())
+        function = stack["functions"]["smollm2"]
+        assert function["lang"] == "sllm-python" and (ROOT / "templates" / function["lang"] / "template.yml").exists()
+        assert (ROOT / "examples" / "smollm2" / function["handler"] / "handler.py").exists()
+        assert all(isinstance(v, str) for v in function["labels"].values()), name  # the API takes strings
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -77,6 +115,39 @@ def test_loader_daemonset_passes_kubernetes_schema():
     kubernetes_validate.validate(doc, "1.30.0", strict=True)
     env = {e["name"] for e in doc["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert {"SLLM_LOADER_NODE_ID", "SLLM_LOADER_REMOTE", "SLLM_LOADER_SSD_DIR", "SLLM_LOADER_REDIS_URL"} <= env
+
+
+def quantity_bytes(text: str) -> int:
+    """A Kubernetes memory quantity (apimachinery resource.Quantity: binary Ki..Ei, decimal k..E)."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "": 1}
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", text)
+    assert match and match[2] in units, f"not a memory quantity: {text!r}"
+    return int(float(match[1]) * units[match[2]])
+
+
+LOADER_OVERHEAD = 2**30  # the loader process itself (Python, torch imported for staging, buffers)
+
+
+def test_loader_daemonset_memory_covers_the_dram_tier_and_survives_on_gpu_nodes():
+    """tmpfs pages are charged to the cgroup that wrote them (cgroup v2): the loader's limit must hold its DRAM
+    budget, or the kernel OOM-kills it as the tier fills."""
+    from runtime.checkpoint.cli import parse_size
+
+    path = ROOT / "examples" / "smollm2" / "loader-daemonset.yaml"
+    pod = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    budget = parse_size(env["SLLM_LOADER_DRAM_BUDGET"])
+    resources = container["resources"]
+    limit = quantity_bytes(resources["limits"]["memory"])
+    assert limit >= budget + LOADER_OVERHEAD, \
+        f"{path}: resources.limits.memory={resources['limits']['memory']} < SLLM_LOADER_DRAM_BUDGET=" \
+        f"{env['SLLM_LOADER_DRAM_BUDGET']} + 1Gi"
+    assert quantity_bytes(resources["requests"]["memory"]) == limit  # the tier is really used: reserve it
+    taints = {(t["key"], t.get("effect")) for t in pod["tolerations"] if t.get("operator") == "Exists"}
+    assert {("nvidia.com/gpu", "NoSchedule"), ("nvidia.com/gpu", "NoExecute")} <= taints
+    assert pod["priorityClassName"] in ("system-node-critical", "system-cluster-critical")
 
 
 # -- deploy/: the placement controller's manifests -------------------------------------------------------------
