@@ -6,7 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# runtime/_templates: a symlink to templates/ in a checkout, the packaged copy in an installed wheel
+TEMPLATES = Path(__file__).resolve().parents[1] / "_templates"
 
 
 def shrinkwrap(lang: str, handler: Path, build: Path, templates: Path = TEMPLATES) -> Path:
