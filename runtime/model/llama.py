@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in plain torch, with a slot-based KV cache.
+"""The native decoder: Llama and its relatives (Mistral, Qwen2/3, Phi-3, Gemma 2/3) in plain torch, with a
+slot-based KV cache. How each family differs is read from its config by runtime/model/families.py.
 
 Numerics follow transformers' implementation (RMSNorm in float32, RoPE tables in float32 cast to
 the activation dtype, eager attention with a float32 softmax), so greedy tokens match it. The KV
@@ -21,72 +22,24 @@ tests/test_migration.py checks both on the real model; docs/MIGRATION.md says wh
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from runtime.model.families import SUPPORTED_MODEL_TYPES, DecoderConfig, Rope, UnsupportedModel
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "DecoderConfig", "KVCache", "LlamaDecoder", "UnsupportedModel", "build_decoder"]
 
 
-class UnsupportedModel(ValueError):
-    """The checkpoint is not a Llama-family model this decoder implements."""
 
-
-@dataclass(frozen=True)
-class DecoderConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    model_type: str
-
-    @classmethod
-    def from_hf(cls, config: dict) -> DecoderConfig:
-        model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModel(f"model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise UnsupportedModel(f"rope type {rope_type!r} is not implemented by the native decoder")
-        heads = config["num_attention_heads"]
-        return cls(
-            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-            rope_scaling=rope if rope_type == "llama3" else None,
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
-            tie_word_embeddings=config.get("tie_word_embeddings", False),
-            attention_bias=config.get("attention_bias", model_type == "qwen2"),
-            model_type=model_type,
-        )
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> DecoderConfig:
-        return cls.from_hf(json.loads((Path(directory) / "config.json").read_text()))
-
-
-def rope_inverse_frequencies(config: DecoderConfig) -> torch.Tensor:
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = config.rope_scaling
+def rope_inverse_frequencies(rope: Rope, rotary_dim: int) -> torch.Tensor:
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    scaling = rope.scaling
+    if scaling and scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
     if scaling:  # llama3: stretch low frequencies, keep high ones, blend in between
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         original = scaling["original_max_position_embeddings"]
@@ -100,15 +53,19 @@ def rope_inverse_frequencies(config: DecoderConfig) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """Llama's RMSNorm, or Gemma's (`unit_offset`: scales by 1 + weight, in float32), rounded as transformers does."""
+
+    def __init__(self, size: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size, device="meta"))
-        self.eps = eps
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
 
@@ -199,22 +156,26 @@ class KVCache:
         self.max_batch, self.max_seq = max_batch, max_seq
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float,
+           softcap: float | None = None) -> torch.Tensor:
     """Attention of `q` (batch, heads, steps, dim) over `keys`/`values` (batch, kv_heads, padded, dim).
 
-    `allowed` (batch, 1, 1, steps, padded) masks keys after each query's position. Query heads that share
-    a key head are stacked as rows of one matmul, which also gives grouped-query attention without copies.
+    `allowed` (batch, 1, 1, steps, padded) masks keys after each query's position (and outside its sliding
+    window). Query heads that share a key head are stacked as rows of one matmul, which also gives
+    grouped-query attention without copies. `softcap` bounds the scores (Gemma 2) before masking.
     """
     batch, heads, steps, dim = q.shape
     kv_heads, padded = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    rows = (q * dim ** -0.5).reshape(batch, kv_heads, group * steps, dim)
+    rows = (q * scale).reshape(batch, kv_heads, group * steps, dim)
     lone = group * steps == 1
     if lone:  # two rows, so the matmuls sum in their batched order (module doc)
         rows = torch.cat([rows, rows], dim=2)
     scores = torch.matmul(rows, keys.transpose(-1, -2))
     if lone:
         scores = scores[:, :, :1]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(batch, kv_heads, group, steps, padded).masked_fill_(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * steps, padded)  # computed in float32
     if lone:
@@ -223,20 +184,41 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: t
     return out.view(batch, kv_heads, group, steps, dim).reshape(batch, heads, steps, dim)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the leading cos.shape[-1] dims of each head; the rest pass through (partial rotary)."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    turned = x[..., :dim]
+    return torch.cat([turned * cos + rotate_half(turned) * sin, x[..., dim:]], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.heads, self.kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        bias = config.attention_bias
-        self.q_proj = Linear(config.hidden_size, self.heads * self.head_dim, bias)
-        self.k_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias)
-        self.v_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias)
-        self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size)
+        self.scale, self.softcap = config.query_scale, config.attn_softcap
+        bias, width = config.attention_bias, (self.heads + 2 * self.kv_heads) * self.head_dim
         self.qkv_weight: torch.Tensor | None = None  # set by fuse(): one view over q, k and v
         self.qkv_bias: torch.Tensor | None = None
+        if config.family.fused:  # stored fused (Phi-3): nothing to fuse
+            self.qkv_proj = Linear(config.hidden_size, width, bias)
+        else:
+            self.q_proj = Linear(config.hidden_size, self.heads * self.head_dim, bias)
+            self.k_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias)
+            self.v_proj = Linear(config.hidden_size, self.kv_heads * self.head_dim, bias)
+        self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size)
+        if config.family.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.family.gemma)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.family.gemma)
+        else:
+            self.q_norm = self.k_norm = None
 
     def fuse(self) -> bool:
+        if hasattr(self, "qkv_proj"):
+            self.qkv_weight, self.qkv_bias = self.qkv_proj.weight.detach(), self.qkv_proj.bias
+            return True
         projections = (self.q_proj, self.k_proj, self.v_proj)
         self.qkv_weight = adjacent_view([p.weight.detach() for p in projections])
         if projections[0].bias is not None:
@@ -253,11 +235,12 @@ class Attention(nn.Module):
                 [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-        k = k.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        q = q.unflatten(-1, (self.heads, self.head_dim))
+        k = k.unflatten(-1, (self.kv_heads, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
         v = v.unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         keys, values = cache.keys[self.layer], cache.values[self.layer]
         if batch == 1:  # one sequence: its positions are contiguous, so plain slices (views, no gather)
             slot, start = int(slots[0]), int(positions[0, 0])
@@ -270,11 +253,11 @@ class Attention(nn.Module):
             values[slot_index, :, positions] = v.transpose(1, 2)
             past_k, past_v = keys[slots, :, :padded], values[slots, :, :padded]
         if steps <= KEY_BLOCK:
-            out = attend(q, past_k, past_v, allowed)
+            out = attend(q, past_k, past_v, allowed, self.scale, self.softcap)
         else:  # a long prefill: each block of queries reads only the keys up to its last position
             ends = range(KEY_BLOCK, steps + KEY_BLOCK, KEY_BLOCK)
             out = torch.cat([attend(q[:, :, end - KEY_BLOCK:end], past_k[:, :, :seen], past_v[:, :, :seen],
-                                    allowed[..., end - KEY_BLOCK:end, :seen])
+                                    allowed[..., end - KEY_BLOCK:end, :seen], self.scale, self.softcap)
                              for end in ends for seen in [padded_length(int(positions[0, min(end, steps) - 1]) + 1)]],
                             dim=2)
         return self.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
@@ -283,12 +266,19 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        if config.family.fused:  # stored fused (Phi-3): gate rows, then up rows
+            self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        else:
+            self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+            self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
         self.gate_up_weight: torch.Tensor | None = None  # set by fuse(): one view over gate and up
+        self.activation = F.silu if config.activation == "silu" else partial(F.gelu, approximate="tanh")
 
     def fuse(self) -> bool:
+        if hasattr(self, "gate_up_proj"):
+            self.gate_up_weight = self.gate_up_proj.weight.detach()
+            return True
         self.gate_up_weight = adjacent_view([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
         return self.gate_up_weight is not None
 
@@ -297,20 +287,32 @@ class MLP(nn.Module):
             gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(gate) * up)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm residual block. Gemma adds a norm after attention and after the MLP (its
+    post_attention_layernorm then normalises the attention output, and pre_feedforward_layernorm the MLP input)."""
+
     def __init__(self, config: DecoderConfig, layer: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        size, eps, gemma = config.hidden_size, config.rms_norm_eps, config.family.gemma
+        self.input_layernorm = RMSNorm(size, eps, gemma)
         self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(size, eps, gemma)
         self.mlp = MLP(config)
+        self.sandwich = gemma
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(size, eps, gemma)
+            self.post_feedforward_layernorm = RMSNorm(size, eps, gemma)
 
     def forward(self, x, cos, sin, cache, slots, positions, padded, allowed):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, positions, padded, allowed)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, cache, slots, positions, padded, allowed)
+        if not self.sandwich:
+            x = x + attended
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attended)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class _Body(nn.Module):
@@ -318,18 +320,27 @@ class _Body(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.family.gemma)
 
 
 class LlamaDecoder(nn.Module):
-    """Parameter names match transformers' LlamaForCausalLM, so a converted checkpoint assigns directly."""
+    """Parameter names match transformers' *ForCausalLM of each family, so a converted checkpoint assigns directly."""
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
         self.model = _Body(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        for index, rope in enumerate(config.ropes):
+            self.register_buffer(f"inv_freq{index}", rope_inverse_frequencies(rope, config.rotary_dim),
+                                 persistent=False)
+
+    def get_input_embeddings(self) -> Embedding:
+        return self.model.embed_tokens
+
+    def new_cache(self, max_batch: int, max_seq: int) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        return KVCache(self.config, max_batch, max_seq, weight.dtype, weight.device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
@@ -338,17 +349,28 @@ class LlamaDecoder(nn.Module):
 
         Prefill passes one sequence (batch 1, its new tokens); decode passes one token per sequence.
         """
+        config = self.config
         x = self.model.embed_tokens(tokens)
-        angles = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((angles, angles), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+        if config.embed_scale is not None:
+            x = x * torch.tensor(config.embed_scale, dtype=x.dtype)
+        tables = []
+        for index in range(len(config.ropes)):
+            angles = positions[..., None].float() * getattr(self, f"inv_freq{index}")
+            emb = torch.cat((angles, angles), dim=-1)
+            tables.append((emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]))
         padded = padded_length(int(positions.max()) + 1)
-        allowed = (torch.arange(padded, device=tokens.device)[None, None, :] <= positions[:, :, None])[:, None, None]
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, slots, positions, padded, allowed)
+        keys = torch.arange(padded, device=tokens.device)[None, None, :]
+        masks = {window: ((keys <= positions[:, :, None]) &
+                          (keys > positions[:, :, None] - window if window else True))[:, None, None]
+                 for window in set(config.layer_windows)}
+        for layer, rope, window in zip(self.model.layers, config.layer_ropes, config.layer_windows, strict=True):
+            x = layer(x, *tables[rope], cache, slots, positions, padded, masks[window])
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        logits = self.lm_head(self.model.norm(x)).float()
+        if config.final_softcap is not None:
+            logits = torch.tanh(logits / config.final_softcap) * config.final_softcap
+        return logits
 
 
 def build_decoder(config: DecoderConfig, state: dict[str, torch.Tensor]) -> LlamaDecoder:
