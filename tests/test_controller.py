@@ -13,6 +13,7 @@ import pytest
 import redis
 import requests
 from controller_process import GB, ControllerProcess, publish_model, publish_node
+from json_patch import apply_patch
 from schema_doc import assert_keys_documented
 
 from redis_schema import Keys
@@ -57,22 +58,6 @@ def review(obj: dict, dry_run: bool = False) -> dict:
                                                                                "kind": "Pod"},
                         "resource": {"group": "", "version": "v1", "resource": "pods"}, "operation": "CREATE",
                         "namespace": "openfaas-fn", "object": obj, "dryRun": dry_run}}
-
-
-def apply_patch(document: dict, patch: list[dict]) -> dict:
-    """RFC 6902 `add`, the only op the webhook emits."""
-    document = json.loads(json.dumps(document))
-    for op in patch:
-        assert op["op"] == "add"
-        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-        target = document
-        for part in parents:
-            target = target[int(part)] if isinstance(target, list) else target[part]
-        if isinstance(target, list):
-            target.append(op["value"]) if last == "-" else target.insert(int(last), op["value"])
-        else:
-            target[last] = op["value"]
-    return document
 
 
 def test_placement_books_the_fastest_node_queues_and_records(controller, cluster):
