@@ -11,60 +11,9 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 from test_native_decoder import greedy, prefill_logits
+from tiny_families import FAMILIES, family_config, reference_and_native
 
-from runtime.model.llama import DecoderConfig, KVCache, UnsupportedModel, build_decoder
-
-SIZES = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=None,
-             pad_token_id=None, initializer_range=0.3)
-
-
-def family_config(name: str):
-    """A transformers config for one family, built offline."""
-    import transformers as tf
-
-    if name == "llama3-rope":
-        return tiny_llama_config(**{**SIZES, "tie_word_embeddings": False},
-                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
-    if name == "mistral-window":
-        return tf.MistralConfig(**SIZES, head_dim=16, sliding_window=5)
-    if name == "qwen2":
-        return tf.Qwen2Config(**SIZES, tie_word_embeddings=True)
-    if name == "qwen3":
-        return tf.Qwen3Config(**SIZES, head_dim=16)
-    if name == "phi3":
-        return tf.Phi3Config(**SIZES)
-    if name == "phi3-partial-rotary":  # Phi-4-mini rotates 3/4 of each head
-        return tf.Phi3Config(**SIZES, partial_rotary_factor=0.75, tie_word_embeddings=True)
-    if name == "gemma2":
-        return tf.Gemma2Config(**{**SIZES, "initializer_range": 0.02}, head_dim=16, query_pre_attn_scalar=24,
-                               sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
-    if name == "gemma3":
-        return tf.Gemma3TextConfig(**{**SIZES, "initializer_range": 0.02}, head_dim=16, query_pre_attn_scalar=16,
-                                   sliding_window=6,
-                                   layer_types=["sliding_attention", "full_attention"] * 2,
-                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
-                                                    "full_attention": {"rope_type": "linear", "factor": 4.0,
-                                                                       "rope_theta": 10000.0}})
-    raise AssertionError(name)
-
-
-FAMILIES = ["llama3-rope", "mistral-window", "qwen2", "qwen3", "phi3", "phi3-partial-rotary", "gemma2", "gemma3"]
-
-
-def reference_and_native(name: str, directory, dtype=torch.float32):
-    """A seeded random transformers model saved as an HF folder, and the native decoder built from that folder."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    config = family_config(name)
-    config._attn_implementation = "eager"
-    reference = AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    reference.save_pretrained(directory)
-    native = build_decoder(DecoderConfig.from_dir(directory), load_file(directory / "model.safetensors"))
-    return reference, native
+from runtime.model.llama import DecoderConfig, KVCache, UnsupportedModel
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -38,8 +38,9 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def load_causal_lm(directory: str | os.PathLike, device: torch.device | str = "cpu", *,
-                   strategy: str = "auto") -> nn.Module:
-    """A ready-to-generate `AutoModelForCausalLM` whose weights are the checkpoint's mapped tensors."""
+                   strategy: str = "auto", state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """A ready-to-generate `AutoModelForCausalLM` whose weights are the checkpoint's mapped tensors (`state`, when
+    the caller has already loaded them)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory)
@@ -48,7 +49,8 @@ def load_causal_lm(directory: str | os.PathLike, device: torch.device | str = "c
     config = AutoConfig.from_pretrained(directory)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config)
-    state = load(directory, device, strategy=strategy)
+    if state is None:
+        state = load(directory, device, strategy=strategy)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(directory, "tensors", f"not used by {type(model).__name__}: "

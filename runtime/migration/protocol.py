@@ -163,6 +163,6 @@ def numerics(engine) -> dict[str, Any]:
     (runtime/model/llama.py, batch invariance)."""
     import torch
 
-    weight = engine.model.model.embed_tokens.weight
+    weight = engine.model.get_input_embeddings().weight
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(weight.dtype).split(".")[-1],
             "device": weight.device.type, "cpu": torch.backends.cpu.get_cpu_capability()}

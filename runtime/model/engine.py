@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from runtime.model.llama import KVCache, LlamaDecoder
+from runtime.model.llama import LlamaDecoder
 from runtime.model.sampling import SamplingParams, next_token
 from runtime.model.tokenizer import Tokenizer
 
@@ -111,8 +111,7 @@ class Engine:
                  on_finish: Callable[[Generation], None] | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_seq = max_batch, min(max_seq, model.config.max_position_embeddings)
-        dtype = model.model.embed_tokens.weight.dtype
-        self.cache = KVCache(model.config, max_batch, self.max_seq, dtype, model.model.embed_tokens.weight.device)
+        self.cache = model.new_cache(max_batch, self.max_seq)  # a KVCache, or the fallback's per-slot caches
         self.on_finish = on_finish
         self._waiting: collections.deque[Generation] = collections.deque()
         self._running: dict[int, Generation] = {}  # slot -> generation

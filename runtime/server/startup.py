@@ -46,12 +46,13 @@ class ColdStart:
     build_s: float = 0.0
     first_forward_s: float = 0.0
     tier: str = "unknown"
+    decoder: str = "native"  # or "transformers fallback (why)": runtime/model/fallback.py
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
     def log_line(self) -> str:
-        return (f"cold start: tier={self.tier} total={self.process_start_to_ready_s:.3f}s "
+        return (f"cold start: tier={self.tier} decoder={self.decoder} total={self.process_start_to_ready_s:.3f}s "
                 f"imports={self.imports_s:.3f}s staging_wait={self.staging_wait_s:.3f}s load={self.load_s:.3f}s "
                 f"build={self.build_s:.3f}s first_forward={self.first_forward_s:.3f}s")
 
@@ -100,7 +101,7 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
 
     from runtime.loader import load, source_tier
     from runtime.model.engine import Engine
-    from runtime.model.llama import DecoderConfig, build_decoder
+    from runtime.model.fallback import build_model
     from runtime.model.tokenizer import Tokenizer
 
     torch.set_num_threads(settings.torch_threads)
@@ -121,7 +122,7 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
     report.load_s, mark = now - mark, now
 
     tokenizer = Tokenizer(directory)
-    model = build_decoder(DecoderConfig.from_dir(directory), state)
+    model, report.decoder = build_model(directory, state)
     engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_seq=settings.max_seq, on_finish=on_finish)
     engine.start()
     now = time.time()
