@@ -315,7 +315,10 @@ class Driver:
         """Wait for an answer matching `predicate` (bounded)."""
         def found():
             return next((a for a in self.snapshot() if predicate(a)), None)
-        return wait_until(found, timeout, what, every=0.05)
+        try:
+            return wait_until(found, timeout, what, every=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the last answers:\n{describe(self.snapshot()[-6:])}") from None
 
 
 def unclean(answers: list[Answer]) -> list[Answer]:

@@ -161,7 +161,7 @@ def lab(tmp_path_factory):
             proc, sock = loader(root / node, node, str(store), redis_url, PREFIX, netns=ns, slots=SLOTS[node])
             procs.append(proc)
             loaders[node] = (proc, sock)
-        ctl = controller(root, redis_url, PREFIX, "0.0.0.0", 8090, netns=ctl_ns, workers=2, probe_host=ctl_ip)
+        ctl = controller(root, redis_url, PREFIX, "0.0.0.0", 8090, netns=ctl_ns, workers=1, probe_host=ctl_ip)
         procs.append(ctl)
         for node, (_, sock) in loaders.items():  # the model in DRAM on both nodes: its size is then known
             loader_client(sock, timeout=30).stage_and_wait(MODEL, "dram", timeout=60)
