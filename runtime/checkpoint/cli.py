@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(directory: str, list_tensors: bool) -> None:
+    from runtime.model.families import decoder_path
+
     manifest = read_manifest(directory)
     payload = sum(t.nbytes for t in manifest.tensors.values())
     dtypes = Counter(t.dtype for t in manifest.tensors.values())
@@ -80,6 +82,7 @@ def print_summary(directory: str, list_tensors: bool) -> None:
     print(f"tensors     {len(manifest.tensors)} ({human(payload)} of data), aliases {len(manifest.aliases)}")
     print("dtypes      " + ", ".join(f"{name} x{count}" for name, count in dtypes.most_common()))
     print(f"partitions  {len(manifest.partitions)} ({human(manifest.total_bytes)} on disk)")
+    print(f"decoder     {decoder_path(directory)}")
     per_partition = Counter(t.partition for t in manifest.tensors.values())
     for index, part in enumerate(manifest.partitions):
         count = per_partition[index]
