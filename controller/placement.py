@@ -6,7 +6,6 @@ the fast tier while the platform is still creating the container.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import redis
 
 from controller.booking import Booker, NodeGone
 from controller.cluster import ClusterCache
-from controller.scheduler import Decision, ModelInfo, Snapshot, rank, shortlist
+from controller.scheduler import Decision, ModelInfo, Snapshot, plans, rank
 from redis_schema.keys import EVENTS_MAXLEN, Keys
 from runtime.names import validate_model_name
 from runtime.node_loader.client import LoaderClient
@@ -121,15 +120,8 @@ class Placer:
         (the caller runs the migration, controller/migration.py)."""
         snapshot = self._snapshot_with(model, size_hint)
         view = self.cache.view()
-        ranked = shortlist(snapshot, model)
-        tried = {d.node for d in ranked}
-
-        def the_rest():  # ranked only if every shortlisted node is taken meanwhile
-            yield from (d for d in rank(snapshot, model) if d.node not in tried)
-
-        for decision in itertools.chain(ranked, the_rest()):
-            if not decision.feasible:
-                break
+        options = plans(snapshot, model)  # the simulator takes its decisions from the same path
+        for decision in options:
             if candidates is not None and decision.node not in candidates:
                 continue
             record = view.nodes.get(decision.node)
@@ -140,7 +132,7 @@ class Placer:
             # an unmeasured bandwidth makes the estimate infinite: queue it as the hold time, not forever
             finish_at = time.time() + min(decision.estimate_s, self.booker.hold_s)
             booking = None
-            if book_slot and not decision.migrate:
+            if book_slot and not (decision.migrate or decision.wait_for):
                 booking_id = f"b-{self._ids.getrandbits(64):016x}"
                 try:
                     held = self.booker.book(decision.node, booking_id, staging, finish_at,
@@ -160,7 +152,7 @@ class Placer:
                 pipe.execute()
             if staging:
                 self._kicks.submit(self._kick, record.address, model, tier)
-            return Placement(model, decision, booking, staging, record.address, ranked)
+            return Placement(model, decision, booking, staging, record.address, options.ranked)
         raise NoCapacity(f"model {model!r}: no node has a free slot"
                          + (" among the candidates" if candidates is not None else "")
                          + " and no running instance can be migrated to free one")

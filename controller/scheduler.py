@@ -3,10 +3,17 @@
 No I/O happens here, so the controller, the tests and the trace-driven simulator run the same
 code. Startup-time estimates follow ServerlessLLM (OSDI'24, section 6):
 
-    load(n)      = q_n + size / b_n(tier holding the model on n)
+    load(n, t)   = max(q_n, t) + size / b_n(tier holding the model on n)   # GPUs free at t, loader busy until q_n
     migrate(i)   = a * (t_in + t_out) + b       # the destination recomputes i's KV cache from tokens
-    startup(n)   = load(n)                       if n has a free slot
-                 = migrate(i) + load(n)          if instance i must first move off n to node m (m != n)
+    startup(n)   = load(n, 0)                    if n has enough free GPUs
+                 = load(n, wait(i))              if instance i on n ends first (its expected remaining time)
+                 = load(n, move(i))              if i moves to node m != n first: load(m) of i's model + migrate(i)
+
+Slots are GPUs: a model needing g GPUs fits where at least g are free, and a wait or a migration frees the
+GPUs of the instance it is about. A migration is offered only where it frees the GPUs sooner than waiting
+for the same instance would (the moved request ends when it would have either way, so a later migration
+only burns the destination's GPUs). `plans()` is the one decision path: the controller's placement and the
+simulator both take its first decision they can carry out.
 
 Unlike the reference implementation, every node counts (remote-only ones load from the store at the
 remote bandwidth), and bandwidths are the ones each node measured, never a constant. A bandwidth a
@@ -18,8 +25,10 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import math
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 TIERS = ("gpu", "dram", "ssd", "remote")  # fastest first
@@ -31,6 +40,7 @@ class ModelInfo:
     size_bytes: int
     prefill_tokens_per_s: float | None = None  # measured prefill speed: fits a and b of the migration cost
     migration_overhead_s: float = 0.05          # b: fixed cost of a migration round trip
+    gpus: int = 1                               # GPUs one instance needs (free slots are counted in GPUs)
 
 
 @dataclass(frozen=True)
@@ -40,12 +50,13 @@ class InstanceInfo:
     model: str
     tokens: int  # t_in + t_out so far
     migratable: bool = True
+    remaining_s: float | None = None  # expected time until its request ends; None: unknown, never waited for
 
 
 @dataclass(frozen=True)
 class NodeInfo:
     id: str
-    free_slots: int
+    free_slots: int  # free GPUs (one slot per GPU)
     tier_of: dict[str, str] = field(default_factory=dict)  # model -> fastest tier holding it on this node
     bandwidth: dict[str, float | None] = field(default_factory=dict)  # tier -> bytes/s out of that tier
     queue_wait_s: float = 0.0  # q: until the node's loading queue drains
@@ -71,7 +82,8 @@ class Snapshot:
         nodes = nodes or {}
         copy = Snapshot(tuple(nodes.get(n.id, n) for n in self.nodes) if nodes else self.nodes,
                         {**self.models, **(models or {})}, self.instances, self.migrating | migrating)
-        for derived in ("fallback_bandwidths", "free_node_index", "migration_options", "shortlist_index"):
+        for derived in ("fallback_bandwidths", "free_node_index", "migration_options", "shortlist_index",
+                        "instances_by_node"):
             if derived in self.__dict__:
                 copy.__dict__[derived] = self.__dict__[derived]
         return copy
@@ -86,24 +98,45 @@ class Snapshot:
         return cluster_bandwidths(self.nodes)
 
     @functools.cached_property
-    def free_node_index(self) -> _FreeNodeIndex:
-        return _FreeNodeIndex(self)
+    def instances_by_node(self) -> dict[str, list[InstanceInfo]]:
+        """Running instances a slot can be freed from (by waiting or migrating), per node."""
+        by_node: dict[str, list[InstanceInfo]] = {}
+        for instance in self.instances:
+            if instance.model in self.models and (instance.migratable or instance.remaining_s is not None):
+                by_node.setdefault(instance.node, []).append(instance)
+        return by_node
+
+    @functools.cached_property
+    def free_node_index(self) -> _PerGpus:
+        return _PerGpus(lambda gpus: _FreeNodeIndex(self, gpus))
 
     @functools.cached_property
     def migration_options(self) -> _MigrationOptions:
         return _MigrationOptions(self)
 
     @functools.cached_property
-    def shortlist_index(self) -> _ShortlistIndex:
-        return _ShortlistIndex(self)
+    def shortlist_index(self) -> _PerGpus:
+        return _PerGpus(lambda gpus: _ShortlistIndex(self, gpus))
+
+
+class _PerGpus(dict):
+    """An index per GPU count asked for, built on first use."""
+
+    def __init__(self, build) -> None:
+        super().__init__()
+        self.build = build
+
+    def __missing__(self, gpus: int):
+        self[gpus] = self.build(gpus)
+        return self[gpus]
 
 
 class _FreeNodeIndex:
-    """The nodes with a free slot, arranged so the best migration destination for any model is found
-    without scanning them all: the holders of each model, plus the remote-load frontier."""
+    """The nodes with at least `gpus` free GPUs, arranged so the best migration destination for any model is
+    found without scanning them all: the holders of each model, plus the remote-load frontier."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
-        free = [n for n in snapshot.nodes if n.free_slots > 0]
+    def __init__(self, snapshot: Snapshot, gpus: int) -> None:
+        free = [n for n in snapshot.nodes if n.free_slots >= gpus]
         self.holders: dict[str, list[NodeInfo]] = {}
         for node in free:
             for model in node.tier_of:
@@ -121,14 +154,19 @@ class Decision:
     migrate: str | None = None     # instance to move off `node` first
     migrate_to: str | None = None
     migrate_s: float = 0.0
+    wait_for: str | None = None    # instance on `node` whose end frees the GPUs (the load starts then)
+    wait_s: float = 0.0
     feasible: bool = True          # False: no free slot and no migration frees one (an unknown bandwidth
                                    # makes the estimate infinite but the node stays feasible)
 
     def plan(self) -> dict:
-        plan = {"action": "migrate_then_load" if self.migrate else "load", "node": self.node, "tier": self.tier,
+        action = "migrate_then_load" if self.migrate else "wait_then_load" if self.wait_for else "load"
+        plan = {"action": action, "node": self.node, "tier": self.tier,
                 "estimate_s": _finite(self.estimate_s), "load_s": _finite(self.load_s)}
         if self.migrate:
             plan.update(instance=self.migrate, to=self.migrate_to, migrate_s=_finite(self.migrate_s))
+        if self.wait_for:
+            plan.update(instance=self.wait_for, wait_s=_finite(self.wait_s))
         return plan
 
 
@@ -145,15 +183,17 @@ def cluster_bandwidths(nodes: tuple[NodeInfo, ...]) -> dict[str, float | None]:
     return medians
 
 
-def load_time(node: NodeInfo, model: ModelInfo, fallback: dict[str, float | None]) -> tuple[float, str]:
-    """(q + size / b of the tier holding the model on `node`, that tier)."""
-    tier = node.tier(model.name)
+def load_time(node: NodeInfo, model: ModelInfo, fallback: dict[str, float | None], after_s: float = 0.0
+              ) -> tuple[float, str]:
+    """(max(q, after_s) + size / b of the tier holding the model on `node`, that tier): the load starts once
+    the node's loading queue has drained and its GPUs are free (`after_s` from now)."""
+    tier, start = node.tier(model.name), max(node.queue_wait_s, after_s)
     if tier == "gpu":
-        return node.queue_wait_s, tier  # resident already: nothing to move
+        return start, tier  # resident already: nothing to move
     rate = node.bandwidth.get(tier) or fallback.get(tier)
     if not rate:
         return math.inf, tier
-    return node.queue_wait_s + model.size_bytes / rate, tier
+    return start + model.size_bytes / rate, tier
 
 
 def migration_time(instance: InstanceInfo, model: ModelInfo) -> float:
@@ -161,6 +201,24 @@ def migration_time(instance: InstanceInfo, model: ModelInfo) -> float:
     if not model.prefill_tokens_per_s:
         return math.inf
     return instance.tokens / model.prefill_tokens_per_s + model.migration_overhead_s
+
+
+def expected_remaining_tokens(generated: int, mean: float, cv: float, cap: int) -> float:
+    """E[L - k | L > k] for lognormal output lengths L (this mean and cv, at most `cap`): how much longer a
+    running request is expected to go on, knowing only how far it got (the true length is unknown)."""
+    if cv <= 0 or generated <= 0:
+        return min(max(0.0, mean - generated), cap - generated)
+    sigma = math.sqrt(math.log1p(cv**2))
+    mu, log_k = math.log(mean) - sigma**2 / 2, math.log(generated)
+    beyond = _normal_cdf((mu - log_k) / sigma)  # P(L > k)
+    if beyond <= 0.0:
+        return max(0.0, cap - generated)
+    tail_mean = mean * _normal_cdf((mu + sigma**2 - log_k) / sigma) / beyond  # E[L | L > k]
+    return max(0.0, min(tail_mean, cap) - generated)
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
 
 
 def rank(snapshot: Snapshot, model_name: str) -> list[Decision]:
@@ -171,6 +229,28 @@ def rank(snapshot: Snapshot, model_name: str) -> list[Decision]:
     return decisions
 
 
+class Plans:
+    """The one decision path (the controller's placement and the simulator iterate it): the feasible
+    decisions, best first; the shortlist, then the rest of the ranking only if a caller gets that far
+    (every shortlisted node was taken meanwhile)."""
+
+    def __init__(self, snapshot: Snapshot, model_name: str) -> None:
+        self.snapshot, self.model_name = snapshot, model_name
+        self.ranked = shortlist(snapshot, model_name)
+
+    def __iter__(self) -> Iterator[Decision]:
+        tried = {d.node for d in self.ranked}
+        rest = (d for d in rank(self.snapshot, self.model_name) if d.node not in tried)
+        for decision in itertools.chain(self.ranked, rest):
+            if not decision.feasible:
+                return
+            yield decision
+
+
+def plans(snapshot: Snapshot, model_name: str) -> Plans:
+    return Plans(snapshot, model_name)
+
+
 def shortlist(snapshot: Snapshot, model_name: str) -> list[Decision]:
     """The nodes that can rank first, ranked; `shortlist(s, m)[0] == rank(s, m)[0]` on a fully read snapshot.
 
@@ -179,7 +259,7 @@ def shortlist(snapshot: Snapshot, model_name: str) -> list[Decision]:
     snapshot from `updated()`, candidates are scored with the updated values but chosen from the last full
     read's frontiers: a node that became best only because others got busier shows at the next read."""
     model = snapshot.models[model_name]
-    index, current = snapshot.shortlist_index, snapshot.node_by_id
+    index, current = snapshot.shortlist_index[model.gpus], snapshot.node_by_id
     candidates = {n.id for n in index.holders.get(model_name, [])}
     holders = set(candidates)
     candidates.update(n.id for n in index.free_frontier.candidates(holders) + index.full_frontier.candidates(holders))
@@ -194,18 +274,33 @@ def _order(decision: Decision) -> tuple:
 
 
 def _decide(snapshot: Snapshot, node: NodeInfo, model: ModelInfo) -> Decision:
-    load_s, tier = load_time(node, model, snapshot.fallback_bandwidths)
-    if node.free_slots > 0:
+    fallback = snapshot.fallback_bandwidths
+    load_s, tier = load_time(node, model, fallback)
+    if node.free_slots >= model.gpus:
         return Decision(node.id, load_s, tier, load_s)
-    best = snapshot.migration_options.cheapest(node.id)
+    own = min(((i.remaining_s, i.id) for i in snapshot.instances_by_node.get(node.id, ())
+               if i.model == model.name and i.remaining_s is not None and i.id not in snapshot.migrating), default=None)
+    freed = _free_gpus(snapshot, node, model, tier, load_s)
+    if own is not None and own[0] <= freed.estimate_s:  # an instance of this model ends: it serves, warm
+        return Decision(node.id, own[0], "gpu", 0.0, wait_for=own[1], wait_s=own[0])
+    return freed
+
+
+def _free_gpus(snapshot: Snapshot, node: NodeInfo, model: ModelInfo, tier: str, load_s: float) -> Decision:
+    """On a node without room: load once the soonest wait or migration has freed the GPUs."""
+    best = snapshot.migration_options.cheapest(node.id, model.gpus - max(0, node.free_slots))
     if best is not None:  # options may be carried over from the last full read: check them against now
-        target = snapshot.node_by_id.get(best[2])
-        if best[1] in snapshot.migrating or target is None or target.free_slots <= 0:
+        target = snapshot.node_by_id.get(best[2]) if best[2] else None
+        if best[1] in snapshot.migrating or (best[2] and (target is None
+                                                          or target.free_slots < snapshot.models[best[3]].gpus)):
             best = None
     if best is None:
         return Decision(node.id, math.inf, tier, load_s, feasible=False)
-    cost, instance, target = best
-    return Decision(node.id, cost + load_s, tier, load_s, instance, target, cost)
+    cost, instance, target, _ = best
+    total = load_time(node, model, snapshot.fallback_bandwidths, cost)[0]
+    if target is None:
+        return Decision(node.id, total, tier, load_s, wait_for=instance, wait_s=cost)
+    return Decision(node.id, total, tier, load_s, instance, target, cost)
 
 
 class _Frontier:
@@ -242,60 +337,64 @@ class _Frontier:
 
 
 class _ShortlistIndex:
-    def __init__(self, snapshot: Snapshot) -> None:
+    """For models needing `gpus` GPUs: the holders of each model and the remote-load frontiers of the nodes
+    with room and of those a wait or a migration frees (offset: when their load can start)."""
+
+    def __init__(self, snapshot: Snapshot, gpus: int) -> None:
         self.holders: dict[str, list[NodeInfo]] = {}
         for node in snapshot.nodes:
             for model in node.tier_of:
                 self.holders.setdefault(model, []).append(node)
         fallback = snapshot.fallback_bandwidths.get("remote") or 0.0
-        self.free_frontier = _Frontier([(n.queue_wait_s, n) for n in snapshot.nodes if n.free_slots > 0], fallback)
+        self.free_frontier = _Frontier([(n.queue_wait_s, n) for n in snapshot.nodes if n.free_slots >= gpus],
+                                       fallback)
         moves = snapshot.migration_options
-        full = [(n, moves.cheapest(n.id)) for n in snapshot.nodes if n.free_slots <= 0]
-        self.full_frontier = _Frontier([(n.queue_wait_s + best[0], n) for n, best in full if best], fallback)
+        full = [(n, moves.cheapest(n.id, gpus - max(0, n.free_slots))) for n in snapshot.nodes if n.free_slots < gpus]
+        self.full_frontier = _Frontier([(max(n.queue_wait_s, best[0]), n) for n, best in full if best], fallback)
 
 
 class _MigrationOptions:
-    """Cheapest way to free a slot on a full node: move one of its instances to the node where that
-    instance's model loads fastest. It does not depend on the model being placed, so it is computed
-    at most once per node and snapshot, and ranking stays linear in the number of nodes."""
+    """Soonest way to free `need` more GPUs on a node: wait for one of its instances to end, or move it to
+    the node where its model loads fastest, whichever is sooner for that instance. It does not depend on the
+    model being placed beyond `need`, so it is computed at most once per node, need and snapshot, and
+    ranking stays linear in the number of nodes."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot, self.fallback = snapshot, snapshot.fallback_bandwidths
-        self._by_node: dict[str, list[InstanceInfo]] | None = None
-        self._destination: dict[str, tuple[float, str] | None] = {}
-        self._cheapest: dict[str, tuple[float, str, str] | None] = {}
+        self._destinations: dict[str, list[tuple[float, str]]] = {}
+        self._cheapest: dict[tuple[str, int], tuple[float, str, str | None, str] | None] = {}
 
-    def _instances_on(self, node_id: str) -> list[InstanceInfo]:
-        if self._by_node is None:
-            self._by_node = {}
-            for instance in self.snapshot.instances:
-                if instance.migratable and instance.model in self.snapshot.models:
-                    self._by_node.setdefault(instance.node, []).append(instance)
-        return self._by_node.get(node_id, [])
-
-    def _best_destination(self, model_name: str) -> tuple[float, str] | None:
-        """(load time, node) of the best node with a free slot; a full node is never its own destination."""
-        if model_name not in self._destination:
-            model, index = self.snapshot.models[model_name], self.snapshot.free_node_index
+    def _best_destination(self, model_name: str, source: str) -> tuple[float, str] | None:
+        """(load time, node) of the best node other than `source` with room for the model."""
+        if model_name not in self._destinations:
+            model = self.snapshot.models[model_name]
+            index = self.snapshot.free_node_index[model.gpus]
             holders = index.holders.get(model_name, [])
-            candidates = index.remote_frontier.candidates({n.id for n in holders}) + holders
-            targets = [(load_time(n, model, self.fallback)[0], n.id) for n in candidates]
-            self._destination[model_name] = min(targets) if targets else None
-        return self._destination[model_name]
+            candidates = {n.id: n for n in index.remote_frontier.candidates({n.id for n in holders}) + holders}
+            # the two best: a node is never its own destination
+            self._destinations[model_name] = sorted(
+                (load_time(n, model, self.fallback)[0], n.id) for n in candidates.values())[:2]
+        return next((d for d in self._destinations[model_name] if d[1] != source), None)
 
-    def cheapest(self, node_id: str) -> tuple[float, str, str] | None:
-        """(migration + destination load cost, instance id, destination node), or None."""
-        if node_id not in self._cheapest:
-            self._cheapest[node_id] = self._compute_cheapest(node_id)
-        return self._cheapest[node_id]
+    def cheapest(self, node_id: str, need: int) -> tuple[float, str, str | None, str] | None:
+        """(seconds until the GPUs are free, instance id, migration destination or None to wait, its model)."""
+        key = (node_id, need)
+        if key not in self._cheapest:
+            self._cheapest[key] = self._compute_cheapest(node_id, need)
+        return self._cheapest[key]
 
-    def _compute_cheapest(self, node_id: str) -> tuple[float, str, str] | None:
+    def _compute_cheapest(self, node_id: str, need: int) -> tuple[float, str, str | None, str] | None:
         options = []
-        for instance in self._instances_on(node_id):
-            destination = self._best_destination(instance.model)
-            if destination is None:
+        for instance in self.snapshot.instances_by_node.get(node_id, []):
+            model = self.snapshot.models[instance.model]
+            if model.gpus < need:
                 continue
-            cost = migration_time(instance, self.snapshot.models[instance.model]) + destination[0]
-            if not math.isinf(cost):
-                options.append((cost, instance.id, destination[1]))
-        return min(options) if options else None
+            wait = math.inf if instance.remaining_s is None else instance.remaining_s
+            options.append((wait, instance.id, None, instance.model))
+            destination = self._best_destination(instance.model, node_id) if instance.migratable else None
+            if destination is not None:
+                move = migration_time(instance, model) + destination[0]
+                if move < wait:
+                    options.append((move, instance.id, destination[1], instance.model))
+        options = [option for option in options if not math.isinf(option[0])]
+        return min(options, key=lambda o: o[:2]) if options else None

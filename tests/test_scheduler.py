@@ -115,3 +115,45 @@ def test_carried_migration_options_are_checked_against_the_current_nodes():
     assert not rank(busy, "m")[0].feasible                              # b filled since: no stale plan onto it
     planned = snapshot.updated(migrating=frozenset({"i1"}))
     assert rank(planned, "m")[0].migrate is None                        # i1 is already being moved
+
+
+def test_slots_are_gpus_and_a_wait_or_migration_must_free_enough_of_them():
+    big = ModelInfo("big", size_bytes=4 * GB, prefill_tokens_per_s=1000.0, gpus=2)
+    small = ModelInfo("small", size_bytes=2 * GB, prefill_tokens_per_s=1000.0, migration_overhead_s=0.1)
+    nodes = (NodeInfo("a", 1, {"big": "dram", "small": "dram"}, dict(BW)),   # 1 GPU free: not enough alone
+             NodeInfo("b", 1, {"small": "dram"}, dict(BW)))
+    snapshot = Snapshot(nodes, {"big": big, "small": small}, (InstanceInfo("s", "a", "small", tokens=100),))
+    best = rank(snapshot, "big")[0]
+    # moving s (1 GPU) to b: 100 / 1000 + 0.1 + 2 GB / 10 GB/s = 0.4 s; then big loads on a from DRAM: 0.4 s
+    assert (best.node, best.migrate, best.migrate_to, best.estimate_s) == ("a", "s", "b", pytest.approx(0.8))
+    assert not rank(Snapshot(nodes, {"big": big, "small": small}), "big")[0].feasible  # one GPU never fits big
+
+
+def test_waiting_beats_migrating_when_the_instance_ends_sooner():
+    small = ModelInfo("small", size_bytes=2 * GB, prefill_tokens_per_s=1000.0, migration_overhead_s=0.1)
+    nodes = (NodeInfo("a", 0, {"m": "dram"}, dict(BW)), NodeInfo("b", 1, {"small": "dram"}, dict(BW)))
+    models = {"m": MODEL, "small": small}
+    ending = Snapshot(nodes, models, (InstanceInfo("s", "a", "small", tokens=100, remaining_s=0.3),))
+    best = rank(ending, "m")[0]
+    # waiting 0.3 s then the 0.4 s DRAM load (0.7 s) beats moving s (0.4 s, then 0.4 s), and b's 4 s remote load
+    assert (best.node, best.wait_for, best.migrate, best.estimate_s) == ("a", "s", None, pytest.approx(0.7))
+    assert best.plan()["action"] == "wait_then_load"
+    lasting = Snapshot(nodes, models, (InstanceInfo("s", "a", "small", tokens=100, remaining_s=30.0),))
+    assert rank(lasting, "m")[0].migrate == "s"  # migrating only where it frees the GPUs sooner
+    same = Snapshot(nodes, models, (InstanceInfo("own", "a", "m", tokens=100, remaining_s=0.3),))
+    assert (rank(same, "m")[0].wait_for, rank(same, "m")[0].estimate_s) == ("own", 0.3)  # it serves warm
+
+
+def test_expected_remaining_tokens():
+    from controller.scheduler import expected_remaining_tokens
+
+    assert expected_remaining_tokens(0, 300.0, 1.0, 2048) == 300.0       # nothing known: the mean
+    assert expected_remaining_tokens(100, 300.0, 0.0, 2048) == 200.0     # no spread: the rest of the mean
+    assert expected_remaining_tokens(2000, 300.0, 1.0, 2048) <= 48.0     # never past the cap
+    # E[L - k | L > k] by numerical integration of the lognormal density, k = 200 (mean 300, cv 1)
+    sigma = math.sqrt(math.log(2.0))
+    mu = math.log(300.0) - sigma**2 / 2
+    x = [200 + (i + 0.5) * 0.5 for i in range(400_000)]  # midpoints up to 200,200 tokens
+    density = [math.exp(-(math.log(v) - mu) ** 2 / (2 * sigma**2)) / (v * sigma * math.sqrt(2 * math.pi)) for v in x]
+    expected = sum((v - 200) * d for v, d in zip(x, density, strict=True)) / sum(density)
+    assert expected_remaining_tokens(200, 300.0, 1.0, 10**9) == pytest.approx(expected, rel=1e-3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import math
 import tomllib
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from controller.simulator.config import (
     parse_scenario,
     scenario_names,
 )
-from controller.simulator.engine import Simulation, run_policies, simulate
+from controller.simulator.engine import run_policies, simulate
 from controller.simulator.report import scenario_markdown, write_plots
 from controller.simulator.workload import Request, generate
 from runtime.cli import main as cli_main
@@ -130,8 +129,11 @@ def test_hand_computed_latencies_kserve_like():
 def test_hand_computed_migration():
     # toy-2b#0 lives on n0 only; toy-2b#1 on n1 and n0. Remote is slow (0.5 GB/s), so when n0 is busy with a long
     # toy-2b#1 request, moving that request to n1 (which has its checkpoint) beats loading toy-2b#0 remotely.
+    # Outputs average 1,000 tokens here, so at t=10 the long request is expected to run ~90 s more: waiting for
+    # it loses to migrating it.
     scenario = tiny(nodes=[{**tomllib.loads(TINY)["nodes"][0], "remote_gb_per_s": 0.5}],
-                    deploy=[{"model": "toy-2b"}, {"model": "toy-2b", "home_replicas": 2}])
+                    deploy=[{"model": "toy-2b"}, {"model": "toy-2b", "home_replicas": 2}],
+                    datasets={"toy": {**tomllib.loads(TINY)["datasets"]["toy"], "output_mean": 1000}})
     trace = requests((0.0, "toy-2b#1", 100, 1000), (10.0, "toy-2b#0", 100, 10))
     result = simulate(scenario, "ours", trace)
     # request 0 on n0 (SSD tie with n1, broken by node id): ready at 2, decoding from 2.1.
@@ -167,75 +169,97 @@ def test_every_request_is_served_under_every_policy():
         assert result.unserved == 0 and len(result.ttft_s) == 300 and (result.ttft_s > 0).all(), result.policy
 
 
-# --- the scheduler core is the only estimator ---
+# --- the scheduler core is the only estimator and decides ---
 
 @pytest.fixture
-def rank_calls(monkeypatch) -> list[tuple]:
-    """(snapshot, model name) of every call to the scheduler core's rank() while the test runs."""
+def plans_calls(monkeypatch) -> list[tuple]:
+    """(snapshot, model name) of every call to the scheduler core's plans() while the test runs."""
     calls = []
-    real_rank = scheduler.rank
+    real_plans = scheduler.plans
 
     def spy(snapshot, model_name):
         calls.append((snapshot, model_name))
-        return real_rank(snapshot, model_name)
+        return real_plans(snapshot, model_name)
 
-    monkeypatch.setattr(scheduler, "rank", spy)
+    monkeypatch.setattr(scheduler, "plans", spy)
     return calls
 
 
-def test_startup_time_policies_decide_through_the_scheduler_core(monkeypatch, rank_calls):
-    for name in ("ours", "sllm-release"):
-        rank_calls.clear()
+def test_startup_time_policies_decide_through_the_scheduler_core(monkeypatch, plans_calls):
+    for name in ("ours", "ours-no-migration", "sllm-release"):
+        plans_calls.clear()
         result = simulate(tiny(), name, generate(tiny()))
-        assert rank_calls and sum(result.cold_starts.values()) <= len(rank_calls), name
+        assert plans_calls and sum(result.cold_starts.values()) <= len(plans_calls), name
 
     def poisoned(snapshot, model_name):
-        raise AssertionError("availability-only policies must not call the estimator")
+        raise AssertionError("availability-only policies must not call the scheduler core")
 
-    monkeypatch.setattr(scheduler, "rank", poisoned)
+    monkeypatch.setattr(scheduler, "plans", poisoned)
     for name in ("random", "least-allocated", "kserve-like"):
         simulate(tiny(), name, TRACE)
     with pytest.raises(AssertionError):
         simulate(tiny(), "ours", TRACE)
 
 
-def test_ours_follows_whatever_rank_decides(monkeypatch):
-    """If rank preferred the highest node id, ours would place there: the choice is rank's, not the simulator's."""
-    real_rank = scheduler.rank
+def test_ours_follows_whatever_the_core_decides(monkeypatch):
+    """If the core preferred the highest node id, ours would place there: the choice is the core's."""
+    def highest_id_first(snapshot, model_name):
+        return sorted(scheduler.rank(snapshot, model_name), key=lambda d: d.node, reverse=True)
 
-    def reversed_rank(snapshot, model_name):
-        return sorted(real_rank(snapshot, model_name), key=lambda d: (math.isinf(d.estimate_s), d.node), reverse=True)
-
-    monkeypatch.setattr(scheduler, "rank", reversed_rank)
+    monkeypatch.setattr(scheduler, "plans", highest_id_first)
     result = simulate(tiny(), "ours", TRACE[:1])
     assert result.ttft_s.tolist() == pytest.approx([4.1])  # n1: remote 4 s instead of n0's SSD 2 s
     assert dict(result.cold_starts) == {"remote": 1}
 
 
-def test_release_ranks_local_nodes_at_a_constant_25_gbps(rank_calls):
+def test_release_ranks_local_nodes_at_a_constant_25_gbps(plans_calls):
     simulate(tiny(), "sllm-release", TRACE[:1])
-    ((snapshot, _),) = rank_calls
+    ((snapshot, _),) = plans_calls
     assert [node.id for node in snapshot.nodes] == ["n0"] and not snapshot.instances
     assert set(snapshot.nodes[0].bandwidth.values()) == {policies.RELEASE_BANDWIDTH}
 
 
-def test_two_pass_ranking_places_exactly_like_one_full_ranking():
-    """Ours ranks first without running instances, then with those of the full nodes that could win by
-    migration; the result must equal ranking once with every running instance."""
+def _calls_and_names(tree: ast.AST) -> set[str]:
+    return {node.id if isinstance(node, ast.Name) else node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Name | ast.Attribute)}
 
-    class FullRanking(policies.Ours):
-        def place(self, cluster, model, now):
-            everyone = frozenset(node.id for node in cluster.nodes)
-            return policies.first_feasible(cluster, scheduler.rank(cluster.snapshot(model, now, everyone), model.name),
-                                           model)
 
-    scenario = tiny(nodes=[{**tomllib.loads(TINY)["nodes"][0], "count": 4, "gpus": 2}],
-                    deploy=[{"model": "toy-2b", "copies": 8}], workload={"requests": 400, "rate": 1.5})
-    trace = generate(scenario)
-    two_pass = simulate(scenario, "ours", trace)
-    full = Simulation(scenario, FullRanking(scenario.seed), trace).run()
-    assert two_pass.migrations > 0
-    assert np.array_equal(two_pass.ttft_s, full.ttft_s) and two_pass.migrations == full.migrations
+def test_one_decision_path_for_controller_and_simulator():
+    """The controller's placement and the simulator decide through scheduler.plans only: neither ranks,
+    shortlists or checks feasibility itself (a copy of the decision step in either fails here)."""
+    import controller.placement as placement
+
+    tree = ast.parse(Path(placement.__file__).read_text())
+    place = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "place")
+    used = _calls_and_names(place)
+    assert "plans" in used and not used & {"rank", "shortlist", "_decide", "feasible", "chain"}, used
+    for path in Path(simulator_package.__file__).parent.glob("*.py"):
+        used = _calls_and_names(ast.parse(path.read_text()))
+        assert not used & {"rank", "shortlist", "_decide", "feasible", "first_feasible"}, (path.name, used)
+    assert "plans" in _calls_and_names(ast.parse(Path(policies.__file__).read_text()))
+
+
+def test_wait_for_a_local_instance_of_the_same_model():
+    # t=2.1: n0's instance of toy-2b#0 starts decoding; it is expected to take the mean 20 tokens / 10 tok/s = 2 s,
+    # sooner than a 4 s remote load on n1: the request waits, and the instance serves it warm at 3.1.
+    trace = requests((0.0, "toy-2b#0", 100, 10), (2.1, "toy-2b#0", 100, 10))
+    for name in ("ours", "ours-no-migration"):
+        result = simulate(tiny(), name, trace)
+        assert result.ttft_s.tolist() == pytest.approx([2.1, 3.1 + 0.1 - 2.1]), name
+        assert dict(result.cold_starts) == {"ssd": 1}
+
+
+def test_wait_for_a_local_slot_beats_migrating_and_a_remote_load():
+    # toy-2b#0 is on n0's SSD only, toy-2b#1 on both; n1's link is 0.5 GB/s (8 s remote). At t=2.1, n0 serves #1:
+    # waiting for it (expected 2 s) then loading #0 from SSD (2 s) is 4 s; migrating it first is 0.1 + 0.5 + 2 s
+    # (its tokens, b, #1 from n1's SSD), + 2 = 4.6 s; remote on n1 is 8 s. It waits: GPUs at 3.1, loaded at 5.1.
+    scenario = tiny(nodes=[{**tomllib.loads(TINY)["nodes"][0], "remote_gb_per_s": 0.5}],
+                    deploy=[{"model": "toy-2b"}, {"model": "toy-2b", "home_replicas": 2}])
+    trace = requests((0.0, "toy-2b#1", 100, 10), (2.1, "toy-2b#0", 100, 10))
+    for name in ("ours", "ours-no-migration"):
+        result = simulate(scenario, name, trace)
+        assert result.ttft_s.tolist() == pytest.approx([2.1, 5.1 + 0.1 - 2.1]), name
+        assert result.migrations == 0 and dict(result.cold_starts) == {"ssd": 2}
 
 
 def test_simulator_defines_no_estimator_of_its_own():

@@ -104,19 +104,20 @@ class Cluster:
         self.node_by_id = {node.id: node for node in self.nodes}
         self.models = {model.name: model for model in scenario.models}
         self.model_infos = {model.name: scheduler.ModelInfo(model.name, model.size_bytes, model.prefill_tokens_per_s,
-                                                            scenario.migration_overhead_s)
+                                                            scenario.migration_overhead_s, model.gpus)
                             for model in scenario.models}
         self.instances: dict[str, Instance] = {}
+        self.busy: dict[Instance, None] = {}  # serving a request, in the order they started
         self.idle_by_model: dict[str, dict[Instance, None]] = {name: {} for name in self.models}
         self.holders: dict[str, dict[Node, None]] = {name: {} for name in self.models}  # nodes with a local copy
         self._next_id = 0
         self.allocated_gpus, self.gpu_seconds, self._accounted_at = 0, 0.0, 0.0
-        # What the scheduler sees of each node, per GPU count a model needs (free slots are counted in those
-        # units), kept up to date incrementally: a decision rebuilds only the nodes that changed since.
-        sizes = sorted({model.gpus for model in scenario.models})
-        self._infos: dict[int, list[scheduler.NodeInfo | None]] = {g: [None] * len(self.nodes) for g in sizes}
-        self._stale: dict[int, set[int]] = {g: set(range(len(self.nodes))) for g in sizes}
+        # What the scheduler sees of each node (free slots are GPUs), kept up to date incrementally: a
+        # decision rebuilds only the nodes that changed since.
+        self._infos: list[scheduler.NodeInfo | None] = [None] * len(self.nodes)
+        self._stale: set[int] = set(range(len(self.nodes)))
         self._queued: set[int] = set()  # nodes whose loading queue had not drained at the last look
+        self.lengths = scenario.workload.lengths
         for index, model in enumerate(scenario.models):
             for spec in home_nodes(specs, model, index):
                 node = self.node_by_id[spec.id]
@@ -127,36 +128,38 @@ class Cluster:
 
     # --- what the scheduler sees ---
 
-    def node_infos(self, gpus: int, now: float) -> list[scheduler.NodeInfo]:
-        """Every node as the scheduler sees it (free slots in units of `gpus`), in node order."""
-        for index in self._queued | self._stale[gpus]:
-            self._refresh(self.nodes[index], gpus, now)
-        return self._infos[gpus]
+    def node_infos(self, now: float) -> list[scheduler.NodeInfo]:
+        """Every node as the scheduler sees it, in node order."""
+        for index in self._queued | self._stale:
+            self.node_info(self.nodes[index], now)
+        return self._infos
 
-    def node_info(self, node: Node, gpus: int, now: float) -> scheduler.NodeInfo:
-        if node.index in self._queued or node.index in self._stale[gpus]:
-            self._refresh(node, gpus, now)
-        return self._infos[gpus][node.index]
+    def node_info(self, node: Node, now: float) -> scheduler.NodeInfo:
+        if node.index in self._queued or node.index in self._stale:
+            if node.loader_free_at <= now:
+                self._queued.discard(node.index)
+            self._stale.discard(node.index)
+            self._infos[node.index] = scheduler.NodeInfo(node.id, node.reclaimable, dict(node.tier_of),
+                                                         node.bandwidth, max(0.0, node.loader_free_at - now))
+        return self._infos[node.index]
 
-    def _refresh(self, node: Node, gpus: int, now: float) -> None:
-        if node.index in self._queued and node.loader_free_at <= now:
-            self._queued.discard(node.index)
-            self._changed(node)  # the other sizes refresh it once more, with an empty queue
-        self._stale[gpus].discard(node.index)
-        self._infos[gpus][node.index] = scheduler.NodeInfo(node.id, node.reclaimable // gpus, dict(node.tier_of),
-                                                           node.bandwidth, max(0.0, node.loader_free_at - now))
-
-    def snapshot(self, model: ModelSpec, now: float, migratable_on: frozenset[str] = frozenset()
-                 ) -> scheduler.Snapshot:
-        """Every node, and the running instances that could move off the nodes named in `migratable_on`."""
-        instances = tuple(scheduler.InstanceInfo(instance.id, node_id, instance.model.name, instance.tokens(now))
-                          for node_id in sorted(migratable_on) for instance in self.node_by_id[node_id].busy
-                          if instance.migratable)
-        return scheduler.Snapshot(tuple(self.node_infos(model.gpus, now)), self.model_infos, instances)
+    def snapshot(self, now: float, migration: bool = True) -> scheduler.Snapshot:
+        """Every node and every running instance a slot can be freed from: by waiting for its request's
+        expected end (what a controller can know: the tokens so far and the dataset's length distribution,
+        not the true length) or, with `migration`, by moving it."""
+        instances = []
+        for instance in self.busy:
+            if instance.migratable:
+                tokens = instance.tokens(now)
+                remaining = (max(0.0, instance.decode_start_s - now) + scheduler.expected_remaining_tokens(
+                    tokens - instance.request.input_tokens, self.lengths.output_mean, self.lengths.output_cv,
+                    self.lengths.max_tokens) / instance.model.decode_tokens_per_s)
+                instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, instance.model.name, tokens,
+                                                        migration, remaining))
+        return scheduler.Snapshot(tuple(self.node_infos(now)), self.model_infos, tuple(instances))
 
     def _changed(self, node: Node) -> None:
-        for stale in self._stale.values():
-            stale.add(node.index)
+        self._stale.add(node.index)
 
     # --- physics ---
 
@@ -242,6 +245,7 @@ class Cluster:
             node.idle_gpus -= instance.gpus
         elif old == "busy":
             del node.busy[instance]
+            del self.busy[instance]
         if state == "idle":
             node.idle[instance] = None
             self.idle_by_model[instance.model.name][instance] = None
@@ -249,6 +253,7 @@ class Cluster:
             instance.idle_since_s = now
         elif state == "busy":
             node.busy[instance] = None
+            self.busy[instance] = None
         instance.state = state
         self._changed(node)
 

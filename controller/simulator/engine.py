@@ -118,6 +118,10 @@ class Simulation:
             return  # the request was handed over to a migration destination, which finishes it
         instance.request = None
         instance.migrating_to = None  # finished before any handover: the destination will just idle
+        successor = instance.successor
+        if successor is not None and successor.model is instance.model:
+            instance.successor = None  # waited for by its own model: it serves the next request itself, warm
+            self._cancel(successor)
         if instance.successor is not None:
             self._hand_gpus_to_successor(instance)
         else:
@@ -154,16 +158,19 @@ class Simulation:
 
     def _start(self, model: ModelSpec, placement: Placement) -> None:
         instance = self.cluster.new_instance(model, placement.node)
-        moved = placement.migrate
+        moved = placement.migrate or placement.wait_for
         if moved is None:
             self.cluster.take_gpus(placement.node, model.gpus, self.now)
             self._load(instance)
             return
-        # migrate, then load: the moved request's model starts on the destination; our GPUs come when it leaves
+        # wait or migrate, then load: our GPUs come when the running instance ends or leaves
         instance.state = "waiting"
         instance.reserved_gpus = max(0, model.gpus - moved.gpus)
         self.cluster.take_gpus(placement.node, instance.reserved_gpus, self.now)
         moved.successor = instance
+        if placement.migrate is None:
+            return
+        # the moved request's model starts on the destination
         destination = self.cluster.new_instance(moved.model, placement.migrate_to)
         self.cluster.take_gpus(placement.migrate_to, moved.gpus, self.now)
         destination.migration_source, moved.migrating_to = moved, destination
@@ -205,6 +212,13 @@ class Simulation:
         self._at(destination.finish_s, self._finish, (destination, request))
         self.migrations += 1
         self._hand_gpus_to_successor(source)
+
+    def _cancel(self, waiting: Instance) -> None:
+        """A waiting instance no longer needed: give back the GPUs it held."""
+        self.starting[waiting.model.name] -= 1
+        reserved, waiting.reserved_gpus, waiting.state = waiting.reserved_gpus, 0, "gone"
+        del self.cluster.instances[waiting.id]
+        self.cluster.free_gpus(waiting.node, reserved, self.now)
 
     def _hand_gpus_to_successor(self, instance: Instance) -> None:
         successor = instance.successor

@@ -1,9 +1,9 @@
 """Placement policies compared on the same trace. Each answers one question: where does a new instance of
 this model start (and, for ours, which running request moves away to make room)?
 
-The startup-time policies do not estimate anything here: they build a `Snapshot` and call
-`controller.scheduler.rank`, the code the controller runs, and take its first decision the cluster can
-carry out. The others are the schedulers people run today, which look at GPU availability only.
+The startup-time policies do not estimate or decide anything here: they build a `Snapshot` and take the
+first decision of `controller.scheduler.plans`, the decision path the controller's placement runs.
+The others are the schedulers people run today, which look at GPU availability only.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class Placement:
     node: Node
     migrate: Instance | None = None  # a running instance to move off `node` first
     migrate_to: Node | None = None
+    wait_for: Instance | None = None  # a running instance on `node` whose GPUs the new one takes when it ends
 
 
 class Policy:
@@ -76,28 +77,18 @@ class KServeLike(LeastAllocated):
 
 class Ours(Policy):
     """The scheduler core on the full picture: every node and tier, each node's measured bandwidths, its
-    loading queue, and migration of running requests; the loader starts staging on the decision."""
+    loading queue, and the running instances a slot can be freed from (by waiting for one, or migrating it);
+    the loader starts staging on the decision."""
     name = "ours"
     prefetch = True
     migration = True
 
     def place(self, cluster: Cluster, model: ModelSpec, now: float) -> Placement | None:
-        ranked = scheduler.rank(cluster.snapshot(model, now), model.name)
-        if not ranked or math.isinf(ranked[0].estimate_s):
-            return None  # no node has room, so no migration destination either
-        if self.migration:
-            # A migration adds to the full node's own load time, so only full nodes that load faster than the
-            # best free node can win one: rank again with their running instances (exact, and it keeps a
-            # decision linear in the nodes even when most of a large cluster is busy).
-            bound = ranked[0].estimate_s
-            contenders = frozenset(d.node for d in ranked if math.isinf(d.estimate_s) and d.load_s < bound)
-            if contenders:
-                ranked = scheduler.rank(cluster.snapshot(model, now, contenders), model.name)
-        return first_feasible(cluster, ranked, model)
+        return carry_out(cluster, scheduler.plans(cluster.snapshot(now, self.migration), model.name))
 
 
 class OursNoMigration(Ours):
-    """Ours without live migration: what locality and calibration alone bring."""
+    """Ours without live migration: what locality, calibration and waiting for a local slot bring."""
     name = "ours-no-migration"
     migration = False
 
@@ -106,35 +97,31 @@ class ServerlessLLMRelease(Policy):
     """ServerlessLLM's released storage-aware scheduler (sllm 0.8): only nodes holding the checkpoint
     locally are candidates (a request waits for one of them), every tier is assumed to deliver 25 GB/s,
     migration is off (broken in that release); it does ask the loader to prefetch when it decides.
-    Runs `rank` on a snapshot transformed accordingly."""
+    Runs the scheduler core on a snapshot transformed accordingly."""
     name = "sllm-release"
     prefetch = True
 
     def place(self, cluster: Cluster, model: ModelSpec, now: float) -> Placement | None:
         constant = dict.fromkeys(scheduler.TIERS, RELEASE_BANDWIDTH)
-        local = tuple(dataclasses.replace(cluster.node_info(node, model.gpus, now), bandwidth=constant)
+        local = tuple(dataclasses.replace(cluster.node_info(node, now), bandwidth=constant)
                       for node in cluster.holders[model.name])
         if not local:
             return None
-        ranked = scheduler.rank(scheduler.Snapshot(local, cluster.model_infos), model.name)
-        return first_feasible(cluster, ranked, model)
+        return carry_out(cluster, scheduler.plans(scheduler.Snapshot(local, cluster.model_infos), model.name))
 
 
-def first_feasible(cluster: Cluster, ranked: list[scheduler.Decision], model: ModelSpec) -> Placement | None:
-    """The best-ranked decision the cluster can carry out. The scheduler counts slots in units of the
-    requested model's GPUs, so a migration is checked here: the moved instance needs its own GPU count at
-    the destination, and the freed GPUs plus the node's spare ones must fit the new instance."""
-    for decision in ranked:
-        if math.isinf(decision.estimate_s):
-            return None
-        node = cluster.node_by_id[decision.node]
-        if decision.migrate is None:
-            return Placement(node)
-        moved, destination = cluster.instances[decision.migrate], cluster.node_by_id[decision.migrate_to]
-        if (moved.migratable and destination is not node and destination.reclaimable >= moved.gpus
-                and node.reclaimable + moved.gpus >= model.gpus):
-            return Placement(node, moved, destination)
-    return None
+def carry_out(cluster: Cluster, plans: scheduler.Plans) -> Placement | None:
+    """The first decision of the scheduler core's decision path (the one the controller's placement takes):
+    the snapshot is exact, so whatever the core finds feasible the cluster can do."""
+    decision = next(iter(plans), None)
+    if decision is None or math.isinf(decision.estimate_s):
+        return None
+    node = cluster.node_by_id[decision.node]
+    if decision.migrate is not None:
+        return Placement(node, cluster.instances[decision.migrate], cluster.node_by_id[decision.migrate_to])
+    if decision.wait_for is not None:
+        return Placement(node, wait_for=cluster.instances[decision.wait_for])
+    return Placement(node)
 
 
 POLICIES: dict[str, type[Policy]] = {policy.name: policy for policy in (
