@@ -154,7 +154,7 @@ class Decision:
     migrate: str | None = None     # instance to move off `node` first
     migrate_to: str | None = None
     migrate_s: float = 0.0
-    wait_for: str | None = None    # instance on `node` whose end frees the GPUs (the load starts then)
+    wait_for: tuple[str, ...] = ()  # instances on `node` whose ends free the GPUs (the load starts then)
     wait_s: float = 0.0
     feasible: bool = True          # False: no free slot and no migration frees one (an unknown bandwidth
                                    # makes the estimate infinite but the node stays feasible)
@@ -166,7 +166,7 @@ class Decision:
         if self.migrate:
             plan.update(instance=self.migrate, to=self.migrate_to, migrate_s=_finite(self.migrate_s))
         if self.wait_for:
-            plan.update(instance=self.wait_for, wait_s=_finite(self.wait_s))
+            plan.update(instances=list(self.wait_for), wait_s=_finite(self.wait_s))
         return plan
 
 
@@ -282,7 +282,7 @@ def _decide(snapshot: Snapshot, node: NodeInfo, model: ModelInfo) -> Decision:
                if i.model == model.name and i.remaining_s is not None and i.id not in snapshot.migrating), default=None)
     freed = _free_gpus(snapshot, node, model, tier, load_s)
     if own is not None and own[0] <= freed.estimate_s:  # an instance of this model ends: it serves, warm
-        return Decision(node.id, own[0], "gpu", 0.0, wait_for=own[1], wait_s=own[0])
+        return Decision(node.id, own[0], "gpu", 0.0, wait_for=(own[1],), wait_s=own[0])
     return freed
 
 
@@ -291,16 +291,16 @@ def _free_gpus(snapshot: Snapshot, node: NodeInfo, model: ModelInfo, tier: str, 
     best = snapshot.migration_options.cheapest(node.id, model.gpus - max(0, node.free_slots))
     if best is not None:  # options may be carried over from the last full read: check them against now
         target = snapshot.node_by_id.get(best[2]) if best[2] else None
-        if best[1] in snapshot.migrating or (best[2] and (target is None
+        if not snapshot.migrating.isdisjoint(best[1]) or (best[2] and (target is None
                                                           or target.free_slots < snapshot.models[best[3]].gpus)):
             best = None
     if best is None:
         return Decision(node.id, math.inf, tier, load_s, feasible=False)
-    cost, instance, target, _ = best
+    cost, instances, target, _ = best
     total = load_time(node, model, snapshot.fallback_bandwidths, cost)[0]
     if target is None:
-        return Decision(node.id, total, tier, load_s, wait_for=instance, wait_s=cost)
-    return Decision(node.id, total, tier, load_s, instance, target, cost)
+        return Decision(node.id, total, tier, load_s, wait_for=instances, wait_s=cost)
+    return Decision(node.id, total, tier, load_s, instances[0], target, cost)
 
 
 class _Frontier:
@@ -376,25 +376,31 @@ class _MigrationOptions:
                 (load_time(n, model, self.fallback)[0], n.id) for n in candidates.values())[:2]
         return next((d for d in self._destinations[model_name] if d[1] != source), None)
 
-    def cheapest(self, node_id: str, need: int) -> tuple[float, str, str | None, str] | None:
-        """(seconds until the GPUs are free, instance id, migration destination or None to wait, its model)."""
+    def cheapest(self, node_id: str, need: int) -> tuple[float, tuple[str, ...], str | None, str] | None:
+        """(seconds until the GPUs are free, the instances, migration destination or None to wait, the moved
+        instance's model)."""
         key = (node_id, need)
         if key not in self._cheapest:
             self._cheapest[key] = self._compute_cheapest(node_id, need)
         return self._cheapest[key]
 
-    def _compute_cheapest(self, node_id: str, need: int) -> tuple[float, str, str | None, str] | None:
-        options = []
-        for instance in self.snapshot.instances_by_node.get(node_id, []):
+    def _compute_cheapest(self, node_id: str, need: int) -> tuple[float, tuple[str, ...], str | None, str] | None:
+        options, models = [], self.snapshot.models
+        running = self.snapshot.instances_by_node.get(node_id, [])
+        # waiting: until enough of the node's instances have ended, the soonest first
+        freed, waited = 0, []
+        for instance in sorted((i for i in running if i.remaining_s is not None), key=lambda i: (i.remaining_s, i.id)):
+            freed, waited = freed + models[instance.model].gpus, waited + [instance.id]
+            if freed >= need:
+                options.append((instance.remaining_s, tuple(waited), None, instance.model))
+                break
+        # migrating one instance that frees enough, where that is sooner than waiting for it
+        for instance in running:
             model = self.snapshot.models[instance.model]
-            if model.gpus < need:
-                continue
-            wait = math.inf if instance.remaining_s is None else instance.remaining_s
-            options.append((wait, instance.id, None, instance.model))
             destination = self._best_destination(instance.model, node_id) if instance.migratable else None
-            if destination is not None:
+            if model.gpus >= need and destination is not None:
                 move = migration_time(instance, model) + destination[0]
-                if move < wait:
-                    options.append((move, instance.id, destination[1], instance.model))
+                if move < (math.inf if instance.remaining_s is None else instance.remaining_s):
+                    options.append((move, (instance.id,), destination[1], instance.model))
         options = [option for option in options if not math.isinf(option[0])]
         return min(options, key=lambda o: o[:2]) if options else None

@@ -136,12 +136,12 @@ def test_waiting_beats_migrating_when_the_instance_ends_sooner():
     ending = Snapshot(nodes, models, (InstanceInfo("s", "a", "small", tokens=100, remaining_s=0.3),))
     best = rank(ending, "m")[0]
     # waiting 0.3 s then the 0.4 s DRAM load (0.7 s) beats moving s (0.4 s, then 0.4 s), and b's 4 s remote load
-    assert (best.node, best.wait_for, best.migrate, best.estimate_s) == ("a", "s", None, pytest.approx(0.7))
+    assert (best.node, best.wait_for, best.migrate, best.estimate_s) == ("a", ("s",), None, pytest.approx(0.7))
     assert best.plan()["action"] == "wait_then_load"
     lasting = Snapshot(nodes, models, (InstanceInfo("s", "a", "small", tokens=100, remaining_s=30.0),))
     assert rank(lasting, "m")[0].migrate == "s"  # migrating only where it frees the GPUs sooner
     same = Snapshot(nodes, models, (InstanceInfo("own", "a", "m", tokens=100, remaining_s=0.3),))
-    assert (rank(same, "m")[0].wait_for, rank(same, "m")[0].estimate_s) == ("own", 0.3)  # it serves warm
+    assert (rank(same, "m")[0].wait_for, rank(same, "m")[0].estimate_s) == (("own",), 0.3)  # it serves warm
 
 
 def test_expected_remaining_tokens():

@@ -25,6 +25,8 @@ from controller.simulator.config import ModelSpec, Scenario
 from controller.simulator.policies import Placement, Policy, make_policy
 from controller.simulator.workload import Request, generate
 
+REPLAN_MIN_S = 0.1  # a wait expected to end at once is checked again after this
+
 
 @dataclass
 class RunResult:
@@ -96,8 +98,12 @@ class Simulation:
         """Start one instance per waiting request that no starting instance will take."""
         while len(self.waiting[model.name]) > self.starting[model.name]:
             placement = self.policy.place(self.cluster, model, self.now)
-            if placement is None:
+            if placement is None or placement.wait_s is not None:
+                # no room, or waiting for a local slot is expected to beat every load elsewhere: the model waits
+                # for room (its own instance, or GPUs freed on a node), and decides again if none comes in time
                 self.blocked.setdefault(model.name)
+                if placement is not None:
+                    self._at(self.now + max(placement.wait_s, REPLAN_MIN_S), self._replan, model.name)
                 return
             self.starting[model.name] += 1
             self._start(model, placement)
@@ -118,10 +124,6 @@ class Simulation:
             return  # the request was handed over to a migration destination, which finishes it
         instance.request = None
         instance.migrating_to = None  # finished before any handover: the destination will just idle
-        successor = instance.successor
-        if successor is not None and successor.model is instance.model:
-            instance.successor = None  # waited for by its own model: it serves the next request itself, warm
-            self._cancel(successor)
         if instance.successor is not None:
             self._hand_gpus_to_successor(instance)
         else:
@@ -138,6 +140,10 @@ class Simulation:
         self.cluster.set_state(instance, "idle", self.now)
         self._at(self.now + self.scenario.keep_alive_s, self._expire, (instance, self.now))
         self._retry_blocked(instance.node)
+
+    def _replan(self, name: str) -> None:
+        if name in self.blocked:
+            self._scale(self.cluster.models[name])
 
     def _expire(self, event: tuple[Instance, float]) -> None:
         instance, idle_since = event
@@ -158,19 +164,16 @@ class Simulation:
 
     def _start(self, model: ModelSpec, placement: Placement) -> None:
         instance = self.cluster.new_instance(model, placement.node)
-        moved = placement.migrate or placement.wait_for
+        moved = placement.migrate
         if moved is None:
             self.cluster.take_gpus(placement.node, model.gpus, self.now)
             self._load(instance)
             return
-        # wait or migrate, then load: our GPUs come when the running instance ends or leaves
+        # migrate, then load: the moved request's model starts on the destination; our GPUs come when it leaves
         instance.state = "waiting"
         instance.reserved_gpus = max(0, model.gpus - moved.gpus)
         self.cluster.take_gpus(placement.node, instance.reserved_gpus, self.now)
         moved.successor = instance
-        if placement.migrate is None:
-            return
-        # the moved request's model starts on the destination
         destination = self.cluster.new_instance(moved.model, placement.migrate_to)
         self.cluster.take_gpus(placement.migrate_to, moved.gpus, self.now)
         destination.migration_source, moved.migrating_to = moved, destination
@@ -212,13 +215,6 @@ class Simulation:
         self._at(destination.finish_s, self._finish, (destination, request))
         self.migrations += 1
         self._hand_gpus_to_successor(source)
-
-    def _cancel(self, waiting: Instance) -> None:
-        """A waiting instance no longer needed: give back the GPUs it held."""
-        self.starting[waiting.model.name] -= 1
-        reserved, waiting.reserved_gpus, waiting.state = waiting.reserved_gpus, 0, "gone"
-        del self.cluster.instances[waiting.id]
-        self.cluster.free_gpus(waiting.node, reserved, self.now)
 
     def _hand_gpus_to_successor(self, instance: Instance) -> None:
         successor = instance.successor

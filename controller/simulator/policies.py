@@ -25,7 +25,7 @@ class Placement:
     node: Node
     migrate: Instance | None = None  # a running instance to move off `node` first
     migrate_to: Node | None = None
-    wait_for: Instance | None = None  # a running instance on `node` whose GPUs the new one takes when it ends
+    wait_s: float | None = None  # wait for room on `node` (expected in this many seconds) instead of starting now
 
 
 class Policy:
@@ -119,8 +119,8 @@ def carry_out(cluster: Cluster, plans: scheduler.Plans) -> Placement | None:
     node = cluster.node_by_id[decision.node]
     if decision.migrate is not None:
         return Placement(node, cluster.instances[decision.migrate], cluster.node_by_id[decision.migrate_to])
-    if decision.wait_for is not None:
-        return Placement(node, wait_for=cluster.instances[decision.wait_for])
+    if decision.wait_for:
+        return Placement(node, wait_s=decision.wait_s)
     return Placement(node)
 
 
