@@ -321,6 +321,11 @@ class Driver:
             raise AssertionError(f"{exc}; the last answers:\n{describe(self.snapshot()[-6:])}") from None
 
 
+def placed_after(t: float):
+    """Matches a placement (not a cancel) answered 200 that was sent after `t`."""
+    return lambda a: a.kind == "place" and a.status == 200 and a.started > t
+
+
 def unclean(answers: list[Answer]) -> list[Answer]:
     """Answers that are not clean: no HTTP answer at all (a hang past the timeout, a reset), a 500, or a body that
     is not the documented JSON. Placements: 200 with node and booking, or 409/503 with {"error": "..."}; a 404

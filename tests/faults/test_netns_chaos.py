@@ -30,6 +30,7 @@ from fault_plane import (
     loader,
     loader_client,
     make_model,
+    placed_after,
     placed_events,
     redis_server,
     unclean,
@@ -186,7 +187,7 @@ def test_a_node_partitioned_from_redis_gets_no_placements_then_rejoins(lab):
         partitioned_at = time.time()
         wait_until(lambda: not lab.node_live("node-1"), 15, "node-1's record to expire while partitioned")
         gone_at = time.time()
-        driver.wait_for(lambda a: a.kind == "place" and a.status == 200 and a.started > gone_at, 15,
+        driver.wait_for(placed_after(gone_at), 15,
                         "a placement (on node-2) while node-1 is cut off")
         time.sleep(1.0)  # keep placing while node-1 is away
         assert not lab.node_live("node-1"), "node-1 published through a partition"
@@ -223,7 +224,7 @@ def test_a_controller_cut_off_from_redis_answers_503_and_recovers(lab):
     driver = Driver(lab.url, SLOTS, threads=3, timeout_s=40).start()
     healed = False
     try:
-        driver.wait_for(lambda a: a.status == 200, 15, "a placement before the partition")
+        driver.wait_for(placed_after(0), 15, "a placement before the partition")
         lab.net.partition("ctl", "redis")
         cut_at = time.time()
         refused = driver.wait_for(lambda a: a.kind == "place" and a.status == 503 and a.started > cut_at, 45,
@@ -234,7 +235,7 @@ def test_a_controller_cut_off_from_redis_answers_503_and_recovers(lab):
         assert stuck.status_code == 503 and "error" in stuck.json()
         lab.net.heal("ctl", "redis")
         healed, healed_at = True, time.time()
-        driver.wait_for(lambda a: a.kind == "place" and a.status == 200 and a.started > healed_at, 30,
+        driver.wait_for(placed_after(healed_at), 30,
                         "a placement after healing")
     finally:
         if not healed:

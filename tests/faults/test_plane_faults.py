@@ -34,6 +34,7 @@ from fault_plane import (
     loader,
     loader_client,
     make_model,
+    placed_after,
     redis_server,
     restart_loader,
     unclean,
@@ -134,7 +135,7 @@ def test_a_loader_killed_or_stopped_gets_no_placements_and_rejoins(plane, fault)
             os.killpg(proc.process.pid, signal.SIGSTOP)
         wait_until(lambda: not plane.node_live("node-a"), 15, "node-a's record to expire")
         gone_at = time.time()
-        driver.wait_for(lambda a: a.status == 200 and a.started > gone_at, 15, "a placement while node-a is away")
+        driver.wait_for(placed_after(gone_at), 15, "a placement while node-a is away")
         if fault == "kill9":
             restart_loader(proc, sock)  # same directories: it rebuilds its state from disk
         else:
@@ -170,13 +171,13 @@ def test_the_controller_worker_killed_mid_placements_loses_no_booking(plane):
     monitor = LedgerMonitor(plane.client, PREFIX, SLOTS).start()
     driver = Driver(plane.url, SLOTS, threads=4, hold_s=0.05).start()
     try:
-        driver.wait_for(lambda a: a.status == 200, 15, "placements before the kill")
+        driver.wait_for(placed_after(0), 15, "placements before the kill")
         time.sleep(0.3)
         os.kill(workers[0], signal.SIGKILL)
         killed_at = time.time()
         wait_until(lambda: [p for p in plane.controller.children() if p != workers[0]], 30,
                    "gunicorn to replace the killed worker")
-        driver.wait_for(lambda a: a.status == 200 and a.started > killed_at + 0.5, 30, "placements after the kill")
+        driver.wait_for(placed_after(killed_at + 0.5), 30, "placements after the kill")
         time.sleep(0.5)
     finally:
         driver.stop()
@@ -204,12 +205,12 @@ def test_the_controller_worker_stopped_and_continued_answers_everyone(plane):
     monitor = LedgerMonitor(plane.client, PREFIX, SLOTS).start()
     driver = Driver(plane.url, SLOTS, threads=4, timeout_s=30).start()
     try:
-        driver.wait_for(lambda a: a.status == 200, 15, "placements before the stop")
+        driver.wait_for(placed_after(0), 15, "placements before the stop")
         os.kill(workers[0], signal.SIGSTOP)
         stopped_at = time.time()
         time.sleep(1.5)
         os.kill(workers[0], signal.SIGCONT)
-        driver.wait_for(lambda a: a.status == 200 and a.started > stopped_at + 1.5, 15, "placements after SIGCONT")
+        driver.wait_for(placed_after(stopped_at + 1.5), 15, "placements after SIGCONT")
     finally:
         os.kill(workers[0], signal.SIGCONT)
         driver.stop()
@@ -274,7 +275,7 @@ def test_redis_crash_and_restart_keeps_every_booking(plane):
     keeper = threading.Thread(target=keep, daemon=True)
     keeper.start()
     try:
-        driver.wait_for(lambda a: a.status == 200, 15, "placements before the crash")
+        driver.wait_for(placed_after(0), 15, "placements before the crash")
         kept_until = plane.client.zscore(kept_key, kept["booking"])
         plane.redis.kill9()
         crashed_at = time.time()
@@ -290,7 +291,7 @@ def test_redis_crash_and_restart_keeps_every_booking(plane):
         # nothing lost: the booking made before the crash is back, with the same expiry
         assert plane.client.zscore(kept_key, kept["booking"]) >= kept_until
         wait_until(lambda: plane.node_live("node-a") and plane.node_live("node-b"), 15, "loaders republishing")
-        driver.wait_for(lambda a: a.kind == "place" and a.status == 200 and a.started > back_at, 20,
+        driver.wait_for(placed_after(back_at), 20,
                         "placements after the restart")
         time.sleep(1.0)  # keep placing against the restarted Redis while the monitor samples its ledgers
     finally:
