@@ -10,10 +10,12 @@ code. Startup-time estimates follow ServerlessLLM (OSDI'24, section 6):
                  = load(n, move(i))              if i moves to node m != n first: load(m) of i's model + migrate(i)
 
 Slots are GPUs: a model needing g GPUs fits where at least g are free, and a wait or a migration frees the
-GPUs of the instance it is about. A migration is offered only where it frees the GPUs sooner than waiting
-for the same instance would (the moved request ends when it would have either way, so a later migration
-only burns the destination's GPUs). `plans()` is the one decision path: the controller's placement and the
-simulator both take its first decision they can carry out.
+GPUs of the instances it is about. A migration is offered only where it saves more waiting than it costs
+other requests: it frees the GPUs `move` seconds from now instead of `wait`, and holds the destination's
+GPUs for those `move` seconds (load and recompute) on top of what the request needs anyway, so only where
+wait - move > move (the moved request ends when it would have either way). A wait is not a commitment:
+the caller waits for room and decides again. `plans()` is the one decision path: the controller's
+placement and the simulator both take its first decision they can carry out.
 
 Unlike the reference implementation, every node counts (remote-only ones load from the store at the
 remote bandwidth), and bandwidths are the ones each node measured, never a constant. A bandwidth a
@@ -394,13 +396,13 @@ class _MigrationOptions:
             if freed >= need:
                 options.append((instance.remaining_s, tuple(waited), None, instance.model))
                 break
-        # migrating one instance that frees enough, where that is sooner than waiting for it
+        # migrating one instance that frees enough, where it saves more waiting than the destination's GPU time
         for instance in running:
             model = self.snapshot.models[instance.model]
             destination = self._best_destination(instance.model, node_id) if instance.migratable else None
             if model.gpus >= need and destination is not None:
                 move = migration_time(instance, model) + destination[0]
-                if move < (math.inf if instance.remaining_s is None else instance.remaining_s):
+                if 2 * move < (math.inf if instance.remaining_s is None else instance.remaining_s):
                     options.append((move, (instance.id,), destination[1], instance.model))
         options = [option for option in options if not math.isinf(option[0])]
         return min(options, key=lambda o: o[:2]) if options else None
