@@ -377,3 +377,13 @@ def test_plots_are_written(tmp_path):
     sweep = [run_policies(tiny(), rate) for rate in (0.25, 0.5)]
     written = write_plots(tmp_path / "tiny", results, sweep)
     assert [p.name for p in written] == ["tiny-cdf.png", "tiny-rate.png"] and all(p.stat().st_size for p in written)
+
+
+def test_azure_trace_replays_real_arrivals_and_token_counts():
+    scenario = load_scenario("azure-conv")
+    trace = generate(dataclasses.replace(scenario, workload=dataclasses.replace(scenario.workload, requests=4)))
+    # the first rows of AzureLLMInferenceTrace_conv.csv, gaps in the same proportions
+    assert [(r.input_tokens, r.output_tokens) for r in trace] == [(374, 44), (396, 109), (879, 55), (91, 16)]
+    gaps = np.diff([r.arrival_s for r in trace])
+    assert gaps[0] / gaps[1] == pytest.approx((50.9951690 - 46.6805900) / (51.2224670 - 50.9951690), rel=1e-6)
+    assert (len(trace) - 1) / trace[-1].arrival_s == pytest.approx(scenario.workload.rate)  # time-scaled to the rate

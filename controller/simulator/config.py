@@ -19,6 +19,9 @@ CATALOG = SCENARIO_DIR / "catalog.toml"
 POLICY_NAMES = ("random", "least-allocated", "kserve-like", "sllm-release", "ours", "ours-no-migration")
 DEFAULT_POLICIES = ["random", "least-allocated", "kserve-like", "sllm-release", "ours"]
 ARRIVALS = ("poisson", "gamma")
+TRACE_DIR = Path(__file__).resolve().parent / "traces"
+TRACES = {"azure-llm-2023/conv": "azure-llm-2023/AzureLLMInferenceTrace_conv.csv",  # name -> file under TRACE_DIR
+          "azure-llm-2023/code": "azure-llm-2023/AzureLLMInferenceTrace_code.csv"}
 GB = 10**9
 BYTES_PER_PARAM = 2  # 16-bit checkpoints
 
@@ -75,6 +78,7 @@ class Workload:
     zipf_s: float        # popularity skew across models
     lengths: TokenLengths
     sweep_rates: tuple[float, ...]
+    trace: str = ""      # replay this real trace (TRACES) instead of drawing arrivals and lengths
 
 
 @dataclass(frozen=True)
@@ -314,11 +318,12 @@ def _workload(fields: _Fields, catalog: _Catalog) -> Workload:
                            spec.number("output_mean", positive=True), spec.number("output_cv"),
                            spec.integer("max_tokens", minimum=1))
     spec.reject_unknown()
-    arrival = fields.choice("arrival", ARRIVALS)
+    arrival = fields.choice("arrival", ARRIVALS, default="gamma")
+    trace = fields.choice("trace", ["", *TRACES], default="")
     return Workload(requests=fields.integer("requests", minimum=1), rate=fields.number("rate", positive=True),
                     arrival=arrival, cv=fields.number("cv", default=1.0, positive=True),
                     zipf_s=fields.number("zipf_s", default=1.0), lengths=lengths,
-                    sweep_rates=fields.numbers("sweep_rates"))
+                    sweep_rates=fields.numbers("sweep_rates"), trace=trace)
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,15 @@ mean and spread. One seed gives one trace, which every policy replays.
 
 from __future__ import annotations
 
+import csv
+import functools
 import math
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 
-from controller.simulator.config import Scenario, TokenLengths, Workload
+from controller.simulator.config import TRACE_DIR, TRACES, Scenario, TokenLengths, Workload
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +35,8 @@ def generate(scenario: Scenario, rate: float | None = None) -> list[Request]:
     rng = np.random.default_rng(scenario.seed)
     names = [model.name for model in scenario.models]
     shares = popularity(len(names), workload.zipf_s, rng)
+    if workload.trace:
+        return replay(workload.trace, workload.requests, rate, names, shares, rng)
     horizon = workload.requests / rate
     while True:
         times, models = _arrivals(rng, shares, rate, horizon, workload)
@@ -43,6 +48,33 @@ def generate(scenario: Scenario, rate: float | None = None) -> list[Request]:
     outputs = _lengths(rng, workload.lengths.output_mean, workload.lengths.output_cv, len(order), workload.lengths)
     return [Request(i, float(times[k]), names[models[k]], int(inputs[i]), int(outputs[i]))
             for i, k in enumerate(order)]
+
+
+def replay(trace: str, count: int, rate: float, names: list[str], shares: np.ndarray, rng: np.random.Generator
+           ) -> list[Request]:
+    """The first `count` requests of a real trace with their own arrival times and token counts; time is
+    scaled uniformly so the mean rate is `rate` (burst shapes kept). The trace names no function: each
+    request goes to one drawn from the Zipf popularity `shares` (seeded), the shape of the Azure Functions
+    trace's skew (Shahrad et al., ATC'20)."""
+    seconds, inputs, outputs = _read_trace(trace)
+    seconds, inputs, outputs = seconds[:count], inputs[:count], outputs[:count]
+    native_rate = (len(seconds) - 1) / seconds[-1] if len(seconds) > 1 and seconds[-1] > 0 else rate
+    arrivals = seconds * (native_rate / rate)
+    models = rng.choice(len(names), size=len(seconds), p=shares)
+    return [Request(i, float(arrivals[i]), names[models[i]], int(inputs[i]), max(1, int(outputs[i])))
+            for i in range(len(seconds))]
+
+
+@functools.cache
+def _read_trace(trace: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seconds since the first request, context tokens, generated tokens) of a vendored trace, time order."""
+    with open(TRACE_DIR / TRACES[trace], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    stamps = np.array([datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp() for row in rows])
+    order = np.argsort(stamps, kind="stable")
+    inputs = np.array([int(row["ContextTokens"]) for row in rows])[order]
+    outputs = np.array([int(row["GeneratedTokens"]) for row in rows])[order]
+    return stamps[order] - stamps[order][0], inputs, outputs
 
 
 def popularity(count: int, zipf_s: float, rng: np.random.Generator) -> np.ndarray:
