@@ -1,6 +1,6 @@
 """Trace-driven simulator: the paper's scheduling comparison, and the time to simulate a 1,000-node cluster.
 
-    python benchmarks/simulate.py [--scenarios default,paper-8gpu,paper-4x4] [--no-scale] [--no-plots]
+    python benchmarks/simulate.py [--scenarios default,paper-8gpu,paper-4x4,azure-conv] [--no-scale] [--no-plots]
 
 For each scenario: one trace at its base rate replayed under every policy (p50/p99 time to first token,
 GPU-hours, cold starts by tier, migrations), then its sweep of request rates. Ratios printed are each
@@ -33,11 +33,11 @@ TARGETS = {"vs_availability_only_p99": (1.27, 1.95), "vs_release_p99_default": 1
 
 
 @contextlib.contextmanager
-def timed_rank():
-    """Seconds spent inside controller.scheduler.rank and calls (the policies call it through the module)."""
-    real, spent = scheduler.rank, [0.0, 0]
+def timed_plans():
+    """Seconds spent inside controller.scheduler.plans and calls (the policies call it through the module)."""
+    real, spent = scheduler.plans, [0.0, 0]
 
-    def rank(snapshot, model_name):
+    def plans(snapshot, model_name):
         started = time.perf_counter()
         try:
             return real(snapshot, model_name)
@@ -45,11 +45,11 @@ def timed_rank():
             spent[0] += time.perf_counter() - started
             spent[1] += 1
 
-    scheduler.rank = rank
+    scheduler.plans = plans
     try:
         yield spent
     finally:
-        scheduler.rank = real
+        scheduler.plans = real
 
 
 def summary(result: RunResult) -> dict:
@@ -62,7 +62,7 @@ def summary(result: RunResult) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenarios", default="default,paper-8gpu,paper-4x4")
+    parser.add_argument("--scenarios", default="default,paper-8gpu,paper-4x4,azure-conv")
     parser.add_argument("--no-scale", action="store_true", help="skip the 1,000-node timing run")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args()
@@ -93,14 +93,14 @@ def main() -> int:
         trace_s = time.perf_counter() - started
         results, in_rank = [], {}
         for policy in scenario.policies:
-            with timed_rank() as spent:
+            with timed_plans() as spent:
                 results.append(simulate(scenario, policy, trace))
             in_rank[policy] = {"seconds": spent[0], "calls": spent[1]}
             print(f"scale-1000 {policy}: {results[-1].wall_s:.1f} s for {len(trace)} requests on 1,000 nodes, "
-                  f"{spent[0]:.1f} s of it in {spent[1]} scheduler.rank calls "
+                  f"{spent[0]:.1f} s of it in {spent[1]} scheduler.plans calls "
                   f"(target < {TARGETS['scale_wall_s']:.0f} s)")
         sections.append(scenario_markdown(scenario, results) + f"\nTrace generation: {trace_s:.2f} s. Inside "
-                        "`controller.scheduler.rank`: " + ", ".join(f"{p} {t['seconds']:.1f} s ({t['calls']} calls)"
+                        "`controller.scheduler.plans`: " + ", ".join(f"{p} {t['seconds']:.1f} s ({t['calls']} calls)"
                                                                     for p, t in in_rank.items()) + ".\n")
         report["scenarios"]["scale-1000"] = {"base": [summary(r) for r in results], "trace_s": trace_s,
                                              "in_rank_s": in_rank}
