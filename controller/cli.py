@@ -75,17 +75,15 @@ def run_controller(args: argparse.Namespace) -> int:
         print(f"sllm-faas controller: {exc}", file=sys.stderr)
         return 2
     os.environ["SLLM_CONTROLLER_CONFIG"] = config.to_env()
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from runtime.http_server import run as run_http
 
     tls = []
     if config.tls_cert:
         tls = ["--certfile", config.tls_cert, "--keyfile", config.tls_key]
         if config.client_ca:
             tls += ["--ca-certs", config.client_ca, "--cert-reqs", "2"]  # ssl.CERT_REQUIRED
-    sys.argv = ["gunicorn", "--bind", f"{config.host}:{config.port}", "--workers", str(config.workers),
-                "--worker-class", "gthread", "--threads", "8", "--graceful-timeout", "10", *tls,
-                "controller.service:create_app()"]
-    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
+    run_http(["--bind", f"{config.host}:{config.port}", "--workers", str(config.workers), "--threads", "8",
+              "--graceful-timeout", "10", *tls, "controller.service:create_app()"])
     return 0
 
 

@@ -152,6 +152,26 @@ def test_openfaas_invoke_calls_the_handler(server):
     assert bad.status_code == 400 and "question" in bad.json()["error"]
 
 
+@pytest.mark.parametrize("max_tokens", ['"abc"', "1e400", "-1", "[1]", "true"])
+def test_example_handler_bad_max_tokens_is_a_400_naming_it_not_a_500(server, max_tokens):
+    body = '{"question": "What is the capital of France?", "max_tokens": ' + max_tokens + "}"
+    response = requests.post(server.url + "/", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    error = openai_error(response, 400)
+    assert error["param"] == "max_tokens" or "1e400" in error["message"], error
+
+
+def test_example_handler_null_max_tokens_means_the_default(server):
+    response = requests.post(server.url + "/", json={"question": "What is the capital of France?",
+                                                     "max_tokens": None}, timeout=120)
+    assert response.status_code == 200 and "Paris" in response.json()["answer"]
+
+
+@pytest.mark.parametrize("body", ["{nope", "[" * 20_000, '{"question": "\\ud800"}', ""])
+def test_handler_body_that_is_not_acceptable_json_is_a_400(server, body):
+    response = requests.post(server.url + "/", data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert "request body" in openai_error(response, 400)["message"]
+
+
 def openai_error(response: requests.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -172,6 +192,12 @@ BAD_REQUESTS = {
     "long prompt": ("/v1/completions", {"prompt": "word " * 2000}, 400),
     "unknown model": ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404),
     "oversized body": ("/v1/completions", {"prompt": "x" * 100_000}, 413),
+    "deep json": ("/v1/completions", "[" * 20_000 + "]" * 20_000, 400),
+    "deep json object": ("/v1/chat/completions", '{"messages": ' + "[" * 5000 + "]" * 5000 + "}", 400),
+    "empty prompt": ("/v1/completions", {"prompt": ""}, 400),
+    "lone surrogate": ("/v1/completions", '{"prompt": "\\ud800 alone"}', 400),
+    "lone surrogate in chat": ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udfff"}]}', 400),
+    "non-finite number": ("/v1/completions", '{"prompt": "x", "temperature": 1e400}', 400),
 }
 
 
@@ -182,6 +208,23 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client, 
     response = requests.post(server.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=30)
     openai_error(response, status)
     assert client.completions.create(model="smollm2", prompt="Hi", max_tokens=1).choices[0].finish_reason
+
+
+def test_hostile_sampling_tiny_temperature_does_not_fail_batch_mates(server, client):
+    """temperature=1e-300 is accepted (0 <= t <= 2) and used to overflow to inf, failing every request generating
+    beside it; now it is greedy, and a stream running beside it gets the tokens it gets alone."""
+    prompt = dict(model="smollm2", prompt="Once upon a time, in a small village,", max_tokens=40, temperature=0,
+                  extra_body={"ignore_eos": True})
+    alone = client.completions.create(**prompt).choices[0].text
+    stream = client.completions.create(stream=True, **prompt)
+    pieces = [next(iter(stream)).choices[0].text]  # generating now: the hostile request joins its batch
+    hostile = requests.post(server.url + "/v1/completions", json={"prompt": "Tell me a story", "max_tokens": 8,
+                                                                  "temperature": 1e-300}, timeout=120)
+    pieces += [chunk.choices[0].text for chunk in stream]
+    assert "".join(pieces) == alone
+    assert hostile.status_code == 200, hostile.text
+    greedy = client.completions.create(model="smollm2", prompt="Tell me a story", max_tokens=8, temperature=0)
+    assert hostile.json()["choices"][0]["text"] == greedy.choices[0].text
 
 
 def test_openai_client_raises_on_bad_request(client):
@@ -207,6 +250,13 @@ def test_template_default_handler_log_line_and_clean_shutdown(smollm2, tmp_path)
         assert ok.status_code == 200 and ok.json()["completion"]
         bad = requests.post(instance.url + "/", json={"prompt": "x", "max_tokens": -1}, timeout=60)
         assert openai_error(bad, 400)["param"] == "max_tokens"
+        # upstream python3-http routes every path to the handler (openfaas/python-flask-template,
+        # template/python3-http/index.py: `/` and `/<path:path>`), with event.body the raw bytes
+        nested = requests.post(instance.url + "/some/path", data=b'{"prompt": "Hi", "max_tokens": 1}', timeout=60)
+        assert nested.status_code == 200 and "completion" in nested.json()
+        for ours in ("/v1/nothing", "/_/nothing", "/v1", "/_"):
+            assert openai_error(requests.post(instance.url + ours, data=b"{}", timeout=10), 404)
+        assert requests.post(instance.url + "/", json={"prompt": ""}, timeout=10).status_code == 400
     finally:
         output = instance.stop()
     assert "cold start: tier=" in output and "first_forward=" in output

@@ -25,11 +25,9 @@ def run(args: argparse.Namespace) -> int:
         os.unlink(config.socket_path)  # a previous run's socket; gunicorn refuses to bind over it
     binds = ["--bind", f"unix:{config.socket_path}"] + (["--bind", config.tcp] if config.tcp else [])
     os.environ["SLLM_LOADER_CONFIG"] = config.to_env()
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from runtime.http_server import run as run_http
 
     # one worker: the loader's state (jobs, leases, GPU buffers) lives in that process
-    sys.argv = ["gunicorn", *binds, "--workers", "1", "--worker-class", "gthread", "--threads", "16",
-                "--timeout", "0", "--graceful-timeout", "10", "--umask", "0o007",
-                "runtime.node_loader.api:create_app()"]
-    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
+    run_http([*binds, "--workers", "1", "--threads", "16", "--timeout", "0", "--graceful-timeout", "10",
+              "--umask", "0o007", "runtime.node_loader.api:create_app()"])
     return 0

@@ -9,6 +9,7 @@ The app answers /_/health at once; the model loads in a background thread (the c
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import socket
@@ -18,8 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 
+from runtime.http_server import Admission
+from runtime.jsonbody import JsonError, loads_object, request_object
 from runtime.migration.routes import register_migration_routes
 from runtime.server import openai_api as api
 from runtime.server.metrics import COLD_START_BUCKETS, LATENCY_BUCKETS, Registry
@@ -31,10 +34,12 @@ Handler = Callable[[Any, Any], Any]
 
 
 class FunctionEvent:
-    """What an OpenFaaS python3-http handler receives as `event`."""
+    """What an OpenFaaS python3-http handler receives as `event`, as upstream builds it
+    (openfaas/python-flask-template, template/python3-http/index.py): `body` is the raw bytes; handlers
+    parse JSON with runtime.jsonbody (its JsonError becomes a 400 here)."""
 
     def __init__(self) -> None:
-        self.body = request.get_json(silent=True) if request.is_json else request.get_data()
+        self.body = request.get_data()
         self.headers = request.headers
         self.method = request.method
         self.query = request.args
@@ -173,6 +178,8 @@ class Runtime:
     def complete(self, body: dict) -> dict | Response:
         loaded = self._require_ready()
         prompt_ids = loaded.tokenizer.encode(api.parse_prompt(body))
+        if not prompt_ids:
+            raise api.ApiError(400, "'prompt' is empty: there is nothing to complete", "prompt")
         return self._respond(prompt_ids, body, chat=False, default_max_tokens=16)
 
     def _respond(self, prompt_ids: list[int], body: dict, chat: bool, default_max_tokens: int) -> dict | Response:
@@ -203,7 +210,7 @@ class Runtime:
 
 def default_handler(event: FunctionEvent, context: FunctionContext) -> Any:
     """OpenFaaS invoke without a user hook: chat if the body has messages, else a plain completion."""
-    body = event.body if isinstance(event.body, dict) else {}
+    body = loads_object(event.body, "the request body")
     result = context.llm.chat(body) if "messages" in body else context.llm.complete(body)
     return {"statusCode": 200, "body": result}
 
@@ -213,11 +220,28 @@ def _handler_response(result: Any) -> Response:
         return result
     if isinstance(result, dict) and "statusCode" in result:
         body = result.get("body", "")
-        response = jsonify(body) if isinstance(body, dict | list) else Response(str(body))
+        if isinstance(body, Response):  # a streamed completion (stream: true)
+            response = body
+        else:
+            response = jsonify(body) if isinstance(body, dict | list) else Response(str(body))
         response.status_code = int(result["statusCode"])
         response.headers.update(result.get("headers") or {})
         return response
     return jsonify(result) if isinstance(result, dict | list) else Response(str(result))
+
+
+INVOKE_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+RESERVED_PREFIXES = ("_/", "v1/")  # the runtime's own routes; the handler never sees these paths
+RESERVED_PATHS = ("_", "v1", "metrics")
+OVERLOADED = json.dumps(api.ApiError(503, "every generation thread is busy; retry shortly", kind="server_error",
+                                     code="overloaded").body()).encode()
+
+
+def _generation(environ: dict) -> bool:
+    """Requests that may hold a thread for a whole generation: all but /_/... and /metrics, whose threads
+    (SLLM_HTTP_RESERVED_THREADS) are kept so that health checks and scrapes answer under any load."""
+    path = environ.get("PATH_INFO", "")
+    return not (path.startswith("/_/") or path == "/metrics")
 
 
 def create_app(settings: Settings | None = None, handler: Handler | None = None,
@@ -245,6 +269,10 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
     def api_error(exc: api.ApiError):
         return jsonify(exc.body()), exc.status
 
+    @app.errorhandler(JsonError)
+    def json_error(exc: JsonError):
+        return jsonify(api.ApiError(exc.status, exc.message).body()), exc.status
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         kind = "invalid_request_error" if exc.code and exc.code < 500 else "server_error"
@@ -255,21 +283,15 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         log.exception("request failed")
         return jsonify(api.ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").body()), 500
 
-    def json_body() -> dict:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise api.ApiError(400, "the request body must be a JSON object")
-        return body
-
     @app.post("/v1/chat/completions")
     def chat_completions():
-        body = json_body()
+        body = request_object()
         runtime.check_model(body)
         return runtime.chat(body)
 
     @app.post("/v1/completions")
     def completions():
-        body = json_body()
+        body = request_object()
         runtime.check_model(body)
         return runtime.complete(body)
 
@@ -279,8 +301,12 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         return {"object": "list", "data": [{"id": loaded.name, "object": "model", "created": int(time.time()),
                                             "owned_by": "sllm-faas", "max_model_len": loaded.engine.max_seq}]}
 
-    @app.route("/", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    def invoke():
+    @app.route("/", defaults={"path": ""}, methods=INVOKE_METHODS)
+    @app.route("/<path:path>", methods=INVOKE_METHODS)
+    def invoke(path: str):
+        """Like upstream python3-http, `/` and every other path go to the handler, but ours stay ours."""
+        if path.startswith(RESERVED_PREFIXES) or path in RESERVED_PATHS:
+            raise NotFound()
         return _handler_response(user_handler(FunctionEvent(), FunctionContext(runtime)))
 
     @app.get("/_/health")
@@ -299,5 +325,8 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         return Response(runtime.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     register_migration_routes(app, runtime)
+    app.wsgi_app = Admission(app.wsgi_app, settings.http_threads - settings.http_reserved, _generation,
+                             ("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "1")],
+                              OVERLOADED))
     runtime.start(process_started)
     return app

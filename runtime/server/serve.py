@@ -31,8 +31,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ["SLLM_HOST"] = args.host
     os.environ["SLLM_SPAWN_PID"] = str(os.getpid())
     # gunicorn runs in this process: no second interpreter start on the cold-start path
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from runtime.http_server import run as run_http
 
-    sys.argv = ["gunicorn", "--config", "python:runtime.server.gunicorn_conf", args.app]
-    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
+    run_http(["--config", "python:runtime.server.gunicorn_conf", args.app])
     return 0

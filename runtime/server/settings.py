@@ -42,6 +42,13 @@ class Settings:
     function_name: str        # SLLM_FUNCTION_NAME: the FaaS function this instance serves
     booking_id: str | None    # SLLM_BOOKING_ID: the controller's slot booking this instance takes over
     heartbeat_s: int          # SLLM_INSTANCE_HEARTBEAT_S: the instance record expires after 3 missed beats
+    http_threads: int         # SLLM_HTTP_THREADS: gunicorn threads
+    http_reserved: int        # SLLM_HTTP_RESERVED_THREADS: threads kept for /_/ and /metrics (generations: 503)
+
+    def __post_init__(self) -> None:
+        if self.http_reserved >= self.http_threads:
+            raise SystemExit(f"SLLM_HTTP_RESERVED_THREADS={self.http_reserved} must be below "
+                             f"SLLM_HTTP_THREADS={self.http_threads}: generations need threads too")
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -65,6 +72,8 @@ class Settings:
             function_name=os.environ.get("SLLM_FUNCTION_NAME", ""),
             booking_id=os.environ.get("SLLM_BOOKING_ID") or None,
             heartbeat_s=_int("SLLM_INSTANCE_HEARTBEAT_S", 2),
+            http_threads=_int("SLLM_HTTP_THREADS", 32, minimum=2),
+            http_reserved=_int("SLLM_HTTP_RESERVED_THREADS", 4),
         )
 
 

@@ -2,11 +2,15 @@
 
 It shapes the prompt (a system instruction, greedy decoding) and post-processes the reply; the
 OpenAI-compatible API stays available beside it at /v1/... (see templates/sllm-python).
+`event.body` is the raw request bytes, as in OpenFaaS python3-http; a body that is not acceptable JSON,
+or a bad `max_tokens`, is a 400 naming the problem.
 """
+
+from runtime.jsonbody import loads_object
 
 
 def handle(event, context):
-    body = event.body if isinstance(event.body, dict) else {}
+    body = loads_object(event.body, "the request body")
     question = body.get("question")
     if not isinstance(question, str) or not question:
         return {"statusCode": 400, "body": {"error": "send {\"question\": \"...\"}"}}
@@ -15,7 +19,7 @@ def handle(event, context):
             {"role": "system", "content": "Answer in one short sentence."},
             {"role": "user", "content": question},
         ],
-        "max_tokens": int(body.get("max_tokens", 64)),
+        "max_tokens": body.get("max_tokens", 64),  # checked by the runtime like an OpenAI request's
         "temperature": 0,
     })
     answer = completion["choices"][0]["message"]["content"].strip()

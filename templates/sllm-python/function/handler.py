@@ -1,14 +1,17 @@
 """Your function's hook. The OpenAI-compatible API (/v1/...) is always served; `/` calls `handle`.
 
-event:   .body (parsed JSON, or raw bytes), .headers, .method, .query, .path
+event:   .body (the raw request bytes, as in OpenFaaS python3-http), .headers, .method, .query, .path
 context: .hostname, and .llm: .chat(body) / .complete(body) run the model with an OpenAI-style
          request body and return the OpenAI-style response (bad parameters become a 400).
+`/` and any other path but /v1/..., /_/... and /metrics call `handle`.
 Return {"statusCode": int, "body": dict | str, "headers": dict}.
 """
 
+from runtime.jsonbody import loads_object
+
 
 def handle(event, context):
-    body = event.body if isinstance(event.body, dict) else {}
+    body = loads_object(event.body, "the request body")  # not acceptable JSON: a 400 naming the problem
     if not isinstance(body.get("prompt"), str):
         return {"statusCode": 400, "body": {"error": 'send {"prompt": "...", "max_tokens": 64}'}}
     result = context.llm.complete({"prompt": body["prompt"], "max_tokens": body.get("max_tokens", 64)})

@@ -1,0 +1,209 @@
+"""The one way our services run gunicorn: a threaded worker that slow clients cannot exhaust.
+
+gunicorn's gthread worker gives a connection a thread as soon as its first byte arrives, and that
+thread then blocks until the whole request has come, without a deadline: 40 clients that each send half
+a request head hold 40 threads, and health checks and metrics hang behind them. `Worker` keeps a
+connection in the worker's poller (no thread) until its complete request head has arrived:
+
+- the head must end (``\\r\\n\\r\\n``) within `HEAD_LIMIT` bytes, else the client gets 431 and is closed;
+- it must arrive within SLLM_HTTP_HEADER_TIMEOUT_S of the connection becoming readable (the first
+  request, or the next one on a kept-alive connection), else the connection is closed;
+- only then is it handed to a thread, whose socket has a timeout of SLLM_HTTP_BODY_TIMEOUT_S for every
+  read (the body) and write (a client that stops reading a stream).
+
+The head bytes are read rather than peeked: the poller is level-triggered, so bytes left in the socket
+would wake it again at once. They are given back to gunicorn's parser before it reads.
+TLS connections (the controller with --tls-cert) are handed over at once: their bytes are encrypted
+until the handshake, which happens in the thread; the socket timeout still bounds each read there.
+
+`run` is the launcher every service uses (serve, loader, controller, and `python -m runtime.http_server`
+for the local gateway); each keeps its own binds, workers and threads. `Admission` is WSGI middleware that
+answers requests beyond a limit at once with 503 and Retry-After instead of queueing them for a thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+from gunicorn.http2 import negotiation
+from gunicorn.workers.gthread import TConn, ThreadWorker
+
+WORKER_CLASS = "runtime.http_server.Worker"
+HEAD_LIMIT = 64 * 1024  # bytes of request line + headers; gunicorn's own limits are 8190 per line, 100 fields
+HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+                  b"Content-Length: 30\r\n\r\nrequest head over 65536 bytes\n")
+
+
+def _seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise SystemExit(f"{name}={raw!r} must be > 0")
+    return value
+
+
+def _complete(head: bytearray) -> bool:
+    """Whether `head` holds a whole request head (its blank line) within the limit."""
+    return head.find(b"\r\n\r\n", 0, HEAD_LIMIT + 4) >= 0
+
+
+class _Conn(TConn):
+    """A connection that carries the request head bytes read while it waited in the poller."""
+
+    def __init__(self, *args: Any, body_timeout: float) -> None:
+        super().__init__(*args)
+        self.head = bytearray()
+        self.body_timeout = body_timeout
+
+    def init(self) -> None:
+        super().init()  # gunicorn makes the socket blocking (no timeout) here and in handle()
+        if self.head and not self.is_http2:
+            self.parser.unreader.unread(bytes(self.head))
+            self.head.clear()
+        self.sock.settimeout(self.body_timeout)
+
+
+class Worker(ThreadWorker):
+    """gthread, with the request head read in the poller under a size limit and a deadline (module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = _seconds("SLLM_HTTP_HEADER_TIMEOUT_S", 10.0)
+        self.body_timeout = _seconds("SLLM_HTTP_BODY_TIMEOUT_S", 30.0)
+        self.heads: dict[_Conn, float] = {}  # waiting for their head -> deadline, in deadline order
+
+    def accept(self, listener) -> None:
+        try:
+            client, address = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        self.enqueue_req(_Conn(self.cfg, client, address, listener.getsockname(), body_timeout=self.body_timeout))
+
+    def enqueue_req(self, conn: _Conn) -> None:
+        """Every path to a thread (new, kept-alive, pipelined) goes through here: wait for the head first."""
+        if self.cfg.is_ssl or conn.is_http2 or negotiation.prior_knowledge_allowed(self.cfg, conn.client):
+            return super().enqueue_req(conn)  # encrypted, or HTTP/2 framing: no HTTP/1 head to look for
+        if conn.parser is not None:  # a kept-alive connection: bytes read ahead belong to the next head
+            conn.head[:0] = conn.parser.unreader.take_buffered()
+        if not self._head_done(conn):
+            conn.sock.setblocking(False)
+            self.heads[conn] = time.monotonic() + self.header_timeout
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_head_bytes, conn))
+
+    def _head_done(self, conn: _Conn) -> bool:
+        """Hand `conn` to a thread if its head is complete, or refuse an oversized head; False to wait on."""
+        if _complete(conn.head):
+            conn.data_ready = True  # the bytes are in conn.head, not on the socket: do not wait for more
+            super().enqueue_req(conn)
+            return True
+        if len(conn.head) >= HEAD_LIMIT + 4:
+            try:
+                conn.sock.send(HEAD_TOO_LARGE)
+            except OSError:
+                pass  # the client is gone or not reading: it is closed either way
+            self._drop(conn)
+            return True
+        return False
+
+    def _on_head_bytes(self, conn: _Conn, sock) -> None:
+        try:
+            data = sock.recv(HEAD_LIMIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.head += data
+        if data and not _complete(conn.head) and len(conn.head) < HEAD_LIMIT + 4:
+            return  # not yet: stay in the poller
+        self.poller.unregister(sock)
+        del self.heads[conn]
+        if not data:  # the client closed (or reset) before sending a whole head
+            return self._drop(conn)
+        self._head_done(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        self.nr_conns -= 1
+        conn.close()
+
+    def murder_pending(self) -> None:
+        """gunicorn's expiry of idle connections, and ours: heads past their deadline (all of them on stop)."""
+        super().murder_pending()
+        now = time.monotonic()
+        for conn, deadline in list(self.heads.items()):
+            if deadline > now and self.alive:
+                break
+            del self.heads[conn]
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+            self._drop(conn)
+
+
+class Admission:
+    """WSGI middleware: at most `limit` requests for which `limited(environ)` is true run at once; the next
+    ones get `refusal` (status, headers, body) at once instead of waiting for a thread. A request counts until
+    its response iterable is closed, so a stream holds its place until it ends."""
+
+    def __init__(self, app: Callable, limit: int, limited: Callable[[dict], bool],
+                 refusal: tuple[str, list[tuple[str, str]], bytes]) -> None:
+        self.app, self.limited, self.refusal = app, limited, refusal
+        self.places = threading.BoundedSemaphore(limit)
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if not self.limited(environ):
+            return self.app(environ, start_response)
+        if not self.places.acquire(blocking=False):
+            status, headers, body = self.refusal
+            start_response(status, [*headers, ("Content-Length", str(len(body)))])
+            return [body]
+        try:
+            result = self.app(environ, start_response)
+        except BaseException:
+            self.places.release()
+            raise
+        return _Released(result, self.places.release)
+
+
+class _Released:
+    """A response iterable that gives its admission place back when the server closes it."""
+
+    def __init__(self, result: Iterable[bytes], release: Callable[[], None]) -> None:
+        self.result, self.release = result, release
+
+    def __iter__(self):
+        return iter(self.result)
+
+    def close(self) -> None:
+        try:
+            if hasattr(self.result, "close"):
+                self.result.close()
+        finally:
+            self.release()
+
+
+def run(argv: list[str]) -> None:
+    """Run gunicorn in this process with `Worker`; `argv` is gunicorn's command line (binds, workers,
+    threads, timeouts, the app), without the program name."""
+    from gunicorn.app.wsgiapp import WSGIApplication
+
+    sys.argv = ["gunicorn", "--worker-class", WORKER_CLASS, *argv]
+    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
+
+
+if __name__ == "__main__":  # `python -m runtime.http_server ARGS`: what `sllm-faas up` spawns for its gateway
+    run(sys.argv[1:])
