@@ -103,8 +103,8 @@ class LocalCluster:
         gateway_url = f"http://127.0.0.1:{args.port}"
         config = GatewayConfig(self.redis_url, controller_url, str(self.workdir), str(store), args.key_prefix,
                                cold_start_timeout_s=args.cold_start_timeout)
-        self.spawn("gateway", [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{args.port}", "--workers", "1",
-                               "--worker-class", "gthread", "--threads", "64", "--timeout", "0",
+        self.spawn("gateway", [sys.executable, "-m", "runtime.http_server", "--bind", f"127.0.0.1:{args.port}",
+                               "--workers", "1", "--threads", "64", "--timeout", "0",
                                "--graceful-timeout", "20", "runtime.local.gateway:create_app()"],
                    {"SLLM_GATEWAY_CONFIG": config.to_env()})
         self._wait_http(controller_url + "/healthz", "controller")
