@@ -158,7 +158,9 @@ class ClusterCache:
         self._lock = threading.Lock()
         self._reading = threading.Lock()
         self._refresher: threading.Thread | None = None
-        self._own: dict[str, tuple[str, float | None, float]] = {}  # our bookings: id -> (node, finish, forget at)
+        # our bookings: id -> (node, finish, forget at, made at on the monotonic clock)
+        self._own: dict[str, tuple[str, float | None, float, float]] = {}
+        self._read_started = 0.0  # monotonic time at which the last read began
         self._migrating: dict[str, float] = {}  # instances our decisions are moving -> forget at
         self._cancelled: dict[str, tuple[str, float]] = {}  # bookings we cancelled: id -> (node, forget at)
 
@@ -169,10 +171,11 @@ class ClusterCache:
 
     def refresh(self) -> ClusterView:
         with self._reading:
+            started = time.monotonic()
             view = read_cluster(self.client, self.keys, self._read)
             view.snapshot.shortlist_index  # built here, off the decision path  # noqa: B018
             with self._lock:
-                self._read = view
+                self._read, self._read_started = view, started
                 self._rebuild()
         return self._view
 
@@ -206,7 +209,7 @@ class ClusterCache:
         Bookings are matched by id against the ledgers each read returns, so one that a read already saw
         is never counted twice. The snapshot's derived indexes are carried over (Snapshot.updated)."""
         with self._lock:
-            self._own[booking] = (node, finish_at, time.time() + 60.0)
+            self._own[booking] = (node, finish_at, time.time() + 60.0, time.monotonic())
             view = self._view
             if view is not None and node in view.holds:  # apply just this one; reads rebuild from scratch
                 booked = _booked(view.snapshot.node_by_id[node], [finish_at], time.time())
@@ -234,9 +237,11 @@ class ClusterCache:
     def _with_own_bookings(self, view: ClusterView) -> ClusterView:
         """The read `view` plus our bookings that its ledgers do not hold yet (called with the lock held)."""
         now = time.time()
-        for booking, (node, _, forget_at) in list(self._own.items()):
-            if forget_at < now or booking in view.holds.get(node, ()):
-                del self._own[booking]  # the read shows it (or it is long gone): Redis has the truth
+        for booking, (node, _, forget_at, made_at) in list(self._own.items()):
+            # The read shows it, or a read that began after it was booked does not: either way Redis has the
+            # truth (a booking given back through another worker or replica is gone from the ledger).
+            if forget_at < now or booking in view.holds.get(node, ()) or made_at < self._read_started:
+                del self._own[booking]
         for instance, forget_at in list(self._migrating.items()):
             if forget_at < now or instance not in view.instances:
                 del self._migrating[instance]
@@ -247,7 +252,7 @@ class ClusterCache:
             else:
                 freed[node] = freed.get(node, 0) + 1
         missing: dict[str, list[float | None]] = {}
-        for node, finish_at, _ in self._own.values():
+        for node, finish_at, _, _ in self._own.values():
             if node in view.holds:
                 missing.setdefault(node, []).append(finish_at)
         if not missing and not freed and not self._migrating:
