@@ -222,12 +222,12 @@ def test_two_controllers_never_double_book(cluster, tmp_path):
 
 
 def test_expired_node_is_not_placed_and_is_pruned(cluster, tmp_path):
-    publish_node(cluster.client, cluster.prefix, "node-a", dram=["m1"], ttl=1)
     process = ControllerProcess(tmp_path, cluster.url, cluster.prefix, snapshot_max_age_s="0.1").start()
-    try:
+    try:  # published once the controller is up, so a slow start cannot expire it before the first placement
+        publish_node(cluster.client, cluster.prefix, "node-a", dram=["m1"], ttl=2)
         assert process.post("/v1/placements", {"model": "m1"}).json()["node"] == "node-a"
         cluster.client.delete(cluster.prefix + "node:node-a:slots")
-        time.sleep(1.5)  # node-a's loader stopped heartbeating: its record expired
+        time.sleep(2.5)  # node-a's loader stopped heartbeating: its record expired
         placed = process.post("/v1/placements", {"model": "m1"}).json()
         assert placed["node"] == "node-b"
         assert not cluster.client.sismember(cluster.prefix + "nodes", "node-a")
