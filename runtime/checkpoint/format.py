@@ -11,11 +11,14 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from runtime import jsonbody
 
 FORMAT_NAME = "sllm-checkpoint"
 FORMAT_VERSION = 1
@@ -29,6 +32,7 @@ BLOCK_SIZE = 4096
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_NDIM = 16
 MAX_NAME_CHARS = 1024
+INT64_MAX = 2**63 - 1  # sizes, offsets and dimensions beyond this cannot index a tensor or a file
 
 # The allow-list: manifest name -> torch dtype. Nothing else is ever interpreted.
 DTYPES: dict[str, torch.dtype] = {
@@ -148,8 +152,8 @@ def _want(path: Path, field_name: str, value: Any, kind: type | tuple[type, ...]
 
 def _nonneg_int(path: Path, field_name: str, value: Any) -> int:
     _want(path, field_name, value, int)
-    if value < 0:
-        raise CheckpointError(path, field_name, f"must be >= 0, got {value}")
+    if not 0 <= value <= INT64_MAX:
+        raise CheckpointError(path, field_name, f"must be >= 0 and <= 2**63 - 1, got {value}")
     return value
 
 
@@ -157,10 +161,12 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
     """Parse and validate manifest bytes; no file other than the manifest is consulted."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise CheckpointError(path, "manifest", f"{len(raw)} bytes exceeds the {MAX_MANIFEST_BYTES} byte limit")
-    try:
-        doc = json.loads(raw, object_pairs_hook=_reject_duplicate_keys(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, "manifest", f"invalid JSON ({exc})") from None
+    try:  # the shared hostile-JSON parser: depth, huge integers, NaN, lone surrogates, bad UTF-8
+        jsonbody.loads(raw, "manifest", MAX_MANIFEST_BYTES)
+    except jsonbody.JsonError as exc:
+        raise CheckpointError(path, "manifest", f"invalid JSON ({exc.message})") from None
+    # that parse accepted the document, so this one is safe; it only adds the duplicate-key check
+    doc = json.loads(raw, object_pairs_hook=_reject_duplicate_keys(path))
     _want(path, "manifest", doc, dict)
     if doc.get("format") != FORMAT_NAME:
         raise CheckpointError(path, "format", f"expected {FORMAT_NAME!r}, got {doc.get('format')!r}")
@@ -249,25 +255,66 @@ def _check_no_overlap(path: Path, tensors: dict[str, TensorEntry]) -> None:
             raise CheckpointError(path, f"tensors.{name_b}", f"overlaps {name_a} (declare shared data in 'aliases')")
 
 
+def _require_regular(path: str | os.PathLike, mode: int, field_name: str) -> None:
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else f"mode {mode:o}")
+        raise CheckpointError(path, field_name, f"is {kind}, not a regular file")
+
+
+def open_regular(path: str | os.PathLike, field_name: str = "file", flags: int = 0) -> tuple[int, int]:
+    """Open `path` read-only as (fd, size), refusing anything but a regular file (after symlinks).
+
+    A FIFO would block a reader forever, /dev/zero never ends, a directory fails later with a raw
+    error; O_NONBLOCK makes the open of a FIFO return at once (regular files ignore the flag), then
+    fstat decides on what was opened, not on a name that could change in between. Every reader of
+    checkpoint and store files opens through here. Open errors (missing file, EINVAL for O_DIRECT)
+    propagate as OSError for the caller to word; a wrong file type is a CheckpointError.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags)
+    try:
+        info = os.fstat(fd)
+        _require_regular(path, info.st_mode, field_name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info.st_size
+
+
+def read_regular(path: str | os.PathLike, limit: int, field_name: str = "file") -> bytes:
+    """The whole of a regular file of at most `limit` bytes; CheckpointError if it is larger."""
+    fd, size = open_regular(path, field_name)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(path, field_name, f"exceeds the {limit} byte limit")
+    return data
+
+
 def read_manifest(directory: str | os.PathLike, check_files: bool = True) -> Manifest:
-    """Read and validate `DIR/manifest.json`; with check_files, also each partition's real size."""
+    """Read and validate `DIR/manifest.json`; with check_files, also each partition's real size and type."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        raw = read_regular(path, MAX_MANIFEST_BYTES, "manifest")
     except FileNotFoundError:
         raise CheckpointError(path, "manifest", "missing: not an sllm checkpoint (convert it with "
                               "`sllm-faas convert`)") from None
+    except OSError as exc:
+        raise CheckpointError(path, "manifest", f"cannot read: {exc.strerror or exc}") from None
     manifest = parse_manifest(raw, path)
     if check_files:
         for part in manifest.files:
             part_path = directory / part.file
             try:
-                actual = os.stat(part_path).st_size
+                info = os.stat(part_path)
             except FileNotFoundError:
                 raise CheckpointError(part_path, "file", "file listed in the manifest is missing") from None
-            if actual != part.size:
-                raise CheckpointError(part_path, "size", f"file has {actual} bytes, manifest says {part.size} "
+            except OSError as exc:
+                raise CheckpointError(part_path, "file", f"cannot stat: {exc.strerror or exc}") from None
+            _require_regular(part_path, info.st_mode, "file")
+            if info.st_size != part.size:
+                raise CheckpointError(part_path, "size", f"file has {info.st_size} bytes, manifest says {part.size} "
                                       "(truncated or replaced)")
     return manifest

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.checkpoint.format import Manifest
+from runtime.checkpoint.format import Manifest, open_regular
 
 DEFAULT_CHUNK = 16 << 20
 DEFAULT_THREADS = 8  # I/O depth: reads block in the kernel, so more threads than cores pays
@@ -36,14 +36,15 @@ def allocate_buffer(size: int, hugepages: bool = True) -> mmap.mmap:
 
 
 def open_for_reading(path: str | os.PathLike, direct: bool = True) -> tuple[int, bool]:
-    """(fd, is_direct); falls back to a buffered fd where O_DIRECT is refused."""
+    """(fd, is_direct) of a regular file (runtime.checkpoint.format.open_regular); falls back to a
+    buffered fd where O_DIRECT is refused."""
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+            return open_regular(path, flags=os.O_DIRECT)[0], True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    return os.open(path, os.O_RDONLY), False
+    return open_regular(path)[0], False
 
 
 def read_exact(fd: int, view: memoryview, offset: int, path: str) -> None:

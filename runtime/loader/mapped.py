@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.checkpoint.format import Manifest
+from runtime.checkpoint.format import CheckpointError, Manifest, open_regular
 from runtime.loader.tiers import fully_cached, on_memory_filesystem
 
 MADV_POPULATE_READ = 22
@@ -49,9 +49,12 @@ def map_partitions(directory: str | os.PathLike, manifest: Manifest, *, populate
             if part.size == 0:
                 mappings.append(None)
                 continue
-            handle = open(directory / part.file, "rb")  # noqa: SIM115 - closed below, once all chunks are read
-            handles.append(handle)
-            mapping = mmap.mmap(handle.fileno(), part.size, flags=mmap.MAP_PRIVATE,
+            fd, size = open_regular(directory / part.file)
+            handles.append(fd)
+            if size < part.size:  # mapping past the end would fault (SIGBUS) on first touch
+                raise CheckpointError(directory / part.file, "size",
+                                      f"file has {size} bytes, manifest says {part.size}")
+            mapping = mmap.mmap(fd, part.size, flags=mmap.MAP_PRIVATE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
             mappings.append(mapping)
             address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
@@ -65,7 +68,7 @@ def map_partitions(directory: str | os.PathLike, manifest: Manifest, *, populate
                 for _ in pool.map(lambda job: _populate(*job), jobs):
                     pass
     finally:
-        for handle in handles:
-            handle.close()  # the mappings stay valid after the descriptors close
+        for fd in handles:
+            os.close(fd)  # the mappings stay valid after the descriptors close
     return [torch.frombuffer(m, dtype=torch.uint8) if m is not None else torch.empty(0, dtype=torch.uint8)
             for m in mappings]

@@ -12,7 +12,7 @@ import mmap
 import os
 from pathlib import Path
 
-from runtime.checkpoint.format import Manifest
+from runtime.checkpoint.format import Manifest, open_regular
 
 _MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0x958458F6: "hugetlbfs"}
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -39,12 +39,11 @@ def on_memory_filesystem(path: str | os.PathLike) -> bool:
 
 def cached_pages(path: str | os.PathLike) -> tuple[int, int]:
     """(pages in the page cache, total pages) of a file, via mincore(2); touches no data."""
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0, 0
-    pages = -(-size // PAGE)
-    fd = os.open(path, os.O_RDONLY)
+    fd, size = open_regular(path)
     try:
+        if size == 0:
+            return 0, 0
+        pages = -(-size // PAGE)
         address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if address in (None, _MAP_FAILED):
             err = ctypes.get_errno()
