@@ -434,7 +434,7 @@ def test_bad_requests_get_clear_errors(pair):
     unknown = post(f"{source.url}/_/requests/cmpl-nope/migrate", json={"destination": destination.url}, timeout=10)
     assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "request"
     malformed = post(f"{source.url}/_/requests/cmpl-nope/migrate", data="{nope",
-                     headers={"Content-Type": "application/json"}, timeout=10)
+                     headers={**auth_headers(), "Content-Type": "application/json"}, timeout=10)
     assert malformed.status_code == 400
     no_destination = post(f"{source.url}/_/requests/cmpl-nope/migrate", json={"threshold": 3}, timeout=10)
     assert no_destination.status_code == 400 and no_destination.json()["error"]["field"] == "destination"
