@@ -8,19 +8,25 @@
     DELETE /v1/leases/<id>                                               -> released lease
     POST   /v1/evict              {"model", "tier"}                      -> {"freed_bytes"}
     GET    /v1/status                                                    -> tiers, bandwidths, queue, leases
-    GET    /metrics, /healthz
+    GET    /metrics, /healthz                                            -> /healthz: 503 naming a dead loop
+
+On TCP (`--tcp`) every route but /healthz needs `Authorization: Bearer <token>` (`--token`); the Unix
+socket's file permissions are its credential, so requests on it need none.
 """
 
 from __future__ import annotations
 
 import atexit
+import hmac
 import logging
 import os
+import socket
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from redis_schema import Keys
+from runtime import jsonbody
 from runtime.names import InvalidName
 from runtime.node_loader.config import LoaderConfig
 from runtime.node_loader.service import LoaderError, NodeLoader
@@ -50,6 +56,12 @@ def _metrics(loader: NodeLoader) -> str:
     registry.set("sllm_loader_leases", len(status["leases"]))
     registry.set("sllm_loader_redis_up", 1 if status["redis"] else 0)
     return registry.render()
+
+
+def _on_unix_socket(environ: dict) -> bool:
+    """Whether the request came over the Unix socket (gunicorn hands the connection's socket to the app)."""
+    sock = environ.get("gunicorn.socket")
+    return sock is not None and sock.family == socket.AF_UNIX
 
 
 def create_app(loader: NodeLoader | None = None) -> Flask:
@@ -83,11 +95,22 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
     def http_error(exc: HTTPException):
         return jsonify({"error": exc.description}), exc.code
 
+    @app.before_request
+    def authenticate():
+        token = loader.config.token
+        if not token or request.path == "/healthz" or _on_unix_socket(request.environ):
+            return None
+        sent = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            return jsonify({"error": "the loader's TCP API needs 'Authorization: Bearer <token>' "
+                                     "(the loader's --token / SLLM_LOADER_TOKEN)"}), 401
+        return None
+
     def body() -> dict:
-        data = request.get_json(silent=True)
-        if not isinstance(data, dict):
-            raise LoaderError("the request body must be a JSON object")
-        return data
+        try:
+            return jsonbody.request_object()
+        except jsonbody.JsonError as exc:
+            raise LoaderError(exc.message, exc.status) from None
 
     @app.post("/v1/stage")
     def stage():
@@ -137,6 +160,9 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
 
     @app.get("/healthz")
     def healthz():
+        dead = loader.dead_loops()
+        if dead:
+            return jsonify({"status": "unhealthy", "error": f"background loop(s) not running: {', '.join(dead)}"}), 503
         return {"status": "ok"}
 
     return app

@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = loader_config.resolve(args)
+        loader_config.check_dram_budget(config)
     except ValueError as exc:
         print(f"sllm-faas loader: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -27,9 +28,11 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class LoaderClient:
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
-        """`address`: a Unix socket path, or `host:port` (the node record's `address` field)."""
+    def __init__(self, address: str, timeout: float = 10.0, token: str | None = None) -> None:
+        """`address`: a Unix socket path, or `host:port` (the node record's `address` field). Over TCP the
+        loader wants its bearer token: `token`, else $SLLM_LOADER_TOKEN (the controller's staging kick)."""
         self.address, self.timeout = address, timeout
+        self.token = token if token is not None else os.environ.get("SLLM_LOADER_TOKEN") or None
 
     def _connect(self) -> http.client.HTTPConnection:
         if self.address.startswith("/"):
@@ -39,8 +42,10 @@ class LoaderClient:
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict[str, Any]]:
         connection = self._connect()
         try:
-            connection.request(method, path, body=json.dumps(body) if body is not None else None,
-                               headers={"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            if self.token and not self.address.startswith("/"):
+                headers["Authorization"] = f"Bearer {self.token}"
+            connection.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
             response = connection.getresponse()
             return response.status, json.loads(response.read() or b"{}")
         except (OSError, http.client.HTTPException) as exc:

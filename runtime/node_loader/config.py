@@ -32,6 +32,11 @@ class LoaderConfig:
     lease_ttl_s: float = 30.0          # a lease expires unless renewed within this
     probe_bytes: int = 64 << 20        # size of the start-up bandwidth probes
     slots: int = 0                     # function instances this node hosts; 0 = one per GPU, or 1 without GPUs
+    stage_workers: int = 2             # staging jobs run at once (different models), so one slow store blocks one
+    transfer_timeout_s: float = 3600.0  # overall deadline of one manifest read or one file download from remote
+    token: str | None = None           # bearer token the TCP listener requires (the Unix socket needs none)
+    insecure_no_auth: bool = False     # allow --tcp without a token
+    cgroup_root: str = "/sys/fs/cgroup"  # where this process's cgroup memory limit is read
 
     def __post_init__(self) -> None:
         validate_node_id(self.node_id)
@@ -40,6 +45,13 @@ class LoaderConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.heartbeat_ttl_s <= self.heartbeat_s:
             raise ValueError("heartbeat_ttl_s must be longer than heartbeat_s")
+        if self.stage_workers < 1:
+            raise ValueError(f"stage_workers must be >= 1, got {self.stage_workers}")
+        if not self.transfer_timeout_s > 0:
+            raise ValueError(f"transfer_timeout_s must be > 0, got {self.transfer_timeout_s}")
+        if self.tcp and not self.token and not self.insecure_no_auth:
+            raise ValueError(f"--tcp {self.tcp} needs --token (or SLLM_LOADER_TOKEN): the TCP API would be open to "
+                             "anyone who can reach the port; pass --insecure-no-auth to run it without one")
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -51,8 +63,9 @@ class LoaderConfig:
 
 _ENV = {f.name: f"SLLM_LOADER_{f.name.upper()}" for f in fields(LoaderConfig)}
 _SIZES = {"ssd_budget", "dram_budget", "gpu_budget", "probe_bytes"}
-_FLOATS = {"heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s"}
-_INTS = {"slots"}
+_FLOATS = {"heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s", "transfer_timeout_s"}
+_INTS = {"slots", "stage_workers"}
+_BOOLS = {"insecure_no_auth"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     for f in fields(LoaderConfig):
         default = "" if f.default is MISSING else f"; default {f.default}"
+        if f.name in _BOOLS:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", default=None,
+                                help=f"env {_ENV[f.name]}=1{default}")
+            continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                             help=f"env {_ENV[f.name]}{default}")
 
@@ -77,7 +94,58 @@ def _convert(name: str, value: Any) -> Any:
         return float(value)
     if name in _INTS:
         return int(value)
+    if name in _BOOLS:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in ("1", "true", "yes", "0", "false", "no", ""):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return str(value).lower() in ("1", "true", "yes")
     return str(value)
+
+
+def cgroup_memory_limit(cgroup_root: str | os.PathLike, proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """The tightest memory limit on this process's cgroup and its ancestors (v2 memory.max, v1
+    memory.limit_in_bytes), in bytes; None when there is none ("max") or no cgroup file is readable."""
+    root = Path(cgroup_root)
+    hierarchies: list[tuple[Path, Path, str]] = []  # (hierarchy root, this process's directory, limit file)
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            hierarchies.append((root, root / path.lstrip("/"), "memory.max"))
+        elif "memory" in controllers.split(","):
+            hierarchies.append((root / "memory", root / "memory" / path.lstrip("/"), "memory.limit_in_bytes"))
+    limits = []
+    for top, directory, name in hierarchies:
+        while True:  # every ancestor's limit applies too, up to the root of the hierarchy
+            try:
+                text = (directory / name).read_text().strip()
+            except OSError:
+                text = ""  # "max" (no limit) and missing files alike
+            if text.isdigit():
+                limits.append(int(text))
+            if directory == top or top not in directory.parents:
+                break
+            directory = directory.parent
+    return min(limits) if limits else None
+
+
+def check_dram_budget(config: LoaderConfig) -> None:
+    """tmpfs pages are charged to the writer's cgroup: a DRAM tier on tmpfs bigger than this process's memory
+    limit gets the loader OOM-killed while staging; refuse to start instead (ValueError naming both numbers)."""
+    from runtime.loader.tiers import on_memory_filesystem
+
+    Path(config.dram_dir).mkdir(parents=True, exist_ok=True)
+    if not on_memory_filesystem(config.dram_dir):
+        return
+    limit = cgroup_memory_limit(config.cgroup_root)
+    if limit is not None and config.dram_budget > limit:
+        raise ValueError(f"dram_budget {config.dram_budget} bytes exceeds this process's cgroup memory limit "
+                         f"{limit} bytes (under {config.cgroup_root}); {config.dram_dir} is a tmpfs, whose pages "
+                         "count against that limit: lower --dram-budget or raise the container's memory limit")
 
 
 def resolve(args: argparse.Namespace) -> LoaderConfig:

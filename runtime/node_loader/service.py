@@ -28,6 +28,7 @@ from runtime.node_loader.tiers import BudgetError, Tier
 
 log = logging.getLogger("sllm.loader")
 STAGEABLE = ("ssd", "dram", "gpu")
+LEASES_FILE = "_leases.json"  # in the SSD dir; "_" cannot start a model name, and the tier scan skips files
 
 
 class LoaderError(RuntimeError):
@@ -41,15 +42,17 @@ class LoaderError(RuntimeError):
 class NodeLoader:
     def __init__(self, config: LoaderConfig, publisher=None) -> None:
         self.config = config
-        self.store = open_store(config.remote)
-        self.tiers = {"ssd": Tier("ssd", config.ssd_dir, config.ssd_budget),
-                      "dram": Tier("dram", config.dram_dir, config.dram_budget)}
+        self.store = open_store(config.remote, config.transfer_timeout_s)
+        # one lock for every "is it pinned? then evict" and "is it here? then lease" decision, tiers included
+        self._decisions = threading.RLock()
+        self.tiers = {"ssd": Tier("ssd", config.ssd_dir, config.ssd_budget, self._decisions),
+                      "dram": Tier("dram", config.dram_dir, config.dram_budget, self._decisions)}
         self.gpu = None
         if config.gpu_budget:
             from runtime.node_loader.gpu_tier import GpuTier
 
             self.gpu = GpuTier(config.gpu_budget)
-        self.leases = Leases()
+        self.leases = Leases(path=Path(config.ssd_dir) / LEASES_FILE)
         self.bandwidths = Bandwidths()
         self.publisher = publisher
         self.jobs: dict[str, StageJob] = {}
@@ -58,6 +61,7 @@ class NodeLoader:
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._running: set[str] = set()  # models with a job on a worker now: one job per model at a time
         self.started_at = time.time()
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -67,10 +71,13 @@ class NodeLoader:
             removed = tier.scan()
             if removed:
                 log.info("%s tier: removed leftovers %s", tier.name, ", ".join(removed))
+        for lease in self.leases.retain(lambda model: self.fastest_tier(model) != "remote"):
+            log.info("lease %s of %s dropped at start: the model is no longer on this node", lease.id, lease.model)
         if probe:
             self.calibrate()
-        for target, name in ((self._work, "stage-worker"), (self._heartbeat, "heartbeat")):
-            thread = threading.Thread(target=target, name=f"sllm-loader-{name}", daemon=True)
+        loops = [(self._work, f"stage-worker-{i}") for i in range(self.config.stage_workers)]
+        for target, name in (*loops, (self._heartbeat, "heartbeat")):
+            thread = threading.Thread(target=self._loop, args=(target,), name=f"sllm-loader-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
         return self
@@ -81,6 +88,20 @@ class NodeLoader:
             self._lock.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
+
+    def _loop(self, step) -> None:
+        """Run `step` until stopping; an exception is logged and the loop goes on, so one bad job or one bad
+        publication cannot silently end staging or heartbeats for the node."""
+        while not self._stopping.is_set():
+            try:
+                step()
+            except Exception:
+                log.exception("%s failed; continuing", threading.current_thread().name)
+                self._stopping.wait(1.0)
+
+    def dead_loops(self) -> list[str]:
+        """Names of the background loops that are no longer running (for /healthz)."""
+        return [thread.name for thread in self._threads if not thread.is_alive()]
 
     def calibrate(self) -> None:
         """Cache-bypassing probes per tier, so estimates start from measurements."""
@@ -149,7 +170,10 @@ class NodeLoader:
         ttl = ttl_s or self.config.lease_ttl_s
         if not 0 < ttl <= 3600:
             raise LoaderError("ttl_s must be in (0, 3600]")
-        lease = self.leases.acquire(model, holder, ttl)
+        with self._decisions:
+            if self.fastest_tier(model) == "remote":
+                raise LoaderError(f"{model} is not on this node; stage it first", 404)
+            lease = self.leases.acquire(model, holder, ttl)
         self._event("leased", model, self.fastest_tier(model), lease=lease.id, holder=holder)
         return lease
 
@@ -171,11 +195,13 @@ class NodeLoader:
         validate_model_name(model)
         if tier not in STAGEABLE:
             raise LoaderError(f"tier must be one of {', '.join(STAGEABLE)}, got {tier!r}")
-        if self._pinned(model):
-            raise LoaderError(f"{model} is leased or being staged; it cannot be evicted", 409)
-        return self._evict(model, tier)
+        with self._decisions:
+            if self._pinned(model):
+                raise LoaderError(f"{model} is leased or being staged; it cannot be evicted", 409)
+            return self._evict(model, tier)
 
     def _evict(self, model: str, tier: str) -> int:
+        """Remove `model` from `tier`; callers decide under `_decisions` that it is not pinned."""
         if tier == "gpu":
             freed = self.gpu.remove(model) if self.gpu is not None else 0
         else:
@@ -189,20 +215,25 @@ class NodeLoader:
 
     # -- the staging worker -------------------------------------------------------------------------
     def _work(self) -> None:
-        while not self._stopping.is_set():
-            with self._lock:
-                while not self._queue and not self._stopping.is_set():
-                    self._lock.wait(timeout=1.0)
-                if self._stopping.is_set():
-                    return
-                job = self._queue[0]
+        """One step of a staging worker: take the oldest queued job whose model no other worker is staging."""
+        with self._lock:
+            job = next((j for j in self._queue if j.state == "queued" and j.model not in self._running), None)
+            if job is None:
+                self._lock.wait(timeout=1.0)
+                return
+            job.state = "running"
+            self._running.add(job.model)
+        try:
             self._run(job)
+        finally:
             with self._lock:
-                self._queue.popleft()
+                self._running.discard(job.model)
+                self._queue.remove(job)
                 self._inflight[job.model].remove(job)
                 if not self._inflight[job.model]:
                     del self._inflight[job.model]
                 self._estimate_queue()
+                self._lock.notify_all()
 
     def _run(self, job: StageJob) -> None:
         job.state, job.started_at = "running", time.time()
@@ -218,10 +249,12 @@ class NodeLoader:
             for step in steps:
                 job.step = step
                 getattr(self, f"_stage_{step.replace('->', '_to_')}")(job, size, remote)
-        except (StoreError, BudgetError, CheckpointError, OSError, LoaderError) as exc:
-            log.warning("staging %s to %s failed: %s", job.model, job.tier, exc)
-            job.finish(str(exc))
-            self._event("stage_failed", job.model, job.tier, job=job.id, error=str(exc))
+        except Exception as exc:  # every failure fails this job, never the worker
+            expected = isinstance(exc, StoreError | BudgetError | CheckpointError | OSError | LoaderError)
+            error = str(exc) if expected else f"internal error: {type(exc).__name__}: {exc}"
+            log.warning("staging %s to %s failed: %s", job.model, job.tier, error, exc_info=not expected)
+            job.finish(error)
+            self._event("stage_failed", job.model, job.tier, job=job.id, error=error)
             return
         job.finish()
         self._event("staged", job.model, job.tier, job=job.id, bytes=job.total_bytes)
@@ -302,12 +335,11 @@ class NodeLoader:
                 "redis": self.publisher.healthy if self.publisher is not None else None}
 
     def _heartbeat(self) -> None:
-        while not self._stopping.is_set():
-            for lease in self.leases.expire():
-                self._event("lease_expired", lease.model, "", lease=lease.id, holder=lease.holder)
-            if self.publisher is not None:
-                self.publisher.publish_node(self)
-            self._stopping.wait(self.config.heartbeat_s)
+        for lease in self.leases.expire():
+            self._event("lease_expired", lease.model, "", lease=lease.id, holder=lease.holder)
+        if self.publisher is not None:
+            self.publisher.publish_node(self)
+        self._stopping.wait(self.config.heartbeat_s)
 
     def _event(self, kind: str, model: str, tier: str, **fields: Any) -> None:
         log.info("%s %s %s %s", kind, model, tier, fields or "")

@@ -11,16 +11,18 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import requests
+import urllib3
 
-from runtime.checkpoint.format import MANIFEST_NAME
+from runtime.checkpoint.format import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointError, open_regular, read_regular
 from runtime.names import validate_model_name
 
 Progress = Callable[[int], None]  # called with bytes just written
+DEFAULT_TRANSFER_TIMEOUT_S = 3600.0  # overall deadline of one manifest read or one file download
 
 
 class StoreError(RuntimeError):
@@ -31,14 +33,46 @@ class RemoteStore(Protocol):
     def read_manifest(self, model: str) -> bytes: ...
 
     def fetch(self, model: str, file: str, destination: Path, size: int, progress: Progress) -> None:
-        """Write `file` of `model` to `destination`, resuming from what `destination` already holds."""
+        """Write `file` of `model` to `destination`, resuming from what `destination` already holds; never more
+        than `size` bytes (the manifest's), within the store's overall transfer deadline."""
 
     def describe(self) -> str: ...
 
 
+class _Transfer:
+    """One transfer's overall deadline and byte bound: a store that trickles, or sends more than the manifest
+    declares, fails the transfer instead of holding a staging worker or filling the disk past the budget."""
+
+    def __init__(self, what: str, timeout_s: float) -> None:
+        self.what, self.timeout_s = what, timeout_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise StoreError(f"{self.what}: not finished within the {self.timeout_s:g} s transfer deadline "
+                             "(transfer_timeout_s)")
+        return left
+
+    def write(self, chunks: Iterator[bytes], destination: Path, done: int, size: int, progress: Progress) -> None:
+        """Append `chunks` to `destination` (which holds `done` bytes) up to `size`; a byte beyond `size`
+        removes the file and fails the transfer."""
+        with open(destination, "ab") as dst:
+            for chunk in chunks:
+                self.remaining()
+                if done + len(chunk) > size:
+                    destination.unlink(missing_ok=True)
+                    raise StoreError(f"{self.what}: more than the {size} bytes the manifest declares; "
+                                     "download stopped and removed")
+                dst.write(chunk)
+                done += len(chunk)
+                progress(len(chunk))
+
+
 class LocalStore:
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S) -> None:
         self.root = Path(root)
+        self.transfer_timeout_s = transfer_timeout_s
 
     def describe(self) -> str:
         return f"dir:{self.root}"
@@ -46,26 +80,30 @@ class LocalStore:
     def read_manifest(self, model: str) -> bytes:
         path = self.root / validate_model_name(model) / MANIFEST_NAME
         try:
-            return path.read_bytes()
+            return read_regular(path, MAX_MANIFEST_BYTES, "manifest")
         except FileNotFoundError:
             raise StoreError(f"model {model!r} is not in the store {self.root}") from None
 
     def fetch(self, model: str, file: str, destination: Path, size: int, progress: Progress) -> None:
         source = self.root / validate_model_name(model) / file
-        done = destination.stat().st_size if destination.exists() else 0
-        with open(source, "rb") as src, open(destination, "ab") as dst:
+        transfer = _Transfer(str(source), self.transfer_timeout_s)
+        fd, actual = open_regular(source)
+        with os.fdopen(fd, "rb") as src:
+            if actual != size:
+                raise CheckpointError(source, "size", f"file has {actual} bytes, manifest says {size}")
+            done = destination.stat().st_size if destination.exists() else 0
             src.seek(done)
-            while chunk := src.read(8 << 20):
-                dst.write(chunk)
-                progress(len(chunk))
+            transfer.write(iter(lambda: src.read(8 << 20), b""), destination, done, size, progress)
 
 
 class HttpStore:
-    """GET BASE/MODEL/FILE; interrupted transfers resume with a Range request."""
+    """GET BASE/MODEL/FILE; interrupted transfers resume with a Range request. `timeout` bounds each connect
+    and read, `transfer_timeout_s` the whole of one manifest read or file download, retries included."""
 
-    def __init__(self, base_url: str, attempts: int = 5, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, attempts: int = 5, timeout: float = 30.0,
+                 transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S) -> None:
         self.base = base_url.rstrip("/")
-        self.attempts, self.timeout = attempts, timeout
+        self.attempts, self.timeout, self.transfer_timeout_s = attempts, timeout, transfer_timeout_s
         self.session = requests.Session()
 
     def describe(self) -> str:
@@ -74,51 +112,71 @@ class HttpStore:
     def _url(self, model: str, file: str) -> str:
         return f"{self.base}/{validate_model_name(model)}/{file}"
 
+    def _get(self, url: str, transfer: _Transfer, headers: dict[str, str] | None = None) -> requests.Response:
+        # identity: the byte bounds apply to what is written; each read waits at most what is left of the deadline
+        return self.session.get(url, headers={"Accept-Encoding": "identity", **(headers or {})}, stream=True,
+                                timeout=(self.timeout, min(self.timeout, transfer.remaining())))
+
+    @staticmethod
+    def _chunks(response: requests.Response, amount: int = 256 << 10) -> Iterator[bytes]:
+        """What the socket has now (read1), not a full buffer, so the deadline is checked as bytes trickle in."""
+        while chunk := response.raw.read1(amount):
+            yield chunk
+
     def read_manifest(self, model: str) -> bytes:
-        response = self.session.get(self._url(model, MANIFEST_NAME), timeout=self.timeout)
-        if response.status_code == 404:
-            raise StoreError(f"model {model!r} is not in the store {self.base}")
-        response.raise_for_status()
-        return response.content
+        url = self._url(model, MANIFEST_NAME)
+        transfer = _Transfer(f"GET {url}", self.transfer_timeout_s)
+        with self._get(url, transfer) as response:
+            if response.status_code == 404:
+                raise StoreError(f"model {model!r} is not in the store {self.base}")
+            response.raise_for_status()
+            body = bytearray()
+            for chunk in self._chunks(response):
+                transfer.remaining()
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise StoreError(f"GET {url}: manifest exceeds the {MAX_MANIFEST_BYTES} byte limit; "
+                                     "not read further")
+            return bytes(body)
 
     def fetch(self, model: str, file: str, destination: Path, size: int, progress: Progress) -> None:
+        url = self._url(model, file)
+        transfer = _Transfer(f"GET {url}", self.transfer_timeout_s)
         for attempt in range(1, self.attempts + 1):
             done = destination.stat().st_size if destination.exists() else 0
             if done >= size:
                 return
             headers = {"Range": f"bytes={done}-"} if done else {}
             try:
-                with self.session.get(self._url(model, file), headers=headers, stream=True,
-                                      timeout=self.timeout) as response:
+                with self._get(url, transfer, headers) as response:
                     if response.status_code == 200 and done:  # server ignored the range: start over
                         destination.unlink()
+                        done = 0
                     elif response.status_code not in (200, 206):
-                        raise StoreError(f"GET {self._url(model, file)}: HTTP {response.status_code}")
-                    with open(destination, "ab") as dst:
-                        for chunk in response.iter_content(256 << 10):  # small: a cut loses little
-                            dst.write(chunk)
-                            progress(len(chunk))
+                        raise StoreError(f"GET {url}: HTTP {response.status_code}")
+                    transfer.write(self._chunks(response), destination, done, size, progress)
                 if destination.stat().st_size >= size:
                     return
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError):
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    urllib3.exceptions.HTTPError):
                 if attempt == self.attempts:
-                    raise StoreError(f"GET {self._url(model, file)} failed {attempt} times") from None
-                time.sleep(min(0.1 * 2**attempt, 2.0))
-        raise StoreError(f"GET {self._url(model, file)}: incomplete after {self.attempts} attempts")
+                    raise StoreError(f"GET {url} failed {attempt} times") from None
+                time.sleep(min(0.1 * 2**attempt, 2.0, transfer.remaining()))
+        raise StoreError(f"GET {url}: incomplete after {self.attempts} attempts")
 
 
-def open_store(location: str) -> RemoteStore:
+def open_store(location: str, transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S) -> RemoteStore:
     if location.startswith(("http://", "https://")):
-        return HttpStore(location)
+        return HttpStore(location, transfer_timeout_s=transfer_timeout_s)
     if not Path(location).is_dir():
         raise StoreError(f"remote store {location} is neither an http(s) URL nor a directory")
-    return LocalStore(location)
+    return LocalStore(location, transfer_timeout_s)
 
 
 def copy_file(source: Path, destination: Path, progress: Progress, chunk: int = 64 << 20) -> None:
     """In-kernel copy (copy_file_range / sendfile), chunk by chunk so progress is reported."""
-    size = source.stat().st_size
-    with open(source, "rb") as src, open(destination, "wb") as dst:
+    fd, size = open_regular(source)
+    with open(fd, "rb") as src, open(destination, "wb") as dst:
         if size == 0:
             return
         offset = 0

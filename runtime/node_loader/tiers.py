@@ -27,10 +27,11 @@ def directory_bytes(path: Path) -> int:
 
 
 class Tier:
-    def __init__(self, name: str, root: str | os.PathLike, budget: int) -> None:
+    def __init__(self, name: str, root: str | os.PathLike, budget: int, lock: threading.RLock | None = None) -> None:
+        """`lock`: shared with the node loader, so that eviction here and lease grants there are one decision."""
         self.name, self.root, self.budget = name, Path(root), budget
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
+        self._lock = lock if lock is not None else threading.RLock()
         self._sizes: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
         self._reserved: dict[str, int] = {}  # models being staged into this tier
