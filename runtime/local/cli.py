@@ -6,8 +6,31 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 GATEWAY = os.environ.get("OPENFAAS_URL", "http://127.0.0.1:8080")
+
+
+def cache_root() -> Path:
+    """$SLLM_FAAS_CACHE, else ~/.cache/sllm-faas: the model store and the gateways' admin tokens."""
+    return Path(os.environ.get("SLLM_FAAS_CACHE") or Path.home() / ".cache" / "sllm-faas")
+
+
+def token_path(gateway: str) -> Path:
+    """Where `sllm-faas up` leaves the admin token of the gateway at `gateway` (mode 0600, removed when it
+    stops), so that `sllm-faas deploy` finds it without being told."""
+    url = urlsplit(gateway)
+    return cache_root() / "gateways" / f"{url.hostname}_{url.port or 80}.token"
+
+
+def admin_token(args: argparse.Namespace) -> str:
+    """--token, else $SLLM_GATEWAY_TOKEN, else the file `up` wrote for this gateway; "" when none."""
+    if args.token:
+        return args.token
+    if os.environ.get("SLLM_GATEWAY_TOKEN"):
+        return os.environ["SLLM_GATEWAY_TOKEN"]
+    path = token_path(args.gateway)
+    return path.read_text().strip() if path.is_file() else ""
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -23,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         parser.add_argument("--build-dir", type=Path, default=Path("build"),
                             help="where function builds go (default ./build, as faas-cli)")
         parser.add_argument("--filter", help="deploy only this function")
+        parser.add_argument("--token", help="the gateway's admin token (default $SLLM_GATEWAY_TOKEN, else the file "
+                                            "`sllm-faas up` wrote for this gateway)")
     else:
         parser.add_argument("name", help="function name")
         parser.add_argument("--path", default="", help="path under /function/NAME/ (e.g. v1/chat/completions)")
@@ -60,6 +85,7 @@ def deploy(args: argparse.Namespace) -> int:
         print(f"sllm-faas deploy: no function named {args.filter!r} in {args.stack}", file=sys.stderr)
         return 2
     args.build_dir.mkdir(parents=True, exist_ok=True)
+    token = admin_token(args)
     for spec in specs:
         try:
             build = shrinkwrap(spec.lang, spec.handler, (args.build_dir / spec.name).resolve())
@@ -68,9 +94,10 @@ def deploy(args: argparse.Namespace) -> int:
             return 2
         body = {"service": spec.name, "image": spec.image, "envVars": spec.environment, "labels": spec.labels,
                 "annotations": {**spec.annotations, "sllm.io/build": str(build), "sllm.io/model": spec.model}}
-        response = requests.post(args.gateway + "/system/functions", json=body, timeout=30)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        response = requests.post(args.gateway + "/system/functions", json=body, headers=headers, timeout=30)
         if response.status_code == 409:
-            response = requests.put(args.gateway + "/system/functions", json=body, timeout=30)
+            response = requests.put(args.gateway + "/system/functions", json=body, headers=headers, timeout=30)
         if response.status_code >= 400:
             print(f"sllm-faas deploy: {spec.name}: {response.status_code} {response.text.strip()}", file=sys.stderr)
             return 1

@@ -6,6 +6,12 @@
     /system/scale-function/<name>      POST {"serviceName", "replicas"}
     /healthz
 
+Every /system/ route wants `Authorization: Bearer <admin token>` (`sllm-faas up` generates it); the
+build folder of a deployment must lie under the gateway's build root, and environment variables that
+steer the interpreter or our own internals (LD_*, PYTHON*, SLLM_BOOKING_ID, ...) are refused. An
+instance's own `/_/` routes (readiness, migration) are never proxied. While Redis or the controller is
+unreachable the gateway answers 503 with Retry-After.
+
 Scale from zero: the first request asks the controller for a placement (which books a slot and starts
 the node's loader staging), starts a runtime process "on" that node, holds the request until the
 instance is ready (--cold-start-timeout) and proxies it. More instances start while every ready one has
@@ -17,10 +23,12 @@ this process.
 from __future__ import annotations
 
 import functools
+import hmac
 import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,12 +40,21 @@ import requests
 from flask import Flask, Response, jsonify, request
 
 from redis_schema.keys import Keys, validate_id
-from runtime.local.instances import Instance, InstanceLauncher
+from runtime.jsonbody import JsonError, request_object
+from runtime.local.instances import Instance, InstanceLauncher, probe_ready
 from runtime.local.stack import ScaleSettings, StackError
+from runtime.processes import children_by_parent
 
 log = logging.getLogger("sllm.gateway")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "content-length", "host"}
+# Variables a deployment may not set: they steer the dynamic loader or the interpreter, or they are ours to
+# set per instance (a caller's SLLM_BOOKING_ID would take another function's slot).
+DENIED_ENV = re.compile(r"LD_.*|PYTHON.*|GCONV_PATH|GUNICORN_CMD_ARGS|SLLM_(MIGRATION_TOKEN|BOOKING_ID|INSTANCE_ID|"
+                        r"NODE_ID|FUNCTION_NAME|ADVERTISE_URL|REDIS_URL|KEY_PREFIX|MODEL_STORE|LOADER_SOCKET|"
+                        r"LOADER_TOKEN|CONTROLLER_TOKEN|SPAWN_PID|GATEWAY_TOKEN)", re.IGNORECASE)
+RETRY_AFTER_S = "2"
+READY_CHECK_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,9 @@ class GatewayConfig:
     model_store: str
     key_prefix: str = "sllm:"
     controller_token: str = ""
+    admin_token: str = ""              # Bearer token for /system/ routes; empty refuses them all
+    build_root: str = ""               # deployments' build folders must be under it; empty refuses them all
+    migration_token: str = ""          # SLLM_MIGRATION_TOKEN given to every instance
     cold_start_timeout_s: float = 300.0
     idle_check_s: float = 1.0
     max_body_bytes: int = 4 << 20
@@ -76,7 +96,7 @@ class Function:
     starting: int = 0
     invocations: int = 0
     last_request: float = field(default_factory=time.monotonic)
-    last_error: str | None = None
+    last_error: GatewayError | None = None  # why the last start failed; waiting requests get it
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     @functools.cached_property
@@ -98,9 +118,10 @@ class Function:
                 "createdAt": datetime.fromtimestamp(self.created_at, UTC).isoformat().replace("+00:00", "Z")}
 
 
-def function_from_deployment(body: dict) -> Function:
+def function_from_deployment(body: dict, build_root: str) -> Function:
     """An OpenFaaS FunctionDeployment ({service, image, envVars, labels, annotations}); the build folder
-    comes in the `sllm.io/build` annotation (`sllm-faas deploy` makes it)."""
+    comes in the `sllm.io/build` annotation (`sllm-faas deploy` makes it) and must lie under `build_root`,
+    symlinks resolved: the gateway runs that folder's index.py."""
     name = body.get("service")
     validate_id(name, "service (function name)")
     env = body.get("envVars") or {}
@@ -109,6 +130,10 @@ def function_from_deployment(body: dict) -> Function:
     for field_name, value in (("envVars", env), ("labels", labels), ("annotations", annotations)):
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ValueError(f"{field_name} must map names to strings")
+    for variable in env:
+        if DENIED_ENV.fullmatch(variable):
+            raise ValueError(f"envVars.{variable} is not allowed: it steers the interpreter, the dynamic loader or "
+                             "sllm-faas internals")
     model = annotations.get("sllm.io/model") or env.get("SLLM_MODEL")
     if not model:
         raise ValueError("name the model in envVars.SLLM_MODEL or annotations['sllm.io/model']")
@@ -116,6 +141,10 @@ def function_from_deployment(body: dict) -> Function:
     if not build or not (Path(build) / "index.py").is_file():
         raise ValueError(f"annotations['sllm.io/build'] must be a function build folder with index.py "
                          f"(`sllm-faas deploy` makes one); got {build!r}")
+    root = Path(build_root).resolve() if build_root else None
+    if root is None or not Path(build).resolve().is_relative_to(root):
+        raise ValueError(f"annotations['sllm.io/build'] {build!r} is not under the gateway's build root "
+                         f"{build_root or '(none configured)'} (`sllm-faas up --build-root`)")
     ScaleSettings.from_labels(labels, "labels")
     return Function(name, model, build, str(body.get("image") or ""), dict(env), dict(labels), dict(annotations))
 
@@ -127,15 +156,19 @@ class Gateway:
         self.redis = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=5)
         logs = Path(config.workdir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.launcher = InstanceLauncher(logs, {
-            "SLLM_REDIS_URL": config.redis_url, "SLLM_KEY_PREFIX": config.key_prefix,
-            "SLLM_MODEL_STORE": config.model_store})
+        base_env = {"SLLM_REDIS_URL": config.redis_url, "SLLM_KEY_PREFIX": config.key_prefix,
+                    "SLLM_MODEL_STORE": config.model_store}
+        if config.migration_token:
+            base_env["SLLM_MIGRATION_TOKEN"] = config.migration_token
+        self.launcher = InstanceLauncher(logs, base_env, self.redis, self.keys)
         self.functions: dict[str, Function] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # guards self.functions
+        self._deploying = threading.Lock()     # one deploy or remove at a time, Redis write included
         self._ids = random.Random(os.urandom(8))
         self._stopping = threading.Event()
         self._load_deployments()
         threading.Thread(target=self._scale_down_idle, name="sllm-idle", daemon=True).start()
+        threading.Thread(target=self._watch_readiness, name="sllm-readiness", daemon=True).start()
 
     # -- deployments -------------------------------------------------------------------------
     def _load_deployments(self) -> None:
@@ -147,28 +180,33 @@ class Gateway:
                                                 json.loads(record["annotations"]), float(record["created_at"]))
 
     def deploy(self, function: Function, update: bool) -> None:
-        with self._lock:
+        """Record the deployment in Redis first: if that fails (503) nothing has changed, no instance stopped."""
+        with self._deploying:
             old = self.functions.get(function.name)
             if update and old is None:
                 raise GatewayError(404, f"function {function.name} is not deployed")
             if not update and old is not None:
                 raise GatewayError(409, f"function {function.name} exists; update it with PUT")
-            self.functions[function.name] = function
+            pipe = self.redis.pipeline()
+            pipe.hset(self.keys.function(function.name), mapping=function.record())
+            pipe.sadd(self.keys.functions, function.name)
+            pipe.execute()
+            with self._lock:
+                self.functions[function.name] = function
         if old is not None:
             self._stop_all(old)
-        pipe = self.redis.pipeline()
-        pipe.hset(self.keys.function(function.name), mapping=function.record())
-        pipe.sadd(self.keys.functions, function.name)
-        pipe.execute()
 
     def remove(self, name: str) -> None:
-        with self._lock:
-            function = self.functions.pop(name, None)
-        if function is None:
-            raise GatewayError(404, f"function {name} is not deployed")
+        with self._deploying:
+            if name not in self.functions:
+                raise GatewayError(404, f"function {name} is not deployed")
+            pipe = self.redis.pipeline()
+            pipe.delete(self.keys.function(name))
+            pipe.srem(self.keys.functions, name)
+            pipe.execute()
+            with self._lock:
+                function = self.functions.pop(name)
         self._stop_all(function)
-        self.redis.delete(self.keys.function(name))
-        self.redis.srem(self.keys.functions, name)
 
     def get(self, name: str) -> Function:
         function = self.functions.get(name)
@@ -195,16 +233,19 @@ class Gateway:
                         self._start_instance(function)  # scale up; this request does not wait for it
                     best.in_flight += 1
                     return best, waited
-                if not function.starting:
+                # an instance whose worker is restarting comes back by itself: wait for it, start nothing
+                recovering = any(i.cold_start is not None for i in function.instances)
+                if not function.starting and not recovering:
                     if function.last_error and waited:
-                        raise GatewayError(502, f"function {name}: {function.last_error}")
+                        raise GatewayError(function.last_error.status,
+                                           f"function {name}: {function.last_error.message}")
                     self._start_instance(function)
                 waited = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise GatewayError(504, f"function {name}: no instance ready after "
                                             f"{self.config.cold_start_timeout_s:.0f} s")
-                function.changed.wait(remaining)
+                function.changed.wait(min(remaining, 1.0))  # re-check: a recovering instance may have died
 
     def release(self, name: str, instance: Instance) -> None:
         function = self.functions.get(name)
@@ -213,6 +254,16 @@ class Gateway:
         with function.changed:
             instance.in_flight -= 1
             instance.last_used = function.last_request = time.monotonic()
+
+    def recheck(self, name: str, instance: Instance) -> bool:
+        """After a failed exchange with `instance`: True (and out of rotation) if it cannot serve now, so the
+        request can go elsewhere or wait; False if it looks fine (the failure was the request's own)."""
+        function = self.functions.get(name)
+        if instance.process.poll() is None and probe_ready(instance, timeout_s=1.0)[0] == 200:
+            return False
+        if function is not None:
+            self.mark(function, instance, ready=False)
+        return True
 
     def _start_instance(self, function: Function) -> None:
         """Called with function.changed held: counts the start, runs it in the background."""
@@ -240,14 +291,14 @@ class Gateway:
                 function.instances.append(instance)
             self.launcher.wait_ready(instance, self.config.cold_start_timeout_s)
         except Exception as exc:  # any failure must reach the waiting requests, or they would start another
-            message = exc.message if isinstance(exc, GatewayError) else f"{type(exc).__name__}: {exc}"
-            log.warning("could not start an instance of %s: %s", function.name, message)
+            error = exc if isinstance(exc, GatewayError) else GatewayError(502, f"{type(exc).__name__}: {exc}")
+            log.warning("could not start an instance of %s: %s", function.name, error.message)
             if instance is not None:
                 self.launcher.stop(instance, grace_s=2)
             if placement is not None and placement.get("booking"):
                 self._cancel_booking(placement["node"], placement["booking"])
             with function.changed:
-                function.last_error = message
+                function.last_error = error
                 if instance in function.instances:
                     function.instances.remove(instance)
         finally:
@@ -267,12 +318,17 @@ class Gateway:
             log.warning("could not cancel booking %s on %s: %s", booking, node, exc)
 
     def _place(self, function: Function) -> dict:
-        response = requests.post(self.config.controller_url + "/v1/scale", json={"function": function.name,
-                                                                               "model": function.model},
-                                 headers=self._controller_headers(), timeout=30)
+        try:
+            response = requests.post(self.config.controller_url + "/v1/scale",
+                                     json={"function": function.name, "model": function.model},
+                                     headers=self._controller_headers(), timeout=30)
+            body = response.json()
+        except (requests.RequestException, ValueError) as exc:  # restarting: `up` brings it back
+            raise GatewayError(503, f"the placement controller is unreachable: {exc}") from None
         if response.status_code != 200:
-            raise GatewayError(503, f"controller: {response.json().get('error', response.status_code)}")
-        return response.json()["placements"][0]
+            error = body.get("error", response.status_code) if isinstance(body, dict) else response.status_code
+            raise GatewayError(503, f"controller: {error}")
+        return body["placements"][0]
 
     def scale_to(self, name: str, replicas: int) -> None:
         function = self.get(name)
@@ -314,14 +370,66 @@ class Gateway:
             log.info("scaling %s down: stopping %s after %.0f s idle", function.name, instance.id, idle)
             self.launcher.stop(instance)
 
+    def _watch_readiness(self) -> None:
+        """Take an instance out of rotation while it cannot serve (its worker died and gunicorn is starting
+        another, which loads the model again) and back in once /_/ready says 200."""
+        workers: dict[str, set[int]] = {}
+        while not self._stopping.wait(READY_CHECK_S):
+            try:
+                parents = children_by_parent()
+                for function in list(self.functions.values()):
+                    for instance in list(function.instances):
+                        if instance.cold_start is None or instance.process.poll() is not None:
+                            continue   # still starting (wait_ready owns it) or gone
+                        now = parents.get(instance.process.pid, set())
+                        restarted = instance.id in workers and workers[instance.id] != now
+                        workers[instance.id] = now
+                        status, _ = probe_ready(instance, timeout_s=1.0)
+                        if status == 200 and not restarted:
+                            self.mark(function, instance, ready=True)
+                        elif restarted or status != 0:  # a timeout alone may just be a busy instance
+                            self.mark(function, instance, ready=False)
+            except Exception:  # the watcher must outlive any one bad probe
+                log.exception("readiness check failed")
+
+    def mark(self, function: Function, instance: Instance, ready: bool) -> None:
+        """Put an instance into or out of rotation; waiting requests are woken when it comes back."""
+        if ready == instance.ready.is_set():
+            return
+        log.info("instance %s of %s is %s", instance.id, function.name, "ready again" if ready else "not ready")
+        with function.changed:
+            if ready:
+                instance.ready.set()
+                function.changed.notify_all()
+            else:
+                instance.ready.clear()
+
     def shutdown(self) -> None:
         self._stopping.set()
         for function in list(self.functions.values()):
             self._stop_all(function)
 
 
+def forwarded_path(name: str, path: str) -> str:
+    """The path under /function/<name>/ to send to the instance, dot segments removed; an instance's own
+    /_/ routes (readiness, migration) are for the platform, never for callers."""
+    segments = [segment for segment in path.split("/") if segment not in ("", ".")]
+    if ".." in segments:
+        raise GatewayError(400, f"path {path!r} under /function/{name}/ must not contain '..'")
+    if segments and segments[0] == "_":
+        raise GatewayError(404, f"/function/{name}/{path}: an instance's /_/ routes are not exposed")
+    return "/".join(segments) + ("/" if segments and path.endswith("/") else "")
+
+
+def stream_error_frame(message: str) -> bytes:
+    """The SSE frame that ends a stream the instance cut: the client sees an error, not a silent end."""
+    error = {"message": message, "type": "server_error", "param": None, "code": "upstream_disconnected"}
+    return f"data: {json.dumps({'error': error})}\n\n".encode()
+
+
 def create_app(config: GatewayConfig | None = None) -> Flask:
-    config = config or GatewayConfig(**json.loads(os.environ["SLLM_GATEWAY_CONFIG"]))
+    # popped: it holds the tokens, and instances (user code) inherit this process's environment
+    config = config or GatewayConfig(**json.loads(os.environ.pop("SLLM_GATEWAY_CONFIG")))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gateway = Gateway(config)
     import atexit
@@ -333,18 +441,35 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
 
     @app.errorhandler(GatewayError)
     def gateway_error(exc: GatewayError):
+        headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else {}
+        return jsonify({"error": exc.message}), exc.status, headers
+
+    @app.errorhandler(JsonError)
+    def bad_json(exc: JsonError):
         return jsonify({"error": exc.message}), exc.status
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(exc: redis.RedisError):  # `up` restarts an embedded Redis; nothing was changed
+        log.warning("Redis is unreachable: %s", exc)
+        return jsonify({"error": f"Redis is unreachable ({type(exc).__name__}); retry shortly"}), 503, \
+            {"Retry-After": RETRY_AFTER_S}
 
     @app.errorhandler(ValueError)
     @app.errorhandler(StackError)
     def bad_request(exc: Exception):
         return jsonify({"error": str(exc)}), 400
 
-    def json_body() -> dict:
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise GatewayError(400, "the request body must be a JSON object")
-        return body
+    @app.before_request
+    def admin_only():
+        """/system/ routes deploy code and change scale: they want the admin token."""
+        if not request.path.startswith("/system/"):
+            return None
+        supplied = request.headers.get("Authorization", "").encode()
+        if config.admin_token and hmac.compare_digest(supplied, f"Bearer {config.admin_token}".encode()):
+            return None
+        return jsonify({"error": "/system/ routes want Authorization: Bearer <admin token> (`sllm-faas up` wrote "
+                                 "it; `sllm-faas deploy` reads it, or pass --token / $SLLM_GATEWAY_TOKEN)"}), 401, \
+            {"WWW-Authenticate": 'Bearer realm="sllm-faas"'}
 
     @app.get("/healthz")
     def healthz():
@@ -356,17 +481,17 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
 
     @app.post("/system/functions")
     def deploy():
-        gateway.deploy(function_from_deployment(json_body()), update=False)
+        gateway.deploy(function_from_deployment(request_object(), config.build_root), update=False)
         return "", 202
 
     @app.put("/system/functions")
     def update():
-        gateway.deploy(function_from_deployment(json_body()), update=True)
+        gateway.deploy(function_from_deployment(request_object(), config.build_root), update=True)
         return "", 202
 
     @app.delete("/system/functions")
     def delete():
-        name = json_body().get("functionName")
+        name = request_object().get("functionName")
         validate_id(name, "functionName")
         gateway.remove(name)
         return "", 202
@@ -375,39 +500,66 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     def function_status(name: str):
         function = gateway.get(name)
         return {**function.status(), "instances": [i.as_dict() for i in function.instances],
-                "lastError": function.last_error}
+                "lastError": function.last_error.message if function.last_error else None}
 
     @app.post("/system/scale-function/<name>")
     def scale_function(name: str):
-        body = json_body()
+        body = request_object()
         replicas = body.get("replicas")
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 64:
-            raise GatewayError(400, "replicas must be an integer from 0 to 64")
+            raise GatewayError(400, f"replicas must be an integer from 0 to 64; got {replicas!r}")
         if body.get("serviceName", name) != name:
             raise GatewayError(400, f"serviceName {body.get('serviceName')!r} does not match the path ({name})")
         gateway.scale_to(name, replicas)
         return "", 202
+
+    def forward(name: str, path: str, body: bytes, headers: dict[str, str]
+                ) -> tuple[requests.Response, Instance, bool]:
+        """Send the request to a ready instance; one that turns out not to be ready (its worker died, or it
+        refused with 503 while reloading) is taken out of rotation and the request waits for another."""
+        deadline = time.monotonic() + config.cold_start_timeout_s
+        waited_any = False
+        while True:
+            instance, waited = gateway.acquire(name)
+            waited_any = waited_any or waited
+            try:
+                upstream = requests.request(request.method, f"{instance.url}/{path}", params=request.args, data=body,
+                                            headers=headers, stream=True, timeout=(10, 600))
+            except requests.RequestException as exc:
+                gateway.release(name, instance)
+                if not gateway.recheck(name, instance) or time.monotonic() > deadline:
+                    raise GatewayError(502, f"function {name}: instance {instance.id} did not answer: {exc}") from None
+                continue
+            if upstream.status_code == 503 and time.monotonic() < deadline and gateway.recheck(name, instance):
+                upstream.close()   # refused unprocessed while the instance reloads: safe to send again
+                gateway.release(name, instance)
+                continue
+            return upstream, instance, waited_any
+
+    def relay(name: str, upstream: requests.Response, instance: Instance):
+        try:
+            yield from upstream.iter_content(chunk_size=None)
+        except requests.RequestException as exc:
+            log.warning("function %s: instance %s cut the response: %s", name, instance.id, exc)
+            gateway.recheck(name, instance)
+            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                yield stream_error_frame(f"function {name}: instance {instance.id} stopped mid-response: {exc}")
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
     @app.route("/function/<name>", defaults={"path": ""}, methods=methods)
     @app.route("/function/<name>/<path:path>", methods=methods)
     def invoke(name: str, path: str):
+        path = forwarded_path(name, path)
         body = request.get_data()  # before acquiring: an oversized body (413) must not hold an instance
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        instance, waited = gateway.acquire(name)
-        try:
-            upstream = requests.request(request.method, f"{instance.url}/{path}", params=request.args, data=body,
-                                        headers=headers, stream=True, timeout=(10, 600))
-        except requests.RequestException as exc:
-            gateway.release(name, instance)
-            raise GatewayError(502, f"function {name}: instance {instance.id} did not answer: {exc}") from None
+        upstream, instance, waited = forward(name, path, body, headers)
         reply = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         reply.update({"X-Sllm-Instance": instance.id, "X-Sllm-Node": instance.node})
         if waited and instance.cold_start:  # this request paid the cold start: say where the time went
             reply["X-Sllm-Cold-Start"] = json.dumps(instance.cold_start)
             reply["X-Sllm-Placement"] = json.dumps(instance.placement)
-        response = Response(upstream.iter_content(chunk_size=None), status=upstream.status_code, headers=reply)
+        response = Response(relay(name, upstream, instance), status=upstream.status_code, headers=reply)
 
         @response.call_on_close
         def done() -> None:  # runs for every response, streamed or not, HEAD and 204 included

@@ -1,15 +1,16 @@
 """Function instances of the local cluster: `sllm-faas serve` processes started "on" a node, i.e. with
 that node's loader socket, id and slot booking, and stopped when scaled down.
 
-Processes are spawned from one long-lived thread with PR_SET_PDEATHSIG, so they die with the gateway
-even if it is killed; a clean stop sends SIGTERM (the runtime releases its lease and slot) and SIGKILL
-after a grace period.
+Each instance runs in a session (process group) of its own, spawned from one long-lived thread with
+PR_SET_PDEATHSIG so it dies with the gateway even if the gateway is killed. A stop sends SIGTERM to the
+group, waits past the instance's gunicorn graceful timeout (which we set below our wait), then SIGKILLs
+whatever of the group is left: a gunicorn worker must never outlive its master, generating and holding
+its slot. The instance's Redis record and slot are withdrawn here too, since a killed worker cannot.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,10 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 import requests
 
+from redis_schema.keys import Keys
 from runtime.embedded_redis import free_tcp_port
-from runtime.processes import die_with_parent
+from runtime.processes import die_with_parent, stop_process_group
+
+INSTANCE_GRACEFUL_TIMEOUT_S = 5   # gunicorn's graceful timeout inside an instance (its own default is 30)
+STOP_GRACE_S = 10.0               # how long a stop waits for the group to exit before SIGKILL; > the above
 
 
 class InstanceFailed(RuntimeError):
@@ -51,10 +57,23 @@ class Instance:
                 "failure": self.failure, "started_at": self.started_at}
 
 
+def probe_ready(instance: Instance, timeout_s: float = 2.0) -> tuple[int, dict]:
+    """(status, body) of the instance's /_/ready; (0, {}) when it does not answer."""
+    try:
+        response = requests.get(instance.url + "/_/ready", timeout=timeout_s)
+        body = response.json()
+        return response.status_code, body if isinstance(body, dict) else {}
+    except (requests.RequestException, ValueError):
+        return 0, {}
+
+
 class InstanceLauncher:
-    def __init__(self, log_dir: Path, base_env: dict[str, str]) -> None:
+    def __init__(self, log_dir: Path, base_env: dict[str, str], redis_client: redis.Redis | None = None,
+                 keys: Keys | None = None) -> None:
         self.log_dir = log_dir
         self.base_env = base_env
+        self.redis = redis_client
+        self.keys = keys
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sllm-spawner")  # lives as long as us
 
     def start(self, instance_id: str, function: str, node: str, build: Path, model: str, env: dict[str, str]
@@ -62,7 +81,8 @@ class InstanceLauncher:
         port = free_tcp_port()
         url = f"http://127.0.0.1:{port}"
         environment = {**os.environ, **env, **self.base_env, "SLLM_INSTANCE_ID": instance_id, "SLLM_NODE_ID": node,
-                       "SLLM_FUNCTION_NAME": function, "SLLM_ADVERTISE_URL": url, "SLLM_MODEL": model}
+                       "SLLM_FUNCTION_NAME": function, "SLLM_ADVERTISE_URL": url, "SLLM_MODEL": model,
+                       "GUNICORN_CMD_ARGS": f"--graceful-timeout {INSTANCE_GRACEFUL_TIMEOUT_S}"}
         log_path = self.log_dir / f"{instance_id}.log"
         command = [sys.executable, "-m", "runtime.cli", "serve", model, "--port", str(port), "--host", "127.0.0.1",
                    "--app", "index:app"]
@@ -70,7 +90,7 @@ class InstanceLauncher:
         def spawn() -> subprocess.Popen:
             with open(log_path, "ab") as log:
                 return subprocess.Popen(command, cwd=build, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                        preexec_fn=die_with_parent)  # noqa: PLW1509
+                                        start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
 
         process = self._spawner.submit(spawn).result()
         return Instance(instance_id, function, node, url, process, log_path)
@@ -83,28 +103,29 @@ class InstanceLauncher:
             if instance.process.poll() is not None:
                 instance.failure = f"exited with {instance.process.returncode} (log: {instance.log_path})"
                 raise InstanceFailed(f"instance {instance.id}: {instance.failure}")
-            try:
-                response = requests.get(instance.url + "/_/ready", timeout=2)
-                body = response.json()
-                if response.status_code == 200:
-                    instance.cold_start = body.get("cold_start")
-                    instance.ready.set()
-                    return instance
-                if body.get("error"):
-                    instance.failure = body["error"]
-                    raise InstanceFailed(f"instance {instance.id}: {body['error']}")
-            except (requests.RequestException, ValueError):
-                pass
+            status, body = probe_ready(instance)
+            if status == 200:
+                instance.cold_start = body.get("cold_start") or {}  # not None: the readiness watcher takes over
+                instance.ready.set()
+                return instance
+            if body.get("error"):
+                instance.failure = str(body["error"])
+                raise InstanceFailed(f"instance {instance.id}: {instance.failure}")
             time.sleep(0.02)
         instance.failure = f"not ready after {timeout_s:.0f} s (log: {instance.log_path})"
         raise InstanceFailed(f"instance {instance.id}: {instance.failure}")
 
-    @staticmethod
-    def stop(instance: Instance, grace_s: float = 10.0) -> None:
-        if instance.process.poll() is None:
-            instance.process.send_signal(signal.SIGTERM)
-            try:
-                instance.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                instance.process.kill()
-                instance.process.wait()
+    def stop(self, instance: Instance, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop the instance's whole process group, then withdraw its Redis record and slot."""
+        instance.ready.clear()
+        stop_process_group(instance.process, grace_s)
+        if self.redis is None or self.keys is None:
+            return
+        try:
+            pipe = self.redis.pipeline()
+            pipe.delete(self.keys.instance(instance.id))
+            pipe.srem(self.keys.instances, instance.id)
+            pipe.zrem(self.keys.node_slots(instance.node), instance.id)
+            pipe.execute()
+        except redis.RedisError:  # the record expires by itself after three missed heartbeats
+            pass

