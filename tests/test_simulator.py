@@ -249,6 +249,17 @@ def test_wait_for_a_local_instance_of_the_same_model():
         assert dict(result.cold_starts) == {"ssd": 1}
 
 
+def test_a_second_waiting_request_queues_behind_the_first():
+    # t=2.1: two requests for toy-2b#0, whose one instance (n0) has just started decoding 20 tokens. The first waits
+    # for it (expected 20 / 10 = 2 s, sooner than a 4 s remote load on n1). The second would be served after the
+    # first: 2 s + a mean request (100 / 1000 + 20 / 10 = 2.1 s) = 4.1 s, so it loads on n1 (ready 1 + 4 = 6.1).
+    trace = requests((0.0, "toy-2b#0", 100, 20), (2.1, "toy-2b#0", 100, 20), (2.1, "toy-2b#0", 100, 20))
+    for name in ("ours", "ours-no-migration"):
+        result = simulate(tiny(), name, trace)
+        assert result.ttft_s.tolist() == pytest.approx([2.1, 4.1 + 0.1 - 2.1, 6.1 + 0.1 - 2.1]), name
+        assert dict(result.cold_starts) == {"ssd": 1, "remote": 1}
+
+
 def test_wait_for_a_local_slot_beats_migrating_and_a_remote_load():
     # toy-2b#0 is on n0's SSD only, toy-2b#1 on both; n1's link is 0.5 GB/s (8 s remote). At t=2.1, n0 serves #1:
     # waiting for it (expected 2 s) then loading #0 from SSD (2 s) is 4 s; migrating it first is 0.1 + 0.5 + 2 s

@@ -143,19 +143,27 @@ class Cluster:
                                                          node.bandwidth, max(0.0, node.loader_free_at - now))
         return self._infos[node.index]
 
-    def snapshot(self, now: float, migration: bool = True) -> scheduler.Snapshot:
+    def snapshot(self, now: float, migration: bool = True, claims: dict[str, int] | None = None
+                 ) -> scheduler.Snapshot:
         """Every node and every running instance a slot can be freed from: by waiting for its request's
         expected end (what a controller can know: the tokens so far and the dataset's length distribution,
-        not the true length) or, with `migration`, by moving it."""
-        instances = []
+        not the true length) or, with `migration`, by moving it. `claims`: instance -> waiting requests of its
+        model queued for it: each pushes its end back by a mean request, and it stays where they wait."""
+        claims = claims or {}
+        lengths, instances = self.lengths, []
         for instance in self.busy:
+            queued = claims.get(instance.id)
             if instance.migratable:
+                model = instance.model
                 tokens = instance.tokens(now)
                 remaining = (max(0.0, instance.decode_start_s - now) + scheduler.expected_remaining_tokens(
-                    tokens - instance.request.input_tokens, self.lengths.output_mean, self.lengths.output_cv,
-                    self.lengths.max_tokens) / instance.model.decode_tokens_per_s)
-                instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, instance.model.name, tokens,
-                                                        migration, remaining))
+                    tokens - instance.request.input_tokens, lengths.output_mean, lengths.output_cv,
+                    lengths.max_tokens) / model.decode_tokens_per_s)
+                if queued:
+                    remaining += queued * (lengths.input_mean / model.prefill_tokens_per_s
+                                           + lengths.output_mean / model.decode_tokens_per_s)
+                instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, model.name, tokens,
+                                                        migration and not queued, remaining))
         return scheduler.Snapshot(tuple(self.node_infos(now)), self.model_infos, tuple(instances))
 
     def _changed(self, node: Node) -> None:

@@ -63,6 +63,10 @@ class Simulation:
         self.waiting: dict[str, deque[Request]] = {name: deque() for name in self.cluster.models}
         self.starting: Counter = Counter()   # model -> instances loading for waiting requests
         self.blocked: dict[str, None] = {}   # models that found no room, oldest first
+        # model -> per waiting request that waits for room: the running instances it counts on (one instance
+        # ending serves or frees room for one request, so the next request decides without it)
+        self.claims: dict[str, list[tuple[str, ...]]] = {name: [] for name in self.cluster.models}
+        self.replan_at: dict[str, float] = {}  # model -> when its waits are decided again
         self.ttft = np.full(len(requests), np.nan)
         self.cold_starts: Counter = Counter()
         self.warm_starts = self.migrations = 0
@@ -95,19 +99,35 @@ class Simulation:
         self._scale(self.cluster.models[request.model])
 
     def _scale(self, model: ModelSpec) -> None:
-        """Start one instance per waiting request that no starting instance will take."""
-        while len(self.waiting[model.name]) > self.starting[model.name]:
-            placement = self.policy.place(self.cluster, model, self.now)
-            if placement is None or placement.wait_s is not None:
-                # no room, or waiting for a local slot is expected to beat every load elsewhere: the model waits
-                # for room (its own instance, or GPUs freed on a node), and decides again if none comes in time
-                self.blocked.setdefault(model.name)
-                if placement is not None:
-                    self._at(self.now + max(placement.wait_s, REPLAN_MIN_S), self._replan, model.name)
+        """Start one instance per waiting request that no starting instance, and no instance it waits for,
+        will take."""
+        name, claims = model.name, self.claims[model.name]
+        while len(self.waiting[name]) > self.starting[name] + len(claims):
+            placement = self.policy.place(self.cluster, model, self.now, self._claims())
+            if placement is None:
+                self.blocked.setdefault(name)
                 return
-            self.starting[model.name] += 1
+            if placement.wait_s is not None:
+                # waiting for a local slot is expected to beat every load elsewhere: the request waits for room
+                # and is decided again if none comes in time. A request that queues for an instance of its model
+                # is the only one that instance serves next: the next waiting request decides knowing it.
+                when = self.now + max(placement.wait_s, REPLAN_MIN_S)
+                if when < self.replan_at.get(name, float("inf")):
+                    self.replan_at[name] = when
+                    self._at(when, self._replan, name)
+                self.blocked.setdefault(name)
+                if len(placement.wait_for) > 1 or self.cluster.instances[placement.wait_for[0]].model is not model:
+                    return
+                claims.append(placement.wait_for)
+                continue
+            self.starting[name] += 1
             self._start(model, placement)
-        self.blocked.pop(model.name, None)
+        if len(self.waiting[name]) <= self.starting[name]:
+            self.blocked.pop(name, None)
+
+    def _claims(self) -> dict[str, int]:
+        """Instance -> waiting requests of its model queued for it."""
+        return Counter(ids[0] for waits in self.claims.values() for ids in waits)
 
     def _serve(self, instance: Instance, request: Request) -> None:
         self.cluster.set_state(instance, "busy", self.now)
@@ -124,10 +144,17 @@ class Simulation:
             return  # the request was handed over to a migration destination, which finishes it
         instance.request = None
         instance.migrating_to = None  # finished before any handover: the destination will just idle
+        self._release(instance)
         if instance.successor is not None:
             self._hand_gpus_to_successor(instance)
         else:
             self._idle(instance)
+
+    def _release(self, instance: Instance) -> None:
+        """The instance's request ended, as the waits counting on it expected: they are no longer waits."""
+        for claims in self.claims.values():
+            if claims:
+                claims[:] = [ids for ids in claims if instance.id not in ids]
 
     def _idle(self, instance: Instance) -> None:
         """A ready instance with nothing to do: take a waiting request, else wait for one until keep-alive."""
@@ -136,14 +163,21 @@ class Simulation:
             self._serve(instance, waiting.popleft())
             if len(waiting) <= self.starting[name]:
                 self.blocked.pop(name, None)  # what it waited for room for is served or on its way
+                self.claims[name].clear()
             return
         self.cluster.set_state(instance, "idle", self.now)
         self._at(self.now + self.scenario.keep_alive_s, self._expire, (instance, self.now))
         self._retry_blocked(instance.node)
 
     def _replan(self, name: str) -> None:
-        if name in self.blocked:
-            self._scale(self.cluster.models[name])
+        if self.replan_at.get(name) == self.now:
+            del self.replan_at[name]
+            self._decide_again(name)
+
+    def _decide_again(self, name: str) -> None:
+        """Drop the model's waits and decide its waiting requests afresh."""
+        self.claims[name].clear()
+        self._scale(self.cluster.models[name])
 
     def _expire(self, event: tuple[Instance, float]) -> None:
         instance, idle_since = event
@@ -156,9 +190,8 @@ class Simulation:
         for name in list(self.blocked):
             if node.reclaimable == 0:
                 return
-            model = self.cluster.models[name]
-            if model.gpus <= node.reclaimable:
-                self._scale(model)
+            if self.cluster.models[name].gpus <= node.reclaimable:
+                self._decide_again(name)
 
     # --- instance startup and migration ---
 

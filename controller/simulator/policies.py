@@ -26,6 +26,7 @@ class Placement:
     migrate: Instance | None = None  # a running instance to move off `node` first
     migrate_to: Node | None = None
     wait_s: float | None = None  # wait for room on `node` (expected in this many seconds) instead of starting now
+    wait_for: tuple[str, ...] = ()  # the running instances whose ends that wait counts on
 
 
 class Policy:
@@ -36,8 +37,10 @@ class Policy:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float) -> Placement | None:
-        """Where a new instance of `model` starts, or None if no node can take it now."""
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
+              ) -> Placement | None:
+        """Where a new instance of `model` starts, or None if no node can take it now. `claims`: running
+        instance -> waiting requests that count on it (only the policies that wait look at them)."""
         raise NotImplementedError
 
 
@@ -45,7 +48,8 @@ class RandomPolicy(Policy):
     """Availability only: any node with enough GPUs, uniformly at random."""
     name = "random"
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float) -> Placement | None:
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
+              ) -> Placement | None:
         able = [node for node in cluster.nodes if node.reclaimable >= model.gpus]
         return Placement(self.rng.choice(able)) if able else None
 
@@ -55,7 +59,8 @@ class LeastAllocated(Policy):
     GPUs unallocated (an idle instance still holds its GPUs); ties are broken at random, as kube-scheduler does."""
     name = "least-allocated"
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float) -> Placement | None:
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
+              ) -> Placement | None:
         best, best_score = [], -1.0
         for node in cluster.nodes:
             if node.reclaimable < model.gpus:
@@ -83,8 +88,9 @@ class Ours(Policy):
     prefetch = True
     migration = True
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float) -> Placement | None:
-        return carry_out(cluster, scheduler.plans(cluster.snapshot(now, self.migration), model.name))
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
+              ) -> Placement | None:
+        return carry_out(cluster, scheduler.plans(cluster.snapshot(now, self.migration, claims), model.name))
 
 
 class OursNoMigration(Ours):
@@ -101,7 +107,8 @@ class ServerlessLLMRelease(Policy):
     name = "sllm-release"
     prefetch = True
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float) -> Placement | None:
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
+              ) -> Placement | None:
         constant = dict.fromkeys(scheduler.TIERS, RELEASE_BANDWIDTH)
         local = tuple(dataclasses.replace(cluster.node_info(node, now), bandwidth=constant)
                       for node in cluster.holders[model.name])
@@ -120,7 +127,7 @@ def carry_out(cluster: Cluster, plans: scheduler.Plans) -> Placement | None:
     if decision.migrate is not None:
         return Placement(node, cluster.instances[decision.migrate], cluster.node_by_id[decision.migrate_to])
     if decision.wait_for:
-        return Placement(node, wait_s=decision.wait_s)
+        return Placement(node, wait_s=decision.wait_s, wait_for=decision.wait_for)
     return Placement(node)
 
 
