@@ -316,3 +316,15 @@ def test_dram_budget_over_the_cgroup_memory_limit_on_tmpfs_is_refused(tmp_path):
         check_dram_budget(config)  # no limit: accepted
     finally:
         dram.rmdir()
+
+
+def test_new_loader_settings_are_documented():
+    readme = (ROOT / "README.md").read_text()
+    deploy = (ROOT / "deploy" / "README.md").read_text()
+    for setting in ("--token", "--insecure-no-auth", "--stage-workers", "--transfer-timeout-s", "--cgroup-root",
+                    "SLLM_LOADER_TOKEN", "SLLM_LOADER_STAGE_WORKERS", "SLLM_LOADER_TRANSFER_TIMEOUT_S",
+                    "SLLM_LOADER_CGROUP_ROOT", "_leases.json", "64 MiB"):
+        assert setting in readme, f"README.md does not mention {setting}"
+    for setting in ("SLLM_LOADER_TOKEN", "sllm-loader-token", "SLLM_LOADER_STAGE_WORKERS",
+                    "SLLM_LOADER_TRANSFER_TIMEOUT_S", "SLLM_LOADER_CGROUP_ROOT"):
+        assert setting in deploy, f"deploy/README.md does not mention {setting}"
