@@ -17,17 +17,19 @@ from controller.simulator.config import ModelSpec, NodeSpec, Scenario, expand_no
 
 class CacheTier:
     """Checkpoints held in one tier of one node (DRAM or SSD), least recently used first, under a byte
-    budget; pinned ones (the deployment's home copies) are never evicted."""
+    budget; pinned ones (the deployment's home copies) are never evicted, held ones (a keep-alive window
+    keeps them warm here) only after every other."""
 
     def __init__(self, capacity: float) -> None:
         self.capacity, self.used = capacity, 0.0
         self.entries: OrderedDict[str, float] = OrderedDict()
         self.pinned: set[str] = set()
+        self.held_until: dict[str, float] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def add(self, name: str, size: float) -> list[str]:
+    def add(self, name: str, size: float, now: float = 0.0) -> list[str]:
         """Hold `name` as most recently used, evicting the least recently used; returns the evicted names.
         A checkpoint that cannot fit even after evicting every unpinned one is not added."""
         if name in self.entries:
@@ -37,7 +39,9 @@ class CacheTier:
         if self.used - evictable + size > self.capacity:
             return []
         evicted = []
-        for victim in [n for n in self.entries if n not in self.pinned]:
+        victims = [n for n in self.entries if n not in self.pinned]
+        victims.sort(key=lambda n: self.held_until.get(n, 0.0) > now)  # stable: LRU within each group
+        for victim in victims:
             if self.used + size <= self.capacity:
                 break
             self.used -= self.entries.pop(victim)
@@ -51,7 +55,7 @@ class Instance:
     """One function instance: GPUs on one node holding one model, serving at most one request at a time."""
 
     __slots__ = ("id", "model", "node", "state", "request", "decode_start_s", "finish_s", "idle_since_s",
-                 "successor", "reserved_gpus", "migration_source", "migrating_to")
+                 "successor", "reserved_gpus", "migration_source", "migrating_to", "keep_until")
 
     def __init__(self, instance_id: str, model: ModelSpec, node: Node) -> None:
         self.id, self.model, self.node = instance_id, model, node
@@ -62,6 +66,7 @@ class Instance:
         self.reserved_gpus = 0                         # GPUs a waiting instance already holds
         self.migration_source: Instance | None = None  # we are the destination of that instance's migration
         self.migrating_to: Instance | None = None
+        self.keep_until: float | None = None           # a pre-warmed instance: scaled down then if still unused
 
     @property
     def gpus(self) -> int:
@@ -174,9 +179,10 @@ class Cluster:
     def tier(self, node: Node, model: ModelSpec) -> str:
         return node.tier_of.get(model.name, "remote") if self.local_cache else "remote"
 
-    def load_seconds(self, node: Node, model: ModelSpec) -> tuple[float, str]:
-        """How long moving the checkpoint into GPU memory takes (queue excluded), and from which tier."""
-        tier = self.tier(node, model)
+    def load_seconds(self, node: Node, model: ModelSpec, tier: str | None = None) -> tuple[float, str]:
+        """How long moving the checkpoint into GPU memory takes (queue excluded), and from which tier (default:
+        the fastest holding it)."""
+        tier = tier or self.tier(node, model)
         truth = scheduler.NodeInfo(node.id, 0, {model.name: tier}, node.bandwidth)
         return scheduler.load_time(truth, self.model_infos[model.name], {})
 
@@ -191,14 +197,14 @@ class Cluster:
         self._queued.add(node.index)
         return node.loader_free_at
 
-    def store(self, node: Node, model: ModelSpec) -> None:
+    def store(self, node: Node, model: ModelSpec, now: float) -> None:
         """A load went through the node's SSD and DRAM tiers: both now hold the checkpoint (LRU)."""
         if not self.local_cache:
             return
-        for evicted in node.ssd.add(model.name, model.size_bytes):
+        for evicted in node.ssd.add(model.name, model.size_bytes, now):
             if node.tier_of.get(evicted) == "ssd":
                 self._forget(node, evicted)
-        for evicted in node.dram.add(model.name, model.size_bytes):
+        for evicted in node.dram.add(model.name, model.size_bytes, now):
             if evicted in node.ssd:
                 node.tier_of[evicted] = "ssd"
             else:

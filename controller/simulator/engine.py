@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from controller.keepalive import FixedKeepAlive, HybridHistogram
 from controller.simulator.cluster import Cluster, Instance, Node
 from controller.simulator.config import ModelSpec, Scenario
 from controller.simulator.policies import Placement, Policy, make_policy
@@ -51,8 +52,8 @@ class RunResult:
 
 
 class Simulation:
-    def __init__(self, scenario: Scenario, policy: str | Policy, requests: list[Request], rate: float | None = None
-                 ) -> None:
+    def __init__(self, scenario: Scenario, policy: str | Policy, requests: list[Request], rate: float | None = None,
+                 keepalive: FixedKeepAlive | HybridHistogram | None = None) -> None:
         self.scenario, self.requests = scenario, requests
         self.rate = scenario.workload.rate if rate is None else rate
         self.policy = make_policy(policy, scenario.seed) if isinstance(policy, str) else policy
@@ -70,6 +71,9 @@ class Simulation:
         self.ttft = np.full(len(requests), np.nan)
         self.cold_starts: Counter = Counter()
         self.warm_starts = self.migrations = 0
+        self.keepalive = keepalive or FixedKeepAlive(scenario.keep_alive_s)
+        self.in_flight: Counter = Counter()    # model -> requests arrived and not finished
+        self.idle_from: dict[str, float] = {}  # model -> when its last request finished (none in flight since)
 
     def run(self) -> RunResult:
         started = time.perf_counter()
@@ -90,6 +94,9 @@ class Simulation:
     # --- requests ---
 
     def _arrive(self, request: Request) -> None:
+        if not self.in_flight[request.model] and request.model in self.idle_from:
+            self.keepalive.observe(request.model, self.now - self.idle_from[request.model])
+        self.in_flight[request.model] += 1
         idle = self.cluster.idle_by_model[request.model]
         if idle:
             self.warm_starts += 1
@@ -145,6 +152,9 @@ class Simulation:
         instance.request = None
         instance.migrating_to = None  # finished before any handover: the destination will just idle
         self._release(instance)
+        self.in_flight[request.model] -= 1
+        if not self.in_flight[request.model]:
+            self.idle_from[request.model] = self.now
         if instance.successor is not None:
             self._hand_gpus_to_successor(instance)
         else:
@@ -166,8 +176,39 @@ class Simulation:
                 self.claims[name].clear()
             return
         self.cluster.set_state(instance, "idle", self.now)
-        self._at(self.now + self.scenario.keep_alive_s, self._expire, (instance, self.now))
+        self._keep(instance)
         self._retry_blocked(instance.node)
+
+    def _keep(self, instance: Instance) -> None:
+        """How long the idle instance stays: the keep-alive policy's window, or until its pre-warm window ends.
+        A model gone quiet whose next request is not expected before the pre-warm is released at once, its
+        checkpoint held in DRAM, and brought back in time for it."""
+        name, model = instance.model.name, instance.model
+        restart_s = self.scenario.container_start_s + self.cluster.load_seconds(instance.node, model, "dram")[0]
+        decision = self.keepalive.decide(name, restart_s)
+        if instance.keep_until is not None:
+            until, instance.keep_until = instance.keep_until, None
+        elif decision.prewarm_s > 0 and not self.in_flight[name]:
+            until = self.now + decision.prewarm_s + decision.keep_s
+            for idle in list(self.cluster.idle_by_model[name]):
+                idle.node.dram.held_until[name] = until
+                self.cluster.end(idle, self.now)
+            self._at(self.now + decision.prewarm_s - restart_s, self._prewarm, (name, self.now, until))
+            return
+        else:
+            until = self.now + decision.prewarm_s + decision.keep_s
+        self._at(until, self._expire, (instance, self.now))
+
+    def _prewarm(self, event: tuple[str, float, float]) -> None:
+        """Start an instance of a model still quiet since `idle_from`, idle until `until` unless a request comes."""
+        name, idle_from, until = event
+        if self.in_flight[name] or self.idle_from.get(name) != idle_from or self.starting[name]:
+            return
+        placement = self.policy.place(self.cluster, self.cluster.models[name], self.now)
+        if placement is None or placement.wait_s is not None or placement.migrate is not None:
+            return  # no room now: the next request starts one as usual
+        self.starting[name] += 1
+        self._start(self.cluster.models[name], placement).keep_until = until
 
     def _replan(self, name: str) -> None:
         if self.replan_at.get(name) == self.now:
@@ -195,13 +236,13 @@ class Simulation:
 
     # --- instance startup and migration ---
 
-    def _start(self, model: ModelSpec, placement: Placement) -> None:
+    def _start(self, model: ModelSpec, placement: Placement) -> Instance:
         instance = self.cluster.new_instance(model, placement.node)
         moved = placement.migrate
         if moved is None:
             self.cluster.take_gpus(placement.node, model.gpus, self.now)
             self._load(instance)
-            return
+            return instance
         # migrate, then load: the moved request's model starts on the destination; our GPUs come when it leaves
         instance.state = "waiting"
         instance.reserved_gpus = max(0, model.gpus - moved.gpus)
@@ -211,6 +252,7 @@ class Simulation:
         self.cluster.take_gpus(placement.migrate_to, moved.gpus, self.now)
         destination.migration_source, moved.migrating_to = moved, destination
         self._load(destination)
+        return instance
 
     def _load(self, instance: Instance) -> None:
         """The GPUs are the instance's from now: queue the load and start the container."""
@@ -223,7 +265,7 @@ class Simulation:
         self._at(max(loaded_at, self.now + container_s), self._ready, instance)
 
     def _ready(self, instance: Instance) -> None:
-        self.cluster.store(instance.node, instance.model)
+        self.cluster.store(instance.node, instance.model, self.now)
         source = instance.migration_source
         if source is None:
             self.starting[instance.model.name] -= 1
@@ -258,9 +300,10 @@ class Simulation:
             self._retry_blocked(successor.node)  # the moved instance freed more GPUs than the new one needs
 
 
-def simulate(scenario: Scenario, policy: str, requests: list[Request], rate: float | None = None) -> RunResult:
-    """Replay `requests` on a fresh cluster under `policy`."""
-    return Simulation(scenario, policy, requests, rate).run()
+def simulate(scenario: Scenario, policy: str, requests: list[Request], rate: float | None = None,
+             keepalive: FixedKeepAlive | HybridHistogram | None = None) -> RunResult:
+    """Replay `requests` on a fresh cluster under `policy` (keep-alive: the scenario's fixed window by default)."""
+    return Simulation(scenario, policy, requests, rate, keepalive).run()
 
 
 def run_policies(scenario: Scenario, rate: float | None = None) -> list[RunResult]:
