@@ -186,7 +186,7 @@ BAD_REQUESTS = {
     "max_tokens too big": ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400),
     "max_tokens not int": ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400),
     "temperature": ("/v1/completions", {"prompt": "x", "temperature": 7}, 400),
-    "n": ("/v1/completions", {"prompt": "x", "n": 3}, 400),
+    "n": ("/v1/completions", {"prompt": "x", "n": 0}, 400),
     "stop list": ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400),
     "prompt type": ("/v1/completions", {"prompt": {"a": 1}}, 400),
     "long prompt": ("/v1/completions", {"prompt": "word " * 2000}, 400),

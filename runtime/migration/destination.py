@@ -150,17 +150,18 @@ class Destination:
                 except queue.Empty:
                     kind, value = "tick", ""
                 tokens = generation.output_ids[sent:]
+                logprobs = None if generation.logprobs is None else generation.logprobs[sent:sent + len(tokens)]
                 sent += len(tokens)
                 if kind == "done":
-                    yield ndjson({"event": "done", "finish_reason": value, "tokens": tokens})
+                    yield ndjson({"event": "done", "finish_reason": value, "tokens": tokens, "logprobs": logprobs})
                     self.migrations.end(status, "completed", "handed_over")
                     return
                 if kind == "error":
-                    yield ndjson({"event": "error", "message": value, "tokens": tokens})
+                    yield ndjson({"event": "error", "message": value, "tokens": tokens, "logprobs": logprobs})
                     self.migrations.end(status, "failed", "generation_failed", value)
                     return
                 if kind == "delta" or tokens or time.monotonic() - last_write >= KEEPALIVE_S:
-                    yield ndjson({"event": "delta", "text": value, "tokens": tokens})
+                    yield ndjson({"event": "delta", "text": value, "tokens": tokens, "logprobs": logprobs})
                     last_write = time.monotonic()
                     if relayed:
                         faults.inject("destination.relay")

@@ -86,8 +86,13 @@ def json_object(raw: object) -> dict:
 
 
 def params_to_json(params: SamplingParams) -> dict[str, Any]:
+    """Every field the destination's sampling depends on; the penalties' token counts travel as the tokens."""
     return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-            "seed": params.seed, "stop": list(params.stop), "ignore_eos": params.ignore_eos}
+            "seed": params.seed, "stop": list(params.stop), "ignore_eos": params.ignore_eos, "top_k": params.top_k,
+            "min_p": params.min_p, "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty, "repetition_penalty": params.repetition_penalty,
+            "min_tokens": params.min_tokens, "logit_bias": {str(k): v for k, v in params.logit_bias.items()},
+            "logprobs": params.logprobs}
 
 
 def params_from_json(raw: object) -> SamplingParams:
@@ -103,9 +108,25 @@ def params_from_json(raw: object) -> SamplingParams:
         raise ProtocolError(400, "'params.max_tokens' must be >= 1 and 'params.seed' in [0, 2**63)", "params")
     if not all(isinstance(s, str) and s for s in stop):
         raise ProtocolError(400, "'params.stop' must be a list of non-empty strings", "params.stop")
+    bias = require(raw, "logit_bias", dict, {})
+    if not all(k.isascii() and k.isdigit() and int(k) < MAX_TOKEN_ID and isinstance(v, int | float)
+               and not isinstance(v, bool) and -100 <= v <= 100 for k, v in bias.items()):
+        raise ProtocolError(400, "'params.logit_bias' must map token ids to numbers in [-100, 100]",
+                            "params.logit_bias")
+    top_k, min_tokens = require(raw, "top_k", int, 0), require(raw, "min_tokens", int, 0)
+    logprobs = require(raw, "logprobs", int, None)
+    if top_k < 0 or min_tokens < 0 or logprobs is not None and not 0 <= logprobs <= 20:
+        raise ProtocolError(400, "'params.top_k' and 'params.min_tokens' must be >= 0, 'params.logprobs' in [0, 20]",
+                            "params")
     return SamplingParams(max_tokens=max_tokens, temperature=number(raw, "temperature", 1.0, 0.0, 2.0),
                           top_p=number(raw, "top_p", 1.0, 1e-9, 1.0), seed=seed, stop=stop,
-                          ignore_eos=require(raw, "ignore_eos", bool, False))
+                          ignore_eos=require(raw, "ignore_eos", bool, False), top_k=top_k,
+                          min_p=number(raw, "min_p", 0.0, 0.0, 1.0),
+                          presence_penalty=number(raw, "presence_penalty", 0.0, -2.0, 2.0),
+                          frequency_penalty=number(raw, "frequency_penalty", 0.0, -2.0, 2.0),
+                          repetition_penalty=number(raw, "repetition_penalty", 1.0, 1e-9, 1e9),
+                          min_tokens=min_tokens, logit_bias={int(k): float(v) for k, v in bias.items()},
+                          logprobs=logprobs)
 
 
 @dataclass(frozen=True)

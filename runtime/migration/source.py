@@ -191,7 +191,9 @@ class SourceMigration(MigrationStatus):
                 kind, tokens = event.get("event"), event.get("tokens") or []
                 if self.pause_s is None and (tokens or kind == "done"):  # the first token from the destination
                     self.pause_s = time.monotonic() - self.paused_at
-                generation.output_ids.extend(tokens)
+                logprobs = event.get("logprobs")
+                generation.add_tokens(tokens, logprobs if isinstance(logprobs, list) and
+                                      len(logprobs) == len(tokens) else None)
                 if kind == "delta" and event.get("text"):
                     generation.text += event["text"]
                     generation.events.put(("delta", event["text"]))

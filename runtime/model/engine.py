@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from runtime.model.llama import LlamaDecoder
-from runtime.model.sampling import SamplingParams, next_token
+from runtime.model.sampling import SamplingParams, next_token, process_logits, top_logprobs
 from runtime.model.tokenizer import Tokenizer
 
 _ids = itertools.count(1)
@@ -57,7 +57,9 @@ class Generation:
     error: str | None = None
     events: queue.Queue = field(default_factory=queue.Queue)  # ("delta", str) | ("done", reason) | ("error", msg)
     submitted_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None  # admitted into a cache slot (queue time = scheduled_at - submitted_at)
     first_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)  # when each output token sampled here was accepted
     finished_at: float | None = None
     slot: int | None = None
     cancelled: bool = False
@@ -68,9 +70,23 @@ class Generation:
     cached: int = 0  # context positions already in its KV cache slot
     held_logits: torch.Tensor | None = None  # staged: the logits after its last token, sampled on resume
     counted: bool = True  # reported to on_finish; a staged generation is another instance's request
+    # with params.logprobs: one (logprob, [(token, logprob)...]) per output token; None for a token staged
+    # here by a migration (its logprobs are on the source); with echo_logprobs the prompt's, None first
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = [None] * len(self.output_ids)
 
     def context(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def add_tokens(self, tokens: list[int], logprobs: list | None = None) -> None:
+        """Append tokens generated elsewhere (a migration's other side), keeping `logprobs` aligned."""
+        if self.logprobs is not None:
+            self.logprobs.extend(logprobs if logprobs is not None else [None] * len(tokens))
+        self.output_ids.extend(tokens)
 
     def end(self, reason: str, error: str | None = None) -> None:
         """Mark it finished and tell its reader; `reason` is the OpenAI finish_reason."""
@@ -139,11 +155,12 @@ class Engine:
             raise RequestTooLong(f"prompt ({prompt_tokens} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                                  f"context of {self.max_seq} tokens")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, events: Any = None) -> Generation:
+        """Queue a generation; `events` (anything with put/get) lets one reader follow several (n > 1)."""
         if not prompt_ids:
             raise RequestTooLong("the prompt is empty")
         self._check_fits(len(prompt_ids), params)
-        generation = Generation(list(prompt_ids), params)
+        generation = Generation(list(prompt_ids), params, **({"events": events} if events is not None else {}))
         with self._wake:
             if self._stopping:
                 raise EngineStopped("the engine has stopped")
@@ -247,7 +264,7 @@ class Engine:
                 raise ValueError(f"the request is {generation.state}, not staged")
             if len(generation.output_ids) + len(tokens) >= generation.params.max_tokens:
                 raise RequestTooLong("the tokens sent reach max_tokens: the request is complete")
-            generation.output_ids.extend(tokens)
+            generation.add_tokens(tokens)
             self._prefill(generation)
         self._call(command)
 
@@ -258,12 +275,17 @@ class Engine:
             if generation.state != "staged":
                 raise ValueError(f"the request is {generation.state}, not staged")
             if tokens:
-                generation.output_ids.extend(tokens)
+                generation.add_tokens(tokens)
                 self._prefill(generation)
             generation.text, generation.state = text, "running"
             logits, generation.held_logits = generation.held_logits, None
             self._accept(generation, logits)
         self._call(command)
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's logits width: every token id a prompt or logit_bias may name."""
+        return self.model.config.vocab_size
 
     @property
     def running(self) -> int:
@@ -308,6 +330,7 @@ class Engine:
                 while self._waiting and free:
                     generation = self._waiting.popleft()
                     generation.slot, generation.state = free.pop(0), "running"
+                    generation.scheduled_at = time.monotonic()
                     self._running[generation.slot] = generation
                     admitted.append(generation)
             try:
@@ -339,10 +362,19 @@ class Engine:
         fresh = generation.context()[generation.cached:]
         tokens = torch.tensor([fresh])
         positions = torch.arange(generation.cached, generation.cached + len(fresh))[None]
-        logits = self.model(tokens, positions, self.cache, torch.tensor([generation.slot]))
+        echo = generation.params.echo_logprobs and generation.prompt_logprobs is None and generation.cached == 0 \
+            and generation.state != "staged"  # a migration's destination: the source has them
+        logits = self.model(tokens, positions, self.cache, torch.tensor([generation.slot]), last_only=not echo)
         generation.cached += len(fresh)
+        if echo:  # position i predicts prompt token i + 1; the first token has no logprob
+            generation.prompt_logprobs = [None] + top_logprobs(logits[0, :len(generation.prompt_ids) - 1],
+                                                               tokens[0, 1:len(generation.prompt_ids)],
+                                                               generation.params.logprobs or 0)
         if generation.state == "staged":
             generation.held_logits = logits[0, -1]
+        elif generation.params.max_tokens == 0:  # echo only: the prompt's logprobs are the answer
+            generation.first_token_at = time.monotonic()
+            self._finish(generation, "length")
         else:
             self._accept(generation, logits[0, -1])
 
@@ -361,12 +393,18 @@ class Engine:
             self._isolated(generation, self._accept, generation, logits[row, -1])
 
     def _accept(self, generation: Generation, logits: torch.Tensor) -> None:
-        token = next_token(logits, generation.params, len(generation.output_ids))
+        params = generation.params
+        eos = () if params.ignore_eos else sorted(self.tokenizer.eos_token_ids)
+        processed = process_logits(logits, params, generation.prompt_ids, generation.output_ids, eos)
+        token = next_token(processed, params, len(generation.output_ids))
         now = time.monotonic()
         generation.first_token_at = generation.first_token_at or now
-        if token in self.tokenizer.eos_token_ids and not generation.params.ignore_eos:
+        if token in eos:
             return self._finish(generation, "stop")
+        if generation.logprobs is not None:
+            generation.logprobs.extend(top_logprobs(logits[None], torch.tensor([token]), params.logprobs))
         generation.output_ids.append(token)
+        generation.token_times.append(now)
         if self._emit_text(generation):
             return self._finish(generation, "stop")
         if len(generation.output_ids) >= generation.params.max_tokens or \

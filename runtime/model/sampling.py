@@ -1,12 +1,17 @@
-"""Choosing the next token: greedy, or temperature + top-p with a per-position seeded generator.
+"""Choosing the next token: logits processors (logit bias, min_tokens, penalties), then greedy, or
+temperature + top-k + top-p + min-p with a per-position seeded generator.
 
-The random draw for the i-th generated token depends only on (seed, i), never on what ran before
-in the process, so a request resumed elsewhere (live migration) draws exactly the same tokens.
+The order is vLLM's (v1 sampler): bias and min_tokens, then repetition/frequency/presence penalties, then
+greedy, or temperature, min-p, top-k, top-p and the draw. Everything a step depends on is (logits, params,
+the request's prompt and output tokens, step): the random draw for the i-th generated token depends only on
+(seed, i), and the penalty counts only on the tokens, so a request resumed elsewhere (live migration, which
+carries the tokens and these params) draws exactly the same tokens.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,10 +27,23 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    top_k: int = 0  # 0: off (vLLM also takes -1)
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the k most likely
+    echo_logprobs: bool = False  # also the prompt's tokens' logprobs (completions' echo)
 
     def __post_init__(self) -> None:
         if self.seed is None:  # fix a seed now so the request is reproducible and migratable
             self.seed = random.getrandbits(63)
+
+    @property
+    def penalised(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 # Below this temperature sampling is greedy: dividing logits by a tinier one overflows float32 to inf
@@ -33,8 +51,33 @@ class SamplingParams:
 MIN_TEMPERATURE = 1e-5
 
 
+def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Sequence[int],
+                   output_ids: Sequence[int], eos_ids: Sequence[int] = ()) -> torch.Tensor:
+    """The logits after logit_bias, min_tokens (EOS masked until then) and the penalties, as vLLM applies them:
+    repetition over prompt and output tokens, frequency and presence over output tokens."""
+    logits = logits.float().clone()
+    vocab = logits.shape[-1]
+    for token, bias in params.logit_bias.items():
+        if 0 <= token < vocab:
+            logits[token] += bias
+    if len(output_ids) < params.min_tokens and eos_ids:
+        logits[[t for t in eos_ids if 0 <= t < vocab]] = -torch.inf
+    if params.penalised:
+        output = torch.tensor(list(output_ids), dtype=torch.long)
+        output = output[(output >= 0) & (output < vocab)]
+        counts = torch.bincount(output, minlength=vocab)[:vocab].float()
+        if params.repetition_penalty != 1:
+            seen = counts > 0
+            prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
+            seen[prompt[(prompt >= 0) & (prompt < vocab)]] = True
+            penalty = params.repetition_penalty
+            logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).float()
+    return logits
+
+
 def next_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
-    """`logits`: (vocab,) of the last position; `step`: index of the token being generated.
+    """`logits`: (vocab,) of the last position, after process_logits; `step`: index of the token being generated.
 
     Total for every value the API accepts and any logits (huge, -inf, +inf, NaN): it returns a valid
     token id rather than raise, because a raise here would be one request's failure on the engine thread.
@@ -43,7 +86,13 @@ def next_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
     top = logits.max()
     if not params.temperature >= MIN_TEMPERATURE or not torch.isfinite(top):
         return int(torch.argmax(logits))  # greedy; also where +inf or NaN leaves no distribution to draw from
-    probs = torch.softmax((logits - top) / params.temperature, dim=-1)  # the top token has weight 1: sum >= 1
+    probs = torch.softmax((logits - top) / params.temperature, dim=-1)
+    if params.min_p > 0 or 0 < params.top_k < probs.shape[-1]:
+        floor = probs.max() * params.min_p
+        if 0 < params.top_k < probs.shape[-1]:
+            floor = torch.maximum(floor, torch.topk(probs, params.top_k).values[-1])
+        probs = torch.where(probs >= floor, probs, 0.0)
+        probs = probs / probs.sum()  # the top token is always kept: the sum is > 0
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
@@ -51,3 +100,19 @@ def next_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     generator = torch.Generator().manual_seed((params.seed * _MIX + step) % (1 << 63))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of `logits` (rows, vocab): the log-probability of `tokens[row]` and the k most likely tokens.
+
+    These are the model's raw log-probabilities (before penalties and temperature), as vLLM reports by
+    default: what an evaluation harness scores."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    if k > 0:
+        values, ids = torch.topk(logprobs, k, dim=-1)
+        tops = [list(zip(row_ids, row_values, strict=True)) for row_ids, row_values in
+                zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in chosen]
+    return list(zip(chosen, tops, strict=True))

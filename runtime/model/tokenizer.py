@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -54,26 +55,98 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(self._template_source)
 
+    def template_uses(self, name: str) -> bool:
+        """Whether the chat template reads the variable `name` (e.g. `tools`): a request's tools are refused
+        rather than silently dropped by a template that never renders them."""
+        if not self._template_source:
+            return False
+        from jinja2 import meta
+
+        return name in meta.find_undeclared_variables(_environment().parse(self._template_source))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render like transformers does: sandboxed jinja2, trim_blocks and lstrip_blocks."""
+    def token_text(self, token: int) -> str:
+        """One token's text as logprobs report it (special tokens included)."""
+        return self._tokenizer.decode([token], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, documents: list[dict] | None = None,
+                            **kwargs: Any) -> str:
+        """Render as transformers' apply_chat_template does (utils/chat_template_utils.py): its sandboxed
+        environment, None-valued message keys dropped, the special tokens and extra kwargs as variables."""
         if not self._template_source:
             raise TemplateError("this model has no chat template; use /v1/completions")
         if self._template is None:
-            from jinja2.ext import loopcontrols
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            self._template = _environment().from_string(self._template_source)
+        messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
+        variables = {**{k: v for k, v in self.special_tokens.items() if v is not None}, **kwargs}
+        try:
+            return self._template.render(messages=messages, tools=tools, documents=documents,
+                                         add_generation_prompt=add_generation_prompt, **variables)
+        except TemplateError:
+            raise
+        except Exception as exc:  # a template failing on what it was given (e.g. a missing key) is a bad request
+            raise TemplateError(f"{type(exc).__name__}: {exc}") from None
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-            env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-            env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-            self._template = env.from_string(self._template_source)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **{k: v for k, v in self.special_tokens.items() if v is not None})
+    def encode_chat(self, messages: list[dict[str, Any]], **template: Any) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, **template), add_special_tokens=False)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+@functools.cache
+def _environment():
+    """transformers' chat-template environment (_compile_jinja_template), rebuilt without importing transformers:
+    the immutable sandbox, trim/lstrip blocks, loopcontrols, a no-op {% generation %} block, its tojson,
+    raise_exception, strftime_now, dict and a namespace that refuses underscore names."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks: here it renders as is."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt),
+                       dict=TemplateDict(), namespace=Namespace)
+    return env

@@ -9,13 +9,17 @@ The app answers /_/health at once; the model loads in a background thread (the c
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import hmac
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -25,7 +29,7 @@ from runtime.http_server import Admission
 from runtime.jsonbody import JsonError, loads_object, request_object
 from runtime.migration.routes import register_migration_routes
 from runtime.server import openai_api as api
-from runtime.server.metrics import COLD_START_BUCKETS, LATENCY_BUCKETS, Registry
+from runtime.server.metrics import CONTENT_TYPE, Metrics, RuntimeMetrics
 from runtime.server.settings import Settings
 from runtime.server.startup import LoadedModel, process_start_time, start_model
 
@@ -59,25 +63,10 @@ class Runtime:
         self.settings = settings
         self.loaded: LoadedModel | None = None
         self.failure: str | None = None
-        self.metrics = Registry()
-        self._declare_metrics()
+        self.metrics = Metrics()
+        self.engine_metrics = RuntimeMetrics(self.metrics, settings.max_seq, lambda: self.loaded)
         self.registration = None  # InstanceRegistration when SLLM_REDIS_URL is set
         self.rates = {"decode_tokens_per_s": 0.0, "prefill_tokens_per_s": 0.0}  # moving averages
-
-    def _declare_metrics(self) -> None:
-        m = self.metrics
-        m.histogram("sllm_time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
-        m.histogram("sllm_e2e_request_latency_seconds", "End-to-end request latency.", LATENCY_BUCKETS)
-        m.histogram("sllm_cold_start_seconds", "Process start to ready, by the tier the weights came from.",
-                    COLD_START_BUCKETS)
-        m.gauge("sllm_cold_start_phase_seconds", "Seconds spent in each cold-start step of this instance.")
-        m.counter("sllm_prompt_tokens_total", "Prompt tokens processed.")
-        m.counter("sllm_generation_tokens_total", "Tokens generated.")
-        m.counter("sllm_requests_total", "Finished requests by finish reason.")
-        m.gauge("sllm_num_requests_running", "Requests generating now.",
-                lambda: self.loaded.engine.running if self.loaded else 0)
-        m.gauge("sllm_num_requests_waiting", "Requests queued for a generation slot.",
-                lambda: self.loaded.engine.waiting if self.loaded else 0)
 
     def release(self) -> None:
         """At exit: give the node loader our lease and the node our slot back now rather than at expiry."""
@@ -111,24 +100,18 @@ class Runtime:
                 self.failure = f"{type(exc).__name__}: {exc}"
                 log.exception("cold start failed")
                 return
-            report = self.loaded.cold_start
-            self.metrics.observe("sllm_cold_start_seconds", report.process_start_to_ready_s, tier=report.tier)
-            for phase in ("imports", "staging_wait", "load", "build", "first_forward"):
-                self.metrics.set("sllm_cold_start_phase_seconds", getattr(report, f"{phase}_s"), phase=phase)
+            self.engine_metrics.cold_start(self.loaded.name, self.loaded.cold_start)
 
         threading.Thread(target=run, name="sllm-cold-start", daemon=True).start()
 
     def _record(self, generation) -> None:
         if generation.first_token_at:
             ttft = generation.first_token_at - generation.submitted_at
-            self.metrics.observe("sllm_time_to_first_token_seconds", ttft)
             self._update_rate("prefill_tokens_per_s", len(generation.prompt_ids), ttft)
             self._update_rate("decode_tokens_per_s", len(generation.output_ids) - 1,
                               generation.finished_at - generation.first_token_at)
-        self.metrics.observe("sllm_e2e_request_latency_seconds", generation.finished_at - generation.submitted_at)
-        self.metrics.inc("sllm_prompt_tokens_total", len(generation.prompt_ids))
-        self.metrics.inc("sllm_generation_tokens_total", len(generation.output_ids))
-        self.metrics.inc("sllm_requests_total", finish_reason=generation.finish_reason)
+        if self.loaded is not None:  # not the warm-up forward of the cold start
+            self.engine_metrics.finished(self.loaded.name, generation)
 
     def _update_rate(self, name: str, tokens: int, seconds: float) -> None:
         if tokens > 0 and seconds > 0:
@@ -142,70 +125,171 @@ class Runtime:
                                kind="server_error", code="not_ready")
         return self.loaded
 
-    def _submit(self, prompt_ids: list[int], body: dict, default_max_tokens: int):
-        loaded = self._require_ready()
-        if len(prompt_ids) > self.settings.max_prompt_tokens:
-            raise api.ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the limit is "
-                               f"{self.settings.max_prompt_tokens}", "prompt", "context_length_exceeded")
-        room = loaded.engine.max_seq - len(prompt_ids)
-        if room < 1:
-            raise api.ApiError(400, f"the prompt has {len(prompt_ids)} tokens and leaves no room in the context of "
-                               f"{loaded.engine.max_seq}", "prompt", "context_length_exceeded")
-        parsed = api.parse_sampling(body, self.settings.max_tokens, min(default_max_tokens, room))
-        if len(prompt_ids) + parsed.params.max_tokens > loaded.engine.max_seq:
-            raise api.ApiError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({parsed.params.max_tokens}) "
-                               f"exceeds the context of {loaded.engine.max_seq}", "max_tokens",
-                               "context_length_exceeded")
-        return loaded.engine.submit(prompt_ids, parsed.params), parsed
-
     def check_model(self, body: dict) -> None:
         name = self._require_ready().name
         if body.get("model") not in (None, name):
             raise api.ApiError(404, f"the model {body.get('model')!r} does not exist; this instance serves {name!r}",
                                "model", "model_not_found")
 
+    def prompt_limit(self) -> int:
+        """SLLM_MAX_PROMPT_TOKENS, but never more than the model's context can hold."""
+        return min(self.settings.max_prompt_tokens, self._require_ready().engine.max_seq)
+
+    def _check_prompt(self, prompt_ids: list[int], param: str = "prompt") -> int:
+        """The room left for output after this prompt."""
+        if not prompt_ids:
+            raise api.ApiError(400, f"'{param}' is empty: there is nothing to complete", param)
+        limit = self.prompt_limit()
+        if len(prompt_ids) > limit:
+            raise api.ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the limit is {limit}", param,
+                               "context_length_exceeded")
+        room = self.loaded.engine.max_seq - len(prompt_ids)
+        if room < 1:
+            raise api.ApiError(400, f"the prompt has {len(prompt_ids)} tokens and leaves no room in the context of "
+                               f"{self.loaded.engine.max_seq}", param, "context_length_exceeded")
+        return room
+
     def chat(self, body: dict) -> dict | Response:
         loaded = self._require_ready()
+        api.check_fields(body, api.CHAT_FIELDS)
         messages = api.parse_messages(body)
+        template = api.parse_template_options(body, loaded.tokenizer.template_uses)
         from runtime.model.tokenizer import TemplateError
 
         try:
-            prompt_ids = loaded.tokenizer.encode_chat(messages)
+            prompt_ids = loaded.tokenizer.encode_chat(messages, **template)
         except TemplateError as exc:
             raise api.ApiError(400, f"chat template: {exc}", "messages") from None
-        return self._respond(prompt_ids, body, chat=True, default_max_tokens=self.settings.max_tokens)
+        return self._respond([prompt_ids], [None], body, chat=True, default_max_tokens=self.settings.max_tokens)
 
     def complete(self, body: dict) -> dict | Response:
         loaded = self._require_ready()
-        prompt_ids = loaded.tokenizer.encode(api.parse_prompt(body))
-        if not prompt_ids:
-            raise api.ApiError(400, "'prompt' is empty: there is nothing to complete", "prompt")
-        return self._respond(prompt_ids, body, chat=False, default_max_tokens=16)
+        api.check_fields(body, api.COMPLETION_FIELDS)
+        echo = api.check_completion_options(body)
+        tokenizer = loaded.tokenizer
+        prompts = api.parse_prompts(body, loaded.engine.vocab_size)
+        ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+        echoes = [(p if isinstance(p, str) else tokenizer.decode(p)) if echo else None for p in prompts]
+        return self._respond(ids, echoes, body, chat=False, default_max_tokens=16)
 
-    def _respond(self, prompt_ids: list[int], body: dict, chat: bool, default_max_tokens: int) -> dict | Response:
-        generation, parsed = self._submit(prompt_ids, body, default_max_tokens)
-        shape = api.ResponseShape(self.loaded.name, chat)
-        generation.request_id = shape.id  # how /_/requests and migrations name it
+    def _respond(self, prompts: list[list[int]], echoes: list[str | None], body: dict, chat: bool,
+                 default_max_tokens: int) -> dict | Response:
+        """Run n choices per prompt (index = prompt * n + j, seeds seed + j) and answer them as one response;
+        `echoes` is each prompt's text to put before its completion (completions' echo), or None."""
+        loaded = self._require_ready()
+        room = min(self._check_prompt(p, "messages" if chat else "prompt") for p in prompts)
+        parsed = api.parse_sampling(body, self.settings.max_tokens, min(default_max_tokens, room),
+                                    loaded.engine.vocab_size, chat, echo=echoes[0] is not None)
+        longest = max(len(p) for p in prompts)
+        if longest + parsed.params.max_tokens > loaded.engine.max_seq:
+            key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+            raise api.ApiError(400, f"prompt ({longest} tokens) + {key} ({parsed.params.max_tokens}) exceeds the "
+                               f"context of {loaded.engine.max_seq}", key, "context_length_exceeded")
+        shape = api.ResponseShape(loaded.name, chat)
+        events: queue.Queue = queue.Queue()
+        generations = []
+        try:
+            for prompt in prompts:
+                for j in range(parsed.n):
+                    params = dataclasses.replace(parsed.params, seed=(parsed.params.seed + j) % 2**63)
+                    generation = loaded.engine.submit(prompt, params, api.ChoiceEvents(events, len(generations)))
+                    many = len(prompts) * parsed.n > 1
+                    generation.request_id = f"{shape.id}-{len(generations)}" if many else shape.id
+                    generations.append(generation)
+        except Exception:
+            self._cancel(generations)
+            raise
+        choices = Choices(shape, generations, [echoes[i // parsed.n] for i in range(len(generations))],
+                          api.Logprobs(loaded.tokenizer.token_text, chat))
         if not parsed.stream:
             try:
-                text = generation.wait()
+                for _ in api.follow(events, len(generations)):
+                    pass
             except RuntimeError as exc:
+                self._cancel(generations)
                 raise api.ApiError(500, str(exc), kind="server_error") from None
-            return shape.complete(text, generation.finish_reason, len(prompt_ids), len(generation.output_ids))
-        frames = api.sse_stream(shape, generation.stream(), lambda: generation.finish_reason, parsed.include_usage,
-                                lambda: (len(prompt_ids), len(generation.output_ids)))
+            return shape.complete([choices.whole(i) for i in range(len(generations))],
+                                  sum(len(p) for p in prompts), choices.completion_tokens())
 
-        def guarded():
+        def frames():
             try:
-                yield from frames
-            finally:  # the client went away: free the slot, or stop relaying a migrated request
-                if generation.finish_reason is None:
-                    generation.cancelled = True
-                    if self.loaded is not None:
-                        self.loaded.engine.cancel(generation)
+                yield from choices.stream(events, parsed.include_usage, sum(len(p) for p in prompts))
+            finally:  # the client went away: free the slots, or stop relaying migrated requests
+                self._cancel(generations)
 
-        return Response(guarded(), mimetype="text/event-stream",
+        return Response(frames(), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _cancel(self, generations: list) -> None:
+        for generation in generations:
+            if generation.finish_reason is None:
+                generation.cancelled = True
+                if self.loaded is not None:
+                    self.loaded.engine.cancel(generation)
+
+
+class Choices:
+    """One response's choices: their text (after the echoed prompt), finish reasons and logprobs, whole or as SSE
+    frames; logprobs ride with the text chunk that carries their tokens' text, the rest with the finish chunk."""
+
+    def __init__(self, shape: api.ResponseShape, generations: list, echoes: list[str | None],
+                 logprobs: api.Logprobs) -> None:
+        self.shape, self.generations, self.echoes, self.logprobs = shape, generations, echoes, logprobs
+        self.sent = [0] * len(generations)  # output tokens whose logprobs were streamed
+        self.offsets = [0] * len(generations)  # completions' text_offset of the next token
+
+    def completion_tokens(self) -> int:
+        return sum(len(g.output_ids) for g in self.generations)
+
+    def _prompt_logprobs(self, index: int) -> dict | None:
+        generation = self.generations[index]
+        if self.echoes[index] is None or generation.prompt_logprobs is None:
+            return None
+        formatted = self.logprobs.format(generation.prompt_ids, generation.prompt_logprobs)
+        self.offsets[index] = len(self.echoes[index])
+        return formatted
+
+    def _new_logprobs(self, index: int) -> dict | None:
+        generation = self.generations[index]
+        if generation.logprobs is None:
+            return None
+        start, end = self.sent[index], len(generation.output_ids)
+        self.sent[index] = end
+        formatted = self.logprobs.format(generation.output_ids[start:end], generation.logprobs[start:end],
+                                         self.offsets[index])
+        if not self.shape.chat:
+            self.offsets[index] += sum(len(t) for t in formatted["tokens"])
+        return formatted
+
+    def whole(self, index: int) -> tuple[str, str, dict | None]:
+        generation = self.generations[index]
+        prompt = self._prompt_logprobs(index)
+        logprobs = self._new_logprobs(index)
+        if prompt is not None:
+            logprobs = {key: prompt[key] + logprobs[key] for key in prompt}
+        return (self.echoes[index] or "") + generation.text, generation.finish_reason, logprobs
+
+    def stream(self, events: queue.Queue, include_usage: bool, prompt_tokens: int) -> Iterator[str]:
+        """SSE frames: per choice (the role chunk, or the echoed prompt), text chunks, its finish chunk; then
+        (usage) and [DONE]; a failed generation ends the stream with an error frame."""
+        shape, started = self.shape, [False] * len(self.generations)
+        try:
+            if shape.chat:
+                for index in range(len(self.generations)):
+                    yield api.sse(shape.chunk(index, None, first=True))
+            for index, kind, value in api.follow(events, len(self.generations)):
+                if self.echoes[index] is not None and not started[index]:  # after its prefill: its logprobs are in
+                    started[index] = True
+                    yield api.sse(shape.chunk(index, self.echoes[index], logprobs=self._prompt_logprobs(index)))
+                if kind == "delta":
+                    yield api.sse(shape.chunk(index, value, logprobs=self._new_logprobs(index)))
+                else:
+                    yield api.sse(shape.chunk(index, None, value, logprobs=self._new_logprobs(index)))
+            if include_usage:
+                yield api.sse(shape.usage_chunk(prompt_tokens, self.completion_tokens()))
+        except RuntimeError as exc:
+            yield api.sse_error(exc)
+        yield api.sse("[DONE]")
 
 
 def default_handler(event: FunctionEvent, context: FunctionContext) -> Any:
@@ -232,7 +316,7 @@ def _handler_response(result: Any) -> Response:
 
 INVOKE_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 RESERVED_PREFIXES = ("_/", "v1/")  # the runtime's own routes; the handler never sees these paths
-RESERVED_PATHS = ("_", "v1", "metrics")
+RESERVED_PATHS = ("_", "v1", "metrics", "health", "version", "tokenize", "detokenize")  # vLLM's paths too
 OVERLOADED = json.dumps(api.ApiError(503, "every generation thread is busy; retry shortly", kind="server_error",
                                      code="overloaded").body()).encode()
 
@@ -241,7 +325,7 @@ def _generation(environ: dict) -> bool:
     """Requests that may hold a thread for a whole generation: all but /_/... and /metrics, whose threads
     (SLLM_HTTP_RESERVED_THREADS) are kept so that health checks and scrapes answer under any load."""
     path = environ.get("PATH_INFO", "")
-    return not (path.startswith("/_/") or path == "/metrics")
+    return not (path.startswith("/_/") or path in ("/metrics", "/health", "/version"))
 
 
 def create_app(settings: Settings | None = None, handler: Handler | None = None,
@@ -264,6 +348,24 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["sllm_runtime"] = runtime
     user_handler = handler or default_handler
+
+    @app.before_request
+    def authorize():
+        """With an API key set, /v1/* needs it as a bearer token (as vLLM's --api-key); the rest stays open."""
+        key = settings.api_key
+        if key is None or not request.path.startswith("/v1/"):
+            return None
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return jsonify(api.ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                        code="invalid_api_key").body()), 401
+        return None
+
+    @app.after_request
+    def request_id(response: Response) -> Response:
+        """Echo the client's X-Request-Id, or give the response one, so that both sides can name the request."""
+        response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        return response
 
     @app.errorhandler(api.ApiError)
     def api_error(exc: api.ApiError):
@@ -295,11 +397,74 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         runtime.check_model(body)
         return runtime.complete(body)
 
+    def model_card() -> dict[str, Any]:
+        loaded = runtime._require_ready()
+        return {"id": loaded.name, "object": "model", "created": int(time.time()), "owned_by": "sllm-faas",
+                "max_model_len": loaded.engine.max_seq}
+
     @app.get("/v1/models")
     def models():
-        loaded = runtime._require_ready()
-        return {"object": "list", "data": [{"id": loaded.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "sllm-faas", "max_model_len": loaded.engine.max_seq}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/<path:model_id>")
+    def model(model_id: str):
+        runtime.check_model({"model": model_id})
+        return model_card()
+
+    @app.get("/health")
+    def vllm_health():
+        """vLLM's liveness: 200 with an empty body once the engine serves, 503 before."""
+        runtime._require_ready()
+        return Response(status=200)
+
+    @app.get("/version")
+    def version():
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
+        try:
+            return {"version": package_version("sllm-faas")}
+        except PackageNotFoundError:  # run from a source tree without installing
+            return {"version": "unknown"}
+
+    @app.post("/tokenize")
+    def tokenize():
+        """vLLM's /tokenize: a `prompt` (with `add_special_tokens`), or chat `messages` through the template."""
+        body = request_object()
+        runtime.check_model(body)
+        loaded = runtime.loaded
+        if "messages" in body:
+            api.check_fields(body, {"model", "messages", "add_special_tokens", "tools", "tool_choice", "documents",
+                                    "add_generation_prompt", "chat_template_kwargs", "return_token_strs"})
+            from runtime.model.tokenizer import TemplateError
+
+            try:
+                tokens = loaded.tokenizer.encode_chat(api.parse_messages(body), **api.parse_template_options(
+                    body, loaded.tokenizer.template_uses))
+            except TemplateError as exc:
+                raise api.ApiError(400, f"chat template: {exc}", "messages") from None
+        else:
+            api.check_fields(body, {"model", "prompt", "add_special_tokens", "return_token_strs"})
+            if not isinstance(body.get("prompt"), str):
+                raise api.ApiError(400, "'prompt' must be a string", "prompt")
+            add_special = body.get("add_special_tokens", True)
+            if not isinstance(add_special, bool):
+                raise api.ApiError(400, "'add_special_tokens' must be a boolean", "add_special_tokens")
+            tokens = loaded.tokenizer.encode(body["prompt"], add_special_tokens=add_special)
+        strings = [loaded.tokenizer.token_text(t) for t in tokens] if body.get("return_token_strs") else None
+        return {"count": len(tokens), "max_model_len": loaded.engine.max_seq, "tokens": tokens, "token_strs": strings}
+
+    @app.post("/detokenize")
+    def detokenize():
+        body = request_object()
+        runtime.check_model(body)
+        api.check_fields(body, {"model", "tokens"})
+        vocab = runtime.loaded.engine.vocab_size
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                                                   for t in tokens):
+            raise api.ApiError(400, f"'tokens' must be a list of token ids below {vocab}", "tokens")
+        return {"prompt": runtime.loaded.tokenizer.decode(tokens)}
 
     @app.route("/", defaults={"path": ""}, methods=INVOKE_METHODS)
     @app.route("/<path:path>", methods=INVOKE_METHODS)
@@ -322,7 +487,7 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
 
     @app.get("/metrics")
     def metrics():
-        return Response(runtime.metrics.render(), mimetype="text/plain; version=0.0.4")
+        return Response(runtime.metrics.render(), content_type=CONTENT_TYPE)
 
     register_migration_routes(app, runtime)
     app.wsgi_app = Admission(app.wsgi_app, settings.http_threads - settings.http_reserved, _generation,

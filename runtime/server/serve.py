@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="port to listen on (default: $PORT or 8080)")
     parser.add_argument("--host", default=os.environ.get("SLLM_HOST", "0.0.0.0"),  # noqa: S104
                         help="address to bind (default: $SLLM_HOST or 0.0.0.0)")
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer KEY` on /v1/* (default: $SLLM_API_KEY; unset: open)")
     parser.add_argument("--app", default="runtime.server.app:create_app()",
                         help="WSGI app to serve (the OpenFaaS template passes its own, with the user's handler)")
 
@@ -29,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ["SLLM_MODEL"] = args.model
     os.environ["PORT"] = str(args.port)
     os.environ["SLLM_HOST"] = args.host
+    if args.api_key:
+        os.environ["SLLM_API_KEY"] = args.api_key
     os.environ["SLLM_SPAWN_PID"] = str(os.getpid())
     # gunicorn runs in this process: no second interpreter start on the cold-start path
     from runtime.http_server import run as run_http

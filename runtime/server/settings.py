@@ -44,6 +44,7 @@ class Settings:
     heartbeat_s: int          # SLLM_INSTANCE_HEARTBEAT_S: the instance record expires after 3 missed beats
     http_threads: int         # SLLM_HTTP_THREADS: gunicorn threads
     http_reserved: int        # SLLM_HTTP_RESERVED_THREADS: threads kept for /_/ and /metrics (generations: 503)
+    api_key: str | None       # SLLM_API_KEY: /v1/* needs `Authorization: Bearer <key>`; unset = open
 
     def __post_init__(self) -> None:
         if self.http_reserved >= self.http_threads:
@@ -74,6 +75,7 @@ class Settings:
             heartbeat_s=_int("SLLM_INSTANCE_HEARTBEAT_S", 2),
             http_threads=_int("SLLM_HTTP_THREADS", 32, minimum=2),
             http_reserved=_int("SLLM_HTTP_RESERVED_THREADS", 4),
+            api_key=os.environ.get("SLLM_API_KEY") or None,
         )
 
 
