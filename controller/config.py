@@ -16,6 +16,7 @@ class ControllerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "sllm:"
     token: str = ""                            # bearer token for every endpoint but /healthz and /metrics
+    loader_token: str = ""                     # bearer token of the node loaders' TCP API (their SLLM_LOADER_TOKEN)
     insecure_no_auth: bool = False             # run with neither token nor client_ca: anyone can book slots
     model_store: str = ""                      # where model sizes are read when no loader has seen a model yet
     snapshot_max_age_s: float = 1.0            # how stale the cluster view may get between background reads

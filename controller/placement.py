@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -55,17 +56,17 @@ def target_tier(gpu_capacity: int) -> str:
 
 class Placer:
     def __init__(self, client: redis.Redis, keys: Keys, cache: ClusterCache, booker: Booker,
-                 model_store: str | None = None, loader_timeout_s: float = 5.0) -> None:
+                 model_store: str | None = None, loader_timeout_s: float = 5.0, loader_token: str = "") -> None:
         self.client, self.keys, self.cache, self.booker = client, keys, cache, booker
         self.store = None
         if model_store:
             from runtime.node_loader.store import open_store
 
             self.store = open_store(model_store)
-        self.loader_timeout_s = loader_timeout_s
+        self.loader_timeout_s, self.loader_token = loader_timeout_s, loader_token
         self._kicks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sllm-stage-kick")
         self._ids = random.Random(os.urandom(16))  # booking ids: unique across controllers, no syscall each
-        self.kick_failures = 0
+        self.on_kick_failure: Callable[[], None] = lambda: None  # the service counts them (a Prometheus counter)
 
     # -- estimates (no side effects) ------------------------------------------------------------
     def model_info(self, model: str, size_hint: int | None = None) -> ModelInfo:
@@ -168,8 +169,8 @@ class Placer:
         if not address:
             return
         try:
-            LoaderClient(address, timeout=self.loader_timeout_s).stage(model, tier)
+            LoaderClient(address, timeout=self.loader_timeout_s, token=self.loader_token or None).stage(model, tier)
         except Exception as exc:  # runs in a pool: a failure must be counted and logged, never swallowed
-            self.kick_failures += 1
+            self.on_kick_failure()
             log.warning("could not start staging %s on %s: %s", model, address, exc)
 

@@ -42,7 +42,7 @@ from redis_schema.keys import Keys, validate_id
 from redis_schema.upgrade import ensure_schema
 from runtime import jsonbody
 from runtime.names import InvalidName
-from runtime.server.metrics import Registry
+from runtime.server.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("sllm.controller")
 DECISION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
@@ -68,19 +68,29 @@ class Controller:
                                            socket_connect_timeout=2.0, health_check_interval=10)
         self.cache = ClusterCache(self.client, self.keys, config.snapshot_max_age_s)
         self.placer = Placer(self.client, self.keys, self.cache, Booker(self.client, self.keys, config.booking_ttl_s),
-                             config.model_store or None)
-        self.metrics = Registry()
+                             config.model_store or None, loader_token=config.loader_token)
+        self.metrics = Metrics()
         m = self.metrics
-        m.counter("sllm_controller_decisions_total", "Placement decisions by source and outcome.")
-        m.histogram("sllm_controller_decision_seconds", "Time to decide (rank + book), by source.",
-                    DECISION_BUCKETS)
-        m.gauge("sllm_controller_nodes", "Live nodes in the cluster view.",
-                lambda: len(self.cache.latest.nodes) if self.cache.latest else 0)
-        m.gauge("sllm_controller_view_age_seconds", "Age of the cluster view decisions use.",
-                lambda: time.time() - self.cache.latest.read_at if self.cache.latest else 0)
-        m.gauge("sllm_controller_stage_kick_failures", "Loaders that could not be told to stage.",
-                lambda: self.placer.kick_failures)
-        m.counter("sllm_controller_migrations_total", "Migrations this controller ran, by reason and outcome.")
+        self.decisions = m.counter("sllm_controller_decisions_total", "Placement decisions by source and outcome.",
+                                   ("source", "outcome"))
+        self.decision_seconds = m.histogram("sllm_controller_decision_seconds",
+                                            "Time to decide (rank + book), by source.", DECISION_BUCKETS, ("source",))
+        self.cold_start = m.cold_start()
+        nodes = m.gauge("sllm_controller_nodes", "Live nodes in the cluster view (of the worker that answered).")
+        view_age = m.gauge("sllm_controller_view_age_seconds", "Age of the cluster view decisions use (of the "
+                           "worker that answered).")
+
+        def view() -> None:
+            latest = self.cache.latest
+            nodes.set(len(latest.nodes) if latest else 0)
+            view_age.set(time.time() - latest.read_at if latest else 0)
+
+        m.on_scrape(view)
+        kick_failures = m.counter("sllm_controller_stage_kick_failures_total",
+                                  "Loaders that could not be told to stage a placed model.")
+        self.placer.on_kick_failure = kick_failures.inc
+        self.migrations = m.counter("sllm_controller_migrations_total",
+                                    "Migrations this controller ran, by reason and outcome.", ("reason", "outcome"))
         self.migrator = Migrator(self.client, self.keys)
         self._migrations = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sllm-migrate")
         threading.Thread(target=self._recover_forever, name="sllm-migration-recovery", daemon=True).start()
@@ -98,8 +108,7 @@ class Controller:
         while True:
             try:
                 for record in self.migrator.recover():
-                    self.metrics.inc("sllm_controller_migrations_total", reason="recovered",
-                                     outcome=record.get("state", ""))
+                    self.migrations.labels("recovered", record.get("state", "")).inc()
             except (redis.RedisError, requests.RequestException) as exc:
                 log.warning("migration recovery: %s", exc)
             except Exception:  # never let the recovery thread die
@@ -115,14 +124,13 @@ class Controller:
             try:
                 records = run()
                 for record in records if isinstance(records, list) else [records]:
-                    self.metrics.inc("sllm_controller_migrations_total", reason=reason,
-                                     outcome=record.get("state", ""))
+                    self.migrations.labels(reason, record.get("state", "")).inc()
             except (NoDestination, LookupError, ValueError, redis.RedisError, requests.RequestException) as exc:
                 log.warning("%s migration not started: %s", reason, exc)
-                self.metrics.inc("sllm_controller_migrations_total", reason=reason, outcome="not_started")
+                self.migrations.labels(reason, "not_started").inc()
             except Exception:
                 log.exception("%s migration failed", reason)
-                self.metrics.inc("sllm_controller_migrations_total", reason=reason, outcome="error")
+                self.migrations.labels(reason, "error").inc()
 
         self._migrations.submit(job)
 
@@ -133,6 +141,8 @@ class Controller:
             placement = self.placer.place(model, **options)
             plan = placement.decision.plan()
             outcome = plan["action"]
+            if placement.booking:  # a cold start's placement: its decision phase, by the tier it loads from
+                self.cold_start.labels("decision", model, plan["tier"]).observe(time.perf_counter() - started)
             if plan["action"] == "migrate_then_load" and options.get("book_slot", True):  # not for prefetches
                 self.cache.note_migration(plan["instance"])
                 self.migrate_in_background(lambda: self.migrator.execute_plan(plan), "plan")
@@ -141,8 +151,8 @@ class Controller:
             outcome = "no_capacity"
             raise
         finally:
-            self.metrics.inc("sllm_controller_decisions_total", source=source, outcome=outcome)
-            self.metrics.observe("sllm_controller_decision_seconds", time.perf_counter() - started, source=source)
+            self.decisions.labels(source, outcome).inc()
+            self.decision_seconds.labels(source).observe(time.perf_counter() - started)
 
 
 def _model_field(body: dict, name: str = "model") -> str:
@@ -389,6 +399,6 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
 
     @app.get("/metrics")
     def metrics():
-        return Response(controller.metrics.render(), mimetype="text/plain; version=0.0.4")
+        return Response(controller.metrics.render(), content_type=CONTENT_TYPE)
 
     return app

@@ -196,13 +196,44 @@ class _Released:
             self.release()
 
 
+def _worker_exited(server, worker) -> None:
+    """gunicorn's child_exit hook: drop the dead worker's live gauges (its counters and histograms stay)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def run(argv: list[str]) -> None:
     """Run gunicorn in this process with `Worker`; `argv` is gunicorn's command line (binds, workers,
-    threads, timeouts, the app), without the program name."""
+    threads, timeouts, the app), without the program name.
+
+    Every start gets a fresh private PROMETHEUS_MULTIPROC_DIR (mode 0700, removed when the server exits), set
+    before any worker imports prometheus_client, so that /metrics sums every worker's values
+    (runtime/server/metrics.py). It replaces an inherited one: the gateway's instances must not share its dir.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
     from gunicorn.app.wsgiapp import WSGIApplication
 
-    sys.argv = ["gunicorn", "--worker-class", WORKER_CLASS, *argv]
-    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
+    metrics_dir, master = tempfile.mkdtemp(prefix="sllm-metrics-"), os.getpid()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    @atexit.register
+    def remove_metrics_dir() -> None:  # workers run atexit too when they exit: only the master removes it
+        if os.getpid() == master:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    class Application(WSGIApplication):
+        def load_config(self) -> None:
+            super().load_config()
+            self.cfg.set("child_exit", _worker_exited)
+
+    # No control socket: gunicorn >= 25 would otherwise bind one shared path (~/.gunicorn/gunicorn.ctl) for every
+    # server on the host, an unauthenticated way to resize or stop whichever master bound it last.
+    sys.argv = ["gunicorn", "--worker-class", WORKER_CLASS, "--no-control-socket", *argv]
+    Application("%(prog)s [OPTIONS] [APP_MODULE]").run()
 
 
 if __name__ == "__main__":  # `python -m runtime.http_server ARGS`: what `sllm-faas up` spawns for its gateway

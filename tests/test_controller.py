@@ -299,15 +299,19 @@ def test_status_and_place_cli(cluster):
     assert down.returncode == 1 and "Redis unavailable" in down.stderr
 
 
-def test_decision_starts_staging_on_the_chosen_nodes_real_loader(redis_ns, tmp_path):
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_decision_starts_staging_on_the_chosen_nodes_real_loader(redis_ns, tmp_path, transport):
+    """Over TCP the loader requires its token: the controller's --loader-token must carry the kick."""
     from loader_daemon import LoaderDaemon
     from test_node_loader import make_model
 
     store = tmp_path / "remote"
     make_model(store, "small", 1)
     (tmp_path / "node").mkdir()
-    loader = LoaderDaemon(tmp_path / "node", store, redis_ns.url, redis_ns.prefix, node="node-a").start()
-    process = ControllerProcess(tmp_path, redis_ns.url, redis_ns.prefix, model_store=str(store))
+    tcp = {"tcp": f"127.0.0.1:{free_tcp_port()}", "token": "loader-secret"} if transport == "tcp" else {}
+    loader = LoaderDaemon(tmp_path / "node", store, redis_ns.url, redis_ns.prefix, node="node-a", **tcp).start()
+    process = ControllerProcess(tmp_path, redis_ns.url, redis_ns.prefix, model_store=str(store),
+                                **({"loader_token": "loader-secret"} if tcp else {}))
     try:
         process.start()
         deadline = time.monotonic() + 30

@@ -157,7 +157,7 @@ TOKEN = "5f0c2a9e7b41d8e3" * 4  # the shape `openssl rand -hex 32` prints, as de
 CA_BUNDLE = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n").decode()
 PLACEHOLDERS = {"<TOKEN>": TOKEN, "<CA_BUNDLE>": CA_BUNDLE}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"}
-SECRET_VALUES = {("sllm-controller", "token"): TOKEN,
+SECRET_VALUES = {("sllm-controller", "token"): TOKEN, ("sllm-loader-token", "token"): "f" * 64,
                  ("sllm-redis", "url"): "redis://:pw@redis.sllm-system.svc.cluster.local:6379/0"}
 DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 GO_DURATION = re.compile(r"(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+")
