@@ -99,7 +99,7 @@ def test_half_open_connections_and_32_streams_leave_health_and_metrics_answering
         streams = [Stream(url, i) for i in range(32)]
         time.sleep(0.5)  # the streams are in: generating, queued, or refused
         assert requests.get(url + "/_/health", timeout=5).json() == {"status": "ok"}
-        assert "sllm_num_requests_running" in requests.get(url + "/metrics", timeout=5).text
+        assert "vllm:num_requests_running" in requests.get(url + "/metrics", timeout=5).text
         for stream in streams:
             stream.join(timeout=300)
         finished = [s for s in streams if s.status == 200]

@@ -25,6 +25,7 @@ import redis
 import requests
 import torch
 import torch.nn.functional as F
+from prom import value
 from schema_doc import assert_keys_documented
 
 from controller.migration import Migrator
@@ -301,8 +302,8 @@ def test_migrated_request_equals_unmigrated(instances, migrator, namespace, name
     assert source.migration(record["id"])["state"] == "completed"
     assert destination.migration(record["id"])["outcome"] == "handed_over"
     metrics = requests.get(source.url + "/metrics", timeout=10).text
-    assert 'sllm_migrations_total{outcome="handed_over",role="source"}' in metrics
-    assert "sllm_migration_pause_seconds_count" in metrics
+    assert value(metrics, "sllm_migrations_total", outcome="handed_over", role="source") >= 1
+    assert value(metrics, "sllm_migration_pause_seconds_count") >= 1
     client, prefix, _ = namespace
     assert_keys_documented(client, prefix)
 
@@ -424,8 +425,8 @@ def test_release_and_source_death_after_handover(instances, pair, migrator):
     def metrics() -> str:
         return requests.get(destination.url + "/metrics", timeout=10).text
 
-    eventually(lambda: "sllm_num_requests_running 0.0" in metrics())  # it stopped generating, freed the slot
-    assert 'sllm_migration_incidents_total{kind="source_lost"} 1.0' in metrics()
+    eventually(lambda: value(metrics(), "vllm:num_requests_running") == 0)  # it stopped generating, freed the slot
+    assert value(metrics(), "sllm_migration_incidents_total", kind="source_lost") == 1
 
 
 def test_bad_requests_get_clear_errors(pair):
@@ -491,8 +492,8 @@ def test_controller_runs_the_schedulers_migration_plan(smollm2, namespace, tmp_p
             records = [client.hgetall(keys.migration(m)) for m in client.zrange(keys.migrations, 0, -1)]
             mine = [r for r in records if r.get("reason") == "plan" and r.get("source_instance") == "plan-src"]
             assert [r["state"] for r in mine] == ["completed"] and mine[0]["destination_instance"] == "plan-dst"
-            assert 'sllm_controller_migrations_total{outcome="completed",reason="plan"} 1.0' in \
-                requests.get(controller.url + "/metrics", timeout=10).text
+            assert value(requests.get(controller.url + "/metrics", timeout=10).text,
+                         "sllm_controller_migrations_total", outcome="completed", reason="plan") == 1
         finally:
             controller.stop()
     finally:

@@ -12,6 +12,7 @@ import redis
 import requests
 import torch
 from loader_daemon import LoaderDaemon
+from prom import value
 from schema_doc import assert_keys_documented
 
 from redis_schema import Keys
@@ -258,9 +259,9 @@ def test_loader_metrics(daemon):
     status, _ = daemon.client.request("GET", "/healthz")
     assert status == 200
     connection_text = _raw_get(daemon.socket, "/metrics")
-    for name in ("sllm_loader_tier_used_bytes", "sllm_loader_bandwidth_bytes_per_second", "sllm_loader_queue_length",
-                 "sllm_loader_redis_up 1"):
+    for name in ("sllm_loader_tier_used_bytes", "sllm_loader_bandwidth_bytes_per_second", "sllm_loader_queue_length"):
         assert name in connection_text
+    assert value(connection_text, "sllm_loader_redis_up") == 1
 
 
 def _raw_get(socket_path: str, path: str) -> str:

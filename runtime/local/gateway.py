@@ -44,6 +44,7 @@ from runtime.jsonbody import JsonError, request_object
 from runtime.local.instances import Instance, InstanceLauncher, probe_ready
 from runtime.local.stack import ScaleSettings, StackError
 from runtime.processes import children_by_parent
+from runtime.server.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("sllm.gateway")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -162,6 +163,8 @@ class Gateway:
             base_env["SLLM_MIGRATION_TOKEN"] = config.migration_token
         self.launcher = InstanceLauncher(logs, base_env, self.redis, self.keys)
         self.functions: dict[str, Function] = {}
+        self.metrics = Metrics()
+        self.cold_start = self.metrics.cold_start()  # phases `placement` and `request_to_ready`
         self._lock = threading.Lock()          # guards self.functions
         self._deploying = threading.Lock()     # one deploy or remove at a time, Redis write included
         self._ids = random.Random(os.urandom(8))
@@ -275,7 +278,10 @@ class Gateway:
     def _run_start(self, function: Function) -> None:
         instance = placement = None
         try:
+            asked = time.monotonic()
             placement = self._place(function)
+            self.cold_start.labels("placement", function.model, placement.get("tier") or "unknown").observe(
+                time.monotonic() - asked)
             instance_id = f"{function.name}-{self._ids.getrandbits(32):08x}"
             env = {**function.env, "SLLM_BOOKING_ID": placement.get("booking") or ""}
             if placement.get("loader"):
@@ -475,6 +481,10 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     def healthz():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    def metrics():
+        return Response(gateway.metrics.render(), content_type=CONTENT_TYPE)
+
     @app.get("/system/functions")
     def list_functions():
         return jsonify([f.status() for f in sorted(gateway.functions.values(), key=lambda f: f.name)])
@@ -517,10 +527,15 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
                 ) -> tuple[requests.Response, Instance, bool]:
         """Send the request to a ready instance; one that turns out not to be ready (its worker died, or it
         refused with 503 while reloading) is taken out of rotation and the request waits for another."""
-        deadline = time.monotonic() + config.cold_start_timeout_s
+        arrived = time.monotonic()
+        deadline = arrived + config.cold_start_timeout_s
         waited_any = False
         while True:
             instance, waited = gateway.acquire(name)
+            if waited and not waited_any:  # this request arrived with no instance ready: it waited for one
+                tier = instance.placement.get("tier") or "unknown"
+                gateway.cold_start.labels("request_to_ready", gateway.get(name).model, tier).observe(
+                    time.monotonic() - arrived)
             waited_any = waited_any or waited
             try:
                 upstream = requests.request(request.method, f"{instance.url}/{path}", params=request.args, data=body,

@@ -71,14 +71,18 @@ class Migrations:
         self._lock = threading.Lock()
         self._records = None  # runtime.migration.record.MigrationRecords, made on the first incident
         m = runtime.metrics
-        m.counter("sllm_migrations_total", "Live migrations this instance took part in, by role and outcome.")
-        m.histogram("sllm_migration_pause_seconds", "Source: how long a migrated request's tokens stopped, from "
-                    "the pause to the first token relayed from the destination.", PAUSE_BUCKETS)
-        m.histogram("sllm_migration_duration_seconds", "Source: migration start to handover.", DURATION_BUCKETS)
-        m.histogram("sllm_migration_rounds", "Token transfers per migration, the final one included.", ROUND_BUCKETS)
-        m.counter("sllm_migration_tokens_recomputed_total", "Tokens sent to (source) or prefilled by (destination) "
-                  "migration destinations.")
-        m.counter("sllm_migration_incidents_total", "Failures after a handover, by kind.")
+        self.migrations = m.counter("sllm_migrations_total", "Live migrations this instance took part in, by role "
+                                    "and outcome.", ("role", "outcome"))
+        self.pause = m.histogram("sllm_migration_pause_seconds", "Source: how long a migrated request's tokens "
+                                 "stopped, from the pause to the first token relayed from the destination.",
+                                 PAUSE_BUCKETS)
+        self.duration = m.histogram("sllm_migration_duration_seconds", "Source: migration start to handover.",
+                                    DURATION_BUCKETS)
+        self.rounds = m.histogram("sllm_migration_rounds", "Token transfers per migration, the final one included.",
+                                  ROUND_BUCKETS)
+        self.recomputed = m.counter("sllm_migration_tokens_recomputed_total", "Tokens sent to (source) or "
+                                    "prefilled by (destination) migration destinations.", ("role",))
+        self.incidents = m.counter("sllm_migration_incidents_total", "Failures after a handover, by kind.", ("kind",))
 
     def add(self, status: MigrationStatus) -> MigrationStatus:
         """Register `status`; returns the one already registered under its id, if any."""
@@ -111,15 +115,14 @@ class Migrations:
                 return
             status.outcome, status.error = outcome, error
             status.move(state, error or outcome)
-        m = self.runtime.metrics
-        m.inc("sllm_migrations_total", role=status.role, outcome=outcome)
-        m.inc("sllm_migration_tokens_recomputed_total", status.tokens_recomputed, role=status.role)
+        self.migrations.labels(status.role, outcome).inc()
+        self.recomputed.labels(status.role).inc(status.tokens_recomputed)
         if status.role == "source" and status.rounds:
-            m.observe("sllm_migration_rounds", status.rounds)
+            self.rounds.observe(status.rounds)
         if status.duration_s is not None:
-            m.observe("sllm_migration_duration_seconds", status.duration_s)
+            self.duration.observe(status.duration_s)
         if status.pause_s is not None:
-            m.observe("sllm_migration_pause_seconds", status.pause_s)
+            self.pause.observe(status.pause_s)
         log.info("migration %s (%s of request %s) %s: %s", status.id, status.role, status.request, state,
                  error or outcome)
 
@@ -127,7 +130,7 @@ class Migrations:
         """A failure after the handover: kept in the status, counted, logged and written to the Redis record."""
         status.incident = kind
         status.move(status.state, f"incident {kind}: {detail}")
-        self.runtime.metrics.inc("sllm_migration_incidents_total", kind=kind)
+        self.incidents.labels(kind).inc()
         log.warning("migration %s: %s: %s", status.id, kind, detail)
         settings = self.runtime.settings
         if not getattr(settings, "redis_url", None):

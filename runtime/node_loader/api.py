@@ -30,32 +30,39 @@ from runtime import jsonbody
 from runtime.names import InvalidName
 from runtime.node_loader.config import LoaderConfig
 from runtime.node_loader.service import LoaderError, NodeLoader
-from runtime.server.metrics import Registry
+from runtime.server.metrics import CONTENT_TYPE, Metrics
 
 MAX_BODY_BYTES = 64 << 10
 log = logging.getLogger("sllm.loader")
 
 
-def _metrics(loader: NodeLoader) -> str:
-    registry = Registry()
-    registry.gauge("sllm_loader_tier_capacity_bytes", "Byte budget of each tier.")
-    registry.gauge("sllm_loader_tier_used_bytes", "Bytes held (or reserved) in each tier.")
-    registry.gauge("sllm_loader_tier_models", "Models held in each tier.")
-    registry.gauge("sllm_loader_bandwidth_bytes_per_second", "Measured bandwidth out of each tier.")
-    registry.gauge("sllm_loader_queue_length", "Staging jobs queued or running.")
-    registry.gauge("sllm_loader_leases", "Active leases.")
-    registry.gauge("sllm_loader_redis_up", "1 while the last publication to Redis succeeded.")
-    status = loader.status()
-    for tier, info in status["tiers"].items():
-        registry.set("sllm_loader_tier_capacity_bytes", info["capacity"], tier=tier)
-        registry.set("sllm_loader_tier_used_bytes", info["used"], tier=tier)
-        registry.set("sllm_loader_tier_models", len(info["models"]), tier=tier)
-    for tier, rate in status["bandwidths"].items():
-        registry.set("sllm_loader_bandwidth_bytes_per_second", rate, tier=tier)
-    registry.set("sllm_loader_queue_length", len(status["queue"]))
-    registry.set("sllm_loader_leases", len(status["leases"]))
-    registry.set("sllm_loader_redis_up", 1 if status["redis"] else 0)
-    return registry.render()
+def _metrics(loader: NodeLoader) -> Metrics:
+    """The loader's gauges, read from its status at each scrape, and its staging steps as cold-start phases."""
+    m = Metrics()
+    capacity = m.gauge("sllm_loader_tier_capacity_bytes", "Byte budget of each tier.", ("tier",))
+    used = m.gauge("sllm_loader_tier_used_bytes", "Bytes held (or reserved) in each tier.", ("tier",))
+    models = m.gauge("sllm_loader_tier_models", "Models held in each tier.", ("tier",))
+    bandwidth = m.gauge("sllm_loader_bandwidth_bytes_per_second", "Measured bandwidth out of each tier.", ("tier",))
+    queue = m.gauge("sllm_loader_queue_length", "Staging jobs queued or running.")
+    leases = m.gauge("sllm_loader_leases", "Active leases.")
+    redis_up = m.gauge("sllm_loader_redis_up", "1 while the last publication to Redis succeeded.")
+
+    def update() -> None:
+        status = loader.status()
+        for tier, info in status["tiers"].items():
+            capacity.labels(tier).set(info["capacity"])
+            used.labels(tier).set(info["used"])
+            models.labels(tier).set(len(info["models"]))
+        for tier, rate in status["bandwidths"].items():
+            bandwidth.labels(tier).set(rate)
+        queue.set(len(status["queue"]))
+        leases.set(len(status["leases"]))
+        redis_up.set(1 if status["redis"] else 0)
+
+    m.on_scrape(update)
+    cold_start = m.cold_start()
+    loader.on_step_staged = lambda model, tier, seconds: cold_start.labels("staging", model, tier).observe(seconds)
+    return m
 
 
 def _on_unix_socket(environ: dict) -> bool:
@@ -82,6 +89,7 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
     app = Flask("sllm-faas-loader")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["sllm_loader"] = loader
+    metrics_ = _metrics(loader)
 
     @app.errorhandler(LoaderError)
     def refused(exc: LoaderError):
@@ -156,7 +164,7 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
 
     @app.get("/metrics")
     def metrics():
-        return Response(_metrics(loader), mimetype="text/plain; version=0.0.4")
+        return Response(metrics_.render(), content_type=CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz():

@@ -13,6 +13,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ class NodeLoader:
         self._threads: list[threading.Thread] = []
         self._running: set[str] = set()  # models with a job on a worker now: one job per model at a time
         self.started_at = time.time()
+        # (model, tier staged into, seconds) after each staging step: the API observes it as a cold-start phase
+        self.on_step_staged: Callable[[str, str, float], None] = lambda model, tier, seconds: None
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self, probe: bool = True) -> NodeLoader:
@@ -247,8 +250,9 @@ class NodeLoader:
             size = self._model_bytes(job.model, remote)
             job.total_bytes = size * len(steps)
             for step in steps:
-                job.step = step
+                job.step, step_started = step, time.perf_counter()
                 getattr(self, f"_stage_{step.replace('->', '_to_')}")(job, size, remote)
+                self.on_step_staged(job.model, step.split("->")[1], time.perf_counter() - step_started)
         except Exception as exc:  # every failure fails this job, never the worker
             expected = isinstance(exc, StoreError | BudgetError | CheckpointError | OSError | LoaderError)
             error = str(exc) if expected else f"internal error: {type(exc).__name__}: {exc}"
