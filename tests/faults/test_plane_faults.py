@@ -411,8 +411,6 @@ def trickle_store(tmp_path):
         thread.join(timeout=10)
 
 
-@pytest.mark.xfail(strict=True, reason="the loader stages with one worker thread: a slow download blocks every "
-                                        "model queued behind it (fix in progress: multiple staging workers)")
 def test_a_slow_remote_store_does_not_block_staging_another_model(plane, trickle_store, tmp_path):
     url = f"http://{HOST}:{trickle_store.server_address[1]}"
     proc, sock = loader(tmp_path / "node", "node-slow", url, plane.redis_url, "slow:")
@@ -438,9 +436,6 @@ def test_a_slow_remote_store_does_not_block_staging_another_model(plane, trickle
             plane.client.delete(key)
 
 
-@pytest.mark.xfail(strict=True, reason="gunicorn gthread workers block a thread on each half-sent request with no "
-                                        "read timeout: enough half-open clients take every thread and /healthz "
-                                        "hangs (fix in progress)")
 def test_half_open_clients_do_not_stop_the_controller_answering(plane):
     port = int(plane.url.rsplit(":", 1)[1])
     sockets = []
