@@ -103,9 +103,9 @@ def started(tmp_path, **env: str):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            requests.get(server.url + "/_/health", timeout=2)
+            requests.get(server.url + "/_/health", timeout=5)
             return server
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a loaded machine
             time.sleep(0.05)
     server.stop()
     raise TimeoutError("the runtime never answered")
@@ -138,5 +138,20 @@ def test_migration_routes_need_the_exact_bearer_token(tmp_path):
         listed = requests.get(server.url + "/_/migration", headers={"Authorization": "Bearer s3cret-token"},
                               timeout=10)
         assert listed.status_code == 200 and listed.json() == {"object": "list", "data": []}
+    finally:
+        server.stop()
+
+
+def test_hostile_json_on_migration_routes_is_400_not_500(tmp_path):
+    """The migration routes parse bodies with the one hostile-JSON parser (runtime/jsonbody.py) too."""
+    server = started(tmp_path / "a", SLLM_MIGRATION_TOKEN="s3cret-token")
+    auth = {"Authorization": "Bearer s3cret-token", "Content-Type": "application/json"}
+    try:
+        for path in ("/_/requests/cmpl-x/migrate", "/_/migration/m-1/tokens", "/_/migration/m-1/commit"):
+            for raw in (b"[" * 100_000, b'{"a": NaN}', b'{"a": "\\ud800"}', b'{"a": 1' + b"0" * 5000 + b"}",
+                        b"[1, 2]", b"\xff"):
+                response = requests.post(server.url + path, data=raw, headers=auth, timeout=10)
+                assert response.status_code == 400, (path, raw[:20], response.status_code, response.text)
+                assert response.json()["error"]["message"], response.text
     finally:
         server.stop()

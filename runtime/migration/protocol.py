@@ -79,12 +79,6 @@ def token_list(body: dict, name: str = "tokens", limit: int = 1 << 20) -> list[i
     return tokens
 
 
-def json_object(raw: object) -> dict:
-    if not isinstance(raw, dict):
-        raise ProtocolError(400, "the request body must be a JSON object")
-    return raw
-
-
 def params_to_json(params: SamplingParams) -> dict[str, Any]:
     """Every field the destination's sampling depends on; the penalties' token counts travel as the tokens."""
     return {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, Response, jsonify, request
 
-from runtime.migration.protocol import PREFIX, ProtocolError, check_migration_id, json_object
+from runtime.jsonbody import JsonError, request_object
+from runtime.migration.protocol import PREFIX, ProtocolError, check_migration_id
 from runtime.migration.state import Migrations
 
 if TYPE_CHECKING:
@@ -43,7 +44,10 @@ def register_migration_routes(app: Flask, runtime: Runtime) -> Migrations:
         return runtime.loaded.engine
 
     def body() -> dict:
-        return json_object(request.get_json(silent=True))
+        try:
+            return request_object()
+        except JsonError as exc:
+            raise ProtocolError(exc.status, exc.message) from None
 
     def status_of(migration_id: str):
         status = migrations.get(check_migration_id(migration_id))
