@@ -29,8 +29,20 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    """The installed package's version, or "unknown" when run from a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("sllm-faas")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sllm-faas", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (_module, summary) in VERBS.items():
         sub.add_parser(verb, help=summary, description=summary)
