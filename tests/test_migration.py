@@ -45,6 +45,12 @@ REQUESTS = {  # name -> (chat?, request parameters)
     "greedy-chat-2": (True, dict(messages=[{"role": "user", "content": "Describe a storm at sea."}], max_tokens=40,
                                  temperature=0)),
     "long-chat": (True, dict(messages=STORY, max_tokens=100, temperature=0)),
+    # every per-request sampling state: penalties count the tokens so far, which the migration must carry
+    "penalised-completion": (False, dict(prompt="The old lighthouse keeper opened the door and", max_tokens=64,
+                                         temperature=0.9, top_p=0.95, seed=4321, presence_penalty=0.6,
+                                         frequency_penalty=0.8, logit_bias={"13": -5}, logprobs=3,
+                                         extra_body={"top_k": 40, "min_p": 0.02, "repetition_penalty": 1.3,
+                                                     "min_tokens": 8})),
 }
 
 
@@ -106,26 +112,30 @@ class Call(threading.Thread):
         self.chat, params = REQUESTS[name]
         self.instance, self.params, self.stream = instance, {**params, "model": "smollm2"}, stream
         self.pieces: list[str] = []
+        self.logprobs: list = []  # (token, logprob, top_logprobs) per token, where the request asks for them
         self.times: list[float] = []
         self.finish_reason = self.usage = self.error = None
         self.start()
 
     def run(self) -> None:
         api = self.instance.client().chat.completions if self.chat else self.instance.client().completions
+        params = dict(self.params)
+        params["extra_body"] = {"ignore_eos": True, **params.get("extra_body", {})}
         try:
             if not self.stream:
-                reply = api.create(extra_body={"ignore_eos": True}, **self.params)
+                reply = api.create(**params)
                 choice = reply.choices[0]
                 self.pieces = [choice.message.content if self.chat else choice.text]
+                self._logprobs(choice.logprobs)
                 self.finish_reason, self.usage = choice.finish_reason, reply.usage.completion_tokens
                 return
-            for chunk in api.create(stream=True, stream_options={"include_usage": True},
-                                    extra_body={"ignore_eos": True}, **self.params):
+            for chunk in api.create(stream=True, stream_options={"include_usage": True}, **params):
                 if chunk.usage:
                     self.usage = chunk.usage.completion_tokens
                 if not chunk.choices:
                     continue
                 choice = chunk.choices[0]
+                self._logprobs(choice.logprobs)
                 text = choice.delta.content if self.chat else choice.text
                 if text:
                     self.pieces.append(text)
@@ -134,11 +144,16 @@ class Call(threading.Thread):
         except Exception as exc:  # the test asserts on it
             self.error = exc
 
-    def result(self) -> tuple[str, str | None, int | None]:
+    def _logprobs(self, logprobs) -> None:
+        if logprobs is not None and not self.chat:
+            self.logprobs += zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True)
+
+    def result(self) -> tuple[str, str | None, int | None, list]:
         self.join(timeout=120)
         assert not self.is_alive(), "the request never finished"
         assert self.error is None, repr(self.error)
-        return "".join(self.pieces), self.finish_reason, self.usage
+        assert len(self.logprobs) == (self.usage if "logprobs" in self.params else 0)
+        return "".join(self.pieces), self.finish_reason, self.usage, self.logprobs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -209,7 +224,7 @@ def migrator(namespace):
 REFERENCES: dict[tuple[str, bool], tuple[str, str | None, int | None]] = {}
 
 
-def reference(instance: Instance, name: str, stream: bool = True) -> tuple[str, str | None, int | None]:
+def reference(instance: Instance, name: str, stream: bool = True) -> tuple[str, str | None, int | None, list]:
     """The request run alone, without migration (computed once per request and mode)."""
     if (name, stream) not in REFERENCES:
         REFERENCES[name, stream] = Call(instance, name, stream).result()
@@ -281,8 +296,10 @@ def test_decoder_rows_do_not_depend_on_the_batch_or_on_prefill(smollm2):
 # -- the protocol between two real instances ----------------------------------------------------
 
 @pytest.mark.parametrize(("name", "stream", "by_id"), [("greedy-chat", True, False),
-                                                       ("seeded-completion", False, True)],
-                         ids=["greedy-chat-streaming-by-url", "seeded-completion-not-streaming-by-instance-id"])
+                                                       ("seeded-completion", False, True),
+                                                       ("penalised-completion", True, False)],
+                         ids=["greedy-chat-streaming-by-url", "seeded-completion-not-streaming-by-instance-id",
+                              "penalties-top-k-min-p-logit-bias-logprobs-streaming"])
 def test_migrated_request_equals_unmigrated(instances, migrator, namespace, name, stream, by_id):
     source, destination = instances["src-a"], instances["dst-b"]
     expected = reference(source, name, stream)
