@@ -150,12 +150,13 @@ class Runtime:
     def first_token(self, timeout: float = 120) -> float:
         """Seconds from spawn to the first streamed token, retrying while the instance is not up/ready."""
         body = {"messages": MESSAGES, "max_tokens": 1, "temperature": 0, "stream": True}
-        deadline = self.started + timeout
+        deadline, last = self.started + timeout, "none"
         session = requests.Session()
         while time.perf_counter() < deadline:
             try:
                 with session.post(self.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as response:
-                    if response.status_code == 503:
+                    if response.status_code != 200:  # 503 while loading
+                        last = f"{response.status_code} {response.text[:300]}"
                         time.sleep(0.005)
                         continue
                     for line in response.iter_lines():  # text, or the finish of a token that decodes to none
@@ -163,8 +164,10 @@ class Runtime:
                                                            or b'"finish_reason": "' in line):
                             return time.perf_counter() - self.started
             except requests.ConnectionError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"the runtime exited with status {self.process.returncode}") from None
                 time.sleep(0.005)
-        raise TimeoutError("no token from the runtime")
+        raise TimeoutError(f"no token from the runtime in {timeout} s (last answer: {last})")
 
     def ready_body(self) -> dict[str, Any]:
         return requests.get(self.url + "/_/ready", timeout=10).json()
@@ -263,7 +266,12 @@ def families_main(args) -> int:
         with safe_open(paths["hf"] / "model.safetensors", "pt") as handle:
             params = sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
         print(f"== {name}: {params / 1e6:.1f}M parameters, bf16", flush=True)
-        _, ours, baseline, breakdowns, decode = measure(paths, args, with_floor=False)
+        try:
+            _, ours, baseline, breakdowns, decode = measure(paths, args, with_floor=False)
+        except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:  # the other families still run
+            print(f"{name} failed: {exc}", flush=True)
+            rows[name] = {"parameters": params, "error": f"{type(exc).__name__}: {exc}"}
+            continue
         rows[name] = {
             "model_type": json.loads((paths["hf"] / "config.json").read_text())["model_type"], "parameters": params,
             "decoder": breakdowns[0]["decoder"], "sllm_first_token_s": statistics.median(ours),
@@ -283,7 +291,7 @@ def families_main(args) -> int:
     lines = [
         f"# Cold start and decode per native family, {report['date']}", "",
         f"{report['machine']['cpu_model']}, {report['machine']['nproc']} CPUs, torch threads {args.threads}; one "
-        f"seeded random bf16 model shape for every family ({rows[args.families[0]]['parameters'] / 1e6:.1f}M "
+        f"seeded random bf16 model shape for every family ({next(iter(rows.values()))['parameters'] / 1e6:.1f}M "
         f"parameters: {shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}, "
         f"{shape['num_attention_heads']}/{shape['num_key_value_heads']} heads of {shape['head_dim']}, MLP "
         f"{shape['intermediate_size']}, {shape['vocab_size']}-token character vocabulary, tied embeddings) in "
@@ -294,6 +302,9 @@ def families_main(args) -> int:
         "sllm / transformers |", "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'][:200]} |" + " |" * 7)
+            continue
         lines.append(f"| {name} | {row['decoder']} | {row['sllm_ready_s']:.3f} | {row['sllm_first_token_s']:.3f} | "
                      f"{row['transformers_first_token_s']:.3f} | "
                      f"{row['ratios']['transformers_vs_sllm_first_token']:.2f}x | {row['decode']['sllm_tok_s']:.1f} | "
