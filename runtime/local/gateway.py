@@ -18,6 +18,11 @@ instance is ready (--cold-start-timeout) and proxies it. More instances start wh
 `com.openfaas.scale.target` requests in flight (up to max); all stop after `zero-duration` idle when
 `com.openfaas.scale.zero` is true. Deployments live in Redis (`sllm:function:<name>`), instances in
 this process.
+
+With --pool-size, a start takes a pre-warmed runtime from the node's pool (runtime/local/pool.py), else it
+spawns one. A streaming request held by a start is answered at once and sees the start's progress as SSE
+comments (`: sllm cold-start phase=...`, which SSE clients ignore) before its first token; a non-streaming
+one beyond --max-held requests held per function gets 429 with Retry-After from the placement's estimate.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ import functools
 import hmac
 import json
 import logging
+import math
 import os
 import random
 import re
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +50,7 @@ from redis_schema.keys import Keys, validate_id
 from runtime.jsonbody import JsonError, request_object
 from runtime.local.instances import Instance, InstanceLauncher, probe_ready
 from runtime.local.stack import ScaleSettings, StackError
+from runtime.node_loader.client import LoaderClient
 from runtime.processes import children_by_parent
 from runtime.server.metrics import CONTENT_TYPE, Metrics
 
@@ -53,9 +61,10 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 # set per instance (a caller's SLLM_BOOKING_ID would take another function's slot).
 DENIED_ENV = re.compile(r"LD_.*|PYTHON.*|GCONV_PATH|GUNICORN_CMD_ARGS|SLLM_(MIGRATION_TOKEN|BOOKING_ID|INSTANCE_ID|"
                         r"NODE_ID|FUNCTION_NAME|ADVERTISE_URL|REDIS_URL|KEY_PREFIX|MODEL_STORE|LOADER_SOCKET|"
-                        r"LOADER_TOKEN|CONTROLLER_TOKEN|SPAWN_PID|GATEWAY_TOKEN)", re.IGNORECASE)
+                        r"LOADER_TOKEN|CONTROLLER_TOKEN|SPAWN_PID|GATEWAY_TOKEN|POOL_ASSIGNED_AT)", re.IGNORECASE)
 RETRY_AFTER_S = "2"
 READY_CHECK_S = 0.25
+PROGRESS_S = 0.25      # how often a held stream checks the start's phase
 
 
 @dataclass(frozen=True)
@@ -72,15 +81,18 @@ class GatewayConfig:
     cold_start_timeout_s: float = 300.0
     idle_check_s: float = 1.0
     max_body_bytes: int = 4 << 20
+    pool_size: int = 0                 # pre-warmed runtimes per node (0: every start spawns)
+    pool_nodes: tuple[str, ...] = ()   # the nodes to keep pools for
+    max_held: int = 0                  # non-streaming requests held per function during a start (0: no cap)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
 
 
 class GatewayError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: str = RETRY_AFTER_S) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
 
 
 @dataclass
@@ -99,6 +111,11 @@ class Function:
     last_request: float = field(default_factory=time.monotonic)
     last_error: GatewayError | None = None  # why the last start failed; waiting requests get it
     changed: threading.Condition = field(default_factory=threading.Condition)
+    held: int = 0                      # requests waiting for a start now
+    phase: str = ""                    # the latest start's step: placing, staging, loading
+    placement: dict = field(default_factory=dict)   # the latest start's placement, while it runs
+    ready_by: float | None = None      # monotonic time the controller expects the latest start to be ready
+    start_kind: str = ""               # pool or spawn, for the latest start
 
     @functools.cached_property
     def scale(self) -> ScaleSettings:
@@ -162,6 +179,8 @@ class Gateway:
         if config.migration_token:
             base_env["SLLM_MIGRATION_TOKEN"] = config.migration_token
         self.launcher = InstanceLauncher(logs, base_env, self.redis, self.keys)
+        if config.pool_size:
+            self.launcher.start_pools(list(config.pool_nodes), config.pool_size)
         self.functions: dict[str, Function] = {}
         self.metrics = Metrics()
         self.cold_start = self.metrics.cold_start()  # phases `placement` and `request_to_ready`
@@ -235,20 +254,55 @@ class Gateway:
                     if best.in_flight >= scale.target and not function.starting and len(function.instances) < scale.max:
                         self._start_instance(function)  # scale up; this request does not wait for it
                     best.in_flight += 1
+                    function.held -= waited
                     return best, waited
                 # an instance whose worker is restarting comes back by itself: wait for it, start nothing
                 recovering = any(i.cold_start is not None for i in function.instances)
                 if not function.starting and not recovering:
                     if function.last_error and waited:
+                        function.held -= 1
                         raise GatewayError(function.last_error.status,
                                            f"function {name}: {function.last_error.message}")
                     self._start_instance(function)
+                function.held += not waited   # counted once, while it waits
                 waited = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    function.held -= 1
                     raise GatewayError(504, f"function {name}: no instance ready after "
                                             f"{self.config.cold_start_timeout_s:.0f} s")
                 function.changed.wait(min(remaining, 1.0))  # re-check: a recovering instance may have died
+
+    def refuse_beyond_held(self, name: str) -> None:
+        """429 for a request that would wait while --max-held others already wait for the function's start,
+        with Retry-After from the controller's estimate of that start."""
+        function = self.get(name)
+        with function.changed:
+            if not self.config.max_held or function.held < self.config.max_held or any(
+                    i.ready.is_set() for i in function.instances):
+                return
+            left = function.ready_by - time.monotonic() if function.ready_by is not None else None
+            retry = str(max(1, math.ceil(left))) if left is not None else RETRY_AFTER_S
+            raise GatewayError(429, f"function {name} is starting and {function.held} requests already wait for it "
+                                    f"(--max-held {self.config.max_held}); retry in {retry} s", retry_after=retry)
+
+    def has_ready(self, name: str) -> bool:
+        return any(i.ready.is_set() for i in self.get(name).instances)
+
+    def progress(self, function: Function) -> str:
+        """The running start's step for a held stream: placing, staging N% (the node loader's job), loading."""
+        phase, placement = function.phase, function.placement
+        if phase != "staging":
+            return phase
+        model, _, tier = (placement.get("staging") or "").partition("@")
+        try:
+            job = LoaderClient(placement["loader"], timeout=1.0).stage(model, tier)
+        except (OSError, KeyError, RuntimeError, ValueError):
+            return phase
+        if job.get("state") in ("queued", "running"):
+            return f"staging {math.floor(100 * float(job.get('progress') or 0))}%"
+        function.phase = "loading start=" + function.start_kind
+        return function.phase
 
     def release(self, name: str, instance: Instance) -> None:
         function = self.functions.get(name)
@@ -277,6 +331,7 @@ class Gateway:
 
     def _run_start(self, function: Function) -> None:
         instance = placement = None
+        function.phase, function.placement, function.ready_by, function.start_kind = "placing", {}, None, ""
         try:
             asked = time.monotonic()
             placement = self._place(function)
@@ -286,8 +341,13 @@ class Gateway:
             env = {**function.env, "SLLM_BOOKING_ID": placement.get("booking") or ""}
             if placement.get("loader"):
                 env["SLLM_LOADER_SOCKET"] = placement["loader"]
+            function.placement = placement
+            function.ready_by = time.monotonic() + float(placement.get("estimate_s") or 0)
             instance = self.launcher.start(instance_id, function.name, placement["node"], Path(function.build),
                                            function.model, env)
+            function.start_kind = instance.start
+            function.phase = "staging" if placement.get("staging") and placement.get("loader") else \
+                "loading start=" + instance.start
             instance.placement = {k: placement.get(k) for k in ("tier", "estimate_s", "action", "booking", "staging")}
             log.info("starting %s on %s for %s (estimate %.2fs from %s)", instance_id, placement["node"],
                      function.name, placement.get("estimate_s") or -1, placement.get("tier"))
@@ -414,6 +474,8 @@ class Gateway:
         self._stopping.set()
         for function in list(self.functions.values()):
             self._stop_all(function)
+        if self.launcher.pools is not None:
+            self.launcher.pools.stop()
 
 
 def forwarded_path(name: str, path: str) -> str:
@@ -427,9 +489,19 @@ def forwarded_path(name: str, path: str) -> str:
     return "/".join(segments) + ("/" if segments and path.endswith("/") else "")
 
 
-def stream_error_frame(message: str) -> bytes:
-    """The SSE frame that ends a stream the instance cut: the client sees an error, not a silent end."""
-    error = {"message": message, "type": "server_error", "param": None, "code": "upstream_disconnected"}
+def wants_stream(body: bytes) -> bool:
+    """Whether the request body asks for an SSE stream (OpenAI's `"stream": true`)."""
+    try:
+        parsed = json.loads(body) if body[:1] == b"{" else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(parsed, dict) and parsed.get("stream") is True
+
+
+def stream_error_frame(message: str, code: str = "upstream_disconnected") -> bytes:
+    """The SSE frame that ends a stream the instance cut (or a held stream whose start failed): the client
+    sees an error, not a silent end."""
+    error = {"message": message, "type": "server_error", "param": None, "code": code}
     return f"data: {json.dumps({'error': error})}\n\n".encode()
 
 
@@ -447,7 +519,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
 
     @app.errorhandler(GatewayError)
     def gateway_error(exc: GatewayError):
-        headers = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else {}
+        headers = {"Retry-After": exc.retry_after} if exc.status in (429, 503) else {}
         return jsonify({"error": exc.message}), exc.status, headers
 
     @app.errorhandler(JsonError)
@@ -512,6 +584,11 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         return {**function.status(), "instances": [i.as_dict() for i in function.instances],
                 "lastError": function.last_error.message if function.last_error else None}
 
+    @app.get("/system/pools")
+    def pools():
+        """Each node's pool of pre-warmed runtimes: size, kind (fork or exec), idle members, replacements."""
+        return jsonify(gateway.launcher.pools.status() if gateway.launcher.pools else [])
+
     @app.post("/system/scale-function/<name>")
     def scale_function(name: str):
         body = request_object()
@@ -560,6 +637,66 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 yield stream_error_frame(f"function {name}: instance {instance.id} stopped mid-response: {exc}")
 
+    def held_stream(name: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
+        """A streaming request that must wait for a start: answered at once, with the start's progress as SSE
+        comments until the instance's own stream (or an SSE error frame) follows."""
+        function = gateway.get(name)
+        result: Future = Future()
+        environ = dict(request.environ)   # forward() reads the method and query from a request context
+
+        def run() -> None:
+            with app.request_context(environ):
+                try:
+                    result.set_result(forward(name, path, body, headers))
+                except BaseException as exc:  # noqa: BLE001 - handed to the stream
+                    result.set_exception(exc)
+
+        threading.Thread(target=run, name=f"sllm-held-{name}", daemon=True).start()
+
+        def let_go(done: Future) -> None:
+            if done.exception() is None:
+                upstream, instance, _ = done.result()
+                upstream.close()
+                gateway.release(name, instance)
+
+        def frames():
+            said = ""
+            try:
+                while True:
+                    try:
+                        upstream, instance, waited = result.result(timeout=PROGRESS_S)
+                        break
+                    except TimeoutError:
+                        phase = gateway.progress(function)
+                        if phase and phase != said:
+                            said = phase
+                            yield f": sllm cold-start phase={phase}\n\n".encode()
+            except GatewayError as exc:
+                yield stream_error_frame(exc.message, code=f"gateway_{exc.status}")
+                return
+            except GeneratorExit:   # the client left while held: what the start brings back is let go
+                result.add_done_callback(let_go)
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down, say: the stream ends with the reason
+                yield stream_error_frame(f"function {name}: {type(exc).__name__}: {exc}", code="gateway_error")
+                return
+            try:
+                if waited and instance.cold_start:
+                    yield (f": sllm cold-start phase=ready start={instance.start} node={instance.node} "
+                           f"cold_start={json.dumps(instance.cold_start, separators=(',', ':'))}\n\n").encode()
+                if upstream.status_code >= 400 or not upstream.headers.get("Content-Type", "").startswith(
+                        "text/event-stream"):
+                    yield stream_error_frame(f"function {name}: {upstream.status_code} {upstream.text[:2000]}",
+                                             code=f"upstream_{upstream.status_code}")
+                else:
+                    yield from relay(name, upstream, instance)
+            finally:
+                upstream.close()
+                gateway.release(name, instance)
+
+        return Response(frames(), status=200, mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
     @app.route("/function/<name>", defaults={"path": ""}, methods=methods)
@@ -568,6 +705,10 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         path = forwarded_path(name, path)
         body = request.get_data()  # before acquiring: an oversized body (413) must not hold an instance
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        if not gateway.has_ready(name):
+            if wants_stream(body):
+                return held_stream(name, path, body, headers)
+            gateway.refuse_beyond_held(name)
         upstream, instance, waited = forward(name, path, body, headers)
         reply = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         reply.update({"X-Sllm-Instance": instance.id, "X-Sllm-Node": instance.node})

@@ -6,6 +6,9 @@ PR_SET_PDEATHSIG so it dies with the gateway even if the gateway is killed. A st
 group, waits past the instance's gunicorn graceful timeout (which we set below our wait), then SIGKILLs
 whatever of the group is left: a gunicorn worker must never outlive its master, generating and holding
 its slot. The instance's Redis record and slot are withdrawn here too, since a killed worker cannot.
+
+With pools (runtime/local/pool.py), a start first takes the node's idle pre-warmed member and assigns it
+the same environment, build and port a spawn would get; with none idle, or a failed assignment, it spawns.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import requests
 
 from redis_schema.keys import Keys
 from runtime.embedded_redis import free_tcp_port
+from runtime.local.pool import ChildProcess, Pools, reap_adopted
 from runtime.processes import die_with_parent, stop_process_group
 
 INSTANCE_GRACEFUL_TIMEOUT_S = 5   # gunicorn's graceful timeout inside an instance (its own default is 30)
@@ -40,8 +44,9 @@ class Instance:
     function: str
     node: str
     url: str
-    process: subprocess.Popen
+    process: subprocess.Popen | ChildProcess
     log_path: Path
+    start: str = "spawn"               # or "pool": a pre-warmed member was assigned
     started_at: float = field(default_factory=time.time)
     ready: threading.Event = field(default_factory=threading.Event)
     cold_start: dict | None = None     # the runtime's breakdown from /_/ready
@@ -51,7 +56,7 @@ class Instance:
     last_used: float = field(default_factory=time.monotonic)
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "node": self.node, "url": self.url, "pid": self.process.pid,
+        return {"id": self.id, "node": self.node, "url": self.url, "pid": self.process.pid, "start": self.start,
                 "ready": self.ready.is_set(), "in_flight": self.in_flight, "cold_start": self.cold_start,
                 "placement": self.placement,
                 "failure": self.failure, "started_at": self.started_at}
@@ -75,6 +80,15 @@ class InstanceLauncher:
         self.redis = redis_client
         self.keys = keys
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sllm-spawner")  # lives as long as us
+        self.pools: Pools | None = None
+
+    def spawn(self, popen) -> subprocess.Popen:
+        """Run `popen` on the spawner thread, whose exit (ours) is what PR_SET_PDEATHSIG children die with."""
+        return self._spawner.submit(popen).result()
+
+    def start_pools(self, nodes: list[str], size: int) -> Pools:
+        self.pools = Pools(nodes, size, self.log_dir, self.spawn)
+        return self.pools
 
     def start(self, instance_id: str, function: str, node: str, build: Path, model: str, env: dict[str, str]
               ) -> Instance:
@@ -87,13 +101,19 @@ class InstanceLauncher:
         command = [sys.executable, "-m", "runtime.cli", "serve", model, "--port", str(port), "--host", "127.0.0.1",
                    "--app", "index:app"]
 
+        member = self.pools.take(node) if self.pools else None
+        if member is not None and member.assign({"env": environment, "cwd": str(build), "log": str(log_path),
+                                                 "port": port, "assigned_at": time.time(), "app": "index:app"}):
+            return Instance(instance_id, function, node, url, member.process, log_path, start="pool")
+        if member is not None:   # died idle, or refused: it is replaced, and this start spawns
+            stop_process_group(member.process, grace_s=0)
+
         def spawn() -> subprocess.Popen:
             with open(log_path, "ab") as log:
                 return subprocess.Popen(command, cwd=build, env=environment, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True, preexec_fn=die_with_parent)  # noqa: PLW1509
 
-        process = self._spawner.submit(spawn).result()
-        return Instance(instance_id, function, node, url, process, log_path)
+        return Instance(instance_id, function, node, url, self.spawn(spawn), log_path)
 
     @staticmethod
     def wait_ready(instance: Instance, timeout_s: float) -> Instance:
@@ -119,6 +139,8 @@ class InstanceLauncher:
         """Stop the instance's whole process group, then withdraw its Redis record and slot."""
         instance.ready.clear()
         stop_process_group(instance.process, grace_s)
+        if self.pools is not None:
+            reap_adopted(instance.process.pid)
         if self.redis is None or self.keys is None:
             return
         try:

@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, default=2, help="function instances per node (default 2)")
     parser.add_argument("--cold-start-timeout", type=float, default=300.0,
                         help="seconds a request waits for an instance to start (default 300)")
+    parser.add_argument("--pool-size", type=int, default=1,
+                        help="pre-warmed runtimes kept idle per node, each assigned to the next start there "
+                             "(default 1; 0 spawns every instance)")
+    parser.add_argument("--max-held", type=int, default=0,
+                        help="non-streaming requests held per function while it starts; more get 429 with "
+                             "Retry-After from the placement's estimate (default 0: no cap)")
     parser.add_argument("--state-file", type=Path,
                         help="write the cluster's URLs here as JSON once it is up (default WORKDIR/cluster.json)")
 
@@ -142,7 +148,8 @@ class LocalCluster:
         config = GatewayConfig(self.redis_url, controller_url, str(self.workdir), str(store), args.key_prefix,
                                controller_token=self.controller_token, admin_token=self.admin_token,
                                build_root=str(build_root), migration_token=self.migration_token,
-                               cold_start_timeout_s=args.cold_start_timeout)
+                               cold_start_timeout_s=args.cold_start_timeout, pool_size=args.pool_size,
+                               pool_nodes=tuple(nodes), max_held=args.max_held)
         self.spawn("gateway", [sys.executable, "-m", "runtime.http_server", "--bind", f"127.0.0.1:{args.port}",
                                "--workers", "1", "--threads", "64", "--timeout", "0",
                                "--graceful-timeout", "20", "runtime.local.gateway:create_app()"],
@@ -255,8 +262,9 @@ def backoff(restarts: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nodes < 1 or args.slots < 1:
-        print("sllm-faas up: --nodes and --slots must be at least 1", file=sys.stderr)
+    if args.nodes < 1 or args.slots < 1 or args.pool_size < 0 or args.max_held < 0:
+        print("sllm-faas up: --nodes and --slots must be at least 1, --pool-size and --max-held at least 0",
+              file=sys.stderr)
         return 2
     owns = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="sllm-up-")) if owns else args.workdir.resolve()

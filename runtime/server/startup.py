@@ -46,15 +46,17 @@ class ColdStart:
     build_s: float = 0.0
     first_forward_s: float = 0.0
     tier: str = "unknown"
+    start: str = "spawn"     # or "pool": a pre-warmed runtime assigned to this function (runtime/server/zygote.py)
     decoder: str = "native"  # or "transformers fallback (why)": runtime/model/fallback.py
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
     def log_line(self) -> str:
-        return (f"cold start: tier={self.tier} decoder={self.decoder} total={self.process_start_to_ready_s:.3f}s "
-                f"imports={self.imports_s:.3f}s staging_wait={self.staging_wait_s:.3f}s load={self.load_s:.3f}s "
-                f"build={self.build_s:.3f}s first_forward={self.first_forward_s:.3f}s")
+        return (f"cold start: start={self.start} tier={self.tier} decoder={self.decoder} "
+                f"total={self.process_start_to_ready_s:.3f}s imports={self.imports_s:.3f}s "
+                f"staging_wait={self.staging_wait_s:.3f}s load={self.load_s:.3f}s build={self.build_s:.3f}s "
+                f"first_forward={self.first_forward_s:.3f}s")
 
 
 def resolve_model_dir(model: str, model_store: str) -> Path:
@@ -94,7 +96,8 @@ def stage_with_loader(settings) -> tuple[Path, str, object]:
 
 
 def start_model(settings, process_started: float, on_finish=None) -> LoadedModel:
-    """Run the cold-start steps and return a warmed-up engine with the breakdown of where time went."""
+    """Run the cold-start steps and return a warmed-up engine with the breakdown of where time went; a pooled
+    runtime's steps count from its assignment (SLLM_POOL_ASSIGNED_AT), not from its process's creation."""
     import time
 
     import torch
@@ -106,6 +109,8 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
 
     torch.set_num_threads(settings.torch_threads)
     report = ColdStart()
+    if os.environ.get("SLLM_POOL_ASSIGNED_AT"):  # a pooled runtime: timed from its assignment, imports done
+        process_started, report.start = float(os.environ["SLLM_POOL_ASSIGNED_AT"]), "pool"
     mark = time.time()
     report.imports_s = mark - process_started
 
