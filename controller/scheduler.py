@@ -12,8 +12,11 @@ code. Startup-time estimates follow ServerlessLLM (OSDI'24, section 6):
 Slots are GPUs: a model needing g GPUs fits where at least g are free, and a wait or a migration frees the
 GPUs of the instances it is about. A migration is offered only where it saves more waiting than it costs
 other requests: it frees the GPUs `move` seconds from now instead of `wait`, and holds the destination's
-GPUs for those `move` seconds (load and recompute) on top of what the request needs anyway, so only where
-wait - move > move (the moved request ends when it would have either way). A wait is not a commitment:
+GPUs for those `move` seconds (load and recompute) on top of what the request needs anyway. Those GPU-seconds
+are priced by who wants them: the request itself and every request already waiting for GPUs (`pending`), each
+of which they may hold up by as much, so a migration is offered only where wait - move > move x (1 + pending)
+(the moved request ends when it would have either way). On an idle cluster this is wait - move > move; near
+saturation, when requests queue for GPUs, migration stops before it can lengthen the tail. A wait is not a commitment:
 the caller waits for room and decides again. `plans()` is the one decision path: the controller's
 placement and the simulator both take its first decision they can carry out.
 
@@ -53,6 +56,7 @@ class InstanceInfo:
     tokens: int  # t_in + t_out so far
     migratable: bool = True
     remaining_s: float | None = None  # expected time until its request ends; None: unknown, never waited for
+    likely_remaining_s: float | None = None  # the time it outlasts with probability 1/2 (None: remaining_s)
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class Snapshot:
     models: dict[str, ModelInfo]
     instances: tuple[InstanceInfo, ...] = ()
     migrating: frozenset[str] = frozenset()  # instances already being moved by an earlier decision
+    pending: int = 0  # other requests waiting for GPUs that no decision covers yet: what a migration's GPU time costs
 
     def updated(self, nodes: dict[str, NodeInfo] | None = None, models: dict[str, ModelInfo] | None = None,
                 migrating: frozenset[str] = frozenset()) -> Snapshot:
@@ -83,7 +88,7 @@ class Snapshot:
         """
         nodes = nodes or {}
         copy = Snapshot(tuple(nodes.get(n.id, n) for n in self.nodes) if nodes else self.nodes,
-                        {**self.models, **(models or {})}, self.instances, self.migrating | migrating)
+                        {**self.models, **(models or {})}, self.instances, self.migrating | migrating, self.pending)
         for derived in ("fallback_bandwidths", "free_node_index", "migration_options", "shortlist_index",
                         "instances_by_node"):
             if derived in self.__dict__:
@@ -217,6 +222,22 @@ def expected_remaining_tokens(generated: int, mean: float, cv: float, cap: int) 
         return max(0.0, cap - generated)
     tail_mean = mean * _normal_cdf((mu + sigma**2 - log_k) / sigma) / beyond  # E[L | L > k]
     return max(0.0, min(tail_mean, cap) - generated)
+
+
+def median_remaining_tokens(generated: int, mean: float, cv: float, cap: int) -> float:
+    """The x with P(L - k > x | L > k) = 1/2 for the same lognormal: what a running request outlasts as often as
+    not. A migration only pays when the request goes on longer than the move; under a heavy tail the conditional
+    mean (`expected_remaining_tokens`) is inflated by the few very long requests, so a rule on the mean bets on
+    most requests running far longer than they do."""
+    if cv <= 0:
+        return expected_remaining_tokens(generated, mean, cv, cap)  # no spread: one length, mean = median
+    sigma = math.sqrt(math.log1p(cv**2))
+    mu = math.log(mean) - sigma**2 / 2
+    beyond = _normal_cdf((mu - math.log(generated)) / sigma) if generated > 0 else 1.0  # P(L > k)
+    if beyond <= 0.0:
+        return max(0.0, cap - generated)
+    median = math.exp(mu + sigma * statistics.NormalDist().inv_cdf(1 - beyond / 2))  # P(L > x) = P(L > k) / 2
+    return max(0.0, min(median, cap) - generated)
 
 
 def _normal_cdf(x: float) -> float:
@@ -397,12 +418,15 @@ class _MigrationOptions:
                 options.append((instance.remaining_s, tuple(waited), None, instance.model))
                 break
         # migrating one instance that frees enough, where it saves more waiting than the destination's GPU time
+        # costs the placed request and every request pending for GPUs
+        price = 2 + self.snapshot.pending
         for instance in running:
             model = self.snapshot.models[instance.model]
             destination = self._best_destination(instance.model, node_id) if instance.migratable else None
             if model.gpus >= need and destination is not None:
                 move = migration_time(instance, model) + destination[0]
-                if 2 * move < (math.inf if instance.remaining_s is None else instance.remaining_s):
+                likely = instance.remaining_s if instance.likely_remaining_s is None else instance.likely_remaining_s
+                if price * move < (math.inf if likely is None else likely):
                     options.append((move, (instance.id,), destination[1], instance.model))
         options = [option for option in options if not math.isinf(option[0])]
         return min(options, key=lambda o: o[:2]) if options else None

@@ -157,3 +157,47 @@ def test_expected_remaining_tokens():
     density = [math.exp(-(math.log(v) - mu) ** 2 / (2 * sigma**2)) / (v * sigma * math.sqrt(2 * math.pi)) for v in x]
     expected = sum((v - 200) * d for v, d in zip(x, density, strict=True)) / sum(density)
     assert expected_remaining_tokens(200, 300.0, 1.0, 10**9) == pytest.approx(expected, rel=1e-3)
+
+
+def _one_migration_candidate(remaining_s: float, likely_s: float | None = None, pending: int = 0) -> Snapshot:
+    # "a" holds m in DRAM, its slot taken by "short" (move to "b": 200 / 2000 + 0.1 = 0.2 s recompute + 0.2 s
+    # reload from b's DRAM = 0.4 s); "b" is free but would load m from remote (4 s)
+    models = {"m": MODEL, "other": ModelInfo("other", 2 * GB, prefill_tokens_per_s=2000.0, migration_overhead_s=0.1)}
+    return Snapshot(
+        (NodeInfo("a", 0, {"m": "dram", "other": "dram"}, dict(BW)), NodeInfo("b", 1, {"other": "dram"}, dict(BW))),
+        models, (InstanceInfo("short", "a", "other", 200, remaining_s=remaining_s, likely_remaining_s=likely_s),),
+        pending=pending)
+
+
+def test_migration_priced_by_the_requests_pending_for_gpus():
+    # idle cluster: wait 2 s - move 0.4 s > 0.4 s: migrate, m then loads from DRAM: 0.4 + 0.4 = 0.8 s
+    best = rank(_one_migration_candidate(2.0), "m")[0]
+    assert (best.node, best.migrate, best.estimate_s) == ("a", "short", pytest.approx(0.8))
+    # three more requests want GPUs: the move's 0.4 s of b's GPUs costs 0.4 x (1 + 3) = 1.6 s, not under the
+    # 1.6 s it saves: wait for "short" instead (2 s, then 0.4 s from DRAM), still ahead of b's remote load (4 s)
+    best = rank(_one_migration_candidate(2.0, pending=3), "m")[0]
+    assert (best.node, best.migrate, best.wait_for, best.estimate_s) == ("a", None, ("short",), pytest.approx(2.4))
+    assert rank(_one_migration_candidate(2.0, pending=2), "m")[0].migrate == "short"  # 1.2 s < 1.6 s: still pays
+
+
+def test_migration_needs_the_request_likely_to_outlast_it():
+    # expected 2 s left (a heavy tail's mean) but as likely as not under 0.7 s: 0.7 - 0.4 < 0.4, the move would
+    # more often than not cost more than it saves: wait (2 s + 0.4 s) though the mean says migrate
+    best = rank(_one_migration_candidate(2.0, likely_s=0.7), "m")[0]
+    assert (best.migrate, best.wait_for, best.estimate_s) == (None, ("short",), pytest.approx(2.4))
+    assert rank(_one_migration_candidate(2.0, likely_s=0.9), "m")[0].migrate == "short"
+
+
+def test_median_remaining_tokens():
+    from controller.scheduler import median_remaining_tokens
+
+    assert median_remaining_tokens(0, 300.0, 1.0, 10**9) == pytest.approx(300.0 / math.sqrt(2))  # exp(mu)
+    assert median_remaining_tokens(100, 300.0, 0.0, 2048) == 200.0     # no spread: the rest of the mean
+    assert median_remaining_tokens(2000, 300.0, 1.0, 2048) <= 48.0     # never past the cap
+    # P(L > k + x) = P(L > k) / 2 for the lognormal with mean 300, cv 1 (sigma^2 = ln 2), k = 200
+    sigma = math.sqrt(math.log(2.0))
+    mu = math.log(300.0) - sigma**2 / 2
+    survival = lambda v: 0.5 * math.erfc((math.log(v) - mu) / (sigma * math.sqrt(2)))  # noqa: E731
+    x = median_remaining_tokens(200, 300.0, 1.0, 10**9)
+    assert survival(200 + x) == pytest.approx(survival(200) / 2, rel=1e-9)
+    assert x < 252.1  # under the conditional mean (expected_remaining_tokens(200, ...) = 252.1)

@@ -148,12 +148,13 @@ class Cluster:
                                                          node.bandwidth, max(0.0, node.loader_free_at - now))
         return self._infos[node.index]
 
-    def snapshot(self, now: float, migration: bool = True, claims: dict[str, int] | None = None
+    def snapshot(self, now: float, migration: bool = True, claims: dict[str, int] | None = None, pending: int = 0
                  ) -> scheduler.Snapshot:
         """Every node and every running instance a slot can be freed from: by waiting for its request's
         expected end (what a controller can know: the tokens so far and the dataset's length distribution,
         not the true length) or, with `migration`, by moving it. `claims`: instance -> waiting requests of its
-        model queued for it: each pushes its end back by a mean request, and it stays where they wait."""
+        model queued for it: each pushes its end back by a mean request, and it stays where they wait. `pending`:
+        other requests waiting for GPUs (the price of a migration's GPU time)."""
         claims = claims or {}
         lengths, instances = self.lengths, []
         for instance in self.busy:
@@ -161,15 +162,18 @@ class Cluster:
             if instance.migratable:
                 model = instance.model
                 tokens = instance.tokens(now)
-                remaining = (max(0.0, instance.decode_start_s - now) + scheduler.expected_remaining_tokens(
-                    tokens - instance.request.input_tokens, lengths.output_mean, lengths.output_cv,
-                    lengths.max_tokens) / model.decode_tokens_per_s)
+                prefill_left = max(0.0, instance.decode_start_s - now)
+                generated = tokens - instance.request.input_tokens
+                remaining, likely = (prefill_left + estimate(generated, lengths.output_mean, lengths.output_cv,
+                                                             lengths.max_tokens) / model.decode_tokens_per_s
+                                     for estimate in (scheduler.expected_remaining_tokens,
+                                                      scheduler.median_remaining_tokens))
                 if queued:
                     remaining += queued * (lengths.input_mean / model.prefill_tokens_per_s
                                            + lengths.output_mean / model.decode_tokens_per_s)
                 instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, model.name, tokens,
-                                                        migration and not queued, remaining))
-        return scheduler.Snapshot(tuple(self.node_infos(now)), self.model_infos, tuple(instances))
+                                                        migration and not queued, remaining, likely))
+        return scheduler.Snapshot(tuple(self.node_infos(now)), self.model_infos, tuple(instances), pending=pending)
 
     def _changed(self, node: Node) -> None:
         self._stale.add(node.index)

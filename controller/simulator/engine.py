@@ -110,7 +110,7 @@ class Simulation:
         will take."""
         name, claims = model.name, self.claims[model.name]
         while len(self.waiting[name]) > self.starting[name] + len(claims):
-            placement = self.policy.place(self.cluster, model, self.now, self._claims())
+            placement = self.policy.place(self.cluster, model, self.now, self._claims(), self._pending(name))
             if placement is None:
                 self.blocked.setdefault(name)
                 return
@@ -131,6 +131,12 @@ class Simulation:
             self._start(model, placement)
         if len(self.waiting[name]) <= self.starting[name]:
             self.blocked.pop(name, None)
+
+    def _pending(self, name: str) -> int:
+        """Requests other than the one being placed for `name` that wait for GPUs: neither an instance on its way
+        nor a running instance they queue for will take them (only blocked models and `name` can have any)."""
+        return sum(max(0, len(self.waiting[model]) - self.starting[model] - len(self.claims[model]))
+                   for model in {name, *self.blocked}) - 1
 
     def _claims(self) -> dict[str, int]:
         """Instance -> waiting requests of its model queued for it."""

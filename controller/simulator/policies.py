@@ -37,10 +37,11 @@ class Policy:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
-              ) -> Placement | None:
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None,
+              pending: int = 0) -> Placement | None:
         """Where a new instance of `model` starts, or None if no node can take it now. `claims`: running
-        instance -> waiting requests that count on it (only the policies that wait look at them)."""
+        instance -> waiting requests that count on it (only the policies that wait look at them); `pending`: other
+        requests waiting for GPUs (only the policy that migrates looks at it)."""
         raise NotImplementedError
 
 
@@ -48,8 +49,8 @@ class RandomPolicy(Policy):
     """Availability only: any node with enough GPUs, uniformly at random."""
     name = "random"
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
-              ) -> Placement | None:
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None,
+              pending: int = 0) -> Placement | None:
         able = [node for node in cluster.nodes if node.reclaimable >= model.gpus]
         return Placement(self.rng.choice(able)) if able else None
 
@@ -59,8 +60,8 @@ class LeastAllocated(Policy):
     GPUs unallocated (an idle instance still holds its GPUs); ties are broken at random, as kube-scheduler does."""
     name = "least-allocated"
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
-              ) -> Placement | None:
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None,
+              pending: int = 0) -> Placement | None:
         best, best_score = [], -1.0
         for node in cluster.nodes:
             if node.reclaimable < model.gpus:
@@ -88,9 +89,9 @@ class Ours(Policy):
     prefetch = True
     migration = True
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
-              ) -> Placement | None:
-        return carry_out(cluster, scheduler.plans(cluster.snapshot(now, self.migration, claims), model.name))
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None,
+              pending: int = 0) -> Placement | None:
+        return carry_out(cluster, scheduler.plans(cluster.snapshot(now, self.migration, claims, pending), model.name))
 
 
 class OursNoMigration(Ours):
@@ -107,8 +108,8 @@ class ServerlessLLMRelease(Policy):
     name = "sllm-release"
     prefetch = True
 
-    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None
-              ) -> Placement | None:
+    def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None,
+              pending: int = 0) -> Placement | None:
         constant = dict.fromkeys(scheduler.TIERS, RELEASE_BANDWIDTH)
         local = tuple(dataclasses.replace(cluster.node_info(node, now), bandwidth=constant)
                       for node in cluster.holders[model.name])
