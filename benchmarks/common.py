@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import platform
 import re
 import socket
 import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
 def now_utc() -> str:
@@ -151,3 +159,54 @@ def write_model(directory: Path, size: int) -> None:
     per = 64 << 20
     state = {f"w{i}": torch.randn(min(per, size - i * per) // 2).to(torch.bfloat16) for i in range(-(-size // per))}
     save_state_dict(state, directory, partition_size=512 << 20)
+
+
+def install_bench_extra() -> list[str]:
+    """Install pyproject.toml's `bench` extra (the peers the load benchmark compares against) into this
+    interpreter with pip, torch held at constraints.txt; returns the requirements. Run every time: pip does
+    nothing when they are satisfied, and a peer that cannot be installed stops the benchmark."""
+    requirements = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements]
+    if (REPO / "constraints.txt").exists():
+        command += ["-c", str(REPO / "constraints.txt")]
+    print(f"installing the bench extra: {' '.join(requirements)}", flush=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"pip could not install the bench extra ({' '.join(requirements)}):\n"
+                         f"{result.stderr.strip() or result.stdout.strip()}")
+    return requirements
+
+
+def parallel_direct_read(files: Sequence[Path], buffer: mmap.mmap, threads: int = 8, chunk: int = 16 << 20) -> float:
+    """Seconds to read `files` with O_DIRECT preads of `chunk` bytes from `threads` threads into `buffer` (one
+    page-aligned slot per file): with a pre-touched buffer, the disk's bandwidth, the ceiling of a cold load.
+    A file's last request is rounded up to whole pages, as O_DIRECT wants; the read stops short at its end."""
+    view = memoryview(buffer)
+    fds, jobs, base = [], [], 0
+    try:
+        for path in files:
+            size = path.stat().st_size
+            slot = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+            fds.append(fd := os.open(path, os.O_RDONLY | os.O_DIRECT))
+            jobs += [(fd, view[base + start:base + min(start + chunk, slot)], start, min(chunk, size - start))
+                     for start in range(0, size, chunk)]
+            base += slot
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(lambda job: _pread_fully(*job), jobs):
+                pass
+        return time.perf_counter() - start
+    finally:
+        for fd in fds:
+            os.close(fd)
+        del jobs
+        view.release()
+
+
+def _pread_fully(fd: int, view: memoryview, offset: int, length: int) -> None:
+    done = 0
+    while done < length:
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise OSError(f"unexpected end of file at {offset + done}")
+        done += count

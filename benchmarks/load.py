@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Load-time benchmark: our checkpoint loader against safetensors, torch.load(mmap) and optional peers.
+"""Load-time benchmark: our checkpoint loader against safetensors, torch.load(mmap), runai-model-streamer,
+tensorizer and fastsafetensors (the `bench` extra, installed by the benchmark itself).
 
     python benchmarks/load.py [--size 1GiB] [--runs 5] [--modes cold,warm,shm] [--loaders a,b,...]
                               [--json OUT] [--workdir DIR] [--sweep]
@@ -14,6 +15,7 @@ See benchmarks/README.md for what every column means.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib.util
 import json
 import mmap
@@ -25,7 +27,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import evict_page_cache, filesystem_of, machine_info, read_text  # noqa: E402
+from common import (  # noqa: E402
+    evict_page_cache,
+    filesystem_of,
+    install_bench_extra,
+    machine_info,
+    parallel_direct_read,
+    read_text,
+)
 
 from runtime.checkpoint.cli import parse_size  # noqa: E402
 
@@ -53,7 +61,7 @@ IDLE_S = 4.0  # longer than the kernel's free page reporting delay (2 s), so fre
 IDLE_MAX_S = 20.0
 REPORTED_KIB = Path("/sys/module/page_reporting/parameters/reported_kib")
 SCRATCH_NAME = "scratch.bin"  # next to the formats: read and dropped to recycle page-cache memory
-TARGETS = {"cold_vs_peer": 0.8, "cold_vs_odirect": 0.8, "shm_vs_safetensors": 1.1, "second_anon": 0.05}
+TARGETS = {"cold_vs_peer": 0.9, "cold_vs_odirect": 0.9, "shm_vs_safetensors": 1.1, "second_anon": 0.05}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +90,7 @@ DEFAULT_LOADERS = tuple(LOADERS)
 
 
 def importable(module: str) -> bool:
-    """True when `module` could be imported, without importing it (peers are optional)."""
+    """True when `module` could be imported, without importing it."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
@@ -98,6 +106,7 @@ _KEEP_ALIVE: list[Any] = []  # loader objects whose lifetime must cover the tens
 def sllm_loader(name: str, path: str, options: dict[str, Any]) -> Callable[[], dict[str, torch.Tensor]]:
     """Our loader; with options, the strategy's module is called directly with those keyword knobs
     (read_partitions: threads, chunk, hugepages; map_partitions: populate, threads, chunk)."""
+    import runtime.loader.policy  # noqa: F401  imported here, run inside the timer: sllm-auto pays for its probe
     from runtime.checkpoint import read_manifest
     from runtime.loader import load
     from runtime.loader.direct import read_partitions
@@ -202,9 +211,21 @@ def run_child(loader: str, path: str, options: dict[str, Any], memory: str, hold
               "anon_after_mb": after["RssAnon"], "file_after_mb": after["RssFile"],
               "shmem_after_mb": after["RssShmem"], "resident_before": resident,
               "resident_after": resident_after}
+    if loader == "sllm-auto":
+        result["auto_choice"] = auto_choice()
     print(json.dumps(result), flush=True)
     if hold:
         sys.stdin.read()
+
+
+def auto_choice() -> str:
+    """What sllm-auto did: "mmap (in memory)" without a probe, else the probe's choice and its measurements."""
+    from runtime.loader import policy
+
+    if not policy.memory_probe.cache_info().currsize:
+        return "mmap (in memory)"
+    probe = policy.memory_probe()
+    return f"{policy.choose(probe)} (huge {probe.hugepage_gbps:.2f} GB/s, 4 KiB {probe.small_gbps:.2f} GB/s)"
 
 
 def files_of(path: Path) -> list[Path]:
@@ -477,37 +498,6 @@ def wait_for_page_reporting() -> None:
         last = now
 
 
-def parallel_direct_read(files: Sequence[Path], buffer: mmap.mmap, threads: int = 8, chunk: int = 16 * MiB) -> float:
-    """Seconds to read `files` with O_DIRECT preads of `chunk` bytes from `threads` threads into `buffer`."""
-    view = memoryview(buffer)
-    fds, jobs, base = [], [], 0
-    try:
-        for path in files:
-            size = path.stat().st_size
-            fds.append(fd := os.open(path, os.O_RDONLY | os.O_DIRECT))
-            jobs += [(fd, view[base + start:base + min(start + chunk, size)], start) for start in range(0, size, chunk)]
-            base += -(-size // PAGE) * PAGE
-        start = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            for _ in pool.map(lambda job: _pread_fully(*job), jobs):
-                pass
-        return time.perf_counter() - start
-    finally:
-        for fd in fds:
-            os.close(fd)
-        del jobs
-        view.release()
-
-
-def _pread_fully(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        count = os.preadv(fd, [view[done:]], offset + done)
-        if count == 0:
-            raise OSError(f"unexpected end of file at {offset + done}")
-        done += count
-
-
 def measure_direct_read(files: Sequence[Path], runs: int, buffer_kind: str, memory: str,
                         warnings: list[str]) -> list[float]:
     """GB/s samples of cold parallel O_DIRECT reads into a "pretouched" buffer (pure I/O) or a fresh one
@@ -694,6 +684,8 @@ def aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["min_resident_before"] = min(r["resident_before"] for r in good)
     out["max_resident_before"] = max(r["resident_before"] for r in good)
     out["retried_samples"] = sum(r["attempts"] > 1 for r in good)
+    if "auto_choice" in good[0]:
+        out["auto_choices"] = [r["auto_choice"] for r in good]
     if errors:
         out["errors"] = errors
     return out
@@ -784,7 +776,8 @@ def compute_ratios(results: dict[str, dict[str, dict[str, Any]]], limits: dict[s
         if ours is None or not peers:
             continue
         best = min(peers, key=peers.get)
-        entry = {"sllm_auto_s": ours, "best_peer": best, "best_peer_s": peers[best], "ratio": ours / peers[best]}
+        entry = {"sllm_auto_s": ours, "best_peer": best, "best_peer_s": peers[best], "ratio": ours / peers[best],
+                 "auto_choices": per_loader["sllm-auto"].get("auto_choices", [])}
         if mode == "cold":
             entry["target_ratio_max"] = TARGETS["cold_vs_peer"]
             if limits:
@@ -858,6 +851,9 @@ def ratio_lines(ratios: dict[str, Any]) -> list[str]:
         if "vs_safetensors" in r:
             line += f"; vs safetensors {r['vs_safetensors']:.2f}x (target <= {r['target_vs_safetensors_max']}x)"
         lines.append(line)
+        if r.get("auto_choices"):
+            choices = collections.Counter(choice.split(" (")[0] for choice in r["auto_choices"])
+            lines.append("  - sllm-auto's strategy per sample: " + ", ".join(f"{k} {v}x" for k, v in choices.items()))
     if "second_process_anon_percent" in ratios:
         lines.append(f"- second process anon RSS (sllm-auto, tmpfs): {ratios['second_process_anon_percent']:.2f}% "
                      f"of model (target < {ratios['target_second_process_anon_percent_max']:.0f}%)")
@@ -937,7 +933,6 @@ def markdown_report(report: dict[str, Any]) -> str:
     for title, body in (("Ratios", ratio_lines(report["ratios"])), ("Physical limits", limit_lines(report["limits"])),
                         ("Second process on tmpfs", rss_lines(report["second_process"])),
                         ("Sweep", sweep_lines(report.get("sweep", []))),
-                        ("Skipped", [f"- {k}: {v}" for k, v in report["skipped"].items()]),
                         ("Warnings", [f"- {w}" for w in report["warnings"]])):
         if body:
             lines += ["", f"## {title}", ""] + body
@@ -967,8 +962,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"), help="model size (default 1GiB)")
     parser.add_argument("--runs", type=int, default=5, help="samples per loader and mode (default 5)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of cold,warm,shm")
-    parser.add_argument("--loaders", default=",".join(DEFAULT_LOADERS), help="comma list; peers not installed are "
-                        "skipped")
+    parser.add_argument("--loaders", default=",".join(DEFAULT_LOADERS), help="comma list (default all); the bench "
+                        "extra is installed when a peer is listed, and a peer that cannot be imported is an error")
     parser.add_argument("--json", type=Path, help="output JSON (a .md summary is written next to it)")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where checkpoints live (real disk)")
     parser.add_argument("--sweep", nargs="?", const="all", choices=SWEEPS, help="instead of the comparison, time "
@@ -987,16 +982,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def select_loaders(requested: str, skipped: dict[str, str]) -> list[str]:
-    """The requested loaders that can run here; unknown names are an error, missing peers a note."""
-    chosen = []
-    for name in filter(None, (n.strip() for n in requested.split(","))):
-        if name not in LOADERS:
-            raise SystemExit(f"unknown loader {name!r}; known: {', '.join(LOADERS)}")
-        if importable(LOADERS[name].module):
-            chosen.append(name)
-        else:
-            skipped[name] = f"module {LOADERS[name].module} not importable"
+def select_loaders(requested: str) -> list[str]:
+    """The requested loaders, after installing the bench extra when a peer is among them. An unknown name, or
+    a peer whose module still cannot be imported, is an error: a comparison without a peer is not one."""
+    chosen = list(dict.fromkeys(filter(None, (n.strip() for n in requested.split(",")))))
+    if unknown := [name for name in chosen if name not in LOADERS]:
+        raise SystemExit(f"unknown loader(s) {unknown}; known: {', '.join(LOADERS)}")
+    if any(LOADERS[name].peer for name in chosen):
+        install_bench_extra()
+    missing = [f"{name} (module {LOADERS[name].module})" for name in chosen if not importable(LOADERS[name].module)]
+    if missing:
+        raise SystemExit(f"cannot import {', '.join(missing)} after installing the bench extra")
     return chosen
 
 
@@ -1008,11 +1004,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [m for m in (m.strip() for m in args.modes.split(",")) if m]
     if bad := [m for m in modes if m not in MODES]:
         raise SystemExit(f"unknown mode(s) {bad}; known: {', '.join(MODES)}")
-    skipped: dict[str, str] = {}
-    loaders = sorted({p[1] for p in sweep_points(args.sweep)}) if args.sweep else select_loaders(args.loaders,
-                                                                                                   skipped)
-    for name, note in skipped.items():
-        print(f"skipping {name}: {note}", flush=True)
+    loaders = sorted({p[1] for p in sweep_points(args.sweep)}) if args.sweep else select_loaders(args.loaders)
     formats = {LOADERS[name].fmt for name in loaders} | {"sllm"}
     args.workdir.mkdir(parents=True, exist_ok=True)
     if filesystem_of(args.workdir)["type"] in ("tmpfs", "ramfs"):
@@ -1029,7 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "workdir": str(checkpoint.root), "sweep": args.sweep, "memory": args.memory,
                    "shm_dir": str(args.shm_dir), "shm_filesystem": filesystem_of(args.shm_dir)},
         "limits": {} if args.no_limits else measure_limits(checkpoint, args.runs, warnings),
-        "results": {}, "second_process": {}, "skipped": skipped, "warnings": warnings,
+        "results": {}, "second_process": {}, "warnings": warnings,
     }
     shm_root = args.shm_dir / f"sllm-bench-{os.getpid()}"
     try:

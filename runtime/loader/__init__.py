@@ -5,9 +5,11 @@
     tensors = load(path, device="cuda")                 # pinned-ring pipeline to the GPU
 
 Strategies (one module each): "mmap" (runtime/loader/mapped.py): shared copy-on-write mappings,
-populated in parallel, for every CPU load ("auto"); "direct" (runtime/loader/direct.py): parallel
-O_DIRECT reads into fresh memory, also the reader of the GPU pipeline (runtime/loader/gpu.py).
-benchmarks/README.md has the measurements behind the choice.
+populated in parallel; "direct" (runtime/loader/direct.py): parallel O_DIRECT reads into fresh
+huge-page memory, also the reader of the GPU pipeline (runtime/loader/gpu.py). "auto" on the CPU maps
+what is already in memory and, from disk, picks whichever of the two the memory found now favours
+(runtime/loader/policy.py: a first-touch probe, once per process). benchmarks/README.md has the
+measurements behind the choice.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, st
 
         buffers = load_to_gpu(directory, manifest, device, direct=strategy != "buffered")
     else:
-        if strategy in ("auto", "mmap"):
+        if strategy == "auto":
+            from runtime.loader.policy import cpu_strategy
+
+            strategy = cpu_strategy(directory, manifest)
+        if strategy == "mmap":
             from runtime.loader.mapped import map_partitions
 
             buffers = map_partitions(directory, manifest)

@@ -8,10 +8,14 @@ three methods.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import queue
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +23,7 @@ import requests
 import urllib3
 
 from runtime.checkpoint.format import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointError, open_regular, read_regular
+from runtime.loader.direct import allocate_buffer, open_for_reading
 from runtime.names import validate_model_name
 
 Progress = Callable[[int], None]  # called with bytes just written
@@ -173,17 +178,69 @@ def open_store(location: str, transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEO
     return LocalStore(location, transfer_timeout_s)
 
 
-def copy_file(source: Path, destination: Path, progress: Progress, chunk: int = 64 << 20) -> None:
-    """In-kernel copy (copy_file_range / sendfile), chunk by chunk so progress is reported."""
-    fd, size = open_regular(source)
-    with open(fd, "rb") as src, open(destination, "wb") as dst:
-        if size == 0:
-            return
-        offset = 0
-        while offset < size:
-            sent = os.sendfile(dst.fileno(), src.fileno(), offset, min(chunk, size - offset))
-            if sent == 0:
-                raise OSError(f"short copy of {source} at byte {offset}")
-            offset += sent
-            progress(sent)
+STAGE_CHUNK = 16 << 20
+STAGE_THREADS = 4
+_ALIGN = mmap.PAGESIZE  # O_DIRECT offsets, lengths and buffers: multiples of the logical block size (<= a page)
+
+
+def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int = STAGE_CHUNK,
+              threads: int = STAGE_THREADS) -> None:
+    """SSD -> DRAM staging copy at the disk's O_DIRECT bandwidth; `progress` is called from this thread only.
+
+    A kernel copy (sendfile, `cp`) is one stream through the page cache: read-ahead is its only queue depth
+    (~72% of the parallel O_DIRECT bandwidth here) and the source lands in the page cache as a second copy of
+    the model. Here each of `threads` workers owns one page-aligned buffer, reused for every chunk: an O_DIRECT
+    pread of the chunk, then a pwrite at the same offset of the destination. While one worker writes (a memcpy
+    into fresh tmpfs pages, CPU work) the others wait on the disk, so reads and writes overlap and the disk
+    always has requests in flight. Chunks finish out of order, so the destination is sized first. Where
+    O_DIRECT is refused (a tmpfs source, some network filesystems) the same plan runs buffered.
+    """
+    if chunk <= 0 or chunk % _ALIGN:
+        raise ValueError(f"chunk must be a positive multiple of {_ALIGN}, got {chunk}")
+    fd, direct = open_for_reading(source)
+    plain = open_regular(source)[0] if direct else fd  # for a remainder that a short direct read left unaligned
+    try:
+        size = os.fstat(fd).st_size
+        with open(destination, "wb") as dst:
+            os.ftruncate(dst.fileno(), size)
+            if size:
+                _copy_chunks(fd, plain, direct, dst.fileno(), size, progress, chunk,
+                             max(1, min(threads, -(-size // chunk))), str(source))
+    finally:
+        os.close(fd)
+        if plain != fd:
+            os.close(plain)
     shutil.copystat(source, destination)
+
+
+def _copy_chunks(fd: int, plain: int, direct: bool, dst: int, size: int, progress: Progress, chunk: int,
+                 threads: int, path: str) -> None:
+    buffers: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+    for _ in range(threads):
+        buffers.put(memoryview(allocate_buffer(chunk, hugepages=False)))  # reused: no fresh memory per chunk
+
+    def copy_one(offset: int) -> int:
+        view = buffers.get()
+        try:
+            length = min(chunk, size - offset)
+            done = 0
+            while done < length:
+                aligned = direct and done % _ALIGN == 0
+                want = -(-(length - done) // _ALIGN) * _ALIGN if aligned else length - done  # past EOF: short read
+                count = os.preadv(fd if aligned else plain, [view[done:done + want]], offset + done)
+                if count == 0:
+                    raise OSError(errno.EIO, f"unexpected end of file at byte {offset + done}", path)
+                done += count
+            written = 0
+            while written < length:
+                written += os.pwrite(dst, view[written:length], offset + written)
+            return length
+        finally:
+            buffers.put(view)
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="stage-copy")
+    try:
+        for future in as_completed([pool.submit(copy_one, offset) for offset in range(0, size, chunk)]):
+            progress(future.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure, stop the chunks not started yet

@@ -1,0 +1,151 @@
+"""The CPU strategy of `load(strategy="auto")` is decided by the memory probe's measurements (injected here,
+never timed) and by where the files are; the probe itself runs once per process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime.loader.direct as direct_module
+import runtime.loader.mapped as mapped_module
+import runtime.loader.policy as policy
+from runtime.checkpoint import read_manifest, save_state_dict
+from runtime.loader import load
+from runtime.loader.policy import MemoryProbe, choose, cpu_strategy
+from runtime.loader.tiers import current_tier, on_memory_filesystem
+
+HOST_BACKED = MemoryProbe(hugepage_gbps=11.6, small_gbps=2.5)  # recycled memory on the development VM
+REPORTED = MemoryProbe(hugepage_gbps=0.45, small_gbps=2.4)  # after the balloon handed free memory back
+NO_HUGE_PAGES = MemoryProbe(hugepage_gbps=2.5, small_gbps=2.4)  # THP off or fragmented: both probes get 4 KiB
+
+
+@pytest.mark.parametrize(("probe", "expected"), [(HOST_BACKED, "direct"), (REPORTED, "mmap"),
+                                                 (NO_HUGE_PAGES, "mmap"),
+                                                 (MemoryProbe(policy.DIRECT_MARGIN * 3.0, 3.0), "direct"),
+                                                 (MemoryProbe(policy.DIRECT_MARGIN * 3.0 - 0.01, 3.0), "mmap"),
+                                                 (MemoryProbe(0.0, 2.0), "mmap")])
+def test_choice_follows_the_measurements(probe, expected):
+    assert choose(probe) == expected
+
+
+@pytest.fixture
+def disk_checkpoint(tmp_path):
+    """A checkpoint on a disk (/var/tmp when writable, else tmp_path), its pages dropped from the cache."""
+    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else tmp_path
+    root = Path(tempfile.mkdtemp(prefix="sllm-policy-test-", dir=base))
+    torch.manual_seed(0)
+    state = {"w": torch.randn(300, 517), "b": torch.arange(7)}
+    directory = root / "model"
+    save_state_dict(state, directory)
+    if on_memory_filesystem(directory):
+        shutil.rmtree(root)
+        pytest.skip("no disk-backed directory to test a load from disk")
+    for path in directory.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    yield directory, state
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def spy_strategies(monkeypatch) -> list[str]:
+    """Record which strategy module `load` called, still running the real one."""
+    called: list[str] = []
+    real_read, real_map = direct_module.read_partitions, mapped_module.map_partitions
+
+    def read(*args, **kwargs):
+        called.append("direct" if kwargs.get("direct", True) else "buffered")
+        return real_read(*args, **kwargs)
+
+    def mapped(*args, **kwargs):
+        called.append("mmap")
+        return real_map(*args, **kwargs)
+
+    monkeypatch.setattr(direct_module, "read_partitions", read)
+    monkeypatch.setattr(mapped_module, "map_partitions", mapped)
+    return called
+
+
+def uncached(directory: Path) -> bool:
+    return current_tier(directory, read_manifest(directory)) == "ssd"
+
+
+@pytest.mark.parametrize(("probe", "expected"), [(HOST_BACKED, "direct"), (REPORTED, "mmap")])
+def test_auto_load_from_disk_uses_the_probes_choice(disk_checkpoint, monkeypatch, probe, expected):
+    directory, state = disk_checkpoint
+    if not uncached(directory):
+        pytest.skip("the page cache kept the files (could not make them cold)")
+    monkeypatch.setattr(policy, "memory_probe", lambda: probe)
+    called = spy_strategies(monkeypatch)
+    tensors = load(directory)
+    assert called == [expected]
+    assert torch.equal(tensors["w"], state["w"]) and torch.equal(tensors["b"], state["b"])
+
+
+def test_files_in_memory_are_mapped_whatever_the_probe(tmp_path, monkeypatch):
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="sllm-policy-test-", dir=shm))
+    try:
+        directory = root / "model"
+        save_state_dict({"w": torch.ones(1000)}, directory)
+        probed = []
+        monkeypatch.setattr(policy, "memory_probe", lambda: probed.append(1) or HOST_BACKED)
+        assert cpu_strategy(directory, read_manifest(directory)) == "mmap"
+        assert not probed  # nothing to copy: no probe
+        called = spy_strategies(monkeypatch)
+        assert torch.equal(load(directory)["w"], torch.ones(1000)) and called == ["mmap"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_explicit_strategies_skip_the_probe(disk_checkpoint, monkeypatch):
+    directory, state = disk_checkpoint
+    monkeypatch.setattr(policy, "memory_probe", lambda: pytest.fail("probe ran for an explicit strategy"))
+    called = spy_strategies(monkeypatch)
+    for strategy in ("mmap", "direct", "buffered"):
+        assert torch.equal(load(directory, strategy=strategy)["w"], state["w"])
+    assert called == ["mmap", "direct", "buffered"]
+
+
+def test_probe_measures_both_page_sizes_once_per_process(monkeypatch):
+    measured = []
+
+    def fake_first_touch(size, hugepages):
+        measured.append((size, hugepages))
+        return 10.0 if hugepages else 2.0
+
+    monkeypatch.setattr(policy, "first_touch_gbps", fake_first_touch)
+    monkeypatch.setattr(policy, "transparent_hugepages_available", lambda: True)
+    policy.memory_probe.cache_clear()
+    try:
+        assert policy.memory_probe() == MemoryProbe(10.0, 2.0)
+        assert policy.memory_probe() == MemoryProbe(10.0, 2.0)
+        assert measured == [(policy.HUGE_PROBE_BYTES, True), (policy.SMALL_PROBE_BYTES, False)]
+    finally:
+        policy.memory_probe.cache_clear()
+
+
+def test_without_transparent_huge_pages_the_probe_picks_mapping(monkeypatch, tmp_path):
+    thp = tmp_path / "enabled"
+    thp.write_text("always madvise [never]\n")
+    monkeypatch.setattr(policy, "THP_ENABLED", thp)
+    monkeypatch.setattr(policy, "first_touch_gbps", lambda size, hugepages: 2.0)
+    policy.memory_probe.cache_clear()
+    try:
+        probe = policy.memory_probe()
+        assert probe.hugepage_gbps == 0.0 and choose(probe) == "mmap"
+    finally:
+        policy.memory_probe.cache_clear()
+
+
+def test_real_probe_returns_positive_rates():
+    """The real measurement runs (values are the machine's, not checked beyond being rates)."""
+    assert policy.first_touch_gbps(policy.SMALL_PROBE_BYTES, hugepages=False) > 0
+    assert policy.first_touch_gbps(policy.HUGE_PROBE_BYTES, hugepages=True) > 0

@@ -1,0 +1,163 @@
+"""The node loader's SSD -> DRAM copy (runtime.node_loader.store.copy_file): pipelined O_DIRECT reads into
+reused aligned buffers, writes at the same offsets. Byte-identical output whatever the size, the chunking, the
+thread count, or whether the source filesystem takes O_DIRECT."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+import runtime.loader.direct as direct_module
+from runtime.checkpoint.format import CheckpointError
+from runtime.node_loader.store import copy_file
+
+PAGE = mmap.PAGESIZE
+CHUNK = 4 * PAGE
+
+
+def disk_dir(tmp_path: Path) -> Path:
+    """/var/tmp when writable: a disk that takes O_DIRECT, where pytest's tmp_path may be on tmpfs."""
+    return Path("/var/tmp") if os.access("/var/tmp", os.W_OK) else tmp_path
+
+
+@pytest.fixture
+def source_dir(tmp_path):
+    directory = Path(tempfile.mkdtemp(prefix="sllm-copy-test-", dir=disk_dir(tmp_path)))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def write_source(directory: Path, size: int) -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    path = directory / f"src-{size}.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+class Progress:
+    """Records every progress call and the thread that made it."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, nbytes: int) -> None:
+        self.calls.append(nbytes)
+        self.threads.add(threading.get_ident())
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, PAGE - 1, PAGE, PAGE + 1, CHUNK - 1, CHUNK, CHUNK + 1,
+                                  7 * CHUNK + 3 * PAGE + 17])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_copy_is_byte_identical_with_odd_sizes_and_tails(source_dir, tmp_path, size, threads):
+    source, data = write_source(source_dir, size)
+    target = tmp_path / "out.bin"
+    progress = Progress()
+    copy_file(source, target, progress, chunk=CHUNK, threads=threads)
+    assert target.read_bytes() == data
+    assert sum(progress.calls) == size
+    assert all(0 < n <= CHUNK for n in progress.calls)
+    assert progress.threads <= {threading.get_ident()}  # progress is reported from the caller's thread only
+    assert os.stat(target).st_mtime == pytest.approx(os.stat(source).st_mtime)
+
+
+def test_default_chunking_copies_a_multi_chunk_file(source_dir, tmp_path):
+    source, data = write_source(source_dir, (40 << 20) + 12345)  # 3 default chunks, unaligned tail
+    copy_file(source, tmp_path / "out.bin", Progress())
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_overwrites_a_longer_destination(source_dir, tmp_path):
+    source, data = write_source(source_dir, CHUNK + 5)
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"x" * (5 * CHUNK))
+    copy_file(source, target, Progress(), chunk=CHUNK)
+    assert target.read_bytes() == data
+
+
+def test_source_refusing_o_direct_is_copied_buffered(source_dir, tmp_path, monkeypatch):
+    """Some filesystems refuse O_DIRECT at open (EINVAL): the same plan then runs buffered, unaligned reads
+    included."""
+    opened = []
+    real_open_regular = direct_module.open_regular
+
+    def refuse_direct(path, field_name="file", flags=0):
+        opened.append(flags)
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open_regular(path, field_name, flags)
+
+    monkeypatch.setattr(direct_module, "open_regular", refuse_direct)
+    source, data = write_source(source_dir, 5 * CHUNK + 777)
+    copy_file(source, tmp_path / "out.bin", Progress(), chunk=CHUNK, threads=2)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert opened[0] & os.O_DIRECT and not opened[-1] & os.O_DIRECT
+
+
+def test_tmpfs_source_is_copied(tmp_path):
+    """/dev/shm is the DRAM tier's kind of filesystem: whether or not this kernel's tmpfs takes O_DIRECT, the
+    copy is exact."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        pytest.skip("no writable /dev/shm")
+    directory = Path(tempfile.mkdtemp(prefix="sllm-copy-test-", dir=shm))
+    try:
+        source, data = write_source(directory, 3 * CHUNK + 1)
+        copy_file(source, tmp_path / "out.bin", Progress(), chunk=CHUNK, threads=2)
+        assert (tmp_path / "out.bin").read_bytes() == data
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_short_direct_read_mid_file_continues_buffered(source_dir, tmp_path, monkeypatch):
+    """A direct read that returns less than asked, not at the end of the file, leaves an unaligned offset that
+    O_DIRECT cannot continue from: the rest of that chunk comes from the buffered descriptor."""
+    source, data = write_source(source_dir, 3 * CHUNK)
+    real_preadv = os.preadv
+    shortened = []
+
+    def short_read(fd, buffers, offset):
+        view = memoryview(buffers[0])
+        if not shortened and offset == CHUNK and len(view) == CHUNK:
+            shortened.append(fd)
+            got = real_preadv(fd, [view[:PAGE]], offset)  # aligned, then pretend only 100 bytes arrived
+            return min(got, 100)
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", short_read)
+    copy_file(source, tmp_path / "out.bin", Progress(), chunk=CHUNK, threads=1)
+    assert shortened, "the injected short read never happened"
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_truncated_source_fails_and_reports_the_file(source_dir, tmp_path, monkeypatch):
+    source, _ = write_source(source_dir, 3 * CHUNK)
+    real_fstat = os.fstat
+
+    def larger(fd):  # the size the copy plans for is more than the file holds: it must not pad with zeros
+        result = real_fstat(fd)
+        return os.stat_result((*result[:6], result.st_size + CHUNK, *result[7:]))
+
+    monkeypatch.setattr(os, "fstat", larger)
+    with pytest.raises(OSError, match="unexpected end of file"):
+        copy_file(source, tmp_path / "out.bin", Progress(), chunk=CHUNK, threads=2)
+
+
+def test_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError):
+        copy_file(fifo, tmp_path / "out.bin", Progress())
+
+
+def test_chunk_must_be_page_aligned(source_dir, tmp_path):
+    source, _ = write_source(source_dir, 10)
+    with pytest.raises(ValueError, match="multiple"):
+        copy_file(source, tmp_path / "out.bin", Progress(), chunk=PAGE + 1)
