@@ -26,14 +26,15 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 class Up:
     """A `sllm-faas up` process and the cluster it reports in its state file."""
 
-    def __init__(self, tmp: Path, store: Path, redis_url: str | None, prefix: str, nodes: int = 2, slots: int = 1):
+    def __init__(self, tmp: Path, store: Path, redis_url: str | None, prefix: str, nodes: int = 2, slots: int = 1,
+                 extra: list[str] | tuple[str, ...] = ()):
         self.workdir = tmp / "work"
         self.build_root = self.workdir / "build"
         self.state_file = tmp / "cluster.json"
         args = [sys.executable, "-m", "runtime.cli", "up", "--nodes", str(nodes), "--slots", str(slots),
                 "--port", str(free_tcp_port()), "--model-store", str(store), "--workdir", str(self.workdir),
                 "--build-root", str(self.build_root),
-                "--key-prefix", prefix, "--state-file", str(self.state_file), "--dram-budget", "1GiB"]
+                "--key-prefix", prefix, "--state-file", str(self.state_file), "--dram-budget", "1GiB", *extra]
         if redis_url:
             args += ["--redis-url", redis_url]
         self.log = open(tmp / "up.log", "ab")  # noqa: SIM115 - closed in stop()

@@ -3,6 +3,7 @@
     /function/<name>[/<path>]          proxy to an instance (streams; holds the request during a cold start)
     /system/functions                  GET list, POST deploy, PUT update, DELETE remove
     /system/function/<name>            GET one function, with its instances and their cold-start breakdowns
+    /system/logs?name=<name>           GET its instances' logs as NDJSON (tail, follow), as OpenFaaS's log provider
     /system/scale-function/<name>      POST {"serviceName", "replicas"}
     /healthz
 
@@ -48,6 +49,7 @@ from flask import Flask, Response, jsonify, request
 
 from redis_schema.keys import Keys, validate_id
 from runtime.jsonbody import JsonError, request_object
+from runtime.local import logs
 from runtime.local.instances import Instance, InstanceLauncher, probe_ready
 from runtime.local.stack import ScaleSettings, StackError
 from runtime.node_loader.client import LoaderClient
@@ -237,8 +239,9 @@ class Gateway:
         return function
 
     # -- scaling ---------------------------------------------------------------------------------
-    def acquire(self, name: str) -> tuple[Instance, bool]:
-        """A ready instance with the fewest requests in flight (True if this request waited for a start)."""
+    def acquire(self, name: str, capped: bool = False) -> tuple[Instance, bool]:
+        """A ready instance with the fewest requests in flight (True if this request waited for a start);
+        `capped`: 429 rather than wait where --max-held requests already wait (refuse_beyond_held)."""
         function = self.get(name)
         deadline = time.monotonic() + self.config.cold_start_timeout_s
         waited = False
@@ -264,7 +267,10 @@ class Gateway:
                         raise GatewayError(function.last_error.status,
                                            f"function {name}: {function.last_error.message}")
                     self._start_instance(function)
-                function.held += not waited   # counted once, while it waits
+                if not waited:   # counted once, while it waits
+                    if capped:
+                        self.refuse_beyond_held(function)
+                    function.held += 1
                 waited = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -273,18 +279,15 @@ class Gateway:
                                             f"{self.config.cold_start_timeout_s:.0f} s")
                 function.changed.wait(min(remaining, 1.0))  # re-check: a recovering instance may have died
 
-    def refuse_beyond_held(self, name: str) -> None:
-        """429 for a request that would wait while --max-held others already wait for the function's start,
-        with Retry-After from the controller's estimate of that start."""
-        function = self.get(name)
-        with function.changed:
-            if not self.config.max_held or function.held < self.config.max_held or any(
-                    i.ready.is_set() for i in function.instances):
-                return
-            left = function.ready_by - time.monotonic() if function.ready_by is not None else None
-            retry = str(max(1, math.ceil(left))) if left is not None else RETRY_AFTER_S
-            raise GatewayError(429, f"function {name} is starting and {function.held} requests already wait for it "
-                                    f"(--max-held {self.config.max_held}); retry in {retry} s", retry_after=retry)
+    def refuse_beyond_held(self, function: Function) -> None:
+        """With function.changed held: 429 for a request that would wait while --max-held others already wait
+        for the function's start, with Retry-After from the controller's estimate of that start."""
+        if not self.config.max_held or function.held < self.config.max_held:
+            return
+        left = function.ready_by - time.monotonic() if function.ready_by is not None else None
+        retry = str(max(1, math.ceil(left))) if left is not None else RETRY_AFTER_S
+        raise GatewayError(429, f"function {function.name} is starting and {function.held} requests already wait "
+                                f"for it (--max-held {self.config.max_held}); retry in {retry} s", retry_after=retry)
 
     def has_ready(self, name: str) -> bool:
         return any(i.ready.is_set() for i in self.get(name).instances)
@@ -582,7 +585,20 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     def function_status(name: str):
         function = gateway.get(name)
         return {**function.status(), "instances": [i.as_dict() for i in function.instances],
+                "heldRequests": function.held,
                 "lastError": function.last_error.message if function.last_error else None}
+
+    @app.get("/system/logs")
+    def function_logs():
+        """OpenFaaS's log provider API: ?name=NAME[&tail=N][&follow=true][&instance=ID], newline-delimited JSON
+        messages from the function's instance logs (runtime/local/logs.py)."""
+        name = request.args.get("name", "")
+        gateway.get(name)
+        messages = logs.request_stream(gateway.launcher.log_dir, name, request.args)
+        if messages is None:
+            raise GatewayError(429, f"{logs.MAX_FOLLOWERS} log streams are followed already; retry later")
+        return Response(messages, mimetype="application/x-ndjson",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/system/pools")
     def pools():
@@ -600,7 +616,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         gateway.scale_to(name, replicas)
         return "", 202
 
-    def forward(name: str, path: str, body: bytes, headers: dict[str, str]
+    def forward(name: str, path: str, body: bytes, headers: dict[str, str], capped: bool = False
                 ) -> tuple[requests.Response, Instance, bool]:
         """Send the request to a ready instance; one that turns out not to be ready (its worker died, or it
         refused with 503 while reloading) is taken out of rotation and the request waits for another."""
@@ -608,7 +624,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         deadline = arrived + config.cold_start_timeout_s
         waited_any = False
         while True:
-            instance, waited = gateway.acquire(name)
+            instance, waited = gateway.acquire(name, capped)
             if waited and not waited_any:  # this request arrived with no instance ready: it waited for one
                 tier = instance.placement.get("tier") or "unknown"
                 gateway.cold_start.labels("request_to_ready", gateway.get(name).model, tier).observe(
@@ -705,11 +721,10 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         path = forwarded_path(name, path)
         body = request.get_data()  # before acquiring: an oversized body (413) must not hold an instance
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        if not gateway.has_ready(name):
-            if wants_stream(body):
-                return held_stream(name, path, body, headers)
-            gateway.refuse_beyond_held(name)
-        upstream, instance, waited = forward(name, path, body, headers)
+        streaming = wants_stream(body)
+        if streaming and not gateway.has_ready(name):
+            return held_stream(name, path, body, headers)
+        upstream, instance, waited = forward(name, path, body, headers, capped=not streaming)
         reply = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         reply.update({"X-Sllm-Instance": instance.id, "X-Sllm-Node": instance.node})
         if waited and instance.cold_start:  # this request paid the cold start: say where the time went
