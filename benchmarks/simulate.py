@@ -23,12 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import RESULTS_DIR, machine_info, now_utc, results_path  # noqa: E402
 
 import controller.scheduler as scheduler  # noqa: E402
+from controller.keepalive import CostKeepAlive, FixedKeepAlive  # noqa: E402
 from controller.simulator.config import load_scenario  # noqa: E402
 from controller.simulator.engine import RunResult, run_policies, simulate  # noqa: E402
-from controller.simulator.report import ratios, scenario_markdown, write_plots  # noqa: E402
+from controller.simulator.report import ratios, scenario_markdown, write_pareto, write_plots  # noqa: E402
 from controller.simulator.workload import generate  # noqa: E402
 
 AVAILABILITY_ONLY = ("random", "least-allocated")
+KEEPALIVE_SCENARIO, FIXED_WINDOWS_S, EXCHANGE_RATES = "azure-conv", (10.0, 60.0, 600.0), (3.0, 10.0, 30.0, 100.0)
 TARGETS = {"vs_availability_only_p99": (1.27, 1.95), "vs_release_p99_default": 1.2, "scale_wall_s": 60.0}
 
 
@@ -65,6 +67,7 @@ def main() -> int:
     parser.add_argument("--scenarios", default="default,paper-8gpu,paper-4x4,azure-conv")
     parser.add_argument("--no-scale", action="store_true", help="skip the 1,000-node timing run")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--no-keepalive", action="store_true", help="skip the keep-alive comparison (Pareto plot)")
     args = parser.parse_args()
 
     output = results_path("simulate", ".json")
@@ -86,6 +89,8 @@ def main() -> int:
         report["scenarios"][name] = {"base": [summary(r) for r in results], "ratios": base,
                                      "sweep": [{"rate": point[0].rate, "results": [summary(r) for r in point],
                                                 "ratios": ratios(point)} for point in sweep]}
+    if not args.no_keepalive:
+        sections.append(keepalive_section(output, report, not args.no_plots))
     if not args.no_scale:
         scenario = load_scenario("scale-1000")
         started = time.perf_counter()
@@ -108,6 +113,27 @@ def main() -> int:
     output.with_suffix(".md").write_text(markdown(report, sections))
     print(f"wrote {output} and {output.with_suffix('.md')}")
     return 0
+
+
+def keepalive_section(output: Path, report: dict, plots: bool) -> str:
+    """`ours` on KEEPALIVE_SCENARIO at its base rate under fixed windows and the cost policy at several exchange
+    rates: p50, p99, GPU-hours, cold starts by tier, and the Pareto plot (GPU-hours against p99)."""
+    scenario = load_scenario(KEEPALIVE_SCENARIO)
+    trace = generate(scenario)
+    policies = [(f"fixed {w:g} s", FixedKeepAlive(w)) for w in FIXED_WINDOWS_S]
+    policies += [(f"cost x{rate:g}", CostKeepAlive(scenario.keep_alive_s, rate)) for rate in EXCHANGE_RATES]
+    points = [(label, simulate(scenario, "ours", trace, keepalive=policy)) for label, policy in policies]
+    lines = [f"### Keep-alive ({KEEPALIVE_SCENARIO}, ours, {scenario.workload.rate:g}/s, seed {scenario.seed})", "",
+             "| keep-alive | p50 s | p99 s | GPU-hours | cold starts dram / ssd / remote |", "|---|---|---|---|---|"]
+    for label, result in points:
+        cold = " / ".join(str(result.cold_starts.get(tier, 0)) for tier in ("dram", "ssd", "remote"))
+        lines.append(f"| {label} | {result.percentile(50):.2f} | {result.percentile(99):.2f} | "
+                     f"{result.gpu_seconds / 3600:.1f} | {cold} |")
+        print(f"keep-alive {label}: p99 {result.percentile(99):.2f} s, {result.gpu_seconds / 3600:.1f} GPU-hours")
+    if plots:
+        write_pareto(output.with_name(f"{output.stem}-keepalive-pareto.png"), points)
+    report["keepalive"] = {label: summary(result) for label, result in points}
+    return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict, sections: list[str]) -> str:

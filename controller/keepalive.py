@@ -1,25 +1,30 @@
-"""Keep-alive per model from its own arrivals: the hybrid histogram policy (Shahrad et al., "Serverless in the
-Wild", ATC'20), extended with the tier a checkpoint is kept warm in.
+"""Keep-alive per model, chosen on cost from its own idle times (the histogram of Shahrad et al., "Serverless in
+the Wild", ATC'20, with the window priced instead of read off fixed percentiles).
 
-For each model, a histogram of its idle times (from its last request ending to its next arrival). When enough
-of them are in range, its head (5th percentile) and tail (99th) say when the next request is likely:
+For each model, a histogram of its idle times G (from its last request ending to its next arrival). When the
+model goes idle, a policy (pre-warm at p, keep until T, p <= T) costs and saves:
 
-    prewarm  = head x (1 - margin)   release the GPUs at once, have an instance ready again by then
-    keep     = tail x (1 + margin) - prewarm   and keep it that long
+    GPU-seconds  = gpus x E[(min(G, T) - s)+] = gpus x integral from s to T of P(G > t) dt
+                   (s = p - restart: an instance pre-warmed to be ready at p holds its GPUs from s; s = 0 keeps it)
+    delay saved  = restart x P(p <= G <= T)   (a request in the window finds an instance; others restart it)
 
-A pre-warm shorter than what a release saves (a restart: container start + load from DRAM) keeps the instance
-on the GPU instead (prewarm 0). Between release and pre-warm the checkpoint stays in host DRAM, evicted last
-until the window ends; with no usable histogram (too few idle times, or too many beyond the range) the policy
-keeps the fixed window it was given and no tier is protected. Pure: no clock, no I/O.
+and the policy chosen maximises `exchange_rate x delay saved - GPU-seconds`. The exchange rate says how many
+GPU-seconds one second of a user's cold-start delay is worth (`EXCHANGE_RATE`, a deployment's choice, not a
+measured quantity; the benchmark traces the whole range as a Pareto curve). `restart` is what bringing the
+instance back costs (container start + load from the tier the checkpoint waits in, the scheduler's
+`load_time`). The objective splits into a term in T and a term in p, so the best policy is one pass over the
+histogram's bins. Keeping (p = 0) leaves the instance on the GPU; a pre-warm (p > 0) releases it at once and
+holds the checkpoint in host DRAM (evicted last) until the window ends. Without a usable histogram (too few
+idle times, or too many beyond the range) the fixed window. Pure: no clock, no I/O.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass
 
-HEAD, TAIL = 5.0, 99.0        # percentiles of idle times (ATC'20)
-MARGIN = 0.1                  # ATC'20: 10% below the head, 10% above the tail
+EXCHANGE_RATE = 10.0          # GPU-seconds one second of cold-start delay is worth (our default; see above)
 MIN_SAMPLES = 10              # fewer idle times than this: not representative
 MAX_OUT_OF_RANGE = 0.5        # a larger share of idle times beyond the range: not representative
 RANGE_S = 4 * 3600.0          # ATC'20: four hours of one-minute bins; here one-second bins
@@ -29,7 +34,7 @@ RANGE_S = 4 * 3600.0          # ATC'20: four hours of one-minute bins; here one-
 class KeepAlive:
     prewarm_s: float   # after the model goes idle: release its GPUs at once and be ready again by then (0: keep)
     keep_s: float      # how long an instance stays idle (after the pre-warm, if any) before it is scaled down
-    tier: str          # where the checkpoint waits: "gpu" (instance kept), "dram" (pinned in host memory), "ssd"
+    tier: str          # where the checkpoint waits: "gpu" (instance kept), "dram" (pinned in host memory)
 
 
 class IdleHistogram:
@@ -46,44 +51,65 @@ class IdleHistogram:
         else:
             self.bins[int(idle_s)] += 1
 
-    def percentile(self, q: float) -> float:
-        """Upper edge of the bin holding the q-th percentile of the in-range idle times."""
-        rank, seen = q / 100 * (self.count - self.out_of_range), 0
-        for second in sorted(self.bins):
-            seen += self.bins[second]
-            if seen >= rank:
-                return second + 1.0
-        return RANGE_S
-
     @property
     def representative(self) -> bool:
         return self.count >= MIN_SAMPLES and self.out_of_range <= MAX_OUT_OF_RANGE * self.count
 
 
-def decide(histogram: IdleHistogram, fixed_s: float, restart_s: float) -> KeepAlive:
-    """The model's keep-alive: `fixed_s` without a usable histogram; `restart_s` is what bringing an instance
-    back costs (container start + load from DRAM, the scheduler's `load_time`): a shorter pre-warm keeps it."""
+def decide(histogram: IdleHistogram, fixed_s: float, restart_s: float, gpus: int = 1,
+           exchange_rate: float = EXCHANGE_RATE) -> KeepAlive:
+    """The model's keep-alive on cost (module docstring); an idle time in a bin counts at its upper edge."""
     if not histogram.representative:
         return KeepAlive(0.0, fixed_s, "gpu")
-    prewarm = histogram.percentile(HEAD) * (1 - MARGIN)
-    tail = histogram.percentile(TAIL) * (1 + MARGIN)
-    if prewarm <= restart_s:
-        return KeepAlive(0.0, tail, "gpu")
-    return KeepAlive(prewarm, tail - prewarm, "dram")
+    worth = exchange_rate * restart_s  # GPU-seconds a request finding an instance is worth
+    total, seen, area, last = histogram.count, 0, 0.0, 0.0
+    # per bin edge e: F(e) = P(G <= e) and A(e) = integral of P(G > t) from 0 to e
+    edges: list[tuple[float, float, float]] = [(0.0, 0.0, 0.0)]
+    for second in sorted(histogram.bins):
+        edge = second + 1.0
+        area += (edge - last) * (total - seen) / total
+        seen += histogram.bins[second]
+        edges.append((edge, seen / total, area))
+        last = edge
+    # keep until T = edges[j]: gain(j) = worth x F(T) - gpus x A(T); best_after[i]: the best j >= i
+    gains = [worth * fraction - gpus * held for _, fraction, held in edges]
+    best_after = [len(edges) - 1] * len(edges)
+    for j in range(len(edges) - 2, -1, -1):
+        best_after[j] = j if gains[j] > gains[best_after[j + 1]] else best_after[j + 1]
+
+    # pre-warm ready by p = the lower edge of an occupied bin i: idle times in the bins before it find no instance
+    # (F of the bin before); the GPUs are held from p - restart on. p = 0: keep, nothing lost, nothing released.
+    positions = [edge for edge, _, _ in edges]
+    best = (gains[best_after[0]], 0.0, edges[best_after[0]][0])
+    for i in range(1, len(edges)):
+        prewarm = edges[i][0] - 1.0
+        start = prewarm - restart_s
+        if start <= 0:
+            continue
+        below = edges[bisect.bisect_left(positions, start) - 1]  # the last edge before `start`
+        held = below[2] + (start - below[0]) * (1 - below[1])   # P(G > t) is constant between edges
+        net = gains[best_after[i]] - (worth * edges[i - 1][1] - gpus * held)
+        if net > best[0]:
+            best = (net, prewarm, edges[best_after[i]][0])
+    _, prewarm, until = best
+    if prewarm > 0:
+        return KeepAlive(prewarm, until - prewarm, "dram")
+    return KeepAlive(0.0, until, "gpu")
 
 
-class HybridHistogram:
-    """Per-model histograms and decisions; `fixed_s` until a model's histogram is representative."""
+class CostKeepAlive:
+    """Per-model histograms and cost-chosen decisions; `fixed_s` until a model's histogram is representative."""
 
-    def __init__(self, fixed_s: float) -> None:
-        self.fixed_s = fixed_s
+    def __init__(self, fixed_s: float, exchange_rate: float = EXCHANGE_RATE) -> None:
+        self.fixed_s, self.exchange_rate = fixed_s, exchange_rate
         self.histograms: dict[str, IdleHistogram] = {}
 
     def observe(self, model: str, idle_s: float) -> None:
         self.histograms.setdefault(model, IdleHistogram()).add(idle_s)
 
-    def decide(self, model: str, restart_s: float) -> KeepAlive:
-        return decide(self.histograms.get(model) or IdleHistogram(), self.fixed_s, restart_s)
+    def decide(self, model: str, restart_s: float, gpus: int = 1) -> KeepAlive:
+        return decide(self.histograms.get(model) or IdleHistogram(), self.fixed_s, restart_s, gpus,
+                      self.exchange_rate)
 
 
 class FixedKeepAlive:
@@ -95,5 +121,5 @@ class FixedKeepAlive:
     def observe(self, model: str, idle_s: float) -> None:
         """A fixed window learns nothing."""
 
-    def decide(self, model: str, restart_s: float) -> KeepAlive:
+    def decide(self, model: str, restart_s: float, gpus: int = 1) -> KeepAlive:
         return KeepAlive(0.0, self.fixed_s, "gpu")

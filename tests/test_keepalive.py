@@ -1,8 +1,8 @@
-"""Keep-alive from each model's idle times (controller/keepalive.py): hand-computed decisions."""
+"""Keep-alive on cost from each model's idle times (controller/keepalive.py): hand-computed decisions."""
 
 import pytest
 
-from controller.keepalive import RANGE_S, FixedKeepAlive, HybridHistogram, IdleHistogram, KeepAlive, decide
+from controller.keepalive import RANGE_S, CostKeepAlive, FixedKeepAlive, IdleHistogram, KeepAlive, decide
 
 
 def histogram(*idle_s: float) -> IdleHistogram:
@@ -12,17 +12,25 @@ def histogram(*idle_s: float) -> IdleHistogram:
     return result
 
 
-def test_head_and_tail_give_prewarm_and_window():
-    # idle times 100.x s: head = tail = the 100 s bin's upper edge, 101 s; pre-warm 101 x 0.9 = 90.9 s,
-    # window until 101 x 1.1 = 111.1 s, so 20.2 s after the pre-warm; a 5 s restart is worth releasing for
-    got = decide(histogram(*[100.5] * 10), fixed_s=60, restart_s=5)
-    assert got.tier == "dram" and got.prewarm_s == pytest.approx(90.9) and got.keep_s == pytest.approx(20.2)
+def test_concentrated_idle_times_prewarm():
+    # ten idle times of 5.5 s (counted at the bin's upper edge, 6 s); restart 4 s, exchange rate 10: a request
+    # finding an instance is worth 40 GPU-s. Keeping 6 s: 40 - 6 = 34. Pre-warm ready at 5 s (the bin's lower
+    # edge) holds the GPU from 1 s to 6 s: 40 - 5 = 35. Pre-warm wins: release, back at 5 s, kept 1 s more.
+    got = decide(histogram(*[5.5] * 10), fixed_s=60, restart_s=4, gpus=1, exchange_rate=10)
+    assert got == KeepAlive(pytest.approx(5.0), pytest.approx(1.0), "dram")
 
 
-def test_a_prewarm_shorter_than_a_restart_keeps_the_instance():
-    # 9 idle times of 2 s and one of 300 s: head 3 s (x 0.9 = 2.7 s, under a 5 s restart), tail 301 s x 1.1
-    got = decide(histogram(*[2.0] * 9, 300.0), fixed_s=60, restart_s=5)
-    assert got == KeepAlive(0.0, pytest.approx(331.1), "gpu")
+def test_keep_only_while_it_pays():
+    # five idle times of 0.5 s (edge 1 s) and five of 100.5 s (edge 101 s); worth 40 GPU-s per request.
+    # keep 1 s: 0.5 x 40 - E[min(G, 1)] = 20 - 1 = 19; keep 101 s: 40 - (1 + 100 x 0.5) = -11;
+    # pre-warm at 100 s (GPU from 96 s): 0.5 x 40 - 0.5 x 5 = 17.5. Keep 1 s on the GPU.
+    assert decide(histogram(*[0.5] * 5, *[100.5] * 5), 60, restart_s=4, gpus=1, exchange_rate=10) == KeepAlive(
+        0.0, pytest.approx(1.0), "gpu")
+    # four GPUs cost four times as much: keep 1 s: 20 - 4 = 16, pre-warm: 20 - 4 x 2.5 = 10: still keep 1 s
+    assert decide(histogram(*[0.5] * 5, *[100.5] * 5), 60, restart_s=4, gpus=4, exchange_rate=10).keep_s == 1.0
+    # a cheap restart is not worth any GPU time: worth 0.1 x 4 = 0.4 < the 1 GPU-s of keeping; release at once
+    assert decide(histogram(*[0.5] * 5, *[100.5] * 5), 60, restart_s=4, gpus=1, exchange_rate=0.1) == KeepAlive(
+        0.0, 0.0, "gpu")
 
 
 def test_without_a_usable_histogram_the_fixed_window():
@@ -31,9 +39,9 @@ def test_without_a_usable_histogram_the_fixed_window():
 
 
 def test_policies_learn_per_model():
-    hybrid, fixed = HybridHistogram(60), FixedKeepAlive(600)
+    cost, fixed = CostKeepAlive(60, exchange_rate=10), FixedKeepAlive(600)
     for _ in range(10):
-        hybrid.observe("a", 100.5)
-        fixed.observe("a", 100.5)
-    assert hybrid.decide("a", 5).tier == "dram" and hybrid.decide("b", 5) == KeepAlive(0.0, 60, "gpu")
-    assert fixed.decide("a", 5) == KeepAlive(0.0, 600, "gpu")
+        cost.observe("a", 5.5)
+        fixed.observe("a", 5.5)
+    assert cost.decide("a", 4).tier == "dram" and cost.decide("b", 4) == KeepAlive(0.0, 60, "gpu")
+    assert fixed.decide("a", 4) == KeepAlive(0.0, 600, "gpu")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from controller.keepalive import FixedKeepAlive, HybridHistogram
+from controller.keepalive import CostKeepAlive, FixedKeepAlive
 from controller.simulator.cluster import Cluster, Instance, Node
 from controller.simulator.config import ModelSpec, Scenario
 from controller.simulator.policies import Placement, Policy, make_policy
@@ -53,7 +53,7 @@ class RunResult:
 
 class Simulation:
     def __init__(self, scenario: Scenario, policy: str | Policy, requests: list[Request], rate: float | None = None,
-                 keepalive: FixedKeepAlive | HybridHistogram | None = None) -> None:
+                 keepalive: FixedKeepAlive | CostKeepAlive | None = None) -> None:
         self.scenario, self.requests = scenario, requests
         self.rate = scenario.workload.rate if rate is None else rate
         self.policy = make_policy(policy, scenario.seed) if isinstance(policy, str) else policy
@@ -191,7 +191,7 @@ class Simulation:
         checkpoint held in DRAM, and brought back in time for it."""
         name, model = instance.model.name, instance.model
         restart_s = self.scenario.container_start_s + self.cluster.load_seconds(instance.node, model, "dram")[0]
-        decision = self.keepalive.decide(name, restart_s)
+        decision = self.keepalive.decide(name, restart_s, model.gpus)
         if instance.keep_until is not None:
             until, instance.keep_until = instance.keep_until, None
         elif decision.prewarm_s > 0 and not self.in_flight[name]:
@@ -307,7 +307,7 @@ class Simulation:
 
 
 def simulate(scenario: Scenario, policy: str, requests: list[Request], rate: float | None = None,
-             keepalive: FixedKeepAlive | HybridHistogram | None = None) -> RunResult:
+             keepalive: FixedKeepAlive | CostKeepAlive | None = None) -> RunResult:
     """Replay `requests` on a fresh cluster under `policy` (keep-alive: the scenario's fixed window by default)."""
     return Simulation(scenario, policy, requests, rate, keepalive).run()
 

@@ -93,3 +93,29 @@ def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path)
     return path
+
+
+def write_pareto(path: Path, points: list[tuple[str, RunResult]]) -> Path | None:
+    """GPU-hours against p99 time to first token, one labelled point per keep-alive policy (lower left is better):
+    the cost policy's exchange rates trace a curve the fixed windows can be read against."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 'sllm-faas[sim]'): no Pareto plot")
+        return None
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=80)
+    for kind, marker in (("fixed", "s"), ("cost", "o")):
+        chosen = [(label, result) for label, result in points if label.startswith(kind)]
+        axes.plot([r.gpu_seconds / 3600 for _, r in chosen], [r.percentile(99) for _, r in chosen], marker=marker,
+                  label=kind)
+        for label, result in chosen:
+            axes.annotate(label, (result.gpu_seconds / 3600, result.percentile(99)), fontsize=7)
+    axes.set(xlabel="GPU-hours", ylabel="p99 TTFT (s)", title=f"{path.stem}: keep-alive")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    saved = _save(figure, path)
+    plt.close("all")
+    return saved
