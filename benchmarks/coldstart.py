@@ -2,6 +2,7 @@
 
     python benchmarks/coldstart.py [--runs 5] [--threads 2] [--decode-tokens 128] [--json OUT]
     python benchmarks/coldstart.py --families [llama3,qwen3,...] [--runs 3]   # each native family, same tiny model
+    python benchmarks/coldstart.py --pool [--runs 5]   # pre-warmed runtimes: assignment -> ready, via the gateway
 
 In the same run, with SmolLM2-135M-Instruct (bf16) in the DRAM tier (/dev/shm), each sample a
 fresh process:
@@ -15,6 +16,12 @@ after the first, per second), plus the aggregate of 8 concurrent streams through
 --families: the same measurements (no floor) for each native family on a seeded random bf16 model of the
 same shape (12 layers, hidden 512, 8 query / 4 KV heads of 64, MLP 1536, tied embeddings: 38M parameters)
 with the character tokenizer of examples/qwen3, built and converted once into the examples' cache.
+
+--pool: SmolLM2 in /dev/shm; per run, interleaved: the floor, then a fresh pooled member (made by a
+zygote of runtime/local/pool.py run in this process) assigned the model: assignment -> ready and -> first
+streamed token, with its breakdown; the memory an idle member and the zygote hold (USS/PSS/RSS); then,
+through `sllm-faas up --nodes 1` with the model in the node's DRAM tier and the pool full, a streamed
+request at zero -> its first token.
 """
 
 from __future__ import annotations
@@ -314,6 +321,183 @@ def families_main(args) -> int:
     return 0
 
 
+def memory_kib(pid: int) -> dict[str, int]:
+    """RSS, PSS and USS (private clean + dirty) of `pid`, from smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value = line.split(":", 1)
+        fields[name] = int(value.split()[0])
+    return {"rss_kib": fields["Rss"], "pss_kib": fields["Pss"],
+            "uss_kib": fields["Private_Clean"] + fields["Private_Dirty"]}
+
+
+def pooled_start(pools, model_dir: Path, build: Path, threads: int, logs: Path) -> tuple[float, float, dict]:
+    """Take the fresh idle member, assign it SmolLM2: (assignment -> ready s, -> first streamed token s, breakdown)."""
+    while not pools.nodes["n0"].members:
+        time.sleep(0.005)
+    member = pools.take("n0")
+    port = free_tcp_port()
+    runtime = Runtime.__new__(Runtime)   # the HTTP helpers, around a process we did not spawn
+    runtime.port, runtime.url, runtime.process = port, f"http://127.0.0.1:{port}", member.process
+    env = {**os.environ, "SLLM_MODEL": str(model_dir), "SLLM_TORCH_THREADS": str(threads),
+           "SLLM_SERVED_MODEL_NAME": "m"}
+    runtime.started = time.perf_counter()
+    assigned = time.time()
+    if not member.assign({"env": env, "cwd": str(build), "log": str(logs / f"{member.id}.log"), "port": port,
+                          "assigned_at": assigned, "app": "index:app"}):
+        raise RuntimeError(f"member {member.id} refused its assignment")
+    try:
+        first = runtime.first_token()
+        cold = runtime.ready_body()["cold_start"]
+    finally:
+        from runtime.processes import stop_process_group
+
+        stop_process_group(member.process, grace_s=5)
+    return cold["process_start_to_ready_s"], first, cold
+
+
+def gateway_first_tokens(model_dir: Path, runs: int, work: Path) -> list[dict]:
+    """`sllm-faas up --nodes 1 --pool-size 1`: per run, scale to zero, wait for a full pool, then stream a
+    request at zero and time its first token (the model is in the node's DRAM tier)."""
+    import signal
+
+    import yaml
+
+    from runtime.node_loader.client import LoaderClient
+
+    store = work / "store"
+    store.mkdir(parents=True)
+    (store / "m").symlink_to(model_dir)
+    state_file = work / "cluster.json"
+    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--nodes", "1", "--slots", "1", "--port",
+                           str(free_tcp_port()), "--model-store", str(store), "--workdir", str(work / "up"),
+                           "--build-root", str(work / "build"), "--state-file", str(state_file), "--pool-size", "1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    samples = []
+    try:
+        while not state_file.exists():
+            if up.poll() is not None:
+                raise RuntimeError("sllm-faas up exited")
+            time.sleep(0.1)
+        state = json.loads(state_file.read_text())
+        gateway, admin = state["gateway"], {"Authorization": "Bearer " + Path(state["token_file"]).read_text()}
+        stack = work / "stack.yml"
+        stack.write_text(yaml.safe_dump({"version": 1.0, "provider": {"name": "openfaas"}, "functions": {"f": {
+            "lang": "sllm-python", "handler": str(Path(__file__).resolve().parents[1] / "examples/smollm2/function"),
+            "environment": {"SLLM_MODEL": "m", "SLLM_TORCH_THREADS": "2"}}}}))
+        subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f", str(stack), "-g", gateway, "--build-dir",
+                        str(work / "build")], check=True, capture_output=True)
+        LoaderClient(next(iter(state["nodes"].values()))).stage_and_wait("m", "dram", timeout=300)
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 4, "temperature": 0, "stream": True}
+        for _ in range(runs + 1):   # the first start warms the node (leases, page cache of the build): not counted
+            requests.post(f"{gateway}/system/scale-function/f", json={"replicas": 0}, headers=admin, timeout=30)
+            while requests.get(f"{gateway}/system/function/f", headers=admin, timeout=10).json()["replicas"]:
+                time.sleep(0.05)
+            while not all(len(p["idle"]) == p["size"] for p in requests.get(
+                    f"{gateway}/system/pools", headers=admin, timeout=10).json()):
+                time.sleep(0.05)
+            started, first, cold = time.perf_counter(), None, {}
+            with requests.post(f"{gateway}/function/f/v1/chat/completions", json=body, stream=True,
+                               timeout=300) as response:
+                for line in response.iter_lines(decode_unicode=True):
+                    if line.startswith(": sllm cold-start phase=ready"):
+                        cold = json.loads(line.split("cold_start=", 1)[1])
+                    elif first is None and line.startswith("data: {") and '"content": "' in line \
+                            and '"content": ""' not in line:
+                        first = time.perf_counter() - started
+            samples.append({"first_token_s": first, "cold_start": cold})
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=120)
+    return samples[1:]
+
+
+def pool_main(args) -> int:
+    """--pool: the pooled cold start against the floor, in the same run (module doc)."""
+    from concurrent.futures import ThreadPoolExecutor as Spawner
+
+    from runtime.local.build import shrinkwrap
+    from runtime.local.pool import Pools
+
+    staging = Path(tempfile.mkdtemp(prefix="sllm-coldstart-pool-", dir="/dev/shm"))
+    work = Path(tempfile.mkdtemp(prefix="sllm-coldstart-pool-"))
+    spawner = Spawner(1)
+    pools = None
+    try:
+        model_dir = staging / "sllm"
+        shutil.copytree(prepare()["sllm"], model_dir)
+        build = shrinkwrap("sllm-python", Path(__file__).resolve().parents[1] / "examples/smollm2/function",
+                           work / "build")
+        pools = Pools(["n0"], 1, work, lambda popen: spawner.submit(popen).result())
+        floor, ready, first, breakdowns, memory = [], [], [], [], []
+        for run in range(args.runs):
+            floor.append(time_floor(args.threads))
+            while not pools.nodes["n0"].members:
+                time.sleep(0.005)
+            time.sleep(1.0)   # let the fresh member settle before its memory is read
+            zygote = pools.nodes["n0"].zygote.pid
+            memory.append({"member": memory_kib(pools.nodes["n0"].members[0].process.pid),
+                           "zygote": memory_kib(zygote)})
+            seconds, token, cold = pooled_start(pools, model_dir, build, args.threads, work)
+            ready.append(seconds)
+            first.append(token)
+            breakdowns.append(cold)
+            print(f"run {run + 1}/{args.runs}: floor {floor[-1]:.3f}s  pooled ready {seconds:.3f}s  first token "
+                  f"{token:.3f}s", flush=True)
+        pools.stop()
+        pools = None
+        gateway = gateway_first_tokens(model_dir, args.runs, work / "gateway")
+    finally:
+        if pools is not None:
+            pools.stop()
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    median = statistics.median
+    medians = {"floor_import_torch_s": median(floor), "pooled_assign_to_ready_s": median(ready),
+               "pooled_assign_to_first_token_s": median(first),
+               "gateway_at_zero_to_first_token_s": median(g["first_token_s"] for g in gateway),
+               "idle_member_uss_mib": median(m["member"]["uss_kib"] for m in memory) / 1024,
+               "idle_member_pss_mib": median(m["member"]["pss_kib"] for m in memory) / 1024,
+               "idle_member_rss_mib": median(m["member"]["rss_kib"] for m in memory) / 1024,
+               "zygote_rss_mib": median(m["zygote"]["rss_kib"] for m in memory) / 1024}
+    ratios = {"pooled_ready_vs_floor": medians["pooled_assign_to_ready_s"] / medians["floor_import_torch_s"]}
+    targets = {"pooled_assign_to_ready_s": 0.25, "pooled_ready_vs_floor": 0.2, "gateway_at_zero_to_first_token_s": 0.5}
+    report = {"date": now_utc(), "machine": machine_info(Path("/dev/shm")), "model": "SmolLM2-135M-Instruct bf16",
+              "tier": "dram (/dev/shm)", "threads": args.threads, "runs": args.runs,
+              "load_average": os.getloadavg(), "medians": medians, "ratios": ratios, "targets": targets,
+              "samples": {"floor": floor, "pooled_ready": ready, "pooled_first_token": first, "memory": memory,
+                          "gateway": gateway}, "pooled_breakdowns": breakdowns}
+    keys = ("imports_s", "staging_wait_s", "load_s", "build_s", "first_forward_s", "process_start_to_ready_s")
+    lines = [
+        f"# Cold start from a pre-warmed pool, {report['date']}", "",
+        f"{report['machine']['cpu_model']}, {report['machine']['nproc']} CPUs, torch threads {args.threads}; "
+        f"SmolLM2-135M-Instruct bf16 in /dev/shm; {args.runs} runs, each a fresh member (and a fresh floor "
+        f"process), medians. Load average at the end {report['load_average'][0]:.1f}: the machine was shared "
+        "with other work, so absolute times are noisy; the ratio is from the same run.", "",
+        "| what | seconds |", "|---|---:|",
+        f"| floor: python -c 'import torch' (to exit) | {medians['floor_import_torch_s']:.3f} |",
+        f"| pooled member: assignment -> ready | {medians['pooled_assign_to_ready_s']:.3f} |",
+        f"| pooled member: assignment -> first streamed token | {medians['pooled_assign_to_first_token_s']:.3f} |",
+        f"| through the gateway: request at zero -> first streamed token (model in DRAM, pool full) | "
+        f"{medians['gateway_at_zero_to_first_token_s']:.3f} |", "",
+        f"- pooled ready / floor = {ratios['pooled_ready_vs_floor']:.2f}x (target <= "
+        f"{targets['pooled_ready_vs_floor']}x); pooled ready {medians['pooled_assign_to_ready_s']:.3f} s (target <= "
+        f"{targets['pooled_assign_to_ready_s']} s); gateway at zero -> first token "
+        f"{medians['gateway_at_zero_to_first_token_s']:.3f} s (target <= "
+        f"{targets['gateway_at_zero_to_first_token_s']} s)",
+        f"- memory of one idle member: USS {medians['idle_member_uss_mib']:.1f} MiB (its own pages), PSS "
+        f"{medians['idle_member_pss_mib']:.1f} MiB, RSS {medians['idle_member_rss_mib']:.1f} MiB (mostly shared "
+        f"with the zygote); the zygote: RSS {medians['zygote_rss_mib']:.1f} MiB", "",
+        "pooled breakdown (median of runs, seconds): " + ", ".join(
+            f"{key} {median(b[key] for b in breakdowns):.3f}" for key in keys),
+        "gateway starts' breakdown (median, seconds): " + ", ".join(
+            f"{key} {median(g['cold_start'].get(key, 0) for g in gateway):.3f}" for key in keys),
+    ]
+    print("\n".join(lines))
+    write_results(args.json or results_path("coldstart-pool"), report, "\n".join(lines))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -323,8 +507,11 @@ def main() -> int:
                         help="default: benchmarks/results/coldstart[-families]-DATE-MACHINE.json")
     parser.add_argument("--families", nargs="?", const=",".join(FAMILIES), type=lambda v: v.split(","),
                         help=f"measure each native family instead of SmolLM2 (default all: {','.join(FAMILIES)})")
+    parser.add_argument("--pool", action="store_true", help="measure starts from a pool of pre-warmed runtimes")
     args = parser.parse_args()
 
+    if args.pool:
+        return pool_main(args)
     if args.families:
         return families_main(args)
     floor, ours, baseline, breakdowns, decode = measure(prepare(), args, with_floor=True)

@@ -5,6 +5,9 @@
 3. asks a question with the openai client (the function scales from zero; the model is on SSD only);
 4. scales to zero and asks again (the model is now in the node's DRAM tier), then once more (warm);
 5. prints the cold-start breakdown of the three starts, and stops everything.
+
+`up` keeps one pre-warmed runtime per node (--pool-size 1): a start that finds the node's member idle is
+a pooled one, else a spawned `sllm-faas serve`; the `start` column says which.
 """
 
 from __future__ import annotations
@@ -122,17 +125,18 @@ def main() -> int:
 
 
 def print_breakdown(starts: list) -> None:
-    header = ["start", "placed (tier)", "loaded from", "request s", "spawn->ready s", "imports", "staging wait",
-              "load", "build", "first forward"]
+    header = ["request", "start", "placed (tier)", "loaded from", "request s", "start->ready s", "imports",
+              "staging wait", "load", "build", "first forward"]
     rows = []
     for label, total, cold, placement in starts:
         if cold:
-            rows.append([label, f"{placement.get('tier')} (est {placement.get('estimate_s')} s)", cold["tier"],
+            rows.append([label, cold.get("start", "spawn"),
+                         f"{placement.get('tier')} (est {placement.get('estimate_s')} s)", cold["tier"],
                          f"{total:.2f}", f"{cold['process_start_to_ready_s']:.2f}", f"{cold['imports_s']:.2f}",
                          f"{cold['staging_wait_s']:.2f}", f"{cold['load_s']:.3f}", f"{cold['build_s']:.2f}",
                          f"{cold['first_forward_s']:.2f}"])
         else:
-            rows.append([label, "-", "-", f"{total:.2f}"] + ["-"] * 6)
+            rows.append([label, "warm", "-", "-", f"{total:.2f}"] + ["-"] * 6)
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     print("\nCold-start breakdown (seconds)")
     for row in [header] + rows:
