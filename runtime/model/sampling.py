@@ -63,12 +63,12 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Seq
     if len(output_ids) < params.min_tokens and eos_ids:
         logits[[t for t in eos_ids if 0 <= t < vocab]] = -torch.inf
     if params.penalised:
-        output = torch.tensor(list(output_ids), dtype=torch.long)
+        output = torch.tensor(list(output_ids), dtype=torch.long, device=logits.device)
         output = output[(output >= 0) & (output < vocab)]
         counts = torch.bincount(output, minlength=vocab)[:vocab].float()
         if params.repetition_penalty != 1:
             seen = counts > 0
-            prompt = torch.tensor(list(prompt_ids), dtype=torch.long)
+            prompt = torch.tensor(list(prompt_ids), dtype=torch.long, device=logits.device)
             seen[prompt[(prompt >= 0) & (prompt < vocab)]] = True
             penalty = params.repetition_penalty
             logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
@@ -108,7 +108,7 @@ def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[tup
     These are the model's raw log-probabilities (before penalties and temperature), as vLLM reports by
     default: what an evaluation harness scores."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    chosen = logprobs.gather(-1, tokens.to(logprobs.device)[:, None])[:, 0].tolist()
     if k > 0:
         values, ids = torch.topk(logprobs, k, dim=-1)
         tops = [list(zip(row_ids, row_values, strict=True)) for row_ids, row_values in
