@@ -138,7 +138,7 @@ def parse_sampling(body: dict, max_tokens_limit: int, default_max_tokens: int, v
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP_SEQUENCES} non-empty strings",
                        "stop")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise ApiError(400, "'stream_options' must be an object with 'include_usage'", "stream_options")
     top_k = _integer(body, "top_k", 0, -1, 2**31 - 1)
     params = SamplingParams(
