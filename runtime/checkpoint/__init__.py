@@ -15,7 +15,18 @@ from runtime.checkpoint.format import (
     read_manifest,
 )
 from runtime.checkpoint.verify import verify
-from runtime.checkpoint.writer import DEFAULT_PARTITION_SIZE, convert, save_state_dict, write_checkpoint
+
+_WRITER = ("DEFAULT_PARTITION_SIZE", "convert", "save_state_dict", "write_checkpoint")
+
+
+def __getattr__(name: str):
+    """The writer's names on first use: it needs torch, which reading or verifying a checkpoint does not."""
+    if name in _WRITER:
+        from runtime.checkpoint import writer
+
+        return getattr(writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_PARTITION_SIZE", "FORMAT_NAME", "FORMAT_VERSION", "MANIFEST_NAME", "CheckpointError", "Manifest",

@@ -7,7 +7,7 @@ import re
 import sys
 from collections import Counter
 
-from runtime.checkpoint.format import DTYPES, CheckpointError, read_manifest
+from runtime.checkpoint.format import CheckpointError, read_manifest
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
           "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.verb == "convert":
+            from runtime.checkpoint.dtypes import DTYPES
             from runtime.checkpoint.writer import convert
 
             if args.src.endswith(".gguf"):

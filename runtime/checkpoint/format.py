@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from runtime import jsonbody
 
 FORMAT_NAME = "sllm-checkpoint"
@@ -34,23 +32,13 @@ MAX_NDIM = 16
 MAX_NAME_CHARS = 1024
 INT64_MAX = 2**63 - 1  # sizes, offsets and dimensions beyond this cannot index a tensor or a file
 
-# The allow-list: manifest name -> torch dtype. Nothing else is ever interpreted.
-DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
+# The allow-list: manifest dtype name -> bytes per element. Nothing else is ever interpreted. The torch dtypes
+# they name are in runtime/checkpoint/dtypes.py: the spec imports no torch, so the control plane (controller,
+# node loader) reads manifests without it.
+DTYPE_SIZES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
 }
-for _name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64"):
-    if hasattr(torch, _name):
-        DTYPES[_name] = getattr(torch, _name)
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 _PARTITION_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -74,10 +62,6 @@ class TensorEntry:
     partition: int
     offset: int
     nbytes: int
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
 
     def to_json(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "shape": list(self.shape), "partition": self.partition,
@@ -223,8 +207,8 @@ def _parse_tensor(path: Path, name: str, spec: Any, partitions: list[PartitionEn
         raise CheckpointError(path, where, "tensor names must be 1 to 1024 characters without NUL")
     _want(path, where, spec, dict)
     dtype = _want(path, f"{where}.dtype", spec.get("dtype"), str)
-    if dtype not in DTYPES:
-        raise CheckpointError(path, f"{where}.dtype", f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if dtype not in DTYPE_SIZES:
+        raise CheckpointError(path, f"{where}.dtype", f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPE_SIZES)}")
     shape = _want(path, f"{where}.shape", spec.get("shape"), list)
     if len(shape) > MAX_NDIM:
         raise CheckpointError(path, f"{where}.shape", f"{len(shape)} dimensions exceeds {MAX_NDIM}")
@@ -235,7 +219,7 @@ def _parse_tensor(path: Path, name: str, spec: Any, partitions: list[PartitionEn
         raise CheckpointError(path, f"{where}.partition", f"index {partition} but only {len(partitions)} partitions")
     offset = _nonneg_int(path, f"{where}.offset", spec.get("offset"))
     nbytes = _nonneg_int(path, f"{where}.nbytes", spec.get("nbytes"))
-    itemsize = DTYPES[dtype].itemsize
+    itemsize = DTYPE_SIZES[dtype]
     if math.prod(shape) * itemsize != nbytes:
         raise CheckpointError(path, f"{where}.nbytes", f"{nbytes} but shape {shape} of {dtype} needs "
                               f"{math.prod(shape) * itemsize}")

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from runtime import __version__
+from runtime.checkpoint.dtypes import DTYPE_NAMES, DTYPES
 from runtime.checkpoint.format import (
     BLOCK_SIZE,
-    DTYPE_NAMES,
     MANIFEST_NAME,
     TENSOR_ALIGNMENT,
     CheckpointError,
@@ -104,7 +104,7 @@ def _tensor_bytes(tensor: torch.Tensor, entry: TensorEntry, origin: str) -> memo
     data = tensor.detach().to("cpu")
     if tuple(data.shape) != entry.shape:
         raise CheckpointError(origin, entry.name, f"shape {tuple(data.shape)} differs from the header's {entry.shape}")
-    data = data.to(entry.torch_dtype).contiguous().reshape(-1)
+    data = data.to(DTYPES[entry.dtype]).contiguous().reshape(-1)
     return memoryview(data.view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime.checkpoint.dtypes import DTYPES
 from runtime.checkpoint.format import Manifest
 
 
@@ -12,7 +13,7 @@ def tensor_views(manifest: Manifest, buffers: list[torch.Tensor]) -> dict[str, t
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in manifest.tensors.items():
         raw = buffers[entry.partition][entry.offset:entry.offset + entry.nbytes]
-        tensors[name] = raw.view(entry.torch_dtype).reshape(entry.shape)
+        tensors[name] = raw.view(DTYPES[entry.dtype]).reshape(entry.shape)
     for alias, target in manifest.aliases.items():
         tensors[alias] = tensors[target]
     return tensors
