@@ -15,13 +15,14 @@ measurements behind the choice.
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from runtime.checkpoint.format import read_manifest
 from runtime.checkpoint.verify import verify as verify_checksums
 from runtime.loader.tiers import current_tier
-from runtime.loader.views import tensor_views
+
+if TYPE_CHECKING:
+    import torch
 
 STRATEGIES = ("auto", "mmap", "direct", "buffered")
 
@@ -38,6 +39,10 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, st
     The manifest is validated against the partition files before any byte is mapped or read;
     checksums are checked only with verify=True (the node loader verifies when it stages).
     """
+    import torch  # here: the node loader's staging copy imports runtime.loader.direct and needs no torch
+
+    from runtime.loader.views import tensor_views
+
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     manifest = verify_checksums(directory) if verify else read_manifest(directory)

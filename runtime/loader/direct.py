@@ -14,14 +14,16 @@ import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from runtime.checkpoint.format import Manifest, open_regular
 
 DEFAULT_CHUNK = 16 << 20
 DEFAULT_THREADS = 8  # I/O depth: reads block in the kernel, so more threads than cores pays
 _HUGE_PAGE = 2 << 20
+
+if TYPE_CHECKING:
+    import torch
 
 
 def allocate_buffer(size: int, hugepages: bool = True) -> mmap.mmap:
@@ -59,6 +61,7 @@ def read_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
 def read_partitions(directory: str | os.PathLike, manifest: Manifest, *, threads: int = DEFAULT_THREADS,
                     chunk: int = DEFAULT_CHUNK, direct: bool = True, hugepages: bool = True) -> list[torch.Tensor]:
     """Read every partition into its own buffer; chunks of all partitions share one thread pool."""
+    import torch  # here, not at the top: the node loader's staging copy uses this module without torch
     directory = Path(directory)
     buffers = [allocate_buffer(part.size, hugepages) if part.size else None for part in manifest.partitions]
     handles = []
