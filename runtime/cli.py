@@ -26,6 +26,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "up": ("runtime.local.cli", "run everything on this machine: Redis, controller, N node loaders, gateway"),
     "deploy": ("runtime.local.cli", "deploy the functions of an OpenFaaS stack file to the gateway"),
     "invoke": ("runtime.local.cli", "call a function through the gateway (body from stdin)"),
+    "list": ("runtime.local.cli", "list the functions deployed to the gateway: invocations, replicas"),
+    "describe": ("runtime.local.cli", "describe a function: status, replicas, labels, its instances and cold starts"),
+    "logs": ("runtime.local.cli", "print a function's instance logs (--tail N, --follow)"),
+    "remove": ("runtime.local.cli", "remove functions from the gateway (by name, or those of a stack file)"),
 }
 
 

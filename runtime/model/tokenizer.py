@@ -23,8 +23,19 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+def check_template(source: str) -> None:
+    """ValueError naming the line where `source` is not a chat template this environment can compile."""
+    import jinja2
+
+    try:
+        _environment().parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"line {exc.lineno}: {exc.message}") from None
+
+
 class Tokenizer:
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, chat_template: str | Path | None = None) -> None:
+        """`chat_template`: a Jinja file used instead of the checkpoint's template (serve --chat-template)."""
         directory = Path(directory)
         self._tokenizer = _FastTokenizer.from_file(str(directory / "tokenizer.json"))
         config_path = directory / "tokenizer_config.json"
@@ -36,6 +47,8 @@ class Tokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         if (directory / "chat_template.jinja").exists():
             template = (directory / "chat_template.jinja").read_text()
+        if chat_template is not None:
+            template = Path(chat_template).read_text()
         self._template_source = template
         self._template = None
         self.eos_token_ids = self._eos_ids(directory)

@@ -340,7 +340,7 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         handler_ = logging.StreamHandler()
         handler_.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler_)
-        log.setLevel(os.environ.get("SLLM_LOG_LEVEL", "info").upper())
+        log.setLevel(settings.log_level.upper())
     if process_started is None:
         process_started = process_start_time(int(os.environ.get("SLLM_SPAWN_PID") or os.getpid()))
     runtime = Runtime(settings)

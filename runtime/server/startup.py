@@ -126,7 +126,7 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
     now = time.time()
     report.load_s, mark = now - mark, now
 
-    tokenizer = Tokenizer(directory)
+    tokenizer = Tokenizer(directory, settings.chat_template)
     model, report.decoder = build_model(directory, state)
     engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_seq=settings.max_seq, on_finish=on_finish)
     engine.start()
