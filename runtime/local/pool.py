@@ -200,7 +200,8 @@ class NodePool:
             deadline = time.monotonic() + 30
             while not member.socket.exists():   # listening once its name appears
                 if member.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"member {member.id} of {self.node} died before listening")
+                    raise RuntimeError(f"member {member.id} of {self.node} did not listen (exit status "
+                                       f"{member.process.returncode}; log: {self.log_path})")
                 time.sleep(0.002)
             with self._lock:
                 if self._stopping.is_set():

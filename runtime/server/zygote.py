@@ -180,13 +180,13 @@ def member(path: Path, reaper: int, exec_cuda: bool) -> int:
     if intermediate == 0:
         try:
             os.close(read_end)
+            intermediate_pid = os.getpid()   # read before the fork: the intermediate may be gone at once
             grandchild = os.fork()
             if grandchild:
                 os.write(write_end, f"{grandchild}\n".encode())
                 os._exit(0)
             os.close(write_end)
             os.setsid()   # its own process group: the gateway stops it as it stops any instance
-            intermediate_pid = os.getppid()
             while os.getppid() == intermediate_pid:   # until the intermediate has exited
                 time.sleep(0.0005)
             _die_with_parent(reaper)   # exits unless re-parented to the reaper (the gateway)
