@@ -357,7 +357,7 @@ def pooled_start(pools, model_dir: Path, build: Path, threads: int, logs: Path) 
 
 
 def gateway_first_tokens(model_dir: Path, runs: int, work: Path) -> list[dict]:
-    """`sllm-faas up --nodes 1 --pool-size 1`: per run, scale to zero, wait for a full pool, then stream a
+    """`sllm-faas up --nodes 1 --slots 2 --pool-size 1`: per run, scale to zero, wait for a full pool, then stream a
     request at zero and time its first token (the model is in the node's DRAM tier)."""
     import signal
 
@@ -369,7 +369,7 @@ def gateway_first_tokens(model_dir: Path, runs: int, work: Path) -> list[dict]:
     store.mkdir(parents=True)
     (store / "m").symlink_to(model_dir)
     state_file = work / "cluster.json"
-    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--nodes", "1", "--slots", "1", "--port",
+    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--nodes", "1", "--slots", "2", "--port",
                            str(free_tcp_port()), "--model-store", str(store), "--workdir", str(work / "up"),
                            "--build-root", str(work / "build"), "--state-file", str(state_file), "--pool-size", "1"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
@@ -396,17 +396,18 @@ def gateway_first_tokens(model_dir: Path, runs: int, work: Path) -> list[dict]:
             while not all(len(p["idle"]) == p["size"] for p in requests.get(
                     f"{gateway}/system/pools", headers=admin, timeout=10).json()):
                 time.sleep(0.05)
-            started, first, cold = time.perf_counter(), None, {}
+            started, first, cold, lines = time.perf_counter(), None, {}, []
             with requests.post(f"{gateway}/function/f/v1/chat/completions", json=body, stream=True,
                                timeout=300) as response:
                 for line in response.iter_lines(decode_unicode=True):
+                    lines.append(line)
                     if line.startswith(": sllm cold-start phase=ready"):
                         cold = json.loads(line.split("cold_start=", 1)[1])
                     elif first is None and line.startswith("data: {") and '"content": "' in line \
                             and '"content": ""' not in line:
                         first = time.perf_counter() - started
             if first is None:
-                raise RuntimeError(f"no token through the gateway (status {response.status_code})")
+                raise RuntimeError(f"no token through the gateway: {response.status_code} {lines[-6:]}")
             samples.append({"first_token_s": first, "cold_start": cold})
     finally:
         up.send_signal(signal.SIGINT)
