@@ -8,8 +8,12 @@ connection in the worker's poller (no thread) until its complete request head ha
 - the head must end (``\\r\\n\\r\\n``) within `HEAD_LIMIT` bytes, else the client gets 431 and is closed;
 - it must arrive within SLLM_HTTP_HEADER_TIMEOUT_S of the connection becoming readable (the first
   request, or the next one on a kept-alive connection), else the connection is closed;
+- a body with a Content-Length up to `BODY_BUFFER_LIMIT` is read in the poller too, within
+  SLLM_HTTP_BODY_TIMEOUT_S of the head's end, so a client that sends a whole head and then stalls its body
+  holds no thread either (before any route, so also before authentication);
 - only then is it handed to a thread, whose socket has a timeout of SLLM_HTTP_BODY_TIMEOUT_S for every
-  read (the body) and write (a client that stops reading a stream).
+  read (a larger or chunked body, or one after `Expect: 100-continue`) and write (a client that stops
+  reading a stream).
 
 The head bytes are read rather than peeked: the poller is level-triggered, so bytes left in the socket
 would wake it again at once. They are given back to gunicorn's parser before it reads.
@@ -53,9 +57,38 @@ def _seconds(name: str, default: float) -> float:
     return value
 
 
+BODY_BUFFER_LIMIT = 1 << 20  # bodies up to this size are read before a thread is given (module doc)
+
+
+def _head_end(head: bytearray) -> int:
+    """The offset just past the request head's blank line within the limit, or -1 while it has not come."""
+    end = head.find(b"\r\n\r\n", 0, HEAD_LIMIT + 4)
+    return end + 4 if end >= 0 else -1
+
+
+def _buffered_body(head: bytes) -> int:
+    """How many body bytes to wait for in the poller: the Content-Length when it is small enough to buffer,
+    else 0 (no length, chunked, `Expect: 100-continue` or a large body: the thread reads it, under the
+    socket timeout). A malformed length is gunicorn's parser's to refuse, so it waits for nothing."""
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding" or (name == b"expect" and b"100-continue" in value.lower()):
+            return 0
+        if name == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return 0
+    return length if 0 < length <= BODY_BUFFER_LIMIT else 0
+
+
 def _complete(head: bytearray) -> bool:
-    """Whether `head` holds a whole request head (its blank line) within the limit."""
-    return head.find(b"\r\n\r\n", 0, HEAD_LIMIT + 4) >= 0
+    """Whether `head` holds a whole request head (its blank line) within the limit, and its body when the
+    body is one we buffer."""
+    end = _head_end(head)
+    return end >= 0 and len(head) >= end + _buffered_body(bytes(head[:end]))
 
 
 class _Conn(TConn):
@@ -81,7 +114,7 @@ class Worker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.header_timeout = _seconds("SLLM_HTTP_HEADER_TIMEOUT_S", 10.0)
         self.body_timeout = _seconds("SLLM_HTTP_BODY_TIMEOUT_S", 30.0)
-        self.heads: dict[_Conn, float] = {}  # waiting for their head -> deadline, in deadline order
+        self.heads: dict[_Conn, float] = {}  # waiting for their head (or buffered body) -> deadline
 
     def accept(self, listener) -> None:
         try:
@@ -110,7 +143,7 @@ class Worker(ThreadWorker):
             conn.data_ready = True  # the bytes are in conn.head, not on the socket: do not wait for more
             super().enqueue_req(conn)
             return True
-        if len(conn.head) >= HEAD_LIMIT + 4:
+        if _head_end(conn.head) < 0 and len(conn.head) >= HEAD_LIMIT + 4:
             try:
                 conn.sock.send(HEAD_TOO_LARGE)
             except OSError:
@@ -126,8 +159,12 @@ class Worker(ThreadWorker):
             return
         except OSError:
             data = b""
+        head_was_complete = _head_end(conn.head) >= 0
         conn.head += data
-        if data and not _complete(conn.head) and len(conn.head) < HEAD_LIMIT + 4:
+        head_complete = _head_end(conn.head) >= 0
+        if data and not _complete(conn.head) and (head_complete or len(conn.head) < HEAD_LIMIT + 4):
+            if head_complete and not head_was_complete:  # the head is in: the body has its own deadline
+                self.heads[conn] = time.monotonic() + self.body_timeout
             return  # not yet: stay in the poller
         self.poller.unregister(sock)
         del self.heads[conn]
@@ -145,7 +182,7 @@ class Worker(ThreadWorker):
         now = time.monotonic()
         for conn, deadline in list(self.heads.items()):
             if deadline > now and self.alive:
-                break
+                continue
             del self.heads[conn]
             try:
                 self.poller.unregister(conn.sock)

@@ -160,3 +160,24 @@ def test_http_settings_are_documented():
     for source in ("runtime/http_server.py", "runtime/server/settings.py"):
         for name in set(re.findall(r'"(SLLM_[A-Z_]+)"', (ROOT / source).read_text())):
             assert f"`{name}`" in readme, f"{name} ({source}) is not in README.md"
+
+
+def test_stalled_bodies_hold_no_thread_before_authentication(tmp_path, redis_ns):
+    """A whole head, then a body that never finishes: read in the poller, so even 48 of them (each past the
+    controller's auth, with a valid token) leave /healthz answering, and each is closed at the body deadline."""
+    from controller_process import ControllerProcess
+
+    controller = ControllerProcess(tmp_path, redis_ns.url, redis_ns.prefix).start()
+    head = (f"POST /v1/placements HTTP/1.1\r\nHost: sllm\r\nAuthorization: Bearer {controller.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    stalled = []
+    try:
+        for _ in range(48):
+            sock = socket.create_connection(("127.0.0.1", controller.port), timeout=10)
+            sock.sendall(head + b'{"model": "')
+            stalled.append(sock)
+        assert requests.get(controller.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+        controller.stop()
