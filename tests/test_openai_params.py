@@ -244,6 +244,9 @@ REFUSED = {  # name -> (endpoint, body, the parameter the 400 names)
     "n": ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
     "max_tokens 0 without echo": ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
     "token out of vocabulary": ("/v1/completions", {"prompt": [1, 2, 10**9]}, "prompt"),
+    # a few-kilobyte body must not queue thousands of generations (prompts x n is bounded)
+    "batch of 5000 prompts": ("/v1/completions", {"prompt": ["a"] * 5000, "max_tokens": 1}, "prompt"),
+    "prompts x n over the limit": ("/v1/completions", {"prompt": ["a"] * 8, "n": 9}, "prompt"),
     "message field": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "x": 1}]},
                       "messages[0].x"),
     "template kwargs": ("/v1/chat/completions", {"messages": QUESTION, "chat_template_kwargs": {"messages": []}},

@@ -180,6 +180,9 @@ class Runtime:
         room = min(self._check_prompt(p, "messages" if chat else "prompt") for p in prompts)
         parsed = api.parse_sampling(body, self.settings.max_tokens, min(default_max_tokens, room),
                                     loaded.engine.vocab_size, chat, echo=echoes[0] is not None)
+        if len(prompts) * parsed.n > api.MAX_CHOICES:
+            raise api.ApiError(400, f"{len(prompts)} prompt(s) x n={parsed.n} asks for {len(prompts) * parsed.n} "
+                               f"choices; the limit is {api.MAX_CHOICES}", "prompt" if len(prompts) > 1 else "n")
         longest = max(len(p) for p in prompts)
         if longest + parsed.params.max_tokens > loaded.engine.max_seq:
             key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"

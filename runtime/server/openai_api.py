@@ -19,6 +19,9 @@ from runtime.model.params import SamplingParams
 MAX_STOP_SEQUENCES = 4
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs; OpenAI's top_logprobs limit too
 MAX_N = 16
+# choices (prompts x n) in one request: each takes an engine slot or waits for one, so an unbounded batch
+# would queue thousands of generations behind one request body of a few kilobytes
+MAX_CHOICES = 64
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
 # accepted and without effect on a single small engine: who the user is, storage and tier hints, how many
