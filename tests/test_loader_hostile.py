@@ -122,6 +122,24 @@ def test_loader_api_deep_json_body_is_400_not_500(tmp_path):
         loader.stop()
 
 
+def test_lease_ttl_zero_is_refused_not_silently_the_default(tmp_path):
+    make_model(tmp_path / "remote", "good")
+    loader = in_process_loader(tmp_path, str(tmp_path / "remote"))
+    try:
+        loader.stage("good", "ssd")
+        deadline = time.monotonic() + 30
+        while loader.where("good")["tier"] != "ssd":
+            assert time.monotonic() < deadline, "staging never finished"
+            time.sleep(0.05)
+        client = create_app(loader).test_client()
+        for ttl in (0, 0.0, -1, 3601):
+            answer = client.post("/v1/leases", json={"model": "good", "holder": "h", "ttl_s": ttl})
+            assert answer.status_code == 400 and "ttl_s" in answer.json["error"], (ttl, answer.json)
+        assert client.post("/v1/leases", json={"model": "good", "holder": "h"}).status_code == 201
+    finally:
+        loader.stop()
+
+
 # -- point 4: downloads are bounded by the manifest ------------------------------------------------------------
 def test_local_store_partition_larger_than_declared_is_refused_not_copied(tmp_path):
     (tmp_path / "remote" / "m").mkdir(parents=True)

@@ -170,9 +170,9 @@ class NodeLoader:
             raise LoaderError("holder must be 1 to 256 characters")
         if self.fastest_tier(model) == "remote":
             raise LoaderError(f"{model} is not on this node; stage it first", 404)
-        ttl = ttl_s or self.config.lease_ttl_s
+        ttl = self.config.lease_ttl_s if ttl_s is None else ttl_s
         if not 0 < ttl <= 3600:
-            raise LoaderError("ttl_s must be in (0, 3600]")
+            raise LoaderError(f"ttl_s must be in (0, 3600], not {ttl!r}")
         with self._decisions:
             if self.fastest_tier(model) == "remote":
                 raise LoaderError(f"{model} is not on this node; stage it first", 404)
