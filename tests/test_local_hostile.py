@@ -150,6 +150,14 @@ def test_instance_platform_routes_are_never_proxied(up, path):
     assert response.status_code in (400, 404) and "X-Sllm-Instance" not in response.headers, response.text
 
 
+@pytest.mark.parametrize("method, path", [("GET", "/system/function/..%2f.."),
+                                          ("POST", "/system/scale-function/..%2fx"),
+                                          ("GET", "/no/such/route"), ("DELETE", "/healthz")])
+def test_unrouted_paths_get_a_json_error_not_an_html_page(up, method, path):
+    response = requests.request(method, up.gateway + path, headers=up.admin, timeout=10)
+    assert response.status_code in (404, 405) and response.json()["error"], (path, response.text)
+
+
 def test_stream_cut_by_a_dying_worker_ends_with_an_error_frame_and_the_next_request_waits(up):
     master = up.function("fh")["instances"][0]["pid"]
     [worker] = workers_of(master)

@@ -46,6 +46,7 @@ from pathlib import Path
 import redis
 import requests
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from redis_schema.keys import Keys, validate_id
 from runtime.jsonbody import JsonError, request_object
@@ -360,7 +361,8 @@ class Gateway:
                 function.instances.append(instance)
             self.launcher.wait_ready(instance, self.config.cold_start_timeout_s)
         except Exception as exc:  # any failure must reach the waiting requests, or they would start another
-            error = exc if isinstance(exc, GatewayError) else GatewayError(502, f"{type(exc).__name__}: {exc}")
+            # a start that failed (a loader restarting, an instance that died loading) is worth retrying: 503
+            error = exc if isinstance(exc, GatewayError) else GatewayError(503, f"{type(exc).__name__}: {exc}")
             log.warning("could not start an instance of %s: %s", function.name, error.message)
             if instance is not None:
                 self.launcher.stop(instance, grace_s=2)
@@ -524,6 +526,13 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     def gateway_error(exc: GatewayError):
         headers = {"Retry-After": exc.retry_after} if exc.status in (429, 503) else {}
         return jsonify({"error": exc.message}), exc.status, headers
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        """Routing's own answers (404, 405, 413) in the gateway's JSON shape; redirects stay redirects."""
+        if exc.code is None or exc.code < 400:
+            return exc
+        return jsonify({"error": exc.description or exc.name}), exc.code
 
     @app.errorhandler(JsonError)
     def bad_json(exc: JsonError):
