@@ -375,9 +375,27 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         threshold = body.get("threshold", 20)
         if not isinstance(threshold, int) or isinstance(threshold, bool) or not 1 <= threshold <= 4096:
             raise ApiError(400, "threshold must be an integer from 1 to 4096", "threshold")
+        # Who takes part is decided now, so a caller learns of an unknown instance, a bad address or no
+        # destination from this answer; only the transfer itself runs in the background.
+        migrator = controller.migrator
+        field = "source"
+        try:
+            source_url, source_instance = migrator.resolve(body["source"])
+            field = "destination"
+            if destination is None:
+                destination = migrator.pick_destination(source_instance or source_url)
+            destination_url = migrator.resolve(destination)[0]
+        except NoDestination as exc:
+            raise ApiError(409, str(exc), "destination") from None
+        except LookupError as exc:
+            raise ApiError(404, str(exc), field) from None
+        except ValueError as exc:  # neither a base URL nor a valid instance id (redis_schema.validate_id)
+            raise ApiError(400, str(exc), field) from None
+        if destination_url == source_url:
+            raise ApiError(400, f"source and destination are the same instance ({source_url})", "destination")
         migration_id = f"m-{int(time.time())}-{os.urandom(4).hex()}"
-        controller.migrate_in_background(lambda: controller.migrator.migrate(
-            body["source"], body["request"], destination, threshold=threshold, reason="operator",
+        controller.migrate_in_background(lambda: migrator.migrate(
+            source_url, body["request"], destination_url, threshold=threshold, reason="operator",
             migration_id=migration_id), "operator")
         return {"id": migration_id, "record": controller.keys.migration(migration_id)}, 202
 

@@ -376,6 +376,15 @@ def test_migration_api_validates_and_reports_unknown_ids(controller):
         assert response.status_code == 400 and response.json()["field"] == field, body
     assert controller.get("/v1/migrations/m-none").status_code == 404
     assert controller.get("/v1/migrations/..%2Fx").status_code in (400, 404)
+    # who takes part is checked before the 202: a migration the caller could never follow is refused now
+    for body, status in (({"source": "file:///etc/passwd", "request": "x"}, 400),
+                         ({"source": "gopher://127.0.0.1:1/", "request": "x"}, 400),
+                         ({"source": "inst-unknown", "request": "x"}, 404),
+                         ({"source": "http://127.0.0.1:9", "request": "x"}, 409),
+                         ({"source": "http://127.0.0.1:9", "request": "x", "destination": "inst-unknown"}, 404),
+                         ({"source": "http://127.0.0.1:9", "request": "x", "destination": "http://127.0.0.1:9/"}, 400)):
+        response = controller.post("/v1/migrations", body)
+        assert response.status_code == status and response.json()["error"], (body, response.text)
 
 
 def test_own_bookings_count_once_whether_or_not_a_read_has_seen_them(redis_ns):
