@@ -281,6 +281,27 @@ def test_lease_survives_loader_kill_and_restart(tmp_path, redis_ns):
         again.stop()
 
 
+def test_model_sizes_lost_by_a_redis_restart_are_republished(tmp_path, redis_ns):
+    """A Redis restarted without its data loses `model:<name>`; the controller could then not place a model the
+    node still holds. Each heartbeat republishes what is missing."""
+    make_model(tmp_path / "remote", "small")
+    node = tmp_path / "node"
+    node.mkdir()
+    daemon = LoaderDaemon(node, tmp_path / "remote", redis_ns.url, redis_ns.prefix).start()
+    try:
+        assert daemon.wait_job(daemon.client.stage("small", "dram"))["state"] == "done"
+        key = redis_ns.key("model:small")
+        size = redis_ns.client.hget(key, "size_bytes")
+        assert size and int(size) > 0
+        redis_ns.client.delete(key)
+        deadline = time.monotonic() + 10
+        while redis_ns.client.hget(key, "size_bytes") != size:
+            assert time.monotonic() < deadline, "the model's size was never republished"
+            time.sleep(0.05)
+    finally:
+        daemon.stop()
+
+
 # -- the TCP API needs a token ---------------------------------------------------------------------------------
 def loader_cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     (tmp_path / "remote").mkdir(exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from redis_schema.keys import EVENTS_MAXLEN, SCHEMA_VERSION, Keys
+from runtime.checkpoint.format import CheckpointError, read_manifest
 
 log = logging.getLogger("sllm.loader")
 
@@ -59,6 +60,7 @@ class RedisPublisher:
         k = self.keys
         try:
             pipe = self.client.pipeline(transaction=True)
+            held: dict[str, str] = {}  # model -> a tier holding it here, to republish its size if Redis lost it
             pipe.set(k.schema_version, SCHEMA_VERSION, nx=True)
             pipe.sadd(k.nodes, self.node_id)
             pipe.delete(k.node(self.node_id))
@@ -72,6 +74,8 @@ class RedisPublisher:
                 if models:
                     pipe.sadd(key, *models)
                     pipe.expire(key, ttl)
+                if tier != "gpu":
+                    held.update(dict.fromkeys(models, tier))
             # the controller adds the loads it decided to this queue too: replace only what we wrote
             queue_key = k.node_queue(self.node_id)
             queue = {f"{j['model']}@{j['tier']}": j["estimated_finish"] or time.time() for j in loader.queue_snapshot()}
@@ -83,6 +87,7 @@ class RedisPublisher:
             pipe.expire(queue_key, ttl)
             pipe.execute()
             self._queue_members = set(queue)
+            self._republish_lost_models(loader, held)
             self._flush_events()
         except redis.RedisError as exc:
             if self.healthy:
@@ -93,6 +98,24 @@ class RedisPublisher:
             log.info("published node %s to Redis", self.node_id)
         self.healthy = True
         return True
+
+    def _republish_lost_models(self, loader, held: dict[str, str]) -> None:
+        """The size record of every model held here that Redis no longer has (a Redis restarted without its
+        data): without it the controller cannot place the model, although this node holds it."""
+        if not held:
+            return
+        names = list(held)
+        exists = self.client.pipeline(transaction=False)
+        for model in names:
+            exists.exists(self.keys.model(model))
+        for model, present in zip(names, exists.execute(), strict=True):
+            if not present:
+                try:
+                    manifest = read_manifest(loader.tiers[held[model]].path(model))
+                except (CheckpointError, OSError) as exc:  # evicted meanwhile, or damaged: staging reports it
+                    log.warning("cannot republish %s: %s", model, exc)
+                    continue
+                self.model_info(model, manifest)
 
     def model_info(self, model: str, manifest) -> None:
         fields = {"size_bytes": str(manifest.total_bytes), "partitions": str(len(manifest.partitions)),
