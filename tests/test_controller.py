@@ -404,10 +404,22 @@ def test_own_bookings_count_once_whether_or_not_a_read_has_seen_them(redis_ns):
     assert free() == 2                     # before any read sees it
     cache.refresh()
     assert free() == 2                     # the read sees it: not counted twice
-    cache.note_booking("node-a", "b-2", None)   # booked by us, not yet visible to a read
+    from controller.cluster import read_cluster
+
+    started = time.monotonic()
+    stale = read_cluster(redis_ns.client, keys)       # a read that began before the next booking
+    second = booker.book("node-a", "b-2")
+    cache.note_booking("node-a", "b-2", None)
     assert free() == 1
+    with cache._lock:                                 # that read lands after the booking: it cannot hold b-2
+        cache._read, cache._read_started = stale, started
+        cache._rebuild()
+    assert free() == 1                     # so b-2 still counts
     cache.refresh()
-    assert free() == 1
+    assert free() == 1                     # a read begun after the booking holds it: counted once
+    booker.cancel(second)                  # given back elsewhere (another worker or replica)
+    cache.refresh()
+    assert free() == 2                     # a later read without it frees the slot at once, not in 60 s
 
 
 def test_booking_script_defaults_slots_like_the_reader_and_scale_is_all_or_nothing(controller, cluster):
