@@ -57,9 +57,11 @@ def test_a_pooled_instance_serves_streams_and_registers_in_redis(up, redis_targe
     assert instance["start"] == "pool" and instance["pid"] in idle   # the idle member became the instance
     ready = requests.get(instance["url"] + "/_/ready", timeout=10).json()
     assert ready["cold_start"]["start"] == "pool"
-    record = redis.Redis.from_url(redis_target.url, decode_responses=True).hgetall(
-        f"{up.state['key_prefix']}instance:{instance['id']}")
-    assert record["state"] == "ready" and record["node"] == instance["node"] and record["function"] == "fp"
+    client = redis.Redis.from_url(redis_target.url, decode_responses=True)
+    key = f"{up.state['key_prefix']}instance:{instance['id']}"
+    # the record says "ready" from the registration's next heartbeat (every SLLM_INSTANCE_HEARTBEAT_S)
+    record = wait_until(lambda: (r := client.hgetall(key)).get("state") == "ready" and r, timeout=30)
+    assert record["node"] == instance["node"] and record["function"] == "fp"
     chunks = up.client("fp").chat.completions.create(model="smollm2-a", messages=QUESTION, max_tokens=12,
                                                      temperature=0, stream=True)
     assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
