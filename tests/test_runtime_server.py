@@ -260,7 +260,7 @@ def test_template_default_handler_log_line_and_clean_shutdown(smollm2, tmp_path)
         assert requests.post(instance.url + "/", json={"prompt": ""}, timeout=10).status_code == 400
     finally:
         output = instance.stop()
-    assert "cold start: tier=" in output and "first_forward=" in output
+    assert "cold start: start=spawn tier=" in output and "first_forward=" in output
     assert instance.process.returncode == 0
 
 
