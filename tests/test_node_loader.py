@@ -258,6 +258,10 @@ def test_node_record_expires_when_heartbeats_stop(daemon, redis_ns):
 def test_loader_metrics(daemon):
     status, _ = daemon.client.request("GET", "/healthz")
     assert status == 200
+    deadline = time.monotonic() + 10
+    while not daemon.client.status()["redis"]:  # the first heartbeat publishes a moment after the API is up
+        assert time.monotonic() < deadline, "the loader never published to Redis"
+        time.sleep(0.05)
     connection_text = _raw_get(daemon.socket, "/metrics")
     for name in ("sllm_loader_tier_used_bytes", "sllm_loader_bandwidth_bytes_per_second", "sllm_loader_queue_length"):
         assert name in connection_text
