@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 import torch
-from tiny_families import family_config, write_word_tokenizer
+from tiny_families import FAMILIES, family_config, write_word_tokenizer
 
 from runtime.embedded_redis import free_tcp_port
 
@@ -26,7 +26,10 @@ def cli(*args) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize(("name", "path"), [("qwen3", "native (qwen3)"), ("gpt2", "transformers fallback")])
+NATIVE = {name: f"native ({family_config(name).model_type})" for name in FAMILIES}
+
+
+@pytest.mark.parametrize(("name", "path"), [*NATIVE.items(), ("gpt2", "transformers fallback")])
 def test_convert_inspect_serve_greedy_equals_transformers(name, path, tmp_path):
     import openai
     from transformers import AutoModelForCausalLM
