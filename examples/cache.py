@@ -5,6 +5,7 @@ Weights are never committed; CI builds each version once.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -37,3 +38,14 @@ def cached_checkpoint(base: Path, export_hf: Callable[[Path], None]) -> dict[str
     except CheckpointError:
         convert(hf, sllm, overwrite=True, progress=sys.stderr.isatty())
     return {"hf": hf, "sllm": sllm}
+
+
+def prepare_cli(description: str, prepare: Callable[[Path | None], dict[str, Path]]) -> int:
+    """An example's `prepare.py` command line: build what the cache lacks, print the checkpoint (or HF) path."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cache-dir", type=Path, help="cache root (default: $SLLM_FAAS_CACHE or ~/.cache/sllm-faas)")
+    parser.add_argument("--hf", action="store_true", help="print the HF folder instead of the checkpoint")
+    args = parser.parse_args()
+    paths = prepare(args.cache_dir)
+    print(paths["hf" if args.hf else "sllm"])
+    return 0

