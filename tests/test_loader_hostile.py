@@ -260,13 +260,23 @@ def test_evict_racing_lease_never_leaves_a_lease_on_an_evicted_model(tmp_path):
 
 
 # -- point 8: leases survive a loader restart -----------------------------------------------------------------------
-def test_lease_survives_loader_kill_and_restart(tmp_path, redis_ns):
+def daemon_holding_small(tmp_path, redis_ns) -> tuple[LoaderDaemon, Path]:
+    """A real loader process (and its node folder) that has staged the model "small" into DRAM."""
     make_model(tmp_path / "remote", "small")
     node = tmp_path / "node"
     node.mkdir()
     daemon = LoaderDaemon(node, tmp_path / "remote", redis_ns.url, redis_ns.prefix).start()
     try:
         assert daemon.wait_job(daemon.client.stage("small", "dram"))["state"] == "done"
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon, node
+
+
+def test_lease_survives_loader_kill_and_restart(tmp_path, redis_ns):
+    daemon, node = daemon_holding_small(tmp_path, redis_ns)
+    try:
         lease = daemon.client.lease("small", "instance-1", ttl_s=60)
     finally:
         daemon.kill()
@@ -284,12 +294,8 @@ def test_lease_survives_loader_kill_and_restart(tmp_path, redis_ns):
 def test_model_sizes_lost_by_a_redis_restart_are_republished(tmp_path, redis_ns):
     """A Redis restarted without its data loses `model:<name>`; the controller could then not place a model the
     node still holds. Each heartbeat republishes what is missing."""
-    make_model(tmp_path / "remote", "small")
-    node = tmp_path / "node"
-    node.mkdir()
-    daemon = LoaderDaemon(node, tmp_path / "remote", redis_ns.url, redis_ns.prefix).start()
+    daemon, _ = daemon_holding_small(tmp_path, redis_ns)
     try:
-        assert daemon.wait_job(daemon.client.stage("small", "dram"))["state"] == "done"
         key = redis_ns.key("model:small")
         size = redis_ns.client.hget(key, "size_bytes")
         assert size and int(size) > 0
