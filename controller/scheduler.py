@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import functools
-import itertools
 import math
 import statistics
 from collections.abc import Iterator
@@ -262,12 +261,16 @@ class Plans:
         self.ranked = shortlist(snapshot, model_name)
 
     def __iter__(self) -> Iterator[Decision]:
-        tried = {d.node for d in self.ranked}
-        rest = (d for d in rank(self.snapshot, self.model_name) if d.node not in tried)
-        for decision in itertools.chain(self.ranked, rest):
+        for decision in self._in_order():
             if not decision.feasible:
                 return
             yield decision
+
+    def _in_order(self) -> Iterator[Decision]:
+        """The shortlist, then the full ranking; the ranking (every node) is computed only when reached."""
+        yield from self.ranked
+        tried = {d.node for d in self.ranked}
+        yield from (d for d in rank(self.snapshot, self.model_name) if d.node not in tried)
 
 
 def plans(snapshot: Snapshot, model_name: str) -> Plans:

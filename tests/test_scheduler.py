@@ -201,3 +201,23 @@ def test_median_remaining_tokens():
     x = median_remaining_tokens(200, 300.0, 1.0, 10**9)
     assert survival(200 + x) == pytest.approx(survival(200) / 2, rel=1e-9)
     assert x < 252.1  # under the conditional mean (expected_remaining_tokens(200, ...) = 252.1)
+
+
+def test_plans_rank_every_node_only_when_the_shortlist_is_used_up(monkeypatch):
+    """The first decision comes from the shortlist; ranking all nodes (O(n) per decision) waits until a caller
+    has tried every shortlisted node. It ran at the first decision, which made each decision ~6x slower."""
+    from controller import scheduler
+
+    nodes = (node("a", "dram"),) + tuple(node(f"r{i}", None) for i in range(50))
+    snapshot = Snapshot(nodes, {"m": MODEL})
+    calls = []
+    full_rank = scheduler.rank
+    monkeypatch.setattr(scheduler, "rank", lambda *args: calls.append(args) or full_rank(*args))
+    options = scheduler.plans(snapshot, "m")
+    decisions = iter(options)
+    assert next(decisions).node == "a" and calls == []
+    taken = [next(decisions) for _ in range(len(options.ranked) - 1)]
+    assert calls == [] and len(taken) == len(options.ranked) - 1
+    rest = list(decisions)   # every shortlisted node was taken meanwhile: now the full ranking
+    assert len(calls) == 1 and {d.node for d in rest}.isdisjoint(d.node for d in options.ranked)
+    assert len(options.ranked) + len(rest) == len(nodes)
