@@ -183,10 +183,10 @@ def main() -> int:
         process = ControllerProcess(Path(tempfile.mkdtemp(prefix="sllm-bench-")), url, prefix, workers="2").start()
         try:
             connection = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {process.token}"}
 
             def post(_):
-                connection.request("POST", "/v1/placements", json.dumps({"model": rng.choice(names)}),
-                                   {"Content-Type": "application/json"})
+                connection.request("POST", "/v1/placements", json.dumps({"model": rng.choice(names)}), headers)
                 response = connection.getresponse()
                 response.read()
                 assert response.status == 200, response.status
@@ -198,8 +198,7 @@ def main() -> int:
             def worker():
                 conn = http.client.HTTPConnection("127.0.0.1", process.port, timeout=30)
                 for _ in range(args.decisions // 8):
-                    conn.request("POST", "/v1/placements", json.dumps({"model": rng.choice(names)}),
-                                 {"Content-Type": "application/json"})
+                    conn.request("POST", "/v1/placements", json.dumps({"model": rng.choice(names)}), headers)
                     answer = conn.getresponse()
                     answer.read()
                     done.append(answer.status)
