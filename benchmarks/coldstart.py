@@ -50,7 +50,7 @@ from common import machine_info, now_utc, results_path, write_results  # noqa: E
 from examples.cache import cache_root, cached_checkpoint  # noqa: E402
 from examples.qwen3.prepare import VOCAB, save_random_model, versions_key  # noqa: E402
 from examples.smollm2.prepare import prepare  # noqa: E402
-from runtime.embedded_redis import free_tcp_port  # noqa: E402
+from sllm_faas.runtime.embedded_redis import free_tcp_port  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 DECODE_PROMPT = "Write a long story about a lighthouse keeper."
@@ -150,7 +150,7 @@ class Runtime:
         self.url = f"http://127.0.0.1:{self.port}"
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", str(model_dir), "--port", str(self.port),
+            [sys.executable, "-m", "sllm_faas", "serve", str(model_dir), "--port", str(self.port),
              "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "SLLM_TORCH_THREADS": str(threads), "SLLM_SERVED_MODEL_NAME": "m"})
 
@@ -350,7 +350,7 @@ def pooled_start(pools, model_dir: Path, build: Path, threads: int, logs: Path) 
         first = runtime.first_token()
         cold = runtime.ready_body()["cold_start"]
     finally:
-        from runtime.processes import stop_process_group
+        from sllm_faas.common.processes import stop_process_group
 
         stop_process_group(member.process, grace_s=5)
     return cold["process_start_to_ready_s"], first, cold
@@ -363,13 +363,13 @@ def gateway_first_tokens(model_dir: Path, runs: int, work: Path) -> list[dict]:
 
     import yaml
 
-    from runtime.node_loader.client import LoaderClient
+    from sllm_faas.runtime.node_loader.client import LoaderClient
 
     store = work / "store"
     store.mkdir(parents=True)
     (store / "m").symlink_to(model_dir)
     state_file = work / "cluster.json"
-    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--nodes", "1", "--slots", "2", "--port",
+    up = subprocess.Popen([sys.executable, "-m", "sllm_faas", "up", "--nodes", "1", "--slots", "2", "--port",
                            str(free_tcp_port()), "--model-store", str(store), "--workdir", str(work / "up"),
                            "--build-root", str(work / "build"), "--state-file", str(state_file), "--pool-size", "1"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
@@ -385,7 +385,7 @@ def gateway_first_tokens(model_dir: Path, runs: int, work: Path) -> list[dict]:
         stack.write_text(yaml.safe_dump({"version": 1.0, "provider": {"name": "openfaas"}, "functions": {"f": {
             "lang": "sllm-python", "handler": str(Path(__file__).resolve().parents[1] / "examples/smollm2/function"),
             "environment": {"SLLM_MODEL": "m", "SLLM_TORCH_THREADS": "2"}}}}))
-        subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f", str(stack), "-g", gateway, "--build-dir",
+        subprocess.run([sys.executable, "-m", "sllm_faas", "deploy", "-f", str(stack), "-g", gateway, "--build-dir",
                         str(work / "build")], check=True, capture_output=True)
         LoaderClient(next(iter(state["nodes"].values()))).stage_and_wait("m", "dram", timeout=300)
         body = {"messages": MESSAGES, "max_tokens": 4, "temperature": 0, "stream": True}  # any served name
@@ -419,8 +419,8 @@ def pool_main(args) -> int:
     """--pool: the pooled cold start against the floor, in the same run (module doc)."""
     from concurrent.futures import ThreadPoolExecutor as Spawner
 
-    from runtime.local.build import shrinkwrap
-    from runtime.local.pool import Pools
+    from sllm_faas.runtime.local.build import shrinkwrap
+    from sllm_faas.runtime.local.pool import Pools
 
     staging = Path(tempfile.mkdtemp(prefix="sllm-coldstart-pool-", dir="/dev/shm"))
     work = Path(tempfile.mkdtemp(prefix="sllm-coldstart-pool-"))

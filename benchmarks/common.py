@@ -137,7 +137,7 @@ def redis_url():
     caller stops)."""
     import redis
 
-    from runtime.embedded_redis import EmbeddedRedis
+    from sllm_faas.runtime.embedded_redis import EmbeddedRedis
 
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     try:
@@ -153,7 +153,7 @@ def write_model(directory: Path, size: int) -> None:
     most benchmarks never need it in their parent process)."""
     import torch
 
-    from runtime.checkpoint import save_state_dict
+    from sllm_faas.runtime.checkpoint import save_state_dict
 
     torch.manual_seed(0)
     per = 64 << 20

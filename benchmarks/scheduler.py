@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import machine_info, now_utc, redis_url, results_path, write_results  # noqa: E402
 from controller_process import GB, ControllerProcess, publish_model, publish_node  # noqa: E402
 
-from controller.booking import Booker  # noqa: E402
-from controller.cluster import ClusterCache, read_cluster  # noqa: E402
-from controller.placement import Placer  # noqa: E402
-from controller.scheduler import rank  # noqa: E402
-from redis_schema.keys import Keys  # noqa: E402
+from sllm_faas.controller.booking import Booker  # noqa: E402
+from sllm_faas.controller.cluster import ClusterCache, read_cluster  # noqa: E402
+from sllm_faas.controller.placement import Placer  # noqa: E402
+from sllm_faas.controller.scheduler import rank  # noqa: E402
+from sllm_faas.redis_schema.keys import Keys  # noqa: E402
 
 
 def populate(client: redis.Redis, prefix: str, nodes: int, models: int, seed: int = 0) -> list[str]:

@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS_DIR, machine_info, now_utc, results_path  # noqa: E402
 
-import controller.scheduler as scheduler  # noqa: E402
-from controller.keepalive import CostKeepAlive, FixedKeepAlive  # noqa: E402
-from controller.simulator.config import load_scenario  # noqa: E402
-from controller.simulator.engine import RunResult, run_policies, simulate  # noqa: E402
-from controller.simulator.report import ratios, scenario_markdown, write_pareto, write_plots  # noqa: E402
-from controller.simulator.workload import generate  # noqa: E402
+import sllm_faas.controller.scheduler as scheduler  # noqa: E402
+from sllm_faas.controller.keepalive import CostKeepAlive, FixedKeepAlive  # noqa: E402
+from sllm_faas.controller.simulator.config import load_scenario  # noqa: E402
+from sllm_faas.controller.simulator.engine import RunResult, run_policies, simulate  # noqa: E402
+from sllm_faas.controller.simulator.report import ratios, scenario_markdown, write_pareto, write_plots  # noqa: E402
+from sllm_faas.controller.simulator.workload import generate  # noqa: E402
 
 AVAILABILITY_ONLY = ("random", "least-allocated")
 KEEPALIVE_SCENARIO, FIXED_WINDOWS_S, EXCHANGE_RATES = "azure-conv", (10.0, 60.0, 600.0), (3.0, 10.0, 30.0, 100.0)
@@ -36,7 +36,7 @@ TARGETS = {"vs_availability_only_p99": (1.27, 1.95), "vs_release_p99_default": 1
 
 @contextlib.contextmanager
 def timed_plans():
-    """Seconds spent inside controller.scheduler.plans and calls (the policies call it through the module)."""
+    """Seconds spent inside sllm_faas.controller.scheduler.plans and calls (the policies call it through the module)."""
     real, spent = scheduler.plans, [0.0, 0]
 
     def plans(snapshot, model_name):
@@ -105,8 +105,9 @@ def main() -> int:
                   f"{spent[0]:.1f} s of it in {spent[1]} scheduler.plans calls "
                   f"(target < {TARGETS['scale_wall_s']:.0f} s)")
         sections.append(scenario_markdown(scenario, results) + f"\nTrace generation: {trace_s:.2f} s. Inside "
-                        "`controller.scheduler.plans`: " + ", ".join(f"{p} {t['seconds']:.1f} s ({t['calls']} calls)"
-                                                                    for p, t in in_rank.items()) + ".\n")
+                        "`sllm_faas.controller.scheduler.plans`: "
+                        + ", ".join(f"{p} {t['seconds']:.1f} s ({t['calls']} calls)" for p, t in in_rank.items())
+                        + ".\n")
         report["scenarios"]["scale-1000"] = {"base": [summary(r) for r in results], "trace_s": trace_s,
                                              "in_rank_s": in_rank}
     output.write_text(json.dumps(report, indent=2) + "\n")

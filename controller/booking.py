@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-from redis_schema.keys import EVENTS_MAXLEN, Keys
+from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, Keys
 
 # KEYS: node hash, slot ledger, queue, events stream
 # ARGV: now, booking id, hold until, queue member ("" = nothing to stage), estimated finish, queue ttl,

@@ -15,7 +15,7 @@ import time
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     if verb == "controller":
-        from controller.config import add_arguments as add_config
+        from sllm_faas.controller.config import add_arguments as add_config
 
         add_config(parser)
         return
@@ -36,16 +36,16 @@ def run(args: argparse.Namespace) -> int:
         return run_controller(args)
     import redis
 
-    from controller.cluster import ClusterCache, read_cluster
-    from redis_schema.keys import Keys
+    from sllm_faas.controller.cluster import ClusterCache, read_cluster
+    from sllm_faas.redis_schema.keys import Keys
 
     client = redis.Redis.from_url(args.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
     keys = Keys(args.key_prefix)
     try:
         if args.verb == "status":
             return print_status(read_cluster(client, keys), client, keys, args.json)
-        from controller.booking import Booker
-        from controller.placement import Placer, UnknownModel
+        from sllm_faas.controller.booking import Booker
+        from sllm_faas.controller.placement import Placer, UnknownModel
 
         placer = Placer(client, keys, ClusterCache(client, keys), Booker(client, keys), args.model_store or None)
         try:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_controller(args: argparse.Namespace) -> int:
-    from controller.config import resolve
+    from sllm_faas.controller.config import resolve
 
     try:
         config = resolve(args)
@@ -75,7 +75,7 @@ def run_controller(args: argparse.Namespace) -> int:
         print(f"sllm-faas controller: {exc}", file=sys.stderr)
         return 2
     os.environ["SLLM_CONTROLLER_CONFIG"] = config.to_env()
-    from runtime.http_server import run as run_http
+    from sllm_faas.common.http_server import run as run_http
 
     tls = []
     if config.tls_cert:
@@ -83,7 +83,7 @@ def run_controller(args: argparse.Namespace) -> int:
         if config.client_ca:
             tls += ["--ca-certs", config.client_ca, "--cert-reqs", "2"]  # ssl.CERT_REQUIRED
     run_http(["--bind", f"{config.host}:{config.port}", "--workers", str(config.workers), "--threads", "8",
-              "--graceful-timeout", "10", *tls, "controller.service:create_app()"])
+              "--graceful-timeout", "10", *tls, "sllm_faas.controller.service:create_app()"])
     return 0
 
 
@@ -107,7 +107,7 @@ def print_table(header: list[str], rows: list[list]) -> None:
 
 
 def print_status(view, client, keys, as_json: bool) -> int:
-    from controller.cluster import read_migrations
+    from sllm_faas.controller.cluster import read_migrations
 
     migrations = read_migrations(client, keys)
     now = time.time()

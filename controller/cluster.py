@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from controller.scheduler import InstanceInfo, ModelInfo, NodeInfo, Snapshot
-from redis_schema.keys import Keys
-from redis_schema.records import InstanceRecord, NodeRecord, RecordError
+from sllm_faas.controller.scheduler import InstanceInfo, ModelInfo, NodeInfo, Snapshot
+from sllm_faas.redis_schema.keys import Keys
+from sllm_faas.redis_schema.records import InstanceRecord, NodeRecord, RecordError
 
 log = logging.getLogger("sllm.controller")
 

@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from controller.scheduler import Decision
-from runtime import jsonbody
+from sllm_faas.common import jsonbody
+from sllm_faas.controller.scheduler import Decision
 
 MODEL_ANNOTATION = "sllm.io/model"
 PLACEMENT_ANNOTATION = "sllm.io/placement"

@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     import redis
     import requests
 
-    from controller.migration import Migrator, NoDestination
-    from redis_schema.keys import Keys
-    from runtime.migration.record import StateConflict
+    from sllm_faas.controller.migration import Migrator, NoDestination
+    from sllm_faas.redis_schema.keys import Keys
+    from sllm_faas.runtime.migration.record import StateConflict
 
     needs_source = not (args.recover or args.show)
     if needs_source and not args.source:
@@ -105,7 +105,7 @@ def _print(rows: list[dict], as_json: bool, columns: tuple[str, ...], events: bo
     if as_json:
         print(json.dumps([{**r, "events": json.loads(r["events"])} if "events" in r else r for r in rows], indent=2))
         return 0
-    from controller.cli import print_table
+    from sllm_faas.controller.cli import print_table
 
     print_table(list(columns), [[_cell(r.get(c)) for c in columns] for r in rows])
     for row in rows if events else []:

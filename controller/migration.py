@@ -27,10 +27,10 @@ from typing import Any
 import redis
 import requests
 
-from redis_schema.keys import Keys
-from runtime.migration import faults
-from runtime.migration.protocol import auth_headers, error_text
-from runtime.migration.record import MigrationRecords, NotOwner, StateConflict
+from sllm_faas.redis_schema.keys import Keys
+from sllm_faas.runtime.migration import faults
+from sllm_faas.runtime.migration.protocol import auth_headers, error_text
+from sllm_faas.runtime.migration.record import MigrationRecords, NotOwner, StateConflict
 
 RECORD_FIELDS = ("request", "source", "destination", "source_instance", "destination_instance", "reason", "options",
                  "rounds", "tokens_recomputed", "pause_s", "duration_s", "same_numerics", "outcome", "error",

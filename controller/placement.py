@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import redis
 
-from controller.booking import Booker, NodeGone
-from controller.cluster import ClusterCache
-from controller.scheduler import Decision, ModelInfo, Snapshot, plans, rank
-from redis_schema.keys import EVENTS_MAXLEN, Keys
-from runtime.names import validate_model_name
-from runtime.node_loader.client import LoaderClient
+from sllm_faas.common.names import validate_model_name
+from sllm_faas.controller.booking import Booker, NodeGone
+from sllm_faas.controller.cluster import ClusterCache
+from sllm_faas.controller.scheduler import Decision, ModelInfo, Snapshot, plans, rank
+from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, Keys
+from sllm_faas.runtime.node_loader.client import LoaderClient
 
 log = logging.getLogger("sllm.controller")
 
@@ -60,7 +60,7 @@ class Placer:
         self.client, self.keys, self.cache, self.booker = client, keys, cache, booker
         self.store = None
         if model_store:
-            from runtime.node_loader.store import open_store
+            from sllm_faas.runtime.node_loader.store import open_store
 
             self.store = open_store(model_store)
         self.loader_timeout_s, self.loader_token = loader_timeout_s, loader_token
@@ -86,8 +86,8 @@ class Placer:
         return ModelInfo(model, int(size))
 
     def _size_from_store(self, model: str) -> int | None:
-        from runtime.checkpoint.format import CheckpointError, parse_manifest
-        from runtime.node_loader.store import StoreError
+        from sllm_faas.runtime.checkpoint.format import CheckpointError, parse_manifest
+        from sllm_faas.runtime.node_loader.store import StoreError
 
         try:
             manifest = parse_manifest(self.store.read_manifest(model), f"{self.store.describe()}/{model}")

@@ -32,17 +32,17 @@ import requests
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from controller import kube
-from controller.booking import Booker, Booking
-from controller.cluster import ClusterCache, read_migrations
-from controller.config import ControllerConfig
-from controller.migration import Migrator, NoDestination
-from controller.placement import NoCapacity, Placer, UnknownModel
-from redis_schema.keys import Keys, validate_id
-from redis_schema.upgrade import ensure_schema
-from runtime import jsonbody
-from runtime.names import InvalidName
-from runtime.server.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common import jsonbody
+from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common.names import InvalidName
+from sllm_faas.controller import kube
+from sllm_faas.controller.booking import Booker, Booking
+from sllm_faas.controller.cluster import ClusterCache, read_migrations
+from sllm_faas.controller.config import ControllerConfig
+from sllm_faas.controller.migration import Migrator, NoDestination
+from sllm_faas.controller.placement import NoCapacity, Placer, UnknownModel
+from sllm_faas.redis_schema.keys import Keys, validate_id
+from sllm_faas.redis_schema.upgrade import ensure_schema
 
 log = logging.getLogger("sllm.controller")
 DECISION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)

@@ -21,9 +21,9 @@ def cached_checkpoint(base: Path, export_hf: Callable[[Path], None]) -> dict[str
     """Paths {"hf": ..., "sllm": ...} under `base`: `export_hf(folder)` writes the HF folder, which is then
     converted to the sllm format; each only when the cache lacks it (the checkpoint is keyed by the writer's
     format and layout versions, `base` by whatever the caller's recipe depends on)."""
-    from runtime.checkpoint import CheckpointError, convert, read_manifest
-    from runtime.checkpoint.format import FORMAT_VERSION
-    from runtime.checkpoint.writer import LAYOUT_VERSION
+    from sllm_faas.runtime.checkpoint import CheckpointError, convert, read_manifest
+    from sllm_faas.runtime.checkpoint.format import FORMAT_VERSION
+    from sllm_faas.runtime.checkpoint.writer import LAYOUT_VERSION
 
     sllm = base / f"sllm-v{FORMAT_VERSION}.{LAYOUT_VERSION}"
     hf = base / "hf"

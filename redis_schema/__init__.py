@@ -4,6 +4,6 @@ Every key is documented with a redis-cli example in redis_schema/SCHEMA.md. Valu
 hash fields, strings or JSON: nothing is pickled, everything reads with HGETALL/SMEMBERS/ZRANGE/XRANGE.
 """
 
-from redis_schema.keys import SCHEMA_VERSION, Keys
+from sllm_faas.redis_schema.keys import SCHEMA_VERSION, Keys
 
 __all__ = ["SCHEMA_VERSION", "Keys"]

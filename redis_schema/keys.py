@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from runtime.names import validate_model_name
+from sllm_faas.common.names import validate_model_name
 
 SCHEMA_VERSION = 2
 TIERS = ("gpu", "dram", "ssd")

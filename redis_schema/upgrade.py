@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import redis
 
-from redis_schema.keys import SCHEMA_VERSION, Keys
+from sllm_faas.redis_schema.keys import SCHEMA_VERSION, Keys
 
 
 class SchemaError(RuntimeError):

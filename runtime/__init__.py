@@ -1,3 +1,1 @@
-"""sllm-faas runtime: checkpoint format, loaders, node loader sidecar and the function runtime."""
-
-__version__ = "0.1.0"
+"""The function runtime's side: checkpoint format, loaders, node loader sidecar, model, server, local mode."""

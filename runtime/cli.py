@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-# verb -> (module, one-line help)
+# verb -> (module under sllm_faas, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "doctor": ("runtime.doctor", "check this machine: torch, CUDA, GPUs, /dev/shm, O_DIRECT, Redis"),
     "convert": ("runtime.checkpoint.cli", "convert a safetensors file or HF folder to the sllm checkpoint format"),
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])
         return 2
     verb = argv[0]
-    module = importlib.import_module(VERBS[verb][0])
+    module = importlib.import_module("sllm_faas." + VERBS[verb][0])
     verb_parser = argparse.ArgumentParser(prog=f"sllm-faas {verb}", description=VERBS[verb][1])
     module.add_arguments(verb_parser, verb)
     args = verb_parser.parse_args(argv[1:])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from runtime.processes import die_with_parent
+from sllm_faas.common.processes import die_with_parent
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:

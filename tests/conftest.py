@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from runtime.embedded_redis import EmbeddedRedis
+from sllm_faas.runtime.embedded_redis import EmbeddedRedis
 
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 

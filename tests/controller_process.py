@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 from process_group import stop_group
 
-from runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.embedded_redis import free_tcp_port
 
 GB = 10**9
 
@@ -26,7 +26,7 @@ class ControllerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.token = "" if insecure else token or secrets.token_hex(16)
         self.log_path = root / f"controller-{self.port}.log"
-        self.args = [sys.executable, "-m", "runtime.cli", "controller", "--host", "127.0.0.1", "--port", str(self.port),
+        self.args = [sys.executable, "-m", "sllm_faas", "controller", "--host", "127.0.0.1", "--port", str(self.port),
                      "--redis-url", redis_url, "--key-prefix", prefix, "--workers", "1"]
         self.args += ["--insecure-no-auth"] if insecure else ["--token", self.token]
         for key, value in extra.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from process_group import stop_group
 
-from runtime.node_loader.client import LoaderClient, LoaderUnavailable
+from sllm_faas.runtime.node_loader.client import LoaderClient, LoaderUnavailable
 
 
 class LoaderDaemon:
@@ -19,7 +19,7 @@ class LoaderDaemon:
                  dram_budget: str = "1GiB", ssd_budget: str = "4GiB", **extra: str) -> None:
         self.root = root
         self.socket = str(root / "loader.sock")
-        self.args = [sys.executable, "-m", "runtime.cli", "loader", "--node-id", node, "--remote", str(remote),
+        self.args = [sys.executable, "-m", "sllm_faas", "loader", "--node-id", node, "--remote", str(remote),
                      "--ssd-dir", str(root / "ssd"), "--dram-dir", str(root / "dram"), "--dram-budget", dram_budget,
                      "--ssd-budget", ssd_budget, "--redis-url", redis_url, "--key-prefix", prefix,
                      "--socket-path", self.socket, "--heartbeat-s", "0.2", "--heartbeat-ttl-s", "2",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.model.tokenizer import TemplateError, Tokenizer
+from sllm_faas.runtime.model.tokenizer import TemplateError, Tokenizer
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 WEATHER = {"type": "function", "function": {
@@ -112,7 +112,7 @@ def test_template_features_are_rendered(smollm2, tmp_path):
 
 def test_the_serve_path_renders_without_importing_transformers(smollm2, tmp_path):
     directory = model_dir(smollm2, tmp_path, (TEMPLATES / "chatml_hermes_tools.jinja").read_text())
-    code = ("import sys; from runtime.model.tokenizer import Tokenizer; "
+    code = ("import sys; from sllm_faas.runtime.model.tokenizer import Tokenizer; "
             f"t = Tokenizer({str(directory)!r}); "
             "t.encode_chat([{'role': 'user', 'content': 'Hi'}], tools=[{'type': 'function', 'function': {}}]); "
             "assert 'transformers' not in sys.modules, 'transformers was imported'")

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from runtime.checkpoint import read_manifest
-from runtime.checkpoint.cli import parse_size
+from sllm_faas.runtime.checkpoint import read_manifest
+from sllm_faas.runtime.checkpoint.cli import parse_size
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sllm_faas", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
 
 

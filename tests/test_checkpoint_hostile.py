@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.checkpoint import CheckpointError, read_manifest, save_state_dict, verify
-from runtime.loader import load
+from sllm_faas.runtime.checkpoint import CheckpointError, read_manifest, save_state_dict, verify
+from sllm_faas.runtime.loader import load
 
 ROOT = Path(__file__).resolve().parent.parent
 EMPTY_SHA = hashlib.sha256(b"").hexdigest()
@@ -109,7 +109,7 @@ HANGS = {"manifest_is_a_fifo", "extra_file_is_a_fifo", "extra_file_links_to_dev_
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "sllm_faas", *map(str, args)], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
 
 
@@ -125,8 +125,8 @@ def test_hostile_checkpoint_is_a_checkpoint_error_in_inspect_and_verify(checkpoi
 
 API_PROBE = """
 import sys
-from runtime.checkpoint import CheckpointError, read_manifest, verify
-from runtime.loader import load
+from sllm_faas.runtime.checkpoint import CheckpointError, read_manifest, verify
+from sllm_faas.runtime.loader import load
 for call in (read_manifest, verify, load):
     try:
         call(sys.argv[1])

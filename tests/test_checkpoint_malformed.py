@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from runtime.checkpoint import CheckpointError, read_manifest, save_state_dict, verify
-from runtime.loader import load
+from sllm_faas.runtime.checkpoint import CheckpointError, read_manifest, save_state_dict, verify
+from sllm_faas.runtime.loader import load
 
 
 @pytest.fixture
@@ -128,7 +128,7 @@ def test_interrupted_conversion_leaves_nothing_loadable(tmp_path):
     destination = tmp_path / "ck"
     code = f"""
 import torch
-from runtime.checkpoint import save_state_dict
+from sllm_faas.runtime.checkpoint import save_state_dict
 state = {{f"w{{i}}": torch.randn(4 << 20) for i in range(24)}}  # 384 MiB
 print("ready", flush=True)
 save_state_dict(state, {str(destination)!r}, partition_size=64 << 20)
@@ -163,7 +163,7 @@ def test_existing_destination_needs_overwrite(checkpoint):
 
 
 def test_pickled_weights_are_refused(tmp_path):
-    from runtime.checkpoint import convert
+    from sllm_faas.runtime.checkpoint import convert
 
     folder = tmp_path / "hf"
     folder.mkdir()

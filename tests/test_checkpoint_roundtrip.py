@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runtime.checkpoint import convert, read_manifest, save_state_dict, verify
-from runtime.checkpoint.format import BLOCK_SIZE, TENSOR_ALIGNMENT
-from runtime.loader import load
+from sllm_faas.runtime.checkpoint import convert, read_manifest, save_state_dict, verify
+from sllm_faas.runtime.checkpoint.format import BLOCK_SIZE, TENSOR_ALIGNMENT
+from sllm_faas.runtime.loader import load
 
 STRATEGIES = ["mmap", "direct", "buffered", "auto"]
 
@@ -132,7 +132,7 @@ def test_second_process_maps_the_same_pages(tmp_path):
     save_state_dict(state, tmp_path / "ck")
     code = f"""
 import torch
-from runtime.loader import load
+from sllm_faas.runtime.loader import load
 def anon():
     return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) * 1024
 before = anon()

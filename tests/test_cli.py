@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_version_prints_the_installed_package_version():
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", "--version"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "sllm_faas", "--version"], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == f"sllm-faas {version('sllm-faas')}"
 
@@ -25,7 +25,8 @@ def test_dashboard_queries_name_declared_metrics_and_render_py_evaluates_each():
     spec = importlib.util.spec_from_file_location("render", ROOT / "deploy" / "grafana" / "render.py")
     render = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render)
-    code = "".join(p.read_text() for p in [*ROOT.glob("runtime/**/*.py"), *ROOT.glob("controller/**/*.py")])
+    code = "".join(p.read_text() for p in [*ROOT.glob("runtime/**/*.py"), *ROOT.glob("controller/**/*.py"),
+                                           *ROOT.glob("sllm_faas/common/*.py")])
     panels = json.loads((ROOT / "deploy" / "grafana" / "sllm-faas.json").read_text())["panels"]
     assert (ROOT / "deploy" / "grafana" / "sllm-faas.png").is_file()
     for panel in panels:

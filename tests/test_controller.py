@@ -16,9 +16,9 @@ from controller_process import GB, ControllerProcess, publish_model, publish_nod
 from json_patch import apply_patch
 from schema_doc import assert_keys_documented
 
-from redis_schema import Keys
-from redis_schema.upgrade import SchemaError, ensure_schema
-from runtime.embedded_redis import EmbeddedRedis, free_tcp_port
+from sllm_faas.redis_schema import Keys
+from sllm_faas.redis_schema.upgrade import SchemaError, ensure_schema
+from sllm_faas.runtime.embedded_redis import EmbeddedRedis, free_tcp_port
 
 TOKEN = "s3cret-token"
 
@@ -282,19 +282,19 @@ def test_schema_upgrade_from_version_1_and_refusal_of_newer(redis_ns):
 
 def test_status_and_place_cli(cluster):
     env_args = ["--redis-url", cluster.url, "--key-prefix", cluster.prefix]
-    place = subprocess.run([sys.executable, "-m", "runtime.cli", "place", "m1", *env_args], capture_output=True,
+    place = subprocess.run([sys.executable, "-m", "sllm_faas", "place", "m1", *env_args], capture_output=True,
                            text=True, timeout=60)
     assert place.returncode == 0, place.stderr
     lines = place.stdout.splitlines()
     assert lines[0].split()[:3] == ["rank", "node", "estimate_s"] and lines[1].split()[:3] == ["1", "node-a", "0.400"]
-    status = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--json", *env_args], capture_output=True,
+    status = subprocess.run([sys.executable, "-m", "sllm_faas", "status", "--json", *env_args], capture_output=True,
                             text=True, timeout=60)
     data = json.loads(status.stdout)
     assert {n["node_id"] for n in data["nodes"]} == {"node-a", "node-b", "node-c"}
-    table = subprocess.run([sys.executable, "-m", "runtime.cli", "status", *env_args], capture_output=True,
+    table = subprocess.run([sys.executable, "-m", "sllm_faas", "status", *env_args], capture_output=True,
                            text=True, timeout=60).stdout
     assert "NODES" in table and "node-a" in table and "INSTANCES" in table
-    down = subprocess.run([sys.executable, "-m", "runtime.cli", "status", "--redis-url",
+    down = subprocess.run([sys.executable, "-m", "sllm_faas", "status", "--redis-url",
                            f"redis://127.0.0.1:{free_tcp_port()}/0"], capture_output=True, text=True, timeout=60)
     assert down.returncode == 1 and "Redis unavailable" in down.stderr
 
@@ -388,8 +388,8 @@ def test_migration_api_validates_and_reports_unknown_ids(controller):
 
 
 def test_own_bookings_count_once_whether_or_not_a_read_has_seen_them(redis_ns):
-    from controller.booking import Booker
-    from controller.cluster import ClusterCache
+    from sllm_faas.controller.booking import Booker
+    from sllm_faas.controller.cluster import ClusterCache
 
     publish_node(redis_ns.client, redis_ns.prefix, "node-a", slots=3)
     keys = Keys(redis_ns.prefix)
@@ -404,7 +404,7 @@ def test_own_bookings_count_once_whether_or_not_a_read_has_seen_them(redis_ns):
     assert free() == 2                     # before any read sees it
     cache.refresh()
     assert free() == 2                     # the read sees it: not counted twice
-    from controller.cluster import read_cluster
+    from sllm_faas.controller.cluster import read_cluster
 
     started = time.monotonic()
     stale = read_cluster(redis_ns.client, keys)       # a read that began before the next booking
@@ -423,7 +423,7 @@ def test_own_bookings_count_once_whether_or_not_a_read_has_seen_them(redis_ns):
 
 
 def test_booking_script_defaults_slots_like_the_reader_and_scale_is_all_or_nothing(controller, cluster):
-    from controller.booking import Booker
+    from sllm_faas.controller.booking import Booker
 
     key = cluster.prefix + "node:node-a"
     cluster.client.hdel(key, "slots")
@@ -442,8 +442,8 @@ def test_booking_script_defaults_slots_like_the_reader_and_scale_is_all_or_nothi
 
 
 def test_a_cancelled_booking_frees_its_slot_even_in_a_read_that_saw_it(redis_ns):
-    from controller.booking import Booker, Booking
-    from controller.cluster import ClusterCache
+    from sllm_faas.controller.booking import Booker, Booking
+    from sllm_faas.controller.cluster import ClusterCache
 
     publish_node(redis_ns.client, redis_ns.prefix, "node-a", slots=1)
     keys = Keys(redis_ns.prefix)

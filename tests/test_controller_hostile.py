@@ -13,8 +13,8 @@ import pytest
 import requests
 from controller_process import GB, ControllerProcess, publish_model, publish_node
 
-from controller import kube
-from runtime.embedded_redis import free_tcp_port
+from sllm_faas.controller import kube
+from sllm_faas.runtime.embedded_redis import free_tcp_port
 
 # One value of each JSON type; a field gets every one its Kubernetes type does not allow.
 JSON_VALUES = {"an object": {"k": "v"}, "an array": ["x"], "a string": "x", "a number": 7, "a boolean": True}
@@ -165,7 +165,7 @@ def test_forty_thousand_nodes_in_one_extender_call(controller):
 
 def run_controller(*flags: str, **env: str) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLLM_CONTROLLER_")}
-    return subprocess.run([sys.executable, "-m", "runtime.cli", "controller", "--host", "127.0.0.1", "--port",
+    return subprocess.run([sys.executable, "-m", "sllm_faas", "controller", "--host", "127.0.0.1", "--port",
                            str(free_tcp_port()), *flags], env={**clean, **env}, capture_output=True, text=True,
                           timeout=60)
 
@@ -176,7 +176,7 @@ def test_controller_without_credentials_refuses_to_start(redis_ns, tmp_path):
     assert run_controller(SLLM_CONTROLLER_INSECURE_NO_AUTH="false").returncode == 2      # "false" is not true
     wrong = run_controller(SLLM_CONTROLLER_INSECURE_NO_AUTH="maybe")
     assert wrong.returncode == 2 and "'maybe' is not a true/false" in wrong.stderr
-    from controller.config import ControllerConfig
+    from sllm_faas.controller.config import ControllerConfig
 
     ControllerConfig(tls_cert="/c.pem", tls_key="/k.pem", client_ca="/ca.pem")     # mTLS counts as credentials
     with pytest.raises(ValueError, match="no credentials"):

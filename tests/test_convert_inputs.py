@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_serve_families import cli
 
-from runtime.loader import load
+from sllm_faas.runtime.loader import load
 
 
 def test_sharded_folder_with_index_converts_every_tensor(tmp_path, tiny_llama_dir):

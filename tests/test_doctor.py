@@ -8,12 +8,12 @@ import sys
 
 import torch
 
-from runtime.doctor import supports_o_direct
-from runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.doctor import supports_o_direct
+from sllm_faas.runtime.embedded_redis import free_tcp_port
 
 
 def doctor(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", "doctor", *args],
+    return subprocess.run([sys.executable, "-m", "sllm_faas", "doctor", *args],
                           capture_output=True, text=True, timeout=120)
 
 

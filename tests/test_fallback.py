@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from tiny_families import family_config, write_word_tokenizer
 
-from runtime.checkpoint import convert
-from runtime.loader import load
-from runtime.model.engine import Engine
-from runtime.model.fallback import TransformersDecoder, build_model
-from runtime.model.families import decoder_path
-from runtime.model.sampling import SamplingParams
-from runtime.model.tokenizer import Tokenizer
+from sllm_faas.runtime.checkpoint import convert
+from sllm_faas.runtime.loader import load
+from sllm_faas.runtime.model.engine import Engine
+from sllm_faas.runtime.model.fallback import TransformersDecoder, build_model
+from sllm_faas.runtime.model.families import decoder_path
+from sllm_faas.runtime.model.sampling import SamplingParams
+from sllm_faas.runtime.model.tokenizer import Tokenizer
 
 PROMPT = [1, 17, 42, 99, 5, 250, 31]
 

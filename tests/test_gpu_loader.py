@@ -9,15 +9,15 @@ import sys
 import pytest
 import torch
 
-from runtime.checkpoint import read_manifest, save_state_dict
-from runtime.loader import load
+from sllm_faas.runtime.checkpoint import read_manifest, save_state_dict
+from sllm_faas.runtime.loader import load
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("chunk", [4096, 1 << 20])
 def test_ring_pipeline_matches_cpu(tmp_path, chunk):
-    from runtime.loader.gpu import load_to_gpu
+    from sllm_faas.runtime.loader.gpu import load_to_gpu
 
     state = {f"w{i}": torch.randn(100_000 + i).to(torch.bfloat16) for i in range(12)}
     state["tied"] = state["w0"]
@@ -31,7 +31,7 @@ def test_ring_pipeline_matches_cpu(tmp_path, chunk):
 
 
 def test_cuda_ipc_import_from_another_process(tmp_path):
-    from runtime.loader.gpu import export_ipc, load_to_gpu
+    from sllm_faas.runtime.loader.gpu import export_ipc, load_to_gpu
 
     state = {"a": torch.randn(1000), "b": torch.arange(77, dtype=torch.int64)}
     save_state_dict(state, tmp_path / "ck")
@@ -40,9 +40,9 @@ def test_cuda_ipc_import_from_another_process(tmp_path):
     description = json.dumps(export_ipc(buffers))
     code = f"""
 import json, sys, torch
-from runtime.checkpoint import read_manifest
-from runtime.loader.gpu import import_ipc
-from runtime.loader.views import tensor_views
+from sllm_faas.runtime.checkpoint import read_manifest
+from sllm_faas.runtime.loader.gpu import import_ipc
+from sllm_faas.runtime.loader.views import tensor_views
 manifest = read_manifest({str(tmp_path / 'ck')!r})
 tensors = tensor_views(manifest, import_ipc(json.loads(sys.stdin.read()), manifest))
 print(json.dumps({{k: v.double().sum().item() for k, v in tensors.items()}}))

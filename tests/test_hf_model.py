@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.checkpoint import convert
-from runtime.loader.hf_model import load_causal_lm, parameters_on_meta
+from sllm_faas.runtime.checkpoint import convert
+from sllm_faas.runtime.loader.hf_model import load_causal_lm, parameters_on_meta
 
 
 @pytest.mark.parametrize("strategy", ["mmap", "direct"])
@@ -37,7 +37,7 @@ def test_no_random_init_and_no_meta_left(tmp_path, tiny_llama_dir):
 def test_missing_weights_are_named(tmp_path, tiny_llama_dir):
     from safetensors.torch import load_file
 
-    from runtime.checkpoint import CheckpointError, save_state_dict
+    from sllm_faas.runtime.checkpoint import CheckpointError, save_state_dict
 
     state = load_file(tiny_llama_dir / "model.safetensors")
     state.pop("model.norm.weight")

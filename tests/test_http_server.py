@@ -1,4 +1,4 @@
-"""Slow clients against our gunicorn worker (runtime/http_server.py), on real servers: half-open connections
+"""Slow clients against our gunicorn worker (sllm_faas/common/http_server.py), on real servers: half-open connections
 and long streams must not starve health checks and metrics (issue #13, items 5-6)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import requests
 from process_group import stop_group
 from test_runtime_hostile import started
 
-from runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.embedded_redis import free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTIAL_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: sllm\r\nContent-Type: application/json\r\n"
@@ -56,7 +56,7 @@ def runtime(smollm2, tmp_path_factory):
     env = {**os.environ, "SLLM_TORCH_THREADS": "1", "SLLM_SERVED_MODEL_NAME": "smollm2",
            "SLLM_HTTP_HEADER_TIMEOUT_S": "60"}  # the half-open connections outlive the test's checks
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", str(smollm2["sllm"]), "--port",
+        process = subprocess.Popen([sys.executable, "-m", "sllm_faas", "serve", str(smollm2["sllm"]), "--port",
                                     str(port), "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -157,7 +157,7 @@ def test_controller_healthz_answers_beside_96_half_open_connections(tmp_path, re
 
 def test_http_settings_are_documented():
     readme = (ROOT / "README.md").read_text()
-    for source in ("runtime/http_server.py", "runtime/server/settings.py"):
+    for source in ("sllm_faas/common/http_server.py", "runtime/server/settings.py"):
         for name in set(re.findall(r'"(SLLM_[A-Z_]+)"', (ROOT / source).read_text())):
             assert f"`{name}`" in readme, f"{name} ({source}) is not in README.md"
 

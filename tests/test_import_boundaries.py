@@ -7,20 +7,23 @@ Each module is imported in a fresh interpreter, the way its server process start
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 TORCH_FREE = [
-    "runtime.server.app",          # the runtime's WSGI app: torch comes with the model, in the cold-start thread
-    "runtime.server.openai_api",   # request parsing and SamplingParams (runtime/model/params.py)
-    "controller.service",          # the placement controller's workers
-    "runtime.local.gateway",       # the local gateway
-    "runtime.checkpoint",          # reading and verifying checkpoints; the writer loads lazily
-    "runtime.checkpoint.format",   # the spec: dtype names and sizes, no torch dtypes
-    "runtime.cli",                 # every `sllm-faas` verb's start
+    "sllm_faas.runtime.server.app",  # the runtime's WSGI app: torch comes with the model, in the cold-start thread
+    "sllm_faas.runtime.server.openai_api",  # request parsing and SamplingParams (runtime/model/params.py)
+    "sllm_faas.controller.service",  # the placement controller's workers
+    "sllm_faas.runtime.local.gateway",  # the local gateway
+    "sllm_faas.runtime.checkpoint",  # reading and verifying checkpoints; the writer loads lazily
+    "sllm_faas.runtime.checkpoint.format",  # the spec: dtype names and sizes, no torch dtypes
+    "sllm_faas.runtime.cli",  # every `sllm-faas` verb's start
 ]
 
 
@@ -31,3 +34,104 @@ def test_control_plane_module_imports_no_torch(module):
     loaded = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                                        timeout=120).stdout)
     assert loaded == [], f"importing {module} imports {loaded}"
+
+
+# -- the import graph: one namespace, plumbing at the bottom, no cycles ---------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "sllm_faas"
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the sllm_faas package (its runtime/, controller/ and redis_schema/ are links to the top-level
+    folders), by dotted name."""
+    found = {}
+    paths = [Path(d, f) for d, _, files in os.walk(PACKAGE, followlinks=True) for f in files if f.endswith(".py")]
+    for path in paths:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if any(part.startswith("_") and part not in ("__init__", "__main__") for part in parts):
+            continue  # runtime/_templates, runtime/_examples: shipped data
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, bool]]:
+    """(imported module of ours, at module level?) for each import in one module; TYPE_CHECKING blocks count as
+    imports (a cycle hidden behind them is still a cycle of the design)."""
+    found = []
+
+    def resolve(node: ast.ImportFrom | ast.Import) -> list[str]:
+        if isinstance(node, ast.Import):
+            return [alias.name for alias in node.names]
+        base = node.module or ""
+        if node.level:
+            package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+            base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+        return [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+
+    def walk(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                for target in resolve(child):
+                    while target and target not in modules:
+                        target = target.rpartition(".")[0]
+                    if target and target != name:
+                        found.append((target, top))
+            walk(child, top and not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
+
+    walk(ast.parse(path.read_text()), True)
+    return found
+
+
+def test_sources_import_only_through_the_sllm_faas_namespace():
+    bare = []
+    for path in [*ROOT.glob("runtime/**/*.py"), *ROOT.glob("controller/**/*.py"), *ROOT.glob("redis_schema/*.py"),
+                 *PACKAGE.glob("common/*.py"), *ROOT.glob("tests/**/*.py"), *ROOT.glob("benchmarks/*.py"),
+                 *ROOT.glob("examples/**/*.py"), *ROOT.glob("templates/**/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bare += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                     if n.split(".")[0] in ("runtime", "controller", "redis_schema")]
+    assert bare == []
+
+
+def test_common_plumbing_depends_on_nothing_else_of_ours():
+    modules = _modules()
+    outside = {f"{name} -> {target}" for name, path in modules.items() if name.startswith("sllm_faas.common")
+               for target, _ in _imports(name, path, modules)
+               if not target.startswith("sllm_faas.common") and target != "sllm_faas"}
+    assert outside == set()
+
+
+def test_no_import_cycle_between_modules():
+    modules = _modules()
+    graph = {name: {target for target, _ in _imports(name, path, modules)} for name, path in modules.items()}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    assert cycles == []

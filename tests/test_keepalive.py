@@ -2,7 +2,7 @@
 
 import pytest
 
-from controller.keepalive import RANGE_S, CostKeepAlive, FixedKeepAlive, IdleHistogram, KeepAlive, decide
+from sllm_faas.controller.keepalive import RANGE_S, CostKeepAlive, FixedKeepAlive, IdleHistogram, KeepAlive, decide
 
 
 def histogram(*idle_s: float) -> IdleHistogram:

@@ -16,14 +16,14 @@ from flask import Flask, Response
 from loader_daemon import LoaderDaemon
 from werkzeug.serving import make_server
 
-from runtime.checkpoint import save_state_dict
-from runtime.checkpoint.format import MAX_MANIFEST_BYTES, CheckpointError
-from runtime.embedded_redis import free_tcp_port
-from runtime.node_loader.api import create_app
-from runtime.node_loader.client import LoaderClient, LoaderUnavailable
-from runtime.node_loader.config import LoaderConfig
-from runtime.node_loader.service import LoaderError, NodeLoader
-from runtime.node_loader.store import HttpStore, LocalStore, StoreError
+from sllm_faas.runtime.checkpoint import save_state_dict
+from sllm_faas.runtime.checkpoint.format import MAX_MANIFEST_BYTES, CheckpointError
+from sllm_faas.runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.node_loader.api import create_app
+from sllm_faas.runtime.node_loader.client import LoaderClient, LoaderUnavailable
+from sllm_faas.runtime.node_loader.config import LoaderConfig
+from sllm_faas.runtime.node_loader.service import LoaderError, NodeLoader
+from sllm_faas.runtime.node_loader.store import HttpStore, LocalStore, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -311,7 +311,7 @@ def test_model_sizes_lost_by_a_redis_restart_are_republished(tmp_path, redis_ns)
 # -- the TCP API needs a token ---------------------------------------------------------------------------------
 def loader_cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     (tmp_path / "remote").mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, "-m", "runtime.cli", "loader", "--node-id", "node-a", "--remote",
+    return subprocess.run([sys.executable, "-m", "sllm_faas", "loader", "--node-id", "node-a", "--remote",
                            str(tmp_path / "remote"), "--ssd-dir", str(tmp_path / "ssd"), *flags],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
 
@@ -344,7 +344,7 @@ def test_loader_tcp_api_requires_the_bearer_token(tmp_path, redis_ns):
 
 # -- issue #14 point 6: the DRAM budget must fit the cgroup when the DRAM tier is tmpfs -----------------------------
 def test_dram_budget_over_the_cgroup_memory_limit_on_tmpfs_is_refused(tmp_path):
-    from runtime.node_loader.config import check_dram_budget
+    from sllm_faas.runtime.node_loader.config import check_dram_budget
 
     dram = Path("/dev/shm") / f"sllm-test-{uuid.uuid4().hex[:8]}"
     (tmp_path / "cg").mkdir()

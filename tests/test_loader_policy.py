@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime.loader.direct as direct_module
-import runtime.loader.mapped as mapped_module
-import runtime.loader.policy as policy
-from runtime.checkpoint import read_manifest, save_state_dict
-from runtime.loader import load
-from runtime.loader.policy import MemoryProbe, choose, cpu_strategy
-from runtime.loader.tiers import current_tier, on_memory_filesystem
+import sllm_faas.runtime.loader.direct as direct_module
+import sllm_faas.runtime.loader.mapped as mapped_module
+import sllm_faas.runtime.loader.policy as policy
+from sllm_faas.runtime.checkpoint import read_manifest, save_state_dict
+from sllm_faas.runtime.loader import load
+from sllm_faas.runtime.loader.policy import MemoryProbe, choose, cpu_strategy
+from sllm_faas.runtime.loader.tiers import current_tier, on_memory_filesystem
 
 HOST_BACKED = MemoryProbe(hugepage_gbps=11.6, small_gbps=2.5)  # recycled memory on the development VM
 REPORTED = MemoryProbe(hugepage_gbps=0.45, small_gbps=2.4)  # after the balloon handed free memory back

@@ -1,4 +1,4 @@
-"""The node loader's SSD -> DRAM copy (runtime.node_loader.store.copy_file): pipelined O_DIRECT reads into
+"""The node loader's SSD -> DRAM copy (sllm_faas.runtime.node_loader.store.copy_file): pipelined O_DIRECT reads into
 reused aligned buffers, writes at the same offsets. Byte-identical output whatever the size, the chunking, the
 thread count, or whether the source filesystem takes O_DIRECT."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import runtime.loader.direct as direct_module
-from runtime.checkpoint.format import CheckpointError
-from runtime.node_loader.store import copy_file
+import sllm_faas.runtime.loader.direct as direct_module
+from sllm_faas.runtime.checkpoint.format import CheckpointError
+from sllm_faas.runtime.node_loader.store import copy_file
 
 PAGE = mmap.PAGESIZE
 CHUNK = 4 * PAGE

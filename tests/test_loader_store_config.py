@@ -11,9 +11,9 @@ import torch
 from flask import Flask, Response, request, send_file
 from werkzeug.serving import make_server
 
-from runtime.checkpoint import read_manifest, save_state_dict
-from runtime.node_loader import config as loader_config
-from runtime.node_loader.store import HttpStore, StoreError, open_store
+from sllm_faas.runtime.checkpoint import read_manifest, save_state_dict
+from sllm_faas.runtime.node_loader import config as loader_config
+from sllm_faas.runtime.node_loader.store import HttpStore, StoreError, open_store
 
 
 class FlakyModelServer:
@@ -120,7 +120,7 @@ def test_config_errors_name_the_setting(tmp_path, monkeypatch):
 
 
 def test_first_real_transfer_replaces_the_probe_then_a_moving_average():
-    from runtime.node_loader.bandwidth import SMOOTHING, Bandwidths
+    from sllm_faas.runtime.node_loader.bandwidth import SMOOTHING, Bandwidths
 
     rates = Bandwidths()
     rates.observe("ssd", 100 << 20, 0.01, probe=True)       # 10 GB/s: a read-only probe

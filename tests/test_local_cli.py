@@ -31,7 +31,7 @@ def cli(up: Up, *argv: str, token: bool = True, env: dict[str, str] | None = Non
     environment = {k: v for k, v in os.environ.items() if k != "SLLM_GATEWAY_TOKEN"} | (env or {})
     if not token:
         environment["SLLM_FAAS_CACHE"] = str(up.workdir.parent / "empty-cache")
-    return subprocess.run([sys.executable, "-m", "runtime.cli", argv[0], "-g", up.gateway, *argv[1:]],
+    return subprocess.run([sys.executable, "-m", "sllm_faas", argv[0], "-g", up.gateway, *argv[1:]],
                           capture_output=True, text=True, timeout=300, env=environment, input=input)
 
 
@@ -85,7 +85,7 @@ def test_logs_tail_and_follow(up):
     assert any("cold start: start=spawn" in line for line in everything)
     last = cli(up, "logs", "fc", "--tail", "2").stdout.splitlines()
     assert len(last) == 2 and all(line.startswith(instance + " ") for line in last)
-    follow = subprocess.Popen([sys.executable, "-m", "runtime.cli", "logs", "fc", "-g", up.gateway, "--tail", "1",
+    follow = subprocess.Popen([sys.executable, "-m", "sllm_faas", "logs", "fc", "-g", up.gateway, "--tail", "1",
                                "--follow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in follow.stdout], daemon=True).start()
@@ -129,7 +129,7 @@ def test_remove_by_name_and_by_stack_file(up):
 
 @pytest.mark.parametrize("verb", ["list", "describe", "logs", "remove", "deploy"])
 def test_readme_lists_every_flag_of_the_gateway_verbs(verb):
-    from runtime.local.cli import add_arguments
+    from sllm_faas.runtime.local.cli import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, verb)

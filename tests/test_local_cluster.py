@@ -16,8 +16,8 @@ import openai
 import pytest
 import requests
 
-from runtime.embedded_redis import free_tcp_port
-from runtime.node_loader.client import LoaderClient
+from sllm_faas.runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.node_loader.client import LoaderClient
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -31,7 +31,7 @@ class Up:
         self.workdir = tmp / "work"
         self.build_root = self.workdir / "build"
         self.state_file = tmp / "cluster.json"
-        args = [sys.executable, "-m", "runtime.cli", "up", "--nodes", str(nodes), "--slots", str(slots),
+        args = [sys.executable, "-m", "sllm_faas", "up", "--nodes", str(nodes), "--slots", str(slots),
                 "--port", str(free_tcp_port()), "--model-store", str(store), "--workdir", str(self.workdir),
                 "--build-root", str(self.build_root),
                 "--key-prefix", prefix, "--state-file", str(self.state_file), "--dram-budget", "1GiB", *extra]
@@ -49,7 +49,7 @@ class Up:
         self.admin = {"Authorization": "Bearer " + Path(self.state["token_file"]).read_text()}
 
     def deploy(self, stack: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f", str(stack), "-g", self.gateway,
+        return subprocess.run([sys.executable, "-m", "sllm_faas", "deploy", "-f", str(stack), "-g", self.gateway,
                                "--build-dir", str(self.build_root)], capture_output=True, text=True, timeout=60)
 
     def function(self, name: str) -> dict:
@@ -234,7 +234,7 @@ def test_gateway_routes_and_bad_requests(cluster, tmp_path, redis_target):
 def test_bad_stack_file_gives_a_clear_error(tmp_path, stack, message):
     path = tmp_path / "stack.yml"
     path.write_text(stack)
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f", str(path), "-g",
+    result = subprocess.run([sys.executable, "-m", "sllm_faas", "deploy", "-f", str(path), "-g",
                              f"http://127.0.0.1:{free_tcp_port()}", "--build-dir", str(tmp_path / "build")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr and str(path) in result.stderr, result.stderr

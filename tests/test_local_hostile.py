@@ -254,7 +254,7 @@ def test_a_killed_node_loader_is_restarted_and_cold_starts_work_again(up):
 def test_readme_lists_every_flag_of_the_local_verbs(verb):
     import argparse
 
-    from runtime.local.cli import add_arguments
+    from sllm_faas.runtime.local.cli import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, verb)

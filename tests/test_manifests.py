@@ -132,7 +132,7 @@ LOADER_OVERHEAD = 2**30  # the loader process itself (Python, torch imported for
 def test_loader_daemonset_memory_covers_the_dram_tier_and_survives_on_gpu_nodes():
     """tmpfs pages are charged to the cgroup that wrote them (cgroup v2): the loader's limit must hold its DRAM
     budget, or the kernel OOM-kills it as the tier fills."""
-    from runtime.checkpoint.cli import parse_size
+    from sllm_faas.runtime.checkpoint.cli import parse_size
 
     path = ROOT / "examples" / "smollm2" / "loader-daemonset.yaml"
     pod = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]
@@ -211,8 +211,8 @@ def target_port(service: dict, container: dict, port: int) -> int:
 def controller_app():
     """The real app with the token the manifests carry. Port 1 has no Redis: building the app must not connect
     (the client connects on first use), and nothing the tests below send needs Redis."""
-    from controller.config import ControllerConfig
-    from controller.service import create_app
+    from sllm_faas.controller.config import ControllerConfig
+    from sllm_faas.controller.service import create_app
 
     return create_app(ControllerConfig(redis_url="redis://127.0.0.1:1/0", token=TOKEN))
 
@@ -256,9 +256,9 @@ def test_controller_app_starts_without_redis_and_fails_softly_when_used(controll
 
 
 def test_controller_deployment_runs_a_known_verb_with_known_settings(monkeypatch):
-    from controller.config import ENV, resolve
-    from controller.service import OPEN_PATHS, create_app
-    from runtime.cli import VERBS
+    from sllm_faas.controller.config import ENV, resolve
+    from sllm_faas.controller.service import OPEN_PATHS, create_app
+    from sllm_faas.runtime.cli import VERBS
 
     docs, deployment, container, service = controller_objects()
     pod_spec = deployment["spec"]["template"]["spec"]
@@ -275,7 +275,7 @@ def test_controller_deployment_runs_a_known_verb_with_known_settings(monkeypatch
     collisions = service_link_variables(service) & set(ENV.values())
     assert not collisions or pod_spec.get("enableServiceLinks") is False, collisions
 
-    module = importlib.import_module(VERBS[verb][0])
+    module = importlib.import_module("sllm_faas." + VERBS[verb][0])
     parser = argparse.ArgumentParser()
     module.add_arguments(parser, verb)
     for name in [*ENV.values(), "REDIS_URL"]:
@@ -423,7 +423,7 @@ def test_rbac_binds_only_the_dedicated_scheduler():
 
 
 def test_deploy_readme_lists_every_controller_setting():
-    from controller.config import ENV, ControllerConfig
+    from sllm_faas.controller.config import ENV, ControllerConfig
 
     rows = {}
     for line in (DEPLOY / "README.md").read_text().splitlines():

@@ -14,7 +14,7 @@ import requests
 from controller_process import GB, ControllerProcess, publish_model, publish_node
 from prom import families, value
 
-from runtime.server.metrics import (
+from sllm_faas.common.metrics import (
     COLD_START_BUCKETS,
     INTER_TOKEN_BUCKETS,
     REQUEST_LATENCY_BUCKETS,
@@ -136,7 +136,8 @@ def test_every_metric_is_documented_in_the_readme():
     """Every metric name declared in the code appears in README.md, where a user looks for it."""
     readme = (ROOT / "README.md").read_text()
     declared = set()
-    for path in [*ROOT.glob("runtime/**/*.py"), *ROOT.glob("controller/**/*.py")]:
+    for path in [*ROOT.glob("runtime/**/*.py"), *ROOT.glob("controller/**/*.py"),
+                 *ROOT.glob("sllm_faas/common/*.py")]:
         pattern = r"\b(?:counter|gauge|histogram)\(\s*\"((?:vllm:|sllm_)[a-z_:]+)\""
         declared |= set(re.findall(pattern, path.read_text()))
     declared.add("sllm_cold_start_seconds")

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from prom import value
 from schema_doc import assert_keys_documented
 
-from controller.migration import Migrator
-from redis_schema.keys import Keys
-from runtime.embedded_redis import free_tcp_port
-from runtime.migration.faults import EXIT_CODE
-from runtime.migration.protocol import auth_headers
-from runtime.migration.record import events_of
+from sllm_faas.controller.migration import Migrator
+from sllm_faas.redis_schema.keys import Keys
+from sllm_faas.runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.migration.faults import EXIT_CODE
+from sllm_faas.runtime.migration.protocol import auth_headers
+from sllm_faas.runtime.migration.record import events_of
 
 ROOT = Path(__file__).resolve().parent.parent
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -69,7 +69,7 @@ class Instance:
         if redis:  # registered in Redis, and writes its migration incidents there
             environment.update(SLLM_REDIS_URL=redis[0], SLLM_KEY_PREFIX=redis[1])
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", str(model), "--port",
+            self.process = subprocess.Popen([sys.executable, "-m", "sllm_faas", "serve", str(model), "--port",
                                              str(self.port), "--host", "127.0.0.1"], cwd=ROOT, env=environment,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -256,9 +256,9 @@ def eventually(condition, timeout: float = 10.0) -> None:
 
 def test_decoder_rows_do_not_depend_on_the_batch_or_on_prefill(smollm2):
     """A token's logits are the same decoded alone, in a batch, or recomputed by a prefill (llama.py doc)."""
-    from runtime.loader import load
-    from runtime.model.llama import DecoderConfig, KVCache, build_decoder, linear
-    from runtime.model.tokenizer import Tokenizer
+    from sllm_faas.runtime.loader import load
+    from sllm_faas.runtime.model.llama import DecoderConfig, KVCache, build_decoder, linear
+    from sllm_faas.runtime.model.tokenizer import Tokenizer
 
     torch.manual_seed(0)
     weight = torch.randn(576, 1536).bfloat16()
@@ -386,7 +386,7 @@ def test_controller_dies_mid_migration_and_another_finishes_it(pair, migrator, n
     call = Call(source, name, True)
     [request_id] = running_requests(source, 1, min_tokens=4)
     environment = {**os.environ, "SLLM_MIGRATION_FAULT": f"controller.{dies_after}:exit"}
-    coordinator = subprocess.run([sys.executable, "-m", "runtime.cli", "migrate", source.url, request_id, "--to",
+    coordinator = subprocess.run([sys.executable, "-m", "sllm_faas", "migrate", source.url, request_id, "--to",
                                   destination.url, "--lease-s", "1.5", "--redis-url", url, "--key-prefix", prefix],
                                  cwd=ROOT, env=environment, capture_output=True, text=True, timeout=60)
     assert coordinator.returncode == EXIT_CODE, coordinator.stderr

@@ -13,7 +13,7 @@ from conftest import tiny_llama_config
 from test_native_decoder import greedy, prefill_logits
 from tiny_families import FAMILIES, family_config, reference_and_native
 
-from runtime.model.llama import DecoderConfig, KVCache, UnsupportedModel
+from sllm_faas.runtime.model.llama import DecoderConfig, KVCache, UnsupportedModel
 
 
 @pytest.mark.parametrize("name", FAMILIES)

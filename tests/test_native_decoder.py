@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
-from runtime.loader import load
-from runtime.model.engine import Engine
-from runtime.model.llama import DecoderConfig, KVCache, UnsupportedModel, build_decoder
-from runtime.model.sampling import SamplingParams
-from runtime.model.tokenizer import Tokenizer
+from sllm_faas.runtime.loader import load
+from sllm_faas.runtime.model.engine import Engine
+from sllm_faas.runtime.model.llama import DecoderConfig, KVCache, UnsupportedModel, build_decoder
+from sllm_faas.runtime.model.sampling import SamplingParams
+from sllm_faas.runtime.model.tokenizer import Tokenizer
 
 
 def greedy(model, cache, prompt: list[int], steps: int, slot: int = 0) -> list[int]:
@@ -117,7 +117,7 @@ def test_smollm2_greedy_tokens_match_transformers(smollm2):
 def test_writer_lays_out_projections_for_fused_matmuls(tmp_path, tiny_llama_dir):
     from safetensors.torch import load_file
 
-    from runtime.checkpoint import convert
+    from sllm_faas.runtime.checkpoint import convert
 
     convert(tiny_llama_dir, tmp_path / "ck")
     fused = build_decoder(DecoderConfig.from_dir(tmp_path / "ck"), load(tmp_path / "ck"))

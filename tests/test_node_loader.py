@@ -15,9 +15,9 @@ from loader_daemon import LoaderDaemon
 from prom import value
 from schema_doc import assert_keys_documented
 
-from redis_schema import Keys
-from runtime.checkpoint import read_manifest, save_state_dict
-from runtime.embedded_redis import EmbeddedRedis, free_tcp_port
+from sllm_faas.redis_schema import Keys
+from sllm_faas.runtime.checkpoint import read_manifest, save_state_dict
+from sllm_faas.runtime.embedded_redis import EmbeddedRedis, free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ def test_lease_expires_without_renewal(daemon, redis_ns):
 
 
 def test_renewed_lease_survives(daemon):
-    from runtime.node_loader.client import LeaseKeeper
+    from sllm_faas.runtime.node_loader.client import LeaseKeeper
 
     daemon.wait_job(daemon.client.stage("small", "dram"))
     keeper = LeaseKeeper(daemon.client, daemon.client.lease("small", "live-instance", ttl_s=0.6))
@@ -269,7 +269,7 @@ def test_loader_metrics(daemon):
 
 
 def _raw_get(socket_path: str, path: str) -> str:
-    from runtime.node_loader.client import _UnixConnection
+    from sllm_faas.runtime.node_loader.client import _UnixConnection
 
     connection = _UnixConnection(socket_path, 5)
     connection.request("GET", path)

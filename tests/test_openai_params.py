@@ -14,7 +14,7 @@ import openai
 import pytest
 import requests
 
-from runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.embedded_redis import free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-test-key"
@@ -30,7 +30,7 @@ def server(smollm2, tmp_path_factory):
            "SLLM_MAX_TOKENS": "256"}
     env.pop("SLLM_API_KEY", None)
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", str(smollm2["sllm"]), "--port",
+        process = subprocess.Popen([sys.executable, "-m", "sllm_faas", "serve", str(smollm2["sllm"]), "--port",
                                     str(port), "--host", "127.0.0.1", "--api-key", KEY], cwd=ROOT, env=env,
                                    stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -124,7 +124,7 @@ def test_the_two_stacks_differ_only_in_what_needs_pro():
 
 @pytest.mark.parametrize("stack", list(STACKS.values()), ids=list(STACKS))
 def test_stacks_read_in_local_mode_and_carry_no_host_paths(stack):
-    from runtime.local.stack import read_stack
+    from sllm_faas.runtime.local.stack import read_stack
 
     (spec,) = read_stack(stack)
     assert spec.model == "smollm2-135m-instruct" and (spec.handler / "handler.py").is_file()

@@ -148,7 +148,7 @@ def test_a_pooled_instance_migrates_a_running_stream(up):
     busy = [i for i in up.function("fm")["instances"] if i["in_flight"]]
     assert len(busy) == 1
     other = next(i for i in status["instances"] if i["id"] != busy[0]["id"])
-    migrated = subprocess.run([sys.executable, "-m", "runtime.cli", "migrate", busy[0]["url"], "--all", "--keep-model",
+    migrated = subprocess.run([sys.executable, "-m", "sllm_faas", "migrate", busy[0]["url"], "--all", "--keep-model",
                                "--to", other["url"], "--redis-url", up.state["redis"], "--key-prefix",
                                up.state["key_prefix"], "--json"], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "SLLM_MIGRATION_TOKEN": token})
@@ -180,7 +180,7 @@ def test_ctrl_c_stops_the_zygotes_and_members(store, tmp_path):  # noqa: F811 - 
 def test_with_cuda_a_member_is_a_fresh_process_that_initialised_cuda(tmp_path):
     """On a CUDA machine the zygote execs each member (CUDA does not survive a fork); the member has CUDA's
     driver mapped before any assignment. Runs the pool in this process, which becomes a child subreaper."""
-    from runtime.local.pool import Pools
+    from sllm_faas.runtime.local.pool import Pools
 
     spawner = ThreadPoolExecutor(1)
     pool = Pools(["gpu-node"], 1, tmp_path, lambda popen: spawner.submit(popen).result())

@@ -13,7 +13,7 @@ import pytest
 import redis
 from conftest import LOCAL_REDIS_URL, delete_prefixed, redis_answers
 
-from runtime.embedded_redis import EmbeddedRedis
+from sllm_faas.runtime.embedded_redis import EmbeddedRedis
 
 
 def test_namespace_isolates_and_cleans(redis_ns, redis_target):
@@ -62,7 +62,7 @@ def test_embedded_server_dies_with_owner(sig):
     owner = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
             import sys, time
-            from runtime.embedded_redis import EmbeddedRedis
+            from sllm_faas.runtime.embedded_redis import EmbeddedRedis
             server = EmbeddedRedis(); server.start()
             print(server.pid, server.port, flush=True)
             time.sleep(60)

@@ -11,7 +11,7 @@ import pytest
 import requests
 import torch
 
-from runtime.model.sampling import SamplingParams, next_token
+from sllm_faas.runtime.model.sampling import SamplingParams, next_token
 
 EXTREME_TEMPERATURES = [0.0, 1e-300, 1e-30, 1e-6, 1e-5, 0.3, 1.0, 2.0]
 EXTREME_TOP_P = [1e-300, 1e-9, 0.5, 0.95, 1.0]
@@ -51,10 +51,10 @@ def test_tiny_temperature_is_greedy_and_sampling_stays_seeded():
 
 @pytest.fixture(scope="module")
 def engine(smollm2):
-    from runtime.loader import load
-    from runtime.model.engine import Engine
-    from runtime.model.llama import DecoderConfig, build_decoder
-    from runtime.model.tokenizer import Tokenizer
+    from sllm_faas.runtime.loader import load
+    from sllm_faas.runtime.model.engine import Engine
+    from sllm_faas.runtime.model.llama import DecoderConfig, build_decoder
+    from sllm_faas.runtime.model.tokenizer import Tokenizer
 
     torch.set_num_threads(1)
     model = build_decoder(DecoderConfig.from_dir(smollm2["sllm"]), load(smollm2["sllm"]))
@@ -143,7 +143,7 @@ def test_migration_routes_need_the_exact_bearer_token(tmp_path):
 
 
 def test_hostile_json_on_migration_routes_is_400_not_500(tmp_path):
-    """The migration routes parse bodies with the one hostile-JSON parser (runtime/jsonbody.py) too."""
+    """The migration routes parse bodies with the one hostile-JSON parser (sllm_faas/common/jsonbody.py) too."""
     server = started(tmp_path / "a", SLLM_MIGRATION_TOKEN="s3cret-token")
     auth = {"Authorization": "Bearer s3cret-token", "Content-Type": "application/json"}
     try:

@@ -18,8 +18,8 @@ import requests
 from prom import value
 from schema_doc import assert_keys_documented
 
-from runtime.embedded_redis import free_tcp_port
-from runtime.local.build import shrinkwrap as build_function
+from sllm_faas.runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.local.build import shrinkwrap as build_function
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -37,7 +37,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {**os.environ, "SLLM_MODEL": str(model), "SLLM_TORCH_THREADS": "2", **env}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+            [sys.executable, "-m", "sllm_faas", "serve", "--port", str(self.port), "--host", "127.0.0.1",
              "--app", "index:app"], cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         self.first_ready_status = None

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from controller.scheduler import InstanceInfo, ModelInfo, NodeInfo, Snapshot, cluster_bandwidths, rank
+from sllm_faas.controller.scheduler import InstanceInfo, ModelInfo, NodeInfo, Snapshot, cluster_bandwidths, rank
 
 GB = 10**9
 BW = {"dram": 10 * GB, "ssd": 2 * GB, "remote": 1 * GB}
@@ -88,7 +88,7 @@ def test_unmeasured_bandwidth_ranks_last_but_stays_feasible_and_full_nodes_are_i
 def test_shortlist_picks_the_same_best_node_as_the_full_ranking(seed):
     import random
 
-    from controller.scheduler import shortlist
+    from sllm_faas.controller.scheduler import shortlist
 
     rng = random.Random(seed)
     names = [f"m{i}" for i in range(12)]
@@ -145,7 +145,7 @@ def test_waiting_beats_migrating_when_the_instance_ends_sooner():
 
 
 def test_expected_remaining_tokens():
-    from controller.scheduler import expected_remaining_tokens
+    from sllm_faas.controller.scheduler import expected_remaining_tokens
 
     assert expected_remaining_tokens(0, 300.0, 1.0, 2048) == 300.0       # nothing known: the mean
     assert expected_remaining_tokens(100, 300.0, 0.0, 2048) == 200.0     # no spread: the rest of the mean
@@ -189,7 +189,7 @@ def test_migration_needs_the_request_likely_to_outlast_it():
 
 
 def test_median_remaining_tokens():
-    from controller.scheduler import median_remaining_tokens
+    from sllm_faas.controller.scheduler import median_remaining_tokens
 
     assert median_remaining_tokens(0, 300.0, 1.0, 10**9) == pytest.approx(300.0 / math.sqrt(2))  # exp(mu)
     assert median_remaining_tokens(100, 300.0, 0.0, 2048) == 200.0     # no spread: the rest of the mean
@@ -206,7 +206,7 @@ def test_median_remaining_tokens():
 def test_plans_rank_every_node_only_when_the_shortlist_is_used_up(monkeypatch):
     """The first decision comes from the shortlist; ranking all nodes (O(n) per decision) waits until a caller
     has tried every shortlisted node. It ran at the first decision, which made each decision ~6x slower."""
-    from controller import scheduler
+    from sllm_faas.controller import scheduler
 
     nodes = (node("a", "dram"),) + tuple(node(f"r{i}", None) for i in range(50))
     snapshot = Snapshot(nodes, {"m": MODEL})

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from runtime.cli import main
-from runtime.embedded_redis import free_tcp_port
-from runtime.server.settings import OPTIONS, Settings
+from sllm_faas.runtime.cli import main
+from sllm_faas.runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.server.settings import OPTIONS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_setting_has_one_option_and_serve_help_lists_its_flag_and_env():
     assert {f.name for f in dataclasses.fields(Settings)} == {o.name for o in OPTIONS}
     assert len({o.flag for o in OPTIONS}) == len({o.env for o in OPTIONS}) == len(OPTIONS)
-    help_text = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--help"], capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "sllm_faas", "serve", "--help"], capture_output=True,
                                text=True, check=True, env={**os.environ, "COLUMNS": "400"}).stdout
     for option in OPTIONS:
         assert option.flag in help_text and f"env {option.env};" in help_text, option
@@ -82,7 +82,7 @@ def test_flags_override_env_in_the_served_runtime(smollm2, tmp_path):
     port = free_tcp_port()
     env = {**os.environ, "SLLM_SERVED_MODEL_NAME": "from-env", "SLLM_MAX_SEQ": "4096", "SLLM_MAX_TOKENS": "7",
            "SLLM_TORCH_THREADS": "1", "PORT": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", str(smollm2["sllm"]),
+    process = subprocess.Popen([sys.executable, "-m", "sllm_faas", "serve", str(smollm2["sllm"]),
                                 "--served-model-name", "from-flag", "--max-model-len", "96", "--max-num-seqs", "2",
                                 "--chat-template", str(template), "--host", "127.0.0.1", "--port", str(port)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

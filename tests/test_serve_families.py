@@ -14,13 +14,13 @@ import requests
 import torch
 from tiny_families import FAMILIES, family_config, write_word_tokenizer
 
-from runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.embedded_redis import free_tcp_port
 
 PROMPT = [1, 17, 42, 99, 5, 250, 31]
 
 
 def cli(*args) -> str:
-    result = subprocess.run([sys.executable, "-m", "runtime.cli", *map(str, args)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "sllm_faas", *map(str, args)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -43,7 +43,7 @@ def test_convert_inspect_serve_greedy_equals_transformers(name, path, tmp_path):
     assert f"decoder     {path}" in cli("inspect", tmp_path / "ck")
 
     port = free_tcp_port()
-    server = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve", tmp_path / "ck", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "sllm_faas", "serve", tmp_path / "ck", "--port", str(port),
                                "--host", "127.0.0.1"], env={**os.environ, "SLLM_TORCH_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

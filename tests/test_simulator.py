@@ -11,20 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import controller.scheduler as scheduler
-import controller.simulator as simulator_package
-from controller.simulator import policies
-from controller.simulator.config import (
+import sllm_faas.controller.scheduler as scheduler
+import sllm_faas.controller.simulator as simulator_package
+from sllm_faas.controller.simulator import policies
+from sllm_faas.controller.simulator.config import (
     POLICY_NAMES,
     ScenarioError,
     load_scenario,
     parse_scenario,
     scenario_names,
 )
-from controller.simulator.engine import run_policies, simulate
-from controller.simulator.report import scenario_markdown, write_plots
-from controller.simulator.workload import Request, generate
-from runtime.cli import main as cli_main
+from sllm_faas.controller.simulator.engine import run_policies, simulate
+from sllm_faas.controller.simulator.report import scenario_markdown, write_plots
+from sllm_faas.controller.simulator.workload import Request, generate
+from sllm_faas.runtime.cli import main as cli_main
 
 # Round numbers: a 2B-parameter model is 4 GB; prefill 1,000 tokens/s (4 TFLOPS / 2 FLOPs / 2e9 parameters),
 # decode 10 tokens/s (40 GB/s / 4 GB). Tiers into GPU: DRAM 10 GB/s, SSD 2 GB/s, remote 1 GB/s.
@@ -227,7 +227,7 @@ def _calls_and_names(tree: ast.AST) -> set[str]:
 def test_one_decision_path_for_controller_and_simulator():
     """The controller's placement and the simulator decide through scheduler.plans only: neither ranks,
     shortlists or checks feasibility itself (a copy of the decision step in either fails here)."""
-    import controller.placement as placement
+    import sllm_faas.controller.placement as placement
 
     tree = ast.parse(Path(placement.__file__).read_text())
     place = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "place")
@@ -275,7 +275,7 @@ def test_wait_for_a_local_slot_beats_migrating_and_a_remote_load():
 
 def test_simulator_defines_no_estimator_of_its_own():
     """No function named like the scheduler's estimators, and no size divided by a bandwidth, anywhere in the
-    simulator package: load and migration times come from controller.scheduler."""
+    simulator package: load and migration times come from sllm_faas.controller.scheduler."""
     estimators = {"rank", "load_time", "migration_time", "cluster_bandwidths", "estimate", "startup_time"}
     for path in Path(simulator_package.__file__).parent.glob("*.py"):
         tree = ast.parse(path.read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import requests
 
-from runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.embedded_redis import free_tcp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,12 +52,15 @@ def test_wheel_installs_and_deploys_the_example_outside_a_checkout(tmp_path):
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    where = subprocess.run([str(python), "-c", "import runtime, runtime.local.build as b; print(runtime.__file__); "
-                            "print(b.TEMPLATES)"], check=True, capture_output=True, text=True, cwd=work).stdout.split()
-    assert where[0].startswith(str(site)), f"runtime imported from {where[0]}, not from the installed wheel"
+    where = subprocess.run([str(python), "-c", "import sllm_faas, sllm_faas.runtime.local.build as b; "
+                            "print(sllm_faas.__file__); print(b.TEMPLATES)"],
+                           check=True, capture_output=True, text=True, cwd=work).stdout.split()
+    assert where[0].startswith(str(site)), f"sllm_faas imported from {where[0]}, not from the installed wheel"
     templates = Path(where[1])
+    generic = [name for name in ("runtime", "controller", "redis_schema", "common") if (site / name).exists()]
+    assert generic == [], f"the wheel puts generic top-level packages in site-packages: {generic}"
     assert templates.is_dir() and not templates.is_symlink() and str(templates).startswith(str(site))
-    stack = site / "runtime" / "_examples" / "smollm2" / "stack.yml"
+    stack = site / "sllm_faas" / "runtime" / "_examples" / "smollm2" / "stack.yml"
 
     cli = venv / "bin" / "sllm-faas"
     state = tmp_path / "cluster.json"
@@ -80,7 +83,7 @@ def test_wheel_installs_and_deploys_the_example_outside_a_checkout(tmp_path):
         for name in ("Dockerfile", "template.yml", "index.py", "requirements.txt"):
             assert (build / name).read_bytes() == (templates / "sllm-python" / name).read_bytes(), name
         assert (build / "function" / "handler.py").read_bytes() == \
-            (site / "runtime" / "_examples" / "smollm2" / "function" / "handler.py").read_bytes()
+            (site / "sllm_faas" / "runtime" / "_examples" / "smollm2" / "function" / "handler.py").read_bytes()
         admin = {"Authorization": "Bearer " + Path(json.loads(state.read_text())["token_file"]).read_text()}
         function = requests.get(f"{gateway}/system/function/smollm2", headers=admin, timeout=10).json()
         assert function["annotations"]["sllm.io/build"] == str(build.resolve())

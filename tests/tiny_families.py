@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from conftest import tiny_llama_config
 
-from runtime.model.llama import DecoderConfig, build_decoder
+from sllm_faas.runtime.model.llama import DecoderConfig, build_decoder
 
 SIZES = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=None,

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from controller.simulator.config import POLICY_NAMES, ScenarioError, load_scenario, scenario_names
+from sllm_faas.controller.simulator.config import POLICY_NAMES, ScenarioError, load_scenario, scenario_names
 
 
 def _positive(kind):
@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controller.simulator.engine import run_policies
-    from controller.simulator.report import scenario_markdown, write_plots
+    from sllm_faas.controller.simulator.engine import run_policies
+    from sllm_faas.controller.simulator.report import scenario_markdown, write_plots
 
     try:
         scenario = load_scenario(args.scenario)

@@ -1,8 +1,8 @@
 """The simulated cluster: nodes with GPUs and checkpoint caches, function instances, and the view of it
-that the scheduler core gets (a `controller.scheduler.Snapshot`).
+that the scheduler core gets (a `sllm_faas.controller.scheduler.Snapshot`).
 
 The physics of a load and of a migration's recompute are the scheduler's own formulas
-(`controller.scheduler.load_time` and `migration_time`) applied to the nodes' true bandwidths, so
+(`sllm_faas.controller.scheduler.load_time` and `migration_time`) applied to the nodes' true bandwidths, so
 the estimate a calibrated scheduler makes is exactly what happens here; policies differ in what
 they know and decide, not in the world they run in.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import controller.scheduler as scheduler
-from controller.simulator.config import ModelSpec, NodeSpec, Scenario, expand_nodes, home_nodes
+import sllm_faas.controller.scheduler as scheduler
+from sllm_faas.controller.simulator.config import ModelSpec, NodeSpec, Scenario, expand_nodes, home_nodes
 
 
 class CacheTier:

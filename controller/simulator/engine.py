@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from controller.keepalive import CostKeepAlive, FixedKeepAlive
-from controller.simulator.cluster import Cluster, Instance, Node
-from controller.simulator.config import ModelSpec, Scenario
-from controller.simulator.policies import Placement, Policy, make_policy
-from controller.simulator.workload import Request, generate
+from sllm_faas.controller.keepalive import CostKeepAlive, FixedKeepAlive
+from sllm_faas.controller.simulator.cluster import Cluster, Instance, Node
+from sllm_faas.controller.simulator.config import ModelSpec, Scenario
+from sllm_faas.controller.simulator.policies import Placement, Policy, make_policy
+from sllm_faas.controller.simulator.workload import Request, generate
 
 REPLAN_MIN_S = 0.1  # a wait expected to end at once is checked again after this
 

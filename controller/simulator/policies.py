@@ -2,7 +2,7 @@
 this model start (and, for ours, which running request moves away to make room)?
 
 The startup-time policies do not estimate or decide anything here: they build a `Snapshot` and take the
-first decision of `controller.scheduler.plans`, the decision path the controller's placement runs.
+first decision of `sllm_faas.controller.scheduler.plans`, the decision path the controller's placement runs.
 The others are the schedulers people run today, which look at GPU availability only.
 """
 
@@ -13,9 +13,9 @@ import math
 import random
 from dataclasses import dataclass
 
-import controller.scheduler as scheduler
-from controller.simulator.cluster import Cluster, Instance, Node
-from controller.simulator.config import ModelSpec
+import sllm_faas.controller.scheduler as scheduler
+from sllm_faas.controller.simulator.cluster import Cluster, Instance, Node
+from sllm_faas.controller.simulator.config import ModelSpec
 
 RELEASE_BANDWIDTH = 25e9  # ServerlessLLM's released scheduler assumes this for every node and tier
 

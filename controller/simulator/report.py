@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.simulator.config import Scenario
-from controller.simulator.engine import RunResult
+from sllm_faas.controller.simulator.config import Scenario
+from sllm_faas.controller.simulator.engine import RunResult
 
 TIERS = ("dram", "ssd", "remote")
 REFERENCE = "ours"

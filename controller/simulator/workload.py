@@ -16,7 +16,7 @@ from datetime import datetime
 
 import numpy as np
 
-from controller.simulator.config import TRACE_DIR, TRACES, Scenario, TokenLengths, Workload
+from sllm_faas.controller.simulator.config import TRACE_DIR, TRACES, Scenario, TokenLengths, Workload
 
 
 @dataclass(frozen=True, slots=True)

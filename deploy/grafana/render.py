@@ -31,7 +31,7 @@ SELECTOR = re.compile(r'(\w+)="([^"]*)"')
 
 def scrape(urls: list[str]) -> list:
     """Every sample of every endpoint's /metrics (an http URL, or a loader's Unix socket path)."""
-    from runtime.node_loader.client import _UnixConnection
+    from sllm_faas.runtime.node_loader.client import _UnixConnection
 
     samples = []
     for url in urls:

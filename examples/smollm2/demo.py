@@ -48,8 +48,8 @@ def main() -> int:
     import requests
 
     from examples.smollm2.prepare import cache_root, prepare
-    from runtime.embedded_redis import free_tcp_port
-    from runtime.node_loader.client import LoaderClient
+    from sllm_faas.runtime.embedded_redis import free_tcp_port
+    from sllm_faas.runtime.node_loader.client import LoaderClient
 
     step("converting the example model (cached after the first run)")
     checkpoint = prepare()["sllm"]
@@ -65,7 +65,7 @@ def main() -> int:
     state_file = work / "cluster.json"
     step("starting the local cluster: Redis, controller, 2 node loaders, gateway")
     log = open(work / "up.log", "wb")  # noqa: SIM115 - closed at the end
-    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--nodes", "2", "--port", str(free_tcp_port()),
+    up = subprocess.Popen([sys.executable, "-m", "sllm_faas", "up", "--nodes", "2", "--port", str(free_tcp_port()),
                            "--model-store", str(store), "--workdir", str(work / "cluster"), "--state-file",
                            str(state_file), "--build-root", str(work / "build")],
                           stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -77,7 +77,7 @@ def main() -> int:
         gateway = state["gateway"]
         admin = {"Authorization": "Bearer " + Path(state["token_file"]).read_text()}  # for /system/ routes
         step(f"deploying examples/smollm2/stack.yml to {gateway}")
-        deployed = subprocess.run([sys.executable, "-m", "runtime.cli", "deploy", "-f",
+        deployed = subprocess.run([sys.executable, "-m", "sllm_faas", "deploy", "-f",
                                    str(ROOT / "examples" / "smollm2" / "stack.yml"), "-g", gateway, "--build-dir",
                                    str(work / "build")], capture_output=True, text=True, cwd=ROOT)
         if deployed.returncode != 0:

@@ -35,7 +35,7 @@ def gguf_path() -> tuple[Path, str]:
 
 def export_hf_folder(gguf: Path, destination: Path) -> None:
     """Dequantize to bf16 and save a plain safetensors folder with its tokenizer (runtime/checkpoint/gguf.py)."""
-    from runtime.checkpoint.gguf import gguf_to_hf_folder
+    from sllm_faas.runtime.checkpoint.gguf import gguf_to_hf_folder
 
     gguf_to_hf_folder(gguf, destination)
 

@@ -1,10 +1,10 @@
 """The sllm checkpoint format: spec in docs/FORMAT.md.
 
-    from runtime.checkpoint import convert, save_state_dict, read_manifest, verify
-    from runtime.loader import load          # tensors, as views into one buffer per partition
+    from sllm_faas.runtime.checkpoint import convert, save_state_dict, read_manifest, verify
+    from sllm_faas.runtime.loader import load          # tensors, as views into one buffer per partition
 """
 
-from runtime.checkpoint.format import (
+from sllm_faas.runtime.checkpoint.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -14,7 +14,7 @@ from runtime.checkpoint.format import (
     TensorEntry,
     read_manifest,
 )
-from runtime.checkpoint.verify import verify
+from sllm_faas.runtime.checkpoint.verify import verify
 
 _WRITER = ("DEFAULT_PARTITION_SIZE", "convert", "save_state_dict", "write_checkpoint")
 
@@ -22,7 +22,7 @@ _WRITER = ("DEFAULT_PARTITION_SIZE", "convert", "save_state_dict", "write_checkp
 def __getattr__(name: str):
     """The writer's names on first use: it needs torch, which reading or verifying a checkpoint does not."""
     if name in _WRITER:
-        from runtime.checkpoint import writer
+        from sllm_faas.runtime.checkpoint import writer
 
         return getattr(writer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,7 @@ import re
 import sys
 from collections import Counter
 
-from runtime.checkpoint.format import CheckpointError, read_manifest
+from sllm_faas.runtime.checkpoint.format import CheckpointError, read_manifest
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
           "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
@@ -31,7 +31,7 @@ def human(nbytes: float) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     if verb == "convert":
-        from runtime.checkpoint.writer import DEFAULT_PARTITION_SIZE
+        from sllm_faas.runtime.checkpoint.writer import DEFAULT_PARTITION_SIZE
 
         parser.add_argument("src", help="a .safetensors file, an HF model folder (safetensors, sharded or not), or a "
                                         ".gguf file (dequantised; default dtype bfloat16)")
@@ -51,11 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.verb == "convert":
-            from runtime.checkpoint.dtypes import DTYPES
-            from runtime.checkpoint.writer import convert
+            from sllm_faas.runtime.checkpoint.dtypes import DTYPES
+            from sllm_faas.runtime.checkpoint.writer import convert
 
             if args.src.endswith(".gguf"):
-                from runtime.checkpoint.gguf import convert_gguf as convert
+                from sllm_faas.runtime.checkpoint.gguf import convert_gguf as convert
             manifest = convert(args.src, args.dst, dtype=DTYPES[args.dtype] if args.dtype else None,
                                partition_size=args.partition_size, progress=not args.no_progress,
                                overwrite=args.overwrite)
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.verb == "inspect":
             print_summary(args.dir, args.tensors)
         else:
-            from runtime.checkpoint.verify import verify
+            from sllm_faas.runtime.checkpoint.verify import verify
 
             manifest = verify(args.dir)
             print(f"ok: {len(manifest.partitions)} partition(s), {human(manifest.total_bytes)} verified")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_summary(directory: str, list_tensors: bool) -> None:
-    from runtime.model.families import decoder_path
+    from sllm_faas.runtime.model.families import decoder_path
 
     manifest = read_manifest(directory)
     payload = sum(t.nbytes for t in manifest.tensors.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.checkpoint.format import DTYPE_SIZES
+from sllm_faas.runtime.checkpoint.format import DTYPE_SIZES
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_SIZES if hasattr(torch, name)}
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}

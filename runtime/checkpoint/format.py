@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime import jsonbody
+from sllm_faas.common import jsonbody
 
 FORMAT_NAME = "sllm-checkpoint"
 FORMAT_VERSION = 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.checkpoint.format import CheckpointError
+from sllm_faas.runtime.checkpoint.format import CheckpointError
 
 
 def rope_base(gguf: Path) -> float | None:
@@ -54,7 +54,7 @@ def gguf_to_hf_folder(gguf: str | os.PathLike, destination: str | os.PathLike,
 
 def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtype | None = None, **options):
     """`sllm-faas convert FILE.gguf DST`: options as for write_checkpoint; dtype defaults to bfloat16."""
-    from runtime.checkpoint.writer import convert
+    from sllm_faas.runtime.checkpoint.writer import convert
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

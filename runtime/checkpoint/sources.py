@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from runtime.checkpoint.format import CheckpointError
+from sllm_faas.runtime.checkpoint.format import CheckpointError
 
 # Files a runtime needs besides the weights; copied verbatim when present.
 AUX_FILES = (

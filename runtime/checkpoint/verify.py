@@ -7,7 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runtime.checkpoint.format import CheckpointError, Manifest, PartitionEntry, open_regular, read_manifest
+from sllm_faas.runtime.checkpoint.format import CheckpointError, Manifest, PartitionEntry, open_regular, read_manifest
 
 _CHUNK = 8 << 20
 

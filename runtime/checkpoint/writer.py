@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from runtime import __version__
-from runtime.checkpoint.dtypes import DTYPE_NAMES, DTYPES
-from runtime.checkpoint.format import (
+from sllm_faas import __version__
+from sllm_faas.runtime.checkpoint.dtypes import DTYPE_NAMES, DTYPES
+from sllm_faas.runtime.checkpoint.format import (
     BLOCK_SIZE,
     MANIFEST_NAME,
     TENSOR_ALIGNMENT,
@@ -32,8 +32,8 @@ from runtime.checkpoint.format import (
     TensorEntry,
     padded,
 )
-from runtime.checkpoint.sources import Source, SourceTensor, from_state_dict, open_source
-from runtime.checkpoint.verify import sha256_file
+from sllm_faas.runtime.checkpoint.sources import Source, SourceTensor, from_state_dict, open_source
+from sllm_faas.runtime.checkpoint.verify import sha256_file
 
 DEFAULT_PARTITION_SIZE = 1 << 30
 # Bumped whenever the writer lays tensors out differently (caches of converted models key on it).

@@ -1,6 +1,6 @@
 """Load a converted checkpoint: one entry point, the strategy picked by where the bytes are.
 
-    from runtime.loader import load
+    from sllm_faas.runtime.loader import load
     tensors = load("/dev/shm/sllm/smollm2")            # dict[str, torch.Tensor]
     tensors = load(path, device="cuda")                 # pinned-ring pipeline to the GPU
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from runtime.checkpoint.format import read_manifest
-from runtime.checkpoint.verify import verify as verify_checksums
-from runtime.loader.tiers import current_tier
+from sllm_faas.runtime.checkpoint.format import read_manifest
+from sllm_faas.runtime.checkpoint.verify import verify as verify_checksums
+from sllm_faas.runtime.loader.tiers import current_tier
 
 if TYPE_CHECKING:
     import torch
@@ -39,29 +39,29 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, st
     The manifest is validated against the partition files before any byte is mapped or read;
     checksums are checked only with verify=True (the node loader verifies when it stages).
     """
-    import torch  # here: the node loader's staging copy imports runtime.loader.direct and needs no torch
+    import torch  # here: the node loader's staging copy imports sllm_faas.runtime.loader.direct and needs no torch
 
-    from runtime.loader.views import tensor_views
+    from sllm_faas.runtime.loader.views import tensor_views
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     manifest = verify_checksums(directory) if verify else read_manifest(directory)
     device = torch.device(device)
     if device.type == "cuda":
-        from runtime.loader.gpu import load_to_gpu
+        from sllm_faas.runtime.loader.gpu import load_to_gpu
 
         buffers = load_to_gpu(directory, manifest, device, direct=strategy != "buffered")
     else:
         if strategy == "auto":
-            from runtime.loader.policy import cpu_strategy
+            from sllm_faas.runtime.loader.policy import cpu_strategy
 
             strategy = cpu_strategy(directory, manifest)
         if strategy == "mmap":
-            from runtime.loader.mapped import map_partitions
+            from sllm_faas.runtime.loader.mapped import map_partitions
 
             buffers = map_partitions(directory, manifest)
         else:
-            from runtime.loader.direct import read_partitions
+            from sllm_faas.runtime.loader.direct import read_partitions
 
             buffers = read_partitions(directory, manifest, direct=strategy == "direct")
         if device.type != "cpu":

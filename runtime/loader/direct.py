@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.checkpoint.format import Manifest, open_regular
+from sllm_faas.runtime.checkpoint.format import Manifest, open_regular
 
 DEFAULT_CHUNK = 16 << 20
 DEFAULT_THREADS = 8  # I/O depth: reads block in the kernel, so more threads than cores pays
@@ -38,7 +38,7 @@ def allocate_buffer(size: int, hugepages: bool = True) -> mmap.mmap:
 
 
 def open_for_reading(path: str | os.PathLike, direct: bool = True) -> tuple[int, bool]:
-    """(fd, is_direct) of a regular file (runtime.checkpoint.format.open_regular); falls back to a
+    """(fd, is_direct) of a regular file (sllm_faas.runtime.checkpoint.format.open_regular); falls back to a
     buffered fd where O_DIRECT is refused."""
     if direct and hasattr(os, "O_DIRECT"):
         try:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from runtime.checkpoint.format import CheckpointError, Manifest
-from runtime.loader.direct import open_for_reading, read_exact
+from sllm_faas.runtime.checkpoint.format import CheckpointError, Manifest
+from sllm_faas.runtime.loader.direct import open_for_reading, read_exact
 
 DEFAULT_CHUNK = 64 << 20
 DEFAULT_SLOTS = 4

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.checkpoint.format import CheckpointError
-from runtime.loader import load
+from sllm_faas.runtime.checkpoint.format import CheckpointError
+from sllm_faas.runtime.loader import load
 
 
 @contextmanager

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from runtime.checkpoint.format import CheckpointError, Manifest, open_regular
-from runtime.loader.tiers import fully_cached, on_memory_filesystem
+from sllm_faas.runtime.checkpoint.format import CheckpointError, Manifest, open_regular
+from sllm_faas.runtime.loader.tiers import fully_cached, on_memory_filesystem
 
 MADV_POPULATE_READ = 22
 DEFAULT_CHUNK = 16 << 20

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.checkpoint.format import Manifest
-from runtime.loader.tiers import current_tier
+from sllm_faas.runtime.checkpoint.format import Manifest
+from sllm_faas.runtime.loader.tiers import current_tier
 
 HUGE_PROBE_BYTES = 4 << 20  # 2 huge pages: ~0.4 ms when host-backed, ~9 ms when each costs 512 host faults
 SMALL_PROBE_BYTES = 2 << 20  # 512 small pages, ~1 ms

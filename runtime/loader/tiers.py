@@ -12,7 +12,7 @@ import mmap
 import os
 from pathlib import Path
 
-from runtime.checkpoint.format import Manifest, open_regular
+from sllm_faas.runtime.checkpoint.format import Manifest, open_regular
 
 _MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0x958458F6: "hugetlbfs"}
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

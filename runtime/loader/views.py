@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from runtime.checkpoint.dtypes import DTYPES
-from runtime.checkpoint.format import Manifest
+from sllm_faas.runtime.checkpoint.dtypes import DTYPES
+from sllm_faas.runtime.checkpoint.format import Manifest
 
 
 def tensor_views(manifest: Manifest, buffers: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from runtime.local.logs import FOLLOW_MAX_S, MAX_TAIL
+from sllm_faas.runtime.local.logs import FOLLOW_MAX_S, MAX_TAIL
 
 GATEWAY = os.environ.get("OPENFAAS_URL", "http://127.0.0.1:8080")
 
@@ -46,7 +46,7 @@ def key_value(text: str) -> tuple[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     if verb == "up":
-        from runtime.local.up import add_arguments as add_up
+        from sllm_faas.runtime.local.up import add_arguments as add_up
 
         add_up(parser)
         return
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.verb == "up":
-        from runtime.local.up import run as run_up
+        from sllm_faas.runtime.local.up import run as run_up
 
         return run_up(args)
     import requests
@@ -128,7 +128,7 @@ def refused(args: argparse.Namespace, response, what: str = "") -> int:
 
 def stack_functions(args: argparse.Namespace) -> list | None:
     """The functions of -f/--yaml, filtered by --filter; None (after saying why) when none."""
-    from runtime.local.stack import StackError, read_stack
+    from sllm_faas.runtime.local.stack import StackError, read_stack
 
     try:
         specs = read_stack(args.stack)
@@ -143,7 +143,7 @@ def stack_functions(args: argparse.Namespace) -> list | None:
 
 
 def deploy(args: argparse.Namespace) -> int:
-    from runtime.local.build import shrinkwrap
+    from sllm_faas.runtime.local.build import shrinkwrap
 
     specs = stack_functions(args)
     if specs is None:

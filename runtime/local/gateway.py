@@ -48,14 +48,14 @@ import requests
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from redis_schema.keys import Keys, validate_id
-from runtime.jsonbody import JsonError, request_object
-from runtime.local import logs
-from runtime.local.instances import Instance, InstanceLauncher, probe_ready
-from runtime.local.stack import ScaleSettings, StackError
-from runtime.node_loader.client import LoaderClient
-from runtime.processes import children_by_parent
-from runtime.server.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common.jsonbody import JsonError, request_object
+from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common.processes import children_by_parent
+from sllm_faas.redis_schema.keys import Keys, validate_id
+from sllm_faas.runtime.local import logs
+from sllm_faas.runtime.local.instances import Instance, InstanceLauncher, probe_ready
+from sllm_faas.runtime.local.stack import ScaleSettings, StackError
+from sllm_faas.runtime.node_loader.client import LoaderClient
 
 log = logging.getLogger("sllm.gateway")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",

@@ -25,10 +25,10 @@ from pathlib import Path
 import redis
 import requests
 
-from redis_schema.keys import Keys
-from runtime.embedded_redis import free_tcp_port
-from runtime.local.pool import ChildProcess, Pools, reap_adopted
-from runtime.processes import die_with_parent, stop_process_group
+from sllm_faas.common.processes import die_with_parent, stop_process_group
+from sllm_faas.redis_schema.keys import Keys
+from sllm_faas.runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.local.pool import ChildProcess, Pools, reap_adopted
 
 INSTANCE_GRACEFUL_TIMEOUT_S = 5   # gunicorn's graceful timeout inside an instance (its own default is 30)
 STOP_GRACE_S = 10.0               # how long a stop waits for the group to exit before SIGKILL; > the above
@@ -98,7 +98,7 @@ class InstanceLauncher:
                        "SLLM_FUNCTION_NAME": function, "SLLM_ADVERTISE_URL": url, "SLLM_MODEL": model,
                        "GUNICORN_CMD_ARGS": f"--graceful-timeout {INSTANCE_GRACEFUL_TIMEOUT_S}"}
         log_path = self.log_dir / f"{instance_id}.log"
-        command = [sys.executable, "-m", "runtime.cli", "serve", model, "--port", str(port), "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "sllm_faas", "serve", model, "--port", str(port), "--host", "127.0.0.1",
                    "--app", "index:app"]
 
         member = self.pools.take(node) if self.pools else None

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.processes import _proc_stats, die_with_parent, stop_process_group
+from sllm_faas.common.processes import _proc_stats, die_with_parent, stop_process_group
 
 log = logging.getLogger("sllm.pool")
 _PR_SET_CHILD_SUBREAPER = 36
@@ -143,7 +143,7 @@ class NodePool:
                 "made": self.made, "replaced": self.replaced, "zygote_restarts": self.zygote_restarts}
 
     def _start_zygote(self) -> None:
-        command = [sys.executable, "-m", "runtime.server.zygote", "--dir", str(self.directory),
+        command = [sys.executable, "-m", "sllm_faas.runtime.server.zygote", "--dir", str(self.directory),
                    "--reaper", str(os.getpid())]
 
         def popen() -> subprocess.Popen:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from redis_schema.keys import validate_id
+from sllm_faas.redis_schema.keys import validate_id
 
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -29,10 +29,10 @@ from pathlib import Path
 import redis
 import requests
 
-from runtime.embedded_redis import EmbeddedRedis, free_tcp_port
-from runtime.local.cli import cache_root, token_path
-from runtime.local.gateway import GatewayConfig
-from runtime.processes import die_with_parent, stop_process_group
+from sllm_faas.common.processes import die_with_parent, stop_process_group
+from sllm_faas.runtime.embedded_redis import EmbeddedRedis, free_tcp_port
+from sllm_faas.runtime.local.cli import cache_root, token_path
+from sllm_faas.runtime.local.gateway import GatewayConfig
 
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 10.0
 STABLE_S = 30.0   # a part up this long has its backoff reset
@@ -123,7 +123,7 @@ class LocalCluster:
         else:
             self.redis_server = EmbeddedRedis(persistent=True)   # so a restart after a crash keeps the data
             self.redis_url = self.redis_server.start()
-        python = [sys.executable, "-m", "runtime.cli"]
+        python = [sys.executable, "-m", "sllm_faas"]
         controller_port = free_tcp_port()
         controller_url = f"http://127.0.0.1:{controller_port}"
         self.spawn("controller", python + ["controller", "--host", "127.0.0.1", "--port", str(controller_port),
@@ -150,9 +150,9 @@ class LocalCluster:
                                build_root=str(build_root), migration_token=self.migration_token,
                                cold_start_timeout_s=args.cold_start_timeout, pool_size=args.pool_size,
                                pool_nodes=tuple(nodes), max_held=args.max_held)
-        self.spawn("gateway", [sys.executable, "-m", "runtime.http_server", "--bind", f"127.0.0.1:{args.port}",
+        self.spawn("gateway", [sys.executable, "-m", "sllm_faas.common.http_server", "--bind", f"127.0.0.1:{args.port}",
                                "--workers", "1", "--threads", "64", "--timeout", "0",
-                               "--graceful-timeout", "20", "runtime.local.gateway:create_app()"],
+                               "--graceful-timeout", "20", "sllm_faas.runtime.local.gateway:create_app()"],
                    {"SLLM_GATEWAY_CONFIG": config.to_env()})
         self._wait_http(controller_url + "/healthz", "controller")
         self._wait_nodes(controller_url, list(nodes))

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from runtime.migration import faults
-from runtime.migration.protocol import (
+from sllm_faas.runtime.migration import faults
+from sllm_faas.runtime.migration.protocol import (
     ProtocolError,
     ndjson,
     numerics,
@@ -26,11 +26,11 @@ from runtime.migration.protocol import (
     require,
     token_list,
 )
-from runtime.migration.state import Migrations, MigrationStatus
-from runtime.model.engine import EngineStopped, Generation, NoFreeSlot, RequestTooLong
+from sllm_faas.runtime.migration.state import Migrations, MigrationStatus
+from sllm_faas.runtime.model.engine import EngineStopped, Generation, NoFreeSlot, RequestTooLong
 
 if TYPE_CHECKING:
-    from runtime.server.app import Runtime
+    from sllm_faas.runtime.server.app import Runtime
 
 KEEPALIVE_S = 1.0
 TOKEN_POLL_S = 0.02  # how soon tokens that produced no text yet are forwarded

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # importing sampling imports torch: the app registers these routes before torch is loaded
-    from runtime.model.params import SamplingParams
+    from sllm_faas.runtime.model.params import SamplingParams
 
 PREFIX = "/_/migration"
 MIGRATION_ID = re.compile(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?")  # a DNS label: also a valid Redis-schema id
@@ -91,7 +91,7 @@ def params_to_json(params: SamplingParams) -> dict[str, Any]:
 
 def params_from_json(raw: object) -> SamplingParams:
     """The sampling state of the request: with its seed, the destination draws the very same tokens."""
-    from runtime.model.params import SamplingParams
+    from sllm_faas.runtime.model.params import SamplingParams
 
     if not isinstance(raw, dict):
         raise ProtocolError(400, "'params' must be an object", "params")

@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from redis_schema.keys import Keys
+from sllm_faas.redis_schema.keys import Keys
 
 LIVE = ("pending", "started", "transferring")
 TERMINAL = ("completed", "aborted", "failed")

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 from flask import Flask, Response, jsonify, request
 
-from runtime.jsonbody import JsonError, request_object
-from runtime.migration.protocol import PREFIX, ProtocolError, check_migration_id
-from runtime.migration.state import Migrations
+from sllm_faas.common.jsonbody import JsonError, request_object
+from sllm_faas.runtime.migration.protocol import PREFIX, ProtocolError, check_migration_id
+from sllm_faas.runtime.migration.state import Migrations
 
 if TYPE_CHECKING:
-    from runtime.server.app import Runtime
+    from sllm_faas.runtime.server.app import Runtime
 
 
 def register_migration_routes(app: Flask, runtime: Runtime) -> Migrations:
@@ -33,7 +33,7 @@ def register_migration_routes(app: Flask, runtime: Runtime) -> Migrations:
 
     def destination():
         if "destination" not in roles:
-            from runtime.migration.destination import Destination
+            from sllm_faas.runtime.migration.destination import Destination
 
             roles["destination"] = Destination(runtime, migrations)
         return roles["destination"]
@@ -85,8 +85,8 @@ def register_migration_routes(app: Flask, runtime: Runtime) -> Migrations:
 
     @app.post("/_/requests/<request_id>/migrate")
     def migrate(request_id: str):
-        from runtime.migration.protocol import MigrateOptions
-        from runtime.migration.source import SourceMigration
+        from sllm_faas.runtime.migration.protocol import MigrateOptions
+        from sllm_faas.runtime.migration.source import SourceMigration
 
         raw = body()
         options = MigrateOptions.from_json(raw)

@@ -20,13 +20,20 @@ from typing import TYPE_CHECKING
 
 import requests
 
-from runtime.migration import faults
-from runtime.migration.protocol import PREFIX, MigrateOptions, auth_headers, error_text, numerics, params_to_json
-from runtime.migration.state import Migrations, MigrationStatus
-from runtime.model.engine import EngineStopped, Generation
+from sllm_faas.runtime.migration import faults
+from sllm_faas.runtime.migration.protocol import (
+    PREFIX,
+    MigrateOptions,
+    auth_headers,
+    error_text,
+    numerics,
+    params_to_json,
+)
+from sllm_faas.runtime.migration.state import Migrations, MigrationStatus
+from sllm_faas.runtime.model.engine import EngineStopped, Generation
 
 if TYPE_CHECKING:
-    from runtime.server.app import Runtime
+    from sllm_faas.runtime.server.app import Runtime
 
 log = logging.getLogger("sllm.migration")
 CONNECT_TIMEOUT_S = 3.0

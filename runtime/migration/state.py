@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runtime.server.app import Runtime
+    from sllm_faas.runtime.server.app import Runtime
 
 log = logging.getLogger("sllm.migration")
 
@@ -69,7 +69,7 @@ class Migrations:
         self.runtime = runtime
         self._by_id: dict[str, MigrationStatus] = {}
         self._lock = threading.Lock()
-        self._records = None  # runtime.migration.record.MigrationRecords, made on the first incident
+        self._records = None  # sllm_faas.runtime.migration.record.MigrationRecords, made on the first incident
         m = runtime.metrics
         self.migrations = m.counter("sllm_migrations_total", "Live migrations this instance took part in, by role "
                                     "and outcome.", ("role", "outcome"))
@@ -139,8 +139,8 @@ class Migrations:
             if self._records is None:
                 import redis
 
-                from redis_schema.keys import Keys
-                from runtime.migration.record import MigrationRecords
+                from sllm_faas.redis_schema.keys import Keys
+                from sllm_faas.runtime.migration.record import MigrationRecords
 
                 client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=2.0,
                                               socket_connect_timeout=2.0)

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from runtime.model.llama import LlamaDecoder
-from runtime.model.sampling import SamplingParams, next_token, process_logits, top_logprobs
-from runtime.model.tokenizer import Tokenizer
+from sllm_faas.runtime.model.llama import LlamaDecoder
+from sllm_faas.runtime.model.sampling import SamplingParams, next_token, process_logits, top_logprobs
+from sllm_faas.runtime.model.tokenizer import Tokenizer
 
 _ids = itertools.count(1)
 

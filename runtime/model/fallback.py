@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.model.families import DecoderConfig, UnsupportedModel
+from sllm_faas.runtime.model.families import DecoderConfig, UnsupportedModel
 
 
 class SlotCaches:
@@ -66,9 +66,9 @@ def build_model(directory: str | Path, state: dict[str, torch.Tensor]) -> tuple[
     try:
         config = DecoderConfig.from_dir(directory)
     except UnsupportedModel as exc:
-        from runtime.loader.hf_model import load_causal_lm
+        from sllm_faas.runtime.loader.hf_model import load_causal_lm
 
         return TransformersDecoder(load_causal_lm(directory, state=state)), f"transformers fallback ({exc})"
-    from runtime.model.llama import build_decoder
+    from sllm_faas.runtime.model.llama import build_decoder
 
     return build_decoder(config, state), f"native ({config.model_type})"

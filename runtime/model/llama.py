@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.model.families import SUPPORTED_MODEL_TYPES, DecoderConfig, Rope, UnsupportedModel
+from sllm_faas.runtime.model.families import SUPPORTED_MODEL_TYPES, DecoderConfig, Rope, UnsupportedModel
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "DecoderConfig", "KVCache", "LlamaDecoder", "UnsupportedModel", "build_decoder"]
 
@@ -132,7 +132,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     kernel on first touch, so a large cache does not pay a memset at start-up."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    from runtime.loader.direct import allocate_buffer
+    from sllm_faas.runtime.loader.direct import allocate_buffer
 
     nbytes = math.prod(shape) * dtype.itemsize
     return torch.frombuffer(allocate_buffer(nbytes), dtype=torch.uint8).view(dtype).view(shape)

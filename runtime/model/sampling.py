@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from runtime.model.params import SamplingParams
+from sllm_faas.runtime.model.params import SamplingParams
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, step) pairs over 64 bits
 

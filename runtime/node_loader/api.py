@@ -25,12 +25,12 @@ import socket
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from redis_schema import Keys
-from runtime import jsonbody
-from runtime.names import InvalidName
-from runtime.node_loader.config import LoaderConfig
-from runtime.node_loader.service import LoaderError, NodeLoader
-from runtime.server.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common import jsonbody
+from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common.names import InvalidName
+from sllm_faas.redis_schema import Keys
+from sllm_faas.runtime.node_loader.config import LoaderConfig
+from sllm_faas.runtime.node_loader.service import LoaderError, NodeLoader
 
 MAX_BODY_BYTES = 64 << 10
 log = logging.getLogger("sllm.loader")
@@ -74,7 +74,7 @@ def _on_unix_socket(environ: dict) -> bool:
 def create_app(loader: NodeLoader | None = None) -> Flask:
     """The app; without a loader, builds and starts one from $SLLM_LOADER_CONFIG (set by `sllm-faas loader`)."""
     if loader is None:
-        from runtime.node_loader.publisher import RedisPublisher
+        from sllm_faas.runtime.node_loader.publisher import RedisPublisher
 
         config = LoaderConfig.from_json(os.environ["SLLM_LOADER_CONFIG"])
         publisher = RedisPublisher(config.redis_url, config.node_id, config.tcp or config.socket_path,

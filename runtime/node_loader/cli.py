@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from runtime.node_loader import config as loader_config
+from sllm_faas.runtime.node_loader import config as loader_config
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
         os.unlink(config.socket_path)  # a previous run's socket; gunicorn refuses to bind over it
     binds = ["--bind", f"unix:{config.socket_path}"] + (["--bind", config.tcp] if config.tcp else [])
     os.environ["SLLM_LOADER_CONFIG"] = config.to_env()
-    from runtime.http_server import run as run_http
+    from sllm_faas.common.http_server import run as run_http
 
     # one worker: the loader's state (jobs, leases, GPU buffers) lives in that process
     run_http([*binds, "--workers", "1", "--threads", "16", "--timeout", "0", "--graceful-timeout", "10",
-              "--umask", "0o007", "runtime.node_loader.api:create_app()"])
+              "--umask", "0o007", "sllm_faas.runtime.node_loader.api:create_app()"])
     return 0

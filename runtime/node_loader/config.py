@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from redis_schema.keys import validate_node_id
+from sllm_faas.redis_schema.keys import validate_node_id
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _convert(name: str, value: Any) -> Any:
     if value is None:
         return None
     if name in _SIZES:
-        from runtime.checkpoint.cli import parse_size
+        from sllm_faas.runtime.checkpoint.cli import parse_size
 
         return value if isinstance(value, int) else parse_size(str(value))
     if name in _FLOATS:
@@ -136,7 +136,7 @@ def cgroup_memory_limit(cgroup_root: str | os.PathLike, proc_cgroup: str = "/pro
 def check_dram_budget(config: LoaderConfig) -> None:
     """tmpfs pages are charged to the writer's cgroup: a DRAM tier on tmpfs bigger than this process's memory
     limit gets the loader OOM-killed while staging; refuse to start instead (ValueError naming both numbers)."""
-    from runtime.loader.tiers import on_memory_filesystem
+    from sllm_faas.runtime.loader.tiers import on_memory_filesystem
 
     Path(config.dram_dir).mkdir(parents=True, exist_ok=True)
     if not on_memory_filesystem(config.dram_dir):

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoint.format import read_manifest
-from runtime.node_loader.tiers import BudgetError
+from sllm_faas.runtime.checkpoint.format import read_manifest
+from sllm_faas.runtime.node_loader.tiers import BudgetError
 
 
 class GpuTier:
@@ -33,7 +33,7 @@ class GpuTier:
 
     def upload(self, model: str, directory: Path, pinned: Callable[[str], bool],
                evict: Callable[[str, str], None]) -> None:
-        from runtime.loader.gpu import load_to_gpu
+        from sllm_faas.runtime.loader.gpu import load_to_gpu
 
         manifest = read_manifest(directory)
         size = manifest.total_bytes
@@ -48,7 +48,7 @@ class GpuTier:
             self._models[model] = (buffers, size)
 
     def describe(self, model: str) -> dict[str, Any]:
-        from runtime.loader.gpu import export_ipc
+        from sllm_faas.runtime.loader.gpu import export_ipc
 
         with self._lock:
             buffers, _ = self._models[model]

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime import jsonbody
+from sllm_faas.common import jsonbody
 
 log = logging.getLogger("sllm.loader")
 MAX_LEASE_FILE_BYTES = 16 << 20
@@ -51,7 +51,7 @@ class Leases:
     @staticmethod
     def _load(path: Path) -> dict[str, Lease]:
         """The leases saved by an earlier run; a file that cannot be read is logged and ignored."""
-        from runtime.checkpoint.format import CheckpointError, read_regular
+        from sllm_faas.runtime.checkpoint.format import CheckpointError, read_regular
 
         try:
             doc = jsonbody.loads(read_regular(path, MAX_LEASE_FILE_BYTES, "leases"), str(path))

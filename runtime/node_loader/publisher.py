@@ -15,8 +15,8 @@ from typing import Any
 
 import redis
 
-from redis_schema.keys import EVENTS_MAXLEN, SCHEMA_VERSION, Keys
-from runtime.checkpoint.format import CheckpointError, read_manifest
+from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, SCHEMA_VERSION, Keys
+from sllm_faas.runtime.checkpoint.format import CheckpointError, read_manifest
 
 log = logging.getLogger("sllm.loader")
 
@@ -34,7 +34,7 @@ class RedisPublisher:
 
     def _gpu_inventory(self) -> list[dict[str, Any]]:
         if self._gpus is None:
-            from runtime.doctor import check_gpus_nvml
+            from sllm_faas.runtime.doctor import check_gpus_nvml
 
             self._gpus = check_gpus_nvml().details.get("gpus", [])
         return self._gpus

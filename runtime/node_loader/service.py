@@ -17,15 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, Manifest, parse_manifest
-from runtime.checkpoint.verify import sha256_file
-from runtime.names import validate_model_name
-from runtime.node_loader.bandwidth import Bandwidths, probe_write_read
-from runtime.node_loader.config import LoaderConfig
-from runtime.node_loader.jobs import TIER_ORDER, StageJob, faster_or_equal
-from runtime.node_loader.leases import Lease, Leases
-from runtime.node_loader.store import StoreError, copy_file, open_store
-from runtime.node_loader.tiers import BudgetError, Tier
+from sllm_faas.common.names import validate_model_name
+from sllm_faas.runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, Manifest, parse_manifest
+from sllm_faas.runtime.checkpoint.verify import sha256_file
+from sllm_faas.runtime.node_loader.bandwidth import Bandwidths, probe_write_read
+from sllm_faas.runtime.node_loader.config import LoaderConfig
+from sllm_faas.runtime.node_loader.jobs import TIER_ORDER, StageJob, faster_or_equal
+from sllm_faas.runtime.node_loader.leases import Lease, Leases
+from sllm_faas.runtime.node_loader.store import StoreError, copy_file, open_store
+from sllm_faas.runtime.node_loader.tiers import BudgetError, Tier
 
 log = logging.getLogger("sllm.loader")
 STAGEABLE = ("ssd", "dram", "gpu")
@@ -50,7 +50,7 @@ class NodeLoader:
                       "dram": Tier("dram", config.dram_dir, config.dram_budget, self._decisions)}
         self.gpu = None
         if config.gpu_budget:
-            from runtime.node_loader.gpu_tier import GpuTier
+            from sllm_faas.runtime.node_loader.gpu_tier import GpuTier
 
             self.gpu = GpuTier(config.gpu_budget)
         self.leases = Leases(path=Path(config.ssd_dir) / LEASES_FILE)

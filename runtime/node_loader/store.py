@@ -22,9 +22,15 @@ from typing import Protocol
 import requests
 import urllib3
 
-from runtime.checkpoint.format import MANIFEST_NAME, MAX_MANIFEST_BYTES, CheckpointError, open_regular, read_regular
-from runtime.loader.direct import allocate_buffer, open_for_reading
-from runtime.names import validate_model_name
+from sllm_faas.common.names import validate_model_name
+from sllm_faas.runtime.checkpoint.format import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    CheckpointError,
+    open_regular,
+    read_regular,
+)
+from sllm_faas.runtime.loader.direct import allocate_buffer, open_for_reading
 
 Progress = Callable[[int], None]  # called with bytes just written
 DEFAULT_TRANSFER_TIMEOUT_S = 3600.0  # overall deadline of one manifest read or one file download

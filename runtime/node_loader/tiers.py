@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.checkpoint.format import CheckpointError, read_manifest
+from sllm_faas.runtime.checkpoint.format import CheckpointError, read_manifest
 
 
 class BudgetError(RuntimeError):

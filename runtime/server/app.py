@@ -1,6 +1,6 @@
 """The function runtime's HTTP app: OpenAI-compatible API, OpenFaaS invoke, health, readiness, metrics.
 
-    gunicorn -c python:runtime.server.gunicorn_conf 'runtime.server.app:create_app()'
+    gunicorn -c python:sllm_faas.runtime.server.gunicorn_conf 'sllm_faas.runtime.server.app:create_app()'
 
 The app answers /_/health at once; the model loads in a background thread (the cold start) and
 /_/ready turns 200 only after a warm-up forward pass.
@@ -25,13 +25,13 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, NotFound
 
-from runtime.http_server import Admission
-from runtime.jsonbody import JsonError, loads_object, request_object
-from runtime.migration.routes import register_migration_routes
-from runtime.server import openai_api as api
-from runtime.server.metrics import CONTENT_TYPE, Metrics, RuntimeMetrics
-from runtime.server.settings import Settings
-from runtime.server.startup import LoadedModel, process_start_time, start_model
+from sllm_faas.common.http_server import Admission
+from sllm_faas.common.jsonbody import JsonError, loads_object, request_object
+from sllm_faas.common.metrics import CONTENT_TYPE, Metrics, RuntimeMetrics
+from sllm_faas.runtime.migration.routes import register_migration_routes
+from sllm_faas.runtime.server import openai_api as api
+from sllm_faas.runtime.server.settings import Settings
+from sllm_faas.runtime.server.startup import LoadedModel, process_start_time, start_model
 
 log = logging.getLogger("sllm.runtime")
 Handler = Callable[[Any, Any], Any]
@@ -40,7 +40,7 @@ Handler = Callable[[Any, Any], Any]
 class FunctionEvent:
     """What an OpenFaaS python3-http handler receives as `event`, as upstream builds it
     (openfaas/python-flask-template, template/python3-http/index.py): `body` is the raw bytes; handlers
-    parse JSON with runtime.jsonbody (its JsonError becomes a 400 here)."""
+    parse JSON with sllm_faas.common.jsonbody (its JsonError becomes a 400 here)."""
 
     def __init__(self) -> None:
         self.body = request.get_data()
@@ -89,7 +89,7 @@ class Runtime:
     def start(self, process_started: float) -> None:
         atexit.register(self.release)
         if self.settings.redis_url:
-            from runtime.server.registration import InstanceRegistration
+            from sllm_faas.runtime.server.registration import InstanceRegistration
 
             self.registration = InstanceRegistration(self.settings, self.describe).start()
 
@@ -154,7 +154,7 @@ class Runtime:
         api.check_fields(body, api.CHAT_FIELDS)
         messages = api.parse_messages(body)
         template = api.parse_template_options(body, loaded.tokenizer.template_uses)
-        from runtime.model.tokenizer import TemplateError
+        from sllm_faas.runtime.model.tokenizer import TemplateError
 
         try:
             prompt_ids = loaded.tokenizer.encode_chat(messages, **template)
@@ -439,7 +439,7 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         if "messages" in body:
             api.check_fields(body, {"model", "messages", "add_special_tokens", "tools", "tool_choice", "documents",
                                     "add_generation_prompt", "chat_template_kwargs", "return_token_strs"})
-            from runtime.model.tokenizer import TemplateError
+            from sllm_faas.runtime.model.tokenizer import TemplateError
 
             try:
                 tokens = loaded.tokenizer.encode_chat(api.parse_messages(body), **api.parse_template_options(

@@ -1,4 +1,4 @@
-"""gunicorn settings for the function runtime (`gunicorn -c python:runtime.server.gunicorn_conf`).
+"""gunicorn settings for the function runtime (`gunicorn -c python:sllm_faas.runtime.server.gunicorn_conf`).
 
 One worker process holds the model; its threads serve concurrent requests and SSE streams while
 the engine thread batches their generation. Every value can be overridden by gunicorn's own
@@ -7,7 +7,7 @@ GUNICORN_CMD_ARGS or flags.
 
 import os
 
-from runtime.server.settings import Settings
+from sllm_faas.runtime.server.settings import Settings
 
 # Loaded by the master before it forks: the worker times its cold start from the master's creation.
 os.environ.setdefault("SLLM_SPAWN_PID", str(os.getpid()))
@@ -15,7 +15,7 @@ os.environ.setdefault("SLLM_SPAWN_PID", str(os.getpid()))
 settings = Settings.from_env()   # `sllm-faas serve` exported its flags into the environment
 bind = f"{settings.host}:{settings.port}"
 workers = 1
-worker_class = "runtime.http_server.Worker"  # gthread that slow clients cannot exhaust
+worker_class = "sllm_faas.common.http_server.Worker"  # gthread that slow clients cannot exhaust
 threads = settings.http_threads  # the app admits threads - SLLM_HTTP_RESERVED_THREADS generations
 timeout = settings.worker_timeout  # long streams must not be killed as hung workers
 graceful_timeout = 30

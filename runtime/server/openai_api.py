@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.model.params import SamplingParams
+from sllm_faas.runtime.model.params import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs; OpenAI's top_logprobs limit too

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import redis
 
-from redis_schema.keys import Keys, validate_id, validate_node_id
+from sllm_faas.redis_schema.keys import Keys, validate_id, validate_node_id
 
 log = logging.getLogger("sllm.runtime")
 

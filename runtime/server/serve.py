@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from runtime.server.settings import BY_NAME, OPTIONS, Settings, SettingsError
+from sllm_faas.runtime.server.settings import BY_NAME, OPTIONS, Settings, SettingsError
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
             metavar = "{" + ",".join(option.choices) + "}" if option.choices else \
                 {"int": "N", "template": "FILE"}.get(option.kind, option.flag.lstrip("-").upper().replace("-", "_"))
             parser.add_argument(option.flag, dest=option.name, default=None, metavar=metavar, help=text)
-    parser.add_argument("--app", default="runtime.server.app:create_app()",
+    parser.add_argument("--app", default="sllm_faas.runtime.server.app:create_app()",
                         help="WSGI app to serve (the OpenFaaS template passes its own, with the user's handler)")
 
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ[BY_NAME[name].env] = raw
     os.environ["SLLM_SPAWN_PID"] = str(os.getpid())
     # gunicorn runs in this process: no second interpreter start on the cold-start path
-    from runtime.http_server import run as run_http
+    from sllm_faas.common.http_server import run as run_http
 
-    run_http(["--config", "python:runtime.server.gunicorn_conf", args.app])
+    run_http(["--config", "python:sllm_faas.runtime.server.gunicorn_conf", args.app])
     return 0

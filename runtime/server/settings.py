@@ -139,7 +139,7 @@ def parse(option: Option, raw: str, source: str) -> Any:
     if option.choices and raw not in option.choices:
         raise refuse(f"not one of {', '.join(option.choices)}")
     if option.kind == "template":
-        from runtime.model.tokenizer import check_template
+        from sllm_faas.runtime.model.tokenizer import check_template
 
         try:
             check_template(open(raw).read())   # noqa: SIM115 - read at once

@@ -15,8 +15,8 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runtime.checkpoint.format import MANIFEST_NAME, CheckpointError
-from runtime.names import validate_model_name
+from sllm_faas.common.names import validate_model_name
+from sllm_faas.runtime.checkpoint.format import MANIFEST_NAME, CheckpointError
 
 log = logging.getLogger("sllm.runtime")
 
@@ -73,18 +73,18 @@ def resolve_model_dir(model: str, model_store: str) -> Path:
 
 @dataclass
 class LoadedModel:
-    engine: object  # runtime.model.engine.Engine (imported lazily: torch is part of the timed cold start)
+    engine: object  # sllm_faas.runtime.model.engine.Engine (imported lazily: torch is part of the timed cold start)
     tokenizer: object
     name: str
     directory: Path
     cold_start: ColdStart
-    lease: object = None  # runtime.node_loader.client.LeaseKeeper while a node loader pins the model
+    lease: object = None  # sllm_faas.runtime.node_loader.client.LeaseKeeper while a node loader pins the model
 
 
 def stage_with_loader(settings) -> tuple[Path, str, object]:
     """Ask the node loader to bring the model to the fast tier and pin it; returns (path, tier it came
     from, lease keeper). The model must then be given by name, not by path."""
-    from runtime.node_loader.client import LeaseKeeper, LoaderClient
+    from sllm_faas.runtime.node_loader.client import LeaseKeeper, LoaderClient
 
     name = validate_model_name(settings.model)
     client = LoaderClient(settings.loader_socket)
@@ -102,10 +102,10 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
 
     import torch
 
-    from runtime.loader import load, source_tier
-    from runtime.model.engine import Engine
-    from runtime.model.fallback import build_model
-    from runtime.model.tokenizer import Tokenizer
+    from sllm_faas.runtime.loader import load, source_tier
+    from sllm_faas.runtime.model.engine import Engine
+    from sllm_faas.runtime.model.fallback import build_model
+    from sllm_faas.runtime.model.tokenizer import Tokenizer
 
     torch.set_num_threads(settings.torch_threads)
     report = ColdStart()

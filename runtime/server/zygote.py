@@ -1,6 +1,6 @@
 """Pre-warmed generic runtimes: the processes of a node's pool (runtime/local/pool.py is the gateway's side).
 
-    python -m runtime.server.zygote --dir POOL_DIR --reaper PID
+    python -m sllm_faas.runtime.server.zygote --dir POOL_DIR --reaper PID
 
 The zygote imports torch and the runtime once and warms what can be warmed without a model, on one thread
 (no OpenMP pool exists before a fork). Then it reads commands on stdin, one per line:
@@ -49,15 +49,15 @@ def warm(cuda: bool) -> None:
     import torch
     import torch.nn.functional as F  # noqa: N812
 
-    import runtime.http_server  # noqa: F401
-    import runtime.loader  # noqa: F401
-    import runtime.model.engine  # noqa: F401
-    import runtime.model.fallback  # noqa: F401
-    import runtime.model.llama  # noqa: F401
-    import runtime.model.tokenizer  # noqa: F401
-    import runtime.node_loader.client  # noqa: F401
-    import runtime.server.app  # noqa: F401
-    import runtime.server.registration  # noqa: F401
+    import sllm_faas.common.http_server  # noqa: F401
+    import sllm_faas.runtime.loader  # noqa: F401
+    import sllm_faas.runtime.model.engine  # noqa: F401
+    import sllm_faas.runtime.model.fallback  # noqa: F401
+    import sllm_faas.runtime.model.llama  # noqa: F401
+    import sllm_faas.runtime.model.tokenizer  # noqa: F401
+    import sllm_faas.runtime.node_loader.client  # noqa: F401
+    import sllm_faas.runtime.server.app  # noqa: F401
+    import sllm_faas.runtime.server.registration  # noqa: F401
 
     torch.set_num_threads(1)
     device = "cuda" if cuda else "cpu"
@@ -149,7 +149,7 @@ def become_instance(assignment: dict) -> None:
 
 
 def serve_in_process(app: str) -> None:
-    """The runtime's gunicorn worker (runtime.http_server.Worker, the runtime's gunicorn settings) run in this
+    """The runtime's gunicorn worker (sllm_faas.common.http_server.Worker, the runtime's gunicorn settings) run in this
     process: what gunicorn's arbiter does in a freshly forked worker, without the arbiter and its fork. The
     worker exits when its parent (the gateway) changes, on SIGTERM (gracefully) or SIGQUIT/SIGINT."""
     import atexit
@@ -157,9 +157,10 @@ def serve_in_process(app: str) -> None:
     from gunicorn import sock
     from gunicorn.app.wsgiapp import WSGIApplication
 
-    from runtime.http_server import WORKER_CLASS
+    from sllm_faas.common.http_server import WORKER_CLASS
 
-    sys.argv = ["gunicorn", "--config", "python:runtime.server.gunicorn_conf", "--worker-class", WORKER_CLASS, app]
+    sys.argv = ["gunicorn", "--config", "python:sllm_faas.runtime.server.gunicorn_conf", "--worker-class", WORKER_CLASS,
+                app]
     application = WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]")
     cfg = application.cfg
     logger = cfg.logger_class(cfg)
@@ -195,8 +196,8 @@ def member(path: Path, reaper: int, exec_cuda: bool) -> int:
             os.dup2(null, 1)   # the zygote's command pipes are not ours
             os.close(null)
             if exec_cuda:
-                os.execv(sys.executable, [sys.executable, "-m", "runtime.server.zygote", "--member", str(path),
-                                          "--reaper", str(reaper)])
+                os.execv(sys.executable, [sys.executable, "-m", "sllm_faas.runtime.server.zygote",
+                                          "--member", str(path), "--reaper", str(reaper)])
             random.seed()   # the zygote's random state must not be shared by its members
             become_instance(wait_assignment(path))
         except BaseException:

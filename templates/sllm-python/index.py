@@ -2,6 +2,6 @@
 
 from function import handler
 
-from runtime.server.app import create_app
+from sllm_faas.runtime.server.app import create_app
 
 app = create_app(handler=handler.handle)

@@ -24,7 +24,7 @@ import redis
 import requests
 from process_group import stop_group
 
-from runtime.node_loader.client import LoaderClient
+from sllm_faas.runtime.node_loader.client import LoaderClient
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "fault-suite-token"
@@ -34,7 +34,7 @@ MODEL = "tiny"
 # -- the CLI's current surface (other work adds auth flags; use what exists) -------------------------------
 @functools.cache
 def cli_flags(verb: str) -> frozenset[str]:
-    out = subprocess.run([sys.executable, "-m", "runtime.cli", verb, "--help"], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "sllm_faas", verb, "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return frozenset(re.findall(r"--[a-z0-9][a-z0-9-]*", out.stdout))
@@ -65,7 +65,7 @@ def make_model(store: Path, name: str, kib: int, seed: int = 0) -> int:
     """A real checkpoint (runtime/checkpoint/writer.py) in the store; returns its size in bytes."""
     import torch
 
-    from runtime.checkpoint import save_state_dict
+    from sllm_faas.runtime.checkpoint import save_state_dict
 
     generator = torch.Generator().manual_seed(seed)
     manifest = save_state_dict({"w": torch.randn(kib * 256, generator=generator), "b": torch.arange(8)},
@@ -160,7 +160,7 @@ def redis_server(root: Path, host: str, port: int, netns: str | None = None, per
 
 def controller(root: Path, redis_url: str, prefix: str, host: str, port: int, netns: str | None = None,
                workers: int = 1, booking_ttl_s: float = 6.0, probe_host: str | None = None) -> Proc:
-    argv = [sys.executable, "-m", "runtime.cli", "controller", "--host", host, "--port", str(port),
+    argv = [sys.executable, "-m", "sllm_faas", "controller", "--host", host, "--port", str(port),
             "--redis-url", redis_url, "--key-prefix", prefix, "--workers", str(workers),
             "--snapshot-max-age-s", "0.2", "--booking-ttl-s", str(booking_ttl_s), *auth_args("controller")]
     proc = Proc(f"controller-{port}", argv, root / f"controller-{port}.log", netns).start()
@@ -185,7 +185,7 @@ def loader(root: Path, node: str, remote: str, redis_url: str, prefix: str, netn
     """A node loader on a Unix socket (reachable from every network namespace: it is a file)."""
     root.mkdir(parents=True, exist_ok=True)
     socket_path = str(root / "loader.sock")
-    argv = [sys.executable, "-m", "runtime.cli", "loader", "--node-id", node, "--remote", remote,
+    argv = [sys.executable, "-m", "sllm_faas", "loader", "--node-id", node, "--remote", remote,
             "--ssd-dir", str(ssd_dir or root / "ssd"), "--dram-dir", str(root / "dram"), "--ssd-budget", "1GiB",
             "--dram-budget", "256MiB", "--redis-url", redis_url, "--key-prefix", prefix, "--socket-path",
             socket_path, "--heartbeat-s", "0.2", "--heartbeat-ttl-s", "2", "--probe-bytes", "1MiB",

@@ -41,7 +41,7 @@ from fault_plane import (
     wait_until,
 )
 
-from runtime.embedded_redis import free_tcp_port
+from sllm_faas.runtime.embedded_redis import free_tcp_port
 
 PREFIX = "sllm:"
 SLOTS = {"node-a": 2, "node-b": 2}

@@ -4,7 +4,7 @@ One chat turn, greedy. The example's weights are random (examples/qwen3/README.m
 gibberish; the OpenAI-compatible API stays available beside it at /v1/... (see templates/sllm-python).
 """
 
-from runtime.jsonbody import loads_object
+from sllm_faas.common.jsonbody import loads_object
 
 
 def handle(event, context):

@@ -6,7 +6,7 @@ OpenAI-compatible API stays available beside it at /v1/... (see templates/sllm-p
 or a bad `max_tokens`, is a 400 naming the problem.
 """
 
-from runtime.jsonbody import loads_object
+from sllm_faas.common.jsonbody import loads_object
 
 
 def handle(event, context):

@@ -7,7 +7,7 @@ context: .hostname, and .llm: .chat(body) / .complete(body) run the model with a
 Return {"statusCode": int, "body": dict | str, "headers": dict}.
 """
 
-from runtime.jsonbody import loads_object
+from sllm_faas.common.jsonbody import loads_object
 
 
 def handle(event, context):

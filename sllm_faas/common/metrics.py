@@ -1,7 +1,7 @@
 """Prometheus metrics of every service (runtime, controller, node loader, gateway), through prometheus_client.
 
 Each service builds one `Metrics` and declares its counters, gauges and histograms on it. Our launcher
-(`runtime.http_server.run`) gives every server start a fresh private PROMETHEUS_MULTIPROC_DIR, so the values
+(`sllm_faas.common.http_server.run`) gives every server start a fresh private PROMETHEUS_MULTIPROC_DIR, so the values
 live in prometheus_client's multiprocess files: a scrape answered by any gunicorn worker sums all of them
 (the controller runs 2), and counters keep the counts of a worker that died (never going down). Without that
 variable (an app built in-process, as in tests) the values live in this process only.

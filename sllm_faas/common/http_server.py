@@ -20,7 +20,7 @@ would wake it again at once. They are given back to gunicorn's parser before it 
 TLS connections (the controller with --tls-cert) are handed over at once: their bytes are encrypted
 until the handshake, which happens in the thread; the socket timeout still bounds each read there.
 
-`run` is the launcher every service uses (serve, loader, controller, and `python -m runtime.http_server`
+`run` is the launcher every service uses (serve, loader, controller, and `python -m sllm_faas.common.http_server`
 for the local gateway); each keeps its own binds, workers and threads. `Admission` is WSGI middleware that
 answers requests beyond a limit at once with 503 and Retry-After instead of queueing them for a thread.
 """
@@ -40,7 +40,7 @@ from typing import Any
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-WORKER_CLASS = "runtime.http_server.Worker"
+WORKER_CLASS = "sllm_faas.common.http_server.Worker"
 HEAD_LIMIT = 64 * 1024  # bytes of request line + headers; gunicorn's own limits are 8190 per line, 100 fields
 HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Type: text/plain\r\n"
                   b"Content-Length: 30\r\n\r\nrequest head over 65536 bytes\n")
@@ -246,7 +246,7 @@ def run(argv: list[str]) -> None:
 
     Every start gets a fresh private PROMETHEUS_MULTIPROC_DIR (mode 0700, removed when the server exits), set
     before any worker imports prometheus_client, so that /metrics sums every worker's values
-    (runtime/server/metrics.py). It replaces an inherited one: the gateway's instances must not share its dir.
+    (sllm_faas/common/metrics.py). It replaces an inherited one: the gateway's instances must not share its dir.
     """
     import atexit
     import shutil
@@ -273,5 +273,5 @@ def run(argv: list[str]) -> None:
     Application("%(prog)s [OPTIONS] [APP_MODULE]").run()
 
 
-if __name__ == "__main__":  # `python -m runtime.http_server ARGS`: what `sllm-faas up` spawns for its gateway
+if __name__ == "__main__":  # `python -m sllm_faas.common.http_server ARGS`: what `sllm-faas up` spawns for its gateway
     run(sys.argv[1:])
