@@ -46,7 +46,7 @@ from common import (  # noqa: E402
     read_text,
 )
 
-from sllm_faas.runtime.checkpoint.cli import parse_size  # noqa: E402
+from sllm_faas.common.units import parse_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"

@@ -44,7 +44,7 @@ from common import (  # noqa: E402
 )
 from loader_daemon import LoaderDaemon  # noqa: E402
 
-from sllm_faas.runtime.checkpoint.cli import parse_size  # noqa: E402
+from sllm_faas.common.units import parse_size  # noqa: E402
 from sllm_faas.runtime.loader.direct import allocate_buffer  # noqa: E402
 from sllm_faas.runtime.loader.policy import MADV_POPULATE_WRITE  # noqa: E402
 

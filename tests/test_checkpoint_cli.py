@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from sllm_faas.common.units import parse_size
 from sllm_faas.runtime.checkpoint import read_manifest
-from sllm_faas.runtime.checkpoint.cli import parse_size
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

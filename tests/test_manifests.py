@@ -132,7 +132,7 @@ LOADER_OVERHEAD = 2**30  # the loader process itself (Python, torch imported for
 def test_loader_daemonset_memory_covers_the_dram_tier_and_survives_on_gpu_nodes():
     """tmpfs pages are charged to the cgroup that wrote them (cgroup v2): the loader's limit must hold its DRAM
     budget, or the kernel OOM-kills it as the tier fills."""
-    from sllm_faas.runtime.checkpoint.cli import parse_size
+    from sllm_faas.common.units import parse_size
 
     path = ROOT / "examples" / "smollm2" / "loader-daemonset.yaml"
     pod = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]

@@ -13,25 +13,28 @@ from pathlib import Path
 import pytest
 import requests
 
+from sllm_faas.common.settings import specs
 from sllm_faas.runtime.cli import main
 from sllm_faas.runtime.embedded_redis import free_tcp_port
-from sllm_faas.runtime.server.settings import OPTIONS, Settings
+from sllm_faas.runtime.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_setting_has_one_option_and_serve_help_lists_its_flag_and_env():
-    assert {f.name for f in dataclasses.fields(Settings)} == {o.name for o in OPTIONS}
-    assert len({o.flag for o in OPTIONS}) == len({o.env for o in OPTIONS}) == len(OPTIONS)
+    options = [spec for _, spec in specs(Settings)]
+    assert len(options) == len(dataclasses.fields(Settings))
+    assert len({o.flag for o in options}) == len({o.env for o in options}) == len(options)
     help_text = subprocess.run([sys.executable, "-m", "sllm_faas", "serve", "--help"], capture_output=True,
                                text=True, check=True, env={**os.environ, "COLUMNS": "400"}).stdout
-    for option in OPTIONS:
+    for option in options:
         assert option.flag in help_text and f"env {option.env};" in help_text, option
 
 
 def test_readme_documents_every_serve_flag_and_env_variable():
     readme = (ROOT / "README.md").read_text()
-    missing = [o.flag for o in OPTIONS if o.flag not in readme] + [o.env for o in OPTIONS if f"`{o.env}`" not in readme]
+    options = [spec for _, spec in specs(Settings)]
+    missing = [o.flag for o in options if o.flag not in readme] + [o.env for o in options if f"`{o.env}`" not in readme]
     assert not missing, f"README.md does not mention {missing}"
 
 
@@ -51,7 +54,7 @@ def test_readme_documents_every_serve_flag_and_env_variable():
                                                       "--chat-template): not a usable chat template: [Errno 2]"),
 ])
 def test_a_refused_value_names_the_flag_its_source_and_the_value(argv, env, expected, monkeypatch, capsys):
-    for option in OPTIONS:
+    for _, option in specs(Settings):
         monkeypatch.delenv(option.env, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import Counter
 
+from sllm_faas.common.settings import argument_type
+from sllm_faas.common.units import parse_size
 from sllm_faas.runtime.checkpoint.format import CheckpointError, read_manifest
-
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
-          "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'512MiB', '1GiB', '1.5GB' or a plain byte count."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512MiB, 2GiB or 1048576")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def human(nbytes: float) -> str:
@@ -38,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
         parser.add_argument("dst", help="the checkpoint directory to create")
         parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                             help="cast floating-point tensors (default: keep each tensor's dtype)")
-        parser.add_argument("--partition-size", type=parse_size, default=DEFAULT_PARTITION_SIZE,
+        parser.add_argument("--partition-size", type=argument_type(parse_size), default=DEFAULT_PARTITION_SIZE,
                             help="target bytes per partition file, e.g. 512MiB (default: 1GiB)")
         parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
         parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

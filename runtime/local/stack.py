@@ -7,28 +7,17 @@ Errors name the file, the function and the field.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from sllm_faas.common.units import parse_duration
 from sllm_faas.redis_schema.keys import validate_id
-
-DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class StackError(ValueError):
     pass
-
-
-def parse_duration(text: str) -> float:
-    """Go durations as OpenFaaS labels use them ("30s", "10m", "1h30m"), in seconds."""
-    parts = DURATION.findall(text)
-    if not parts or "".join(a + b for a, b in parts) != text:
-        raise ValueError(f"{text!r} is not a duration like 30s, 10m or 1h")
-    return sum(float(amount) * UNITS[unit] for amount, unit in parts)
 
 
 @dataclass(frozen=True)
