@@ -34,6 +34,7 @@ import math
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 TIERS = ("gpu", "dram", "ssd", "remote")  # fastest first
 
@@ -164,6 +165,8 @@ class Decision:
     wait_s: float = 0.0
     feasible: bool = True          # False: no free slot and no migration frees one (an unknown bandwidth
                                    # makes the estimate infinite but the node stays feasible)
+    price_s: float = 0.0           # a migration's destination GPU time, in seconds of delay (move x (1 + pending)):
+                                   # decisions rank on estimate + price, so a migration must beat every other way by it
 
     def plan(self) -> dict:
         action = "migrate_then_load" if self.migrate else "wait_then_load" if self.wait_for else "load"
@@ -296,7 +299,7 @@ def shortlist(snapshot: Snapshot, model_name: str) -> list[Decision]:
 
 
 def _order(decision: Decision) -> tuple:
-    return not decision.feasible, decision.estimate_s, decision.node
+    return not decision.feasible, decision.estimate_s + decision.price_s, decision.node
 
 
 def _decide(snapshot: Snapshot, node: NodeInfo, model: ModelInfo) -> Decision:
@@ -316,17 +319,17 @@ def _free_gpus(snapshot: Snapshot, node: NodeInfo, model: ModelInfo, tier: str, 
     """On a node without room: load once the soonest wait or migration has freed the GPUs."""
     best = snapshot.migration_options.cheapest(node.id, model.gpus - max(0, node.free_slots))
     if best is not None:  # options may be carried over from the last full read: check them against now
-        target = snapshot.node_by_id.get(best[2]) if best[2] else None
-        if not snapshot.migrating.isdisjoint(best[1]) or (best[2] and (target is None
-                                                          or target.free_slots < snapshot.models[best[3]].gpus)):
+        target = snapshot.node_by_id.get(best.target) if best.target else None
+        if not snapshot.migrating.isdisjoint(best.instances) or (
+                best.target and (target is None or target.free_slots < snapshot.models[best.model].gpus)):
             best = None
     if best is None:
         return Decision(node.id, math.inf, tier, load_s, feasible=False)
-    cost, instances, target, _ = best
+    cost, instances, target, _, price = best
     total = load_time(node, model, snapshot.fallback_bandwidths, cost)[0]
     if target is None:
         return Decision(node.id, total, tier, load_s, wait_for=instances, wait_s=cost)
-    return Decision(node.id, total, tier, load_s, instances[0], target, cost)
+    return Decision(node.id, total, tier, load_s, instances[0], target, cost, price_s=price)
 
 
 class _Frontier:
@@ -376,7 +379,17 @@ class _ShortlistIndex:
                                        fallback)
         moves = snapshot.migration_options
         full = [(n, moves.cheapest(n.id, gpus - max(0, n.free_slots))) for n in snapshot.nodes if n.free_slots < gpus]
-        self.full_frontier = _Frontier([(max(n.queue_wait_s, best[0]), n) for n, best in full if best], fallback)
+        self.full_frontier = _Frontier([(max(n.queue_wait_s, best.seconds) + best.price, n) for n, best in full
+                                        if best], fallback)
+
+
+class FreeingOption(NamedTuple):
+    """One way to free GPUs on a node: wait for instances to end, or move one of them to `target`."""
+    seconds: float                 # until the GPUs are free
+    instances: tuple[str, ...]     # the instances waited for, or the one moved
+    target: str | None             # migration destination; None: wait
+    model: str                     # the (last) instance's model
+    price: float                   # a migration's destination GPU time in seconds of delay (0 for a wait)
 
 
 class _MigrationOptions:
@@ -388,7 +401,7 @@ class _MigrationOptions:
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot, self.fallback = snapshot, snapshot.fallback_bandwidths
         self._destinations: dict[str, list[tuple[float, str]]] = {}
-        self._cheapest: dict[tuple[str, int], tuple[float, str, str | None, str] | None] = {}
+        self._cheapest: dict[tuple[str, int], FreeingOption | None] = {}
 
     def _best_destination(self, model_name: str, source: str) -> tuple[float, str] | None:
         """(load time, node) of the best node other than `source` with room for the model."""
@@ -402,15 +415,14 @@ class _MigrationOptions:
                 (load_time(n, model, self.fallback)[0], n.id) for n in candidates.values())[:2]
         return next((d for d in self._destinations[model_name] if d[1] != source), None)
 
-    def cheapest(self, node_id: str, need: int) -> tuple[float, tuple[str, ...], str | None, str] | None:
-        """(seconds until the GPUs are free, the instances, migration destination or None to wait, the moved
-        instance's model)."""
+    def cheapest(self, node_id: str, need: int) -> FreeingOption | None:
+        """The option with the lowest seconds + price."""
         key = (node_id, need)
         if key not in self._cheapest:
             self._cheapest[key] = self._compute_cheapest(node_id, need)
         return self._cheapest[key]
 
-    def _compute_cheapest(self, node_id: str, need: int) -> tuple[float, tuple[str, ...], str | None, str] | None:
+    def _compute_cheapest(self, node_id: str, need: int) -> FreeingOption | None:
         options, models = [], self.snapshot.models
         running = self.snapshot.instances_by_node.get(node_id, [])
         # waiting: until enough of the node's instances have ended, the soonest first
@@ -418,7 +430,7 @@ class _MigrationOptions:
         for instance in sorted((i for i in running if i.remaining_s is not None), key=lambda i: (i.remaining_s, i.id)):
             freed, waited = freed + models[instance.model].gpus, waited + [instance.id]
             if freed >= need:
-                options.append((instance.remaining_s, tuple(waited), None, instance.model))
+                options.append(FreeingOption(instance.remaining_s, tuple(waited), None, instance.model, 0.0))
                 break
         # migrating one instance that frees enough, where it saves more waiting than the destination's GPU time
         # costs the placed request and every request pending for GPUs
@@ -430,6 +442,7 @@ class _MigrationOptions:
                 move = migration_time(instance, model) + destination[0]
                 likely = instance.remaining_s if instance.likely_remaining_s is None else instance.likely_remaining_s
                 if price * move < (math.inf if likely is None else likely):
-                    options.append((move, (instance.id,), destination[1], instance.model))
-        options = [option for option in options if not math.isinf(option[0])]
-        return min(options, key=lambda o: o[:2]) if options else None
+                    options.append(FreeingOption(move, (instance.id,), destination[1], instance.model,
+                                                  (price - 1) * move))
+        options = [option for option in options if not math.isinf(option.seconds)]
+        return min(options, key=lambda o: (o.seconds + o.price, o.instances)) if options else None

@@ -71,6 +71,29 @@ def test_busy_node_with_local_copy_migrates_the_cheapest_instance():
     assert (ranked[1].node, ranked[1].estimate_s) == ("b", 4.0)
 
 
+def test_a_migration_must_beat_every_other_way_by_its_price():
+    # "a" holds m in DRAM, its slot taken by "other" (likely 100 s more); "b" is free, remote only.
+    other = ModelInfo("other", 2 * GB, prefill_tokens_per_s=2000.0, migration_overhead_s=0.1)
+    nodes = (NodeInfo("a", 0, {"m": "dram"}, dict(BW)), NodeInfo("b", 1, {}, dict(BW)))
+    running = (InstanceInfo("i", "a", "other", tokens=2000, remaining_s=100.0),)
+    ranked = rank(Snapshot(nodes, {"m": MODEL, "other": other}, running), "m")
+    # move: 2000 / 2000 + 0.1 = 1.1 s recompute + "other" from b's remote 2 GB / 1 GB/s = 2 s: 3.1 s; then m from
+    # a's DRAM 0.4 s: 3.5 s, sooner than m from b's remote (4 s). But the move holds b's GPU for 3.1 s, priced at
+    # 3.1 x (1 + 0 pending) s of delay: 6.6 > 4, so loading on b ranks first.
+    assert [(d.node, d.migrate, d.estimate_s, d.price_s) for d in ranked] == [
+        ("b", None, 4.0, 0.0), ("a", "i", pytest.approx(3.5), pytest.approx(3.1))]
+    # b's store link four times slower: m from b's remote takes 16 s, the move 1.1 + 8 = 9.1 s (priced 9.1):
+    # migrating still frees a at 9.1 s, m is loaded at 9.5 s, 18.6 priced, and loading on b (16 s) wins again;
+    # with b holding "other" in DRAM the move is 1.1 + 0.2 = 1.3 s: 1.7 + 1.3 = 3.0 s priced beats 16 s.
+    slow = {**BW, "remote": 0.25 * GB}
+    nodes = (NodeInfo("a", 0, {"m": "dram"}, dict(BW)), NodeInfo("b", 1, {}, slow))
+    assert rank(Snapshot(nodes, {"m": MODEL, "other": other}, running), "m")[0].node == "b"
+    nodes = (NodeInfo("a", 0, {"m": "dram"}, dict(BW)), NodeInfo("b", 1, {"other": "dram"}, slow))
+    best = rank(Snapshot(nodes, {"m": MODEL, "other": other}, running), "m")[0]
+    assert (best.node, best.migrate, best.migrate_to) == ("a", "i", "b")
+    assert (best.estimate_s, best.price_s) == (pytest.approx(1.7), pytest.approx(1.3))
+
+
 def test_no_free_slot_anywhere_is_infinite():
     snapshot = Snapshot((NodeInfo("a", 0, {"m": "dram"}, dict(BW)),), {"m": MODEL},
                         (InstanceInfo("i", "a", "m", tokens=10),))
