@@ -11,6 +11,24 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+
+from sllm_faas.common import settings as common
+from sllm_faas.common.settings import setting
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusSettings:
+    """`status` and `place` read Redis as the controller does."""
+
+    redis_url: str = setting("REDIS_URL", "the Redis to read", "redis://127.0.0.1:6379/0")
+    key_prefix: str = setting("SLLM_KEY_PREFIX", "Redis key prefix", "sllm:")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlaceSettings(StatusSettings):
+    model_store: str = setting("SLLM_CONTROLLER_MODEL_STORE", "read the size from this model store (dir or URL) when "
+                               "Redis does not know it", "")
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -19,16 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
         add_config(parser)
         return
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-                        help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
-    parser.add_argument("--key-prefix", default=os.environ.get("SLLM_KEY_PREFIX", "sllm:"),
-                        help="default: $SLLM_KEY_PREFIX or sllm:")
+    common.add_arguments(parser, PlaceSettings if verb == "place" else StatusSettings)
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     if verb == "place":
         parser.add_argument("model", help="model name")
         parser.add_argument("--size-bytes", type=int, help="model size, when no loader has seen the model yet")
-        parser.add_argument("--model-store", default=os.environ.get("SLLM_CONTROLLER_MODEL_STORE", ""),
-                            help="read the size from this model store (dir or URL) when Redis does not know it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,15 +52,23 @@ def run(args: argparse.Namespace) -> int:
     from sllm_faas.controller.cluster import ClusterCache, read_cluster
     from sllm_faas.redis_schema.keys import Keys
 
-    client = redis.Redis.from_url(args.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
-    keys = Keys(args.key_prefix)
+    try:
+        settings = common.resolve(PlaceSettings if args.verb == "place" else StatusSettings,
+                                  common.given(args, PlaceSettings))
+    except common.SettingsError as exc:
+        print(f"sllm-faas {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
+                                  socket_connect_timeout=5)
+    keys = Keys(settings.key_prefix)
     try:
         if args.verb == "status":
             return print_status(read_cluster(client, keys), client, keys, args.json)
         from sllm_faas.controller.booking import Booker
         from sllm_faas.controller.placement import Placer, UnknownModel
 
-        placer = Placer(client, keys, ClusterCache(client, keys), Booker(client, keys), args.model_store or None)
+        placer = Placer(client, keys, ClusterCache(client, keys), Booker(client, keys),
+                        settings.model_store or None)
         try:
             ranked = placer.estimate(args.model, args.size_bytes)
         except (UnknownModel, ValueError) as exc:
@@ -62,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                           p.get("instance", ""), p.get("to", "")] for i, p in enumerate(plans)])
         return 0 if ranked and ranked[0].feasible else 1
     except redis.RedisError as exc:
-        print(f"sllm-faas {args.verb}: Redis unavailable at {args.redis_url}: {exc}", file=sys.stderr)
+        print(f"sllm-faas {args.verb}: Redis unavailable at {settings.redis_url}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -175,7 +175,8 @@ def test_controller_without_credentials_refuses_to_start(redis_ns, tmp_path):
     assert refused.returncode == 2 and "--insecure-no-auth" in refused.stderr, refused.stderr
     assert run_controller(SLLM_CONTROLLER_INSECURE_NO_AUTH="false").returncode == 2      # "false" is not true
     wrong = run_controller(SLLM_CONTROLLER_INSECURE_NO_AUTH="maybe")
-    assert wrong.returncode == 2 and "'maybe' is not a true/false" in wrong.stderr
+    assert wrong.returncode == 2 and "--insecure-no-auth='maybe' (from env SLLM_CONTROLLER_INSECURE_NO_AUTH): not a " \
+                                     "boolean" in wrong.stderr, wrong.stderr
     from sllm_faas.controller.config import ControllerConfig
 
     ControllerConfig(tls_cert="/c.pem", tls_key="/k.pem", client_ca="/ca.pem")     # mTLS counts as credentials

@@ -11,6 +11,7 @@ import torch
 from flask import Flask, Response, request, send_file
 from werkzeug.serving import make_server
 
+from sllm_faas.common.settings import SettingsError
 from sllm_faas.runtime.checkpoint import read_manifest, save_state_dict
 from sllm_faas.runtime.node_loader import config as loader_config
 from sllm_faas.runtime.node_loader.store import HttpStore, StoreError, open_store
@@ -109,11 +110,11 @@ def test_config_precedence_flags_env_file_defaults(tmp_path, monkeypatch):
 def test_config_errors_name_the_setting(tmp_path, monkeypatch):
     for name in ("SLLM_LOADER_REMOTE", "SLLM_LOADER_SSD_DIR"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(SystemExit, match="--remote"):
+    with pytest.raises(SettingsError, match="--remote"):
         loader_config.resolve(parse([]))
     bad = tmp_path / "bad.toml"
     bad.write_text('remote = "/x"\nssd_dir = "/y"\nturbo = true\n')
-    with pytest.raises(SystemExit, match="unknown settings turbo"):
+    with pytest.raises(SettingsError, match="unknown settings turbo"):
         loader_config.resolve(parse(["--config", str(bad)]))
     with pytest.raises(ValueError, match="invalid node id"):
         loader_config.resolve(parse(["--remote", "/x", "--ssd-dir", "/y", "--node-id", "Bad Node!"]))

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from sllm_faas.runtime.local.logs import FOLLOW_MAX_S, MAX_TAIL
 
-GATEWAY = os.environ.get("OPENFAAS_URL", "http://127.0.0.1:8080")
+DEFAULT_GATEWAY = "http://127.0.0.1:8080"
 
 
 def cache_root() -> Path:
@@ -50,8 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
         add_up(parser)
         return
-    parser.add_argument("--gateway", "-g", default=GATEWAY, help="gateway URL (default $OPENFAAS_URL or "
-                                                                  "http://127.0.0.1:8080)")
+    parser.add_argument("--gateway", "-g", default=os.environ.get("OPENFAAS_URL", DEFAULT_GATEWAY),
+                        help=f"gateway URL (default $OPENFAAS_URL or {DEFAULT_GATEWAY})")
     if verb != "invoke":   # the verbs that use the admin (/system/) routes
         parser.add_argument("--token", help="the gateway's admin token (default $SLLM_GATEWAY_TOKEN, else the file "
                                             "`sllm-faas up` wrote for this gateway)")

@@ -29,7 +29,9 @@ from pathlib import Path
 import redis
 import requests
 
+from sllm_faas.common import settings as common
 from sllm_faas.common.processes import die_with_parent, stop_process_group
+from sllm_faas.common.settings import setting
 from sllm_faas.runtime.embedded_redis import EmbeddedRedis, free_tcp_port
 from sllm_faas.runtime.local.cli import cache_root, token_path
 from sllm_faas.runtime.local.gateway import GatewayConfig
@@ -42,33 +44,45 @@ def default_store() -> Path:
     return cache_root() / "store"
 
 
+_up = common.prefixed("SLLM_UP_")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpSettings:
+    """`sllm-faas up`'s settings: its flags, their variables and defaults (README.md)."""
+
+    nodes: int = _up("nodes", "node loaders to run", 2, kind="int", minimum=1)
+    port: int = setting("SLLM_GATEWAY_PORT", "gateway port", 8080, kind="int", minimum=1, maximum=65535)
+    model_store: Path | None = _up("model_store", "directory of converted models, one folder per model name (the "
+                                   "loaders' remote store)", None, kind="path", optional=True,
+                                   shown_default="$SLLM_FAAS_CACHE/store, where `make demo` puts the example")
+    workdir: Path | None = _up("workdir", "SSD tiers and logs", None, kind="path", optional=True,
+                               shown_default="a temporary dir, removed")
+    build_root: Path = _up("build_root", "the gateway runs only function builds under this folder (`sllm-faas deploy` "
+                           "puts them in ./build when run from the same folder)", Path("build"), kind="path")
+    redis_url: str | None = setting("REDIS_URL", "use this Redis", None, optional=True,
+                                    shown_default="unset: start an embedded one")
+    key_prefix: str = _up("key_prefix", "Redis key prefix", "sllm:")
+    dram_budget: int = _up("dram_budget", "DRAM tier budget per node", 4 << 30, kind="size", minimum=0,
+                           shown_default="4GiB")
+    ssd_budget: int = _up("ssd_budget", "SSD tier budget per node", 20 << 30, kind="size", minimum=0,
+                          shown_default="20GiB")
+    slots: int = _up("slots", "function instances per node", 2, kind="int", minimum=1)
+    cold_start_timeout: float = _up("cold_start_timeout", "how long a request waits for an instance to start "
+                                    "(seconds, or 5m)", 300.0, kind="duration", above=0)
+    pool_size: int = _up("pool_size", "pre-warmed runtimes kept idle per node, each assigned to the next start there "
+                         "(0 spawns every instance)", 1, kind="int", minimum=0)
+    max_held: int = _up("max_held", "non-streaming requests held per function while it starts; more get 429 with "
+                        "Retry-After from the placement's estimate (0: no cap)", 0, kind="int", minimum=0)
+    state_file: Path | None = _up("state_file", "write the cluster's URLs here as JSON once it is up", None,
+                                  kind="path", optional=True, shown_default="WORKDIR/cluster.json")
+
+    def __post_init__(self) -> None:
+        common.validate(self)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nodes", type=int, default=2, help="node loaders to run (default 2)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("SLLM_GATEWAY_PORT", "8080")),
-                        help="gateway port (default $SLLM_GATEWAY_PORT or 8080)")
-    parser.add_argument("--model-store", type=Path, default=None,
-                        help="directory of converted models, one folder per model name (the loaders' remote store; "
-                             "default $SLLM_FAAS_CACHE/store, where `make demo` puts the example)")
-    parser.add_argument("--workdir", type=Path, help="SSD tiers and logs (default: a temporary dir, removed)")
-    parser.add_argument("--build-root", type=Path, default=Path("build"),
-                        help="the gateway runs only function builds under this folder (default ./build, where "
-                             "`sllm-faas deploy` puts them when run from the same folder)")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                        help="use this Redis (default $REDIS_URL; unset = start an embedded one)")
-    parser.add_argument("--key-prefix", default="sllm:", help="Redis key prefix (default sllm:)")
-    parser.add_argument("--dram-budget", default="4GiB", help="DRAM tier budget per node (default 4GiB)")
-    parser.add_argument("--ssd-budget", default="20GiB", help="SSD tier budget per node (default 20GiB)")
-    parser.add_argument("--slots", type=int, default=2, help="function instances per node (default 2)")
-    parser.add_argument("--cold-start-timeout", type=float, default=300.0,
-                        help="seconds a request waits for an instance to start (default 300)")
-    parser.add_argument("--pool-size", type=int, default=1,
-                        help="pre-warmed runtimes kept idle per node, each assigned to the next start there "
-                             "(default 1; 0 spawns every instance)")
-    parser.add_argument("--max-held", type=int, default=0,
-                        help="non-streaming requests held per function while it starts; more get 429 with "
-                             "Retry-After from the placement's estimate (default 0: no cap)")
-    parser.add_argument("--state-file", type=Path,
-                        help="write the cluster's URLs here as JSON once it is up (default WORKDIR/cluster.json)")
+    common.add_arguments(parser, UpSettings)
 
 
 @dataclass
@@ -86,7 +100,7 @@ class Child:
 
 @dataclass
 class LocalCluster:
-    args: argparse.Namespace
+    args: UpSettings
     workdir: Path
     shm_root: Path
     owns_workdir: bool
@@ -140,7 +154,8 @@ class LocalCluster:
             self.spawn(f"loader-{node}", python + [
                 "loader", "--node-id", node, "--remote", str(store), "--ssd-dir", str(root / "ssd"),
                 "--dram-dir", str(self.shm_root / node), "--socket-path", nodes[node], "--redis-url", self.redis_url,
-                "--key-prefix", args.key_prefix, "--ssd-budget", args.ssd_budget, "--dram-budget", args.dram_budget,
+                "--key-prefix", args.key_prefix, "--ssd-budget", str(args.ssd_budget),
+                "--dram-budget", str(args.dram_budget),
                 "--slots", str(args.slots), "--heartbeat-s", "0.5", "--heartbeat-ttl-s", "3"])
         gateway_url = f"http://127.0.0.1:{args.port}"
         build_root = args.build_root.resolve()
@@ -261,10 +276,11 @@ def backoff(restarts: int) -> float:
     return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** restarts)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.nodes < 1 or args.slots < 1 or args.pool_size < 0 or args.max_held < 0:
-        print("sllm-faas up: --nodes and --slots must be at least 1, --pool-size and --max-held at least 0",
-              file=sys.stderr)
+def run(namespace: argparse.Namespace) -> int:
+    try:
+        args = common.resolve(UpSettings, common.given(namespace, UpSettings))
+    except common.SettingsError as exc:
+        print(f"sllm-faas up: {exc}", file=sys.stderr)
         return 2
     owns = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="sllm-up-")) if owns else args.workdir.resolve()

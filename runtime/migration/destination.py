@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 KEEPALIVE_S = 1.0
 TOKEN_POLL_S = 0.02  # how soon tokens that produced no text yet are forwarded
-STAGE_TIMEOUT_S = float(os.environ.get("SLLM_MIGRATION_STAGE_TIMEOUT_S", "60"))
 
 
 class StagedMigration(MigrationStatus):
@@ -191,13 +190,14 @@ class Destination:
 
     def _sweep(self) -> None:
         """Drop staged requests whose source went silent (it died, or lost its connection to us)."""
+        timeout_s = float(os.environ.get("SLLM_MIGRATION_STAGE_TIMEOUT_S", "60"))  # read when used, not at import
         while True:
-            time.sleep(min(1.0, STAGE_TIMEOUT_S / 4))
+            time.sleep(min(1.0, timeout_s / 4))
             now = time.monotonic()
             for status in self.migrations.all():
                 if isinstance(status, StagedMigration) and status.state == "staged" and \
-                        now - status.last_seen > STAGE_TIMEOUT_S:
-                    self.abort(status, f"the source sent nothing for {STAGE_TIMEOUT_S:.0f} s")
+                        now - status.last_seen > timeout_s:
+                    self.abort(status, f"the source sent nothing for {timeout_s:.0f} s")
 
 
 def _check_start(status: StagedMigration, start: int) -> None:

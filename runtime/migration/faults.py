@@ -12,6 +12,7 @@ given, separated by commas. Unset, `inject` does nothing.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -28,11 +29,14 @@ def _plan(raw: str) -> dict[str, str]:
     return plan
 
 
-PLAN = _plan(os.environ.get("SLLM_MIGRATION_FAULT", ""))
+@functools.cache
+def plan() -> dict[str, str]:
+    """The process's fault plan, read from its environment at the first step (not at import)."""
+    return _plan(os.environ.get("SLLM_MIGRATION_FAULT", ""))
 
 
 def inject(step: str) -> None:
-    action = PLAN.get(step)
+    action = plan().get(step)
     if action == "exit":
         os._exit(EXIT_CODE)
     if action == "hang":

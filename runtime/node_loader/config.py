@@ -1,106 +1,85 @@
-"""Loader configuration: flags over environment (SLLM_LOADER_*) over a TOML file over defaults."""
+"""Loader settings: flags over environment (SLLM_LOADER_*) over a TOML file (--config) over the defaults, all from
+the one declaration below (sllm_faas/common/settings.py); README.md lists them."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import socket
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from sllm_faas.common import settings as common
+from sllm_faas.common.names import default_node_id
+from sllm_faas.common.settings import Conflict, SettingsError
 from sllm_faas.redis_schema.keys import validate_node_id
 
 
-@dataclass(frozen=True)
+def _absolute(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+_loader = common.prefixed("SLLM_LOADER_")
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
-    node_id: str                       # the node's name (Kubernetes node name); default: host name
-    remote: str                        # model store: a directory, or an http(s) base URL serving model dirs
-    ssd_dir: str                       # local disk cache
-    dram_dir: str = "/dev/shm/sllm"    # host-shared DRAM tier (tmpfs)
-    ssd_budget: int = 100 << 30        # bytes
-    dram_budget: int = 8 << 30         # bytes
-    gpu_budget: int = 0                # bytes of GPU memory for resident models; 0 = no GPU tier
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "sllm:"
-    socket_path: str = "/run/sllm/loader.sock"
-    tcp: str | None = None             # optional "host:port" listener (local mode)
-    heartbeat_s: float = 2.0
-    heartbeat_ttl_s: float = 10.0      # the node record expires this long after the last heartbeat
-    lease_ttl_s: float = 30.0          # a lease expires unless renewed within this
-    probe_bytes: int = 64 << 20        # size of the start-up bandwidth probes
-    slots: int = 0                     # function instances this node hosts; 0 = one per GPU, or 1 without GPUs
-    stage_workers: int = 2             # staging jobs run at once (different models), so one slow store blocks one
-    transfer_timeout_s: float = 3600.0  # overall deadline of one manifest read or one file download from remote
-    token: str | None = None           # bearer token the TCP listener requires (the Unix socket needs none)
-    insecure_no_auth: bool = False     # allow --tcp without a token
-    cgroup_root: str = "/sys/fs/cgroup"  # where this process's cgroup memory limit is read
+    node_id: str = _loader("node_id", "the node's name (in Kubernetes the node name)", default_node_id,
+                           check=validate_node_id, shown_default="the host name as an id (My_Host: my-host)")
+    remote: str = _loader("remote", "model store: a directory, or an http(s) base URL serving model folders")
+    ssd_dir: str = _loader("ssd_dir", "local disk cache (the SSD tier)", check=_absolute)
+    dram_dir: str = _loader("dram_dir", "host-shared DRAM tier (a tmpfs)", "/dev/shm/sllm", check=_absolute)
+    ssd_budget: int = _loader("ssd_budget", "bytes the SSD tier may hold", 100 << 30, kind="size", minimum=0,
+                              shown_default="100GiB")
+    dram_budget: int = _loader("dram_budget", "bytes the DRAM tier may hold (at most the cgroup memory limit when the "
+                               "DRAM dir is a tmpfs)", 8 << 30, kind="size", minimum=0, shown_default="8GiB")
+    gpu_budget: int = _loader("gpu_budget", "bytes of GPU memory for resident models; 0: no GPU tier", 0, kind="size",
+                              minimum=0)
+    redis_url: str = _loader("redis_url", "the Redis it publishes the node to", "redis://127.0.0.1:6379/0")
+    key_prefix: str = _loader("key_prefix", "Redis key prefix (the controller's too)", "sllm:")
+    socket_path: str = _loader("socket_path", "its Unix socket (function pods mount its directory)",
+                               "/run/sllm/loader.sock")
+    tcp: str | None = _loader("tcp", "also listen on HOST:PORT (needs --token, or --insecure-no-auth)", None,
+                              optional=True)
+    heartbeat_s: float = _loader("heartbeat_s", "seconds between node record publications", 2.0, kind="duration",
+                                 above=0)
+    heartbeat_ttl_s: float = _loader("heartbeat_ttl_s", "the node record expires this long after the last heartbeat",
+                                     10.0, kind="duration", above=0)
+    lease_ttl_s: float = _loader("lease_ttl_s", "a lease expires unless renewed within this", 30.0, kind="duration",
+                                 above=0)
+    probe_bytes: int = _loader("probe_bytes", "size of the start-up bandwidth probes", 64 << 20, kind="size",
+                               minimum=0, shown_default="64MiB")
+    slots: int = _loader("slots", "function instances this node hosts; 0: one per GPU, or 1 without GPUs", 0,
+                         kind="int", minimum=0)
+    stage_workers: int = _loader("stage_workers", "staging jobs run at once (different models), so one slow store "
+                                 "blocks one", 2, kind="int", minimum=1)
+    transfer_timeout_s: float = _loader("transfer_timeout_s", "overall deadline of one manifest read or one file "
+                                        "download from the store", 3600.0, kind="duration", above=0)
+    token: str | None = _loader("token", "bearer token the TCP listener requires (the Unix socket needs none)", None,
+                                optional=True, secret=True)
+    insecure_no_auth: bool = _loader("insecure_no_auth", "allow --tcp without a token", False, kind="bool")
+    cgroup_root: str = _loader("cgroup_root", "where this process's cgroup memory limit is read", "/sys/fs/cgroup")
 
     def __post_init__(self) -> None:
-        validate_node_id(self.node_id)
-        for name in ("ssd_budget", "dram_budget", "gpu_budget", "probe_bytes", "slots"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+        common.validate(self)
         if self.heartbeat_ttl_s <= self.heartbeat_s:
-            raise ValueError("heartbeat_ttl_s must be longer than heartbeat_s")
-        if self.stage_workers < 1:
-            raise ValueError(f"stage_workers must be >= 1, got {self.stage_workers}")
-        if not self.transfer_timeout_s > 0:
-            raise ValueError(f"transfer_timeout_s must be > 0, got {self.transfer_timeout_s}")
+            raise Conflict("{heartbeat_ttl_s} must be longer than {heartbeat_s}", self)
         if self.tcp and not self.token and not self.insecure_no_auth:
-            raise ValueError(f"--tcp {self.tcp} needs --token (or SLLM_LOADER_TOKEN): the TCP API would be open to "
-                             "anyone who can reach the port; pass --insecure-no-auth to run it without one")
+            raise Conflict("{tcp} needs --token (or SLLM_LOADER_TOKEN): the TCP API would be open to anyone who can "
+                           "reach the port; pass --insecure-no-auth to run it without one", self)
 
     def to_env(self) -> str:
-        return json.dumps(asdict(self))
+        return common.to_json(self)
 
     @classmethod
     def from_json(cls, text: str) -> LoaderConfig:
-        return cls(**json.loads(text))
-
-
-_ENV = {f.name: f"SLLM_LOADER_{f.name.upper()}" for f in fields(LoaderConfig)}
-_SIZES = {"ssd_budget", "dram_budget", "gpu_budget", "probe_bytes"}
-_FLOATS = {"heartbeat_s", "heartbeat_ttl_s", "lease_ttl_s", "transfer_timeout_s"}
-_INTS = {"slots", "stage_workers"}
-_BOOLS = {"insecure_no_auth"}
+        return common.from_json(cls, text, "$SLLM_LOADER_CONFIG")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML file with any of the settings below (keys as the flag names "
-                                          "with underscores)")
-    from dataclasses import MISSING
-
-    for f in fields(LoaderConfig):
-        default = "" if f.default is MISSING else f"; default {f.default}"
-        if f.name in _BOOLS:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action="store_true", default=None,
-                                help=f"env {_ENV[f.name]}=1{default}")
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            help=f"env {_ENV[f.name]}{default}")
-
-
-def _convert(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if name in _SIZES:
-        from sllm_faas.runtime.checkpoint.cli import parse_size
-
-        return value if isinstance(value, int) else parse_size(str(value))
-    if name in _FLOATS:
-        return float(value)
-    if name in _INTS:
-        return int(value)
-    if name in _BOOLS:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() not in ("1", "true", "yes", "0", "false", "no", ""):
-            raise ValueError(f"{name}: expected true or false, got {value!r}")
-        return str(value).lower() in ("1", "true", "yes")
-    return str(value)
+    parser.add_argument("--config", help="TOML file with any of the settings below (keys as the flag names with "
+                                         "underscores); flags and SLLM_LOADER_* variables win over it")
+    common.add_arguments(parser, LoaderConfig)
 
 
 def cgroup_memory_limit(cgroup_root: str | os.PathLike, proc_cgroup: str = "/proc/self/cgroup") -> int | None:
@@ -150,24 +129,11 @@ def check_dram_budget(config: LoaderConfig) -> None:
 
 def resolve(args: argparse.Namespace) -> LoaderConfig:
     """Flags, then SLLM_LOADER_* variables, then the --config file, then defaults."""
-    from_file: dict[str, Any] = {}
+    from_file = {}
     if getattr(args, "config", None):
-        with open(args.config, "rb") as handle:
-            from_file = tomllib.load(handle)
-        unknown = set(from_file) - set(_ENV)
-        if unknown:
-            raise SystemExit(f"{args.config}: unknown settings {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    for name, env in _ENV.items():
-        for candidate in (getattr(args, name, None), os.environ.get(env), from_file.get(name)):
-            if candidate is not None:
-                values[name] = _convert(name, candidate)
-                break
-    values.setdefault("node_id", socket.gethostname().lower())
-    missing = [name for name in ("remote", "ssd_dir") if name not in values]
-    if missing:
-        raise SystemExit("sllm-faas loader: missing " + ", ".join(f"--{m.replace('_', '-')} (or {_ENV[m]})"
-                                                                   for m in missing))
-    values["ssd_dir"] = str(Path(values["ssd_dir"]).resolve())
-    values["dram_dir"] = str(Path(values.get("dram_dir", LoaderConfig.dram_dir)).resolve())
-    return LoaderConfig(**values)
+        try:
+            with open(args.config, "rb") as handle:
+                from_file = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"--config={args.config!r}: {exc}") from None
+    return common.resolve(LoaderConfig, common.given(args, LoaderConfig), file=from_file, file_name=args.config or "")

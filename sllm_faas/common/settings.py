@@ -10,8 +10,7 @@ value, or a callable computed when settings are resolved). From that one declara
   from the class's `__post_init__`; `resolve` adds each named field's source to its message.
 - `add_arguments(parser, cls)` adds the argparse flags (help: the env variable and the default), and
   `given(args, cls)` reads back the ones given, as text, for `resolve`.
-- `export(obj)` is the environment that resolves to `obj` again: how a command hands its settings to the
-  process it starts.
+- `to_json` and `from_json` hand resolved settings from a command to the worker processes it starts.
 - `rows(cls)` are the README's table rows (tests check that the README lists every one).
 
 Nothing here, nor in a settings class, reads the environment at import time.
@@ -21,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -80,6 +80,15 @@ def setting(env: str, help: str, default: Any = dataclasses.MISSING, **spec: Any
     elif default is not dataclasses.MISSING:
         kwargs["default"] = default
     return dataclasses.field(**kwargs)
+
+
+def prefixed(prefix: str) -> Callable[..., Any]:
+    """`setting` for a service whose variables are PREFIX + the field name in capitals (SLLM_LOADER_NODE_ID)."""
+
+    def declare(name: str, help: str, default: Any = dataclasses.MISSING, **spec: Any) -> Any:
+        return setting(prefix + name.upper(), help, default, **spec)
+
+    return declare
 
 
 def specs(cls: type) -> Iterator[tuple[dataclasses.Field, Spec]]:
@@ -168,22 +177,19 @@ def _typed(kind: str, raw: Any, text: str) -> Any:
 
 
 def resolve(cls: type, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-            file: Mapping[str, Any] | None = None, file_name: str = "", **fixed: Any) -> Any:
+            file: Mapping[str, Any] | None = None, file_name: str = "") -> Any:
     """An instance of `cls`: each field from `flags` (field name -> text), else `env` (the process environment
-    unless given; empty = unset), else `file` (field name -> value, read from `file_name`), else its default.
-    `fixed` values are set by the caller itself (not user settings) and are not parsed."""
+    unless given; empty = unset), else `file` (field name -> value, read from `file_name`), else its default."""
     flags, file = flags or {}, file or {}
     env = os.environ if env is None else env
     names = {f.name for f, _ in specs(cls)}
     unknown = sorted(set(file) - names)
     if unknown:
         raise SettingsError(f"{file_name}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    values: dict[str, Any] = dict(fixed)
-    sources = dict.fromkeys(fixed, "the caller")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     missing = []
     for f, spec in specs(cls):
-        if f.name in fixed:
-            continue
         candidates = [(flags.get(f.name), f"flag {spec.flag}")]
         candidates += [(env.get(name) or None, f"env {name}") for name in (spec.env, *spec.env_fallback)]
         candidates.append((file.get(f.name), f"file {file_name}"))
@@ -239,26 +245,24 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, str]:
     return flags
 
 
-def export(settings: object) -> dict[str, str]:
-    """The environment that `resolve` turns back into `settings` (unset optional values are left out)."""
-    env = {}
+def validate(settings: object) -> None:
+    """Each field's own checks (kind, bounds, choices, validator) on an object built directly, not by `resolve`:
+    for `__post_init__`, so that no way of making settings skips them."""
     for f, spec in specs(type(settings)):
         value = getattr(settings, f.name)
-        if value is None:
-            continue
-        if spec.kind == "bool":
-            text = "1" if value else "0"
-        elif spec.kind == "list":
-            text = ",".join(value)
-        elif spec.kind in ("float", "duration"):
-            text = repr(float(value))
-        else:
-            text = str(value)
-        if text == "" and f.default not in ("", dataclasses.MISSING):
-            raise SettingsError(f"{spec.flag}='' cannot be passed as {spec.env}: an empty variable means the "
-                                f"default, {default_text(f, spec)}")
-        env[spec.env] = text
-    return env
+        if not (value is None and spec.optional):
+            parse(spec, value, "value")
+
+
+def to_json(settings: object) -> str:
+    """`settings` as JSON: how a command hands what it resolved to the worker processes it starts."""
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def from_json(cls: type, text: str, source: str) -> Any:
+    """`to_json`'s text as `cls` again, every value checked as a file's would be (`source` names where it came from);
+    the environment is not read."""
+    return resolve(cls, env={}, file=json.loads(text), file_name=source)
 
 
 def rows(cls: type) -> list[tuple[str, str, str, str]]:
