@@ -251,7 +251,7 @@ def validate(settings: object) -> None:
     for f, spec in specs(type(settings)):
         value = getattr(settings, f.name)
         if not (value is None and spec.optional):
-            parse(spec, value, "value")
+            parse(spec, value, "constructor")
 
 
 def to_json(settings: object) -> str:
