@@ -94,6 +94,20 @@ def test_a_migration_must_beat_every_other_way_by_its_price():
     assert (best.estimate_s, best.price_s) == (pytest.approx(1.7), pytest.approx(1.3))
 
 
+def test_only_its_own_model_waits_for_a_loading_instance():
+    # "a" is full with an instance still loading (ends 1 s from now, after its first request); "b" loads m from
+    # remote in 4 s. A request of m waits for a loading instance of m (served warm at 1 s); a loading instance of
+    # another model frees no GPU anyone counts on, so "a" is infeasible for m there.
+    other = ModelInfo("other", 2 * GB, prefill_tokens_per_s=2000.0)
+    nodes = (NodeInfo("a", 0, {"m": "dram"}, dict(BW)), NodeInfo("b", 1, {}, dict(BW)))
+    own = Snapshot(nodes, {"m": MODEL}, (InstanceInfo("i", "a", "m", 0, False, 1.0, loading=True),))
+    best = rank(own, "m")[0]
+    assert (best.node, best.wait_for, best.estimate_s, best.tier) == ("a", ("i",), 1.0, "gpu")
+    foreign = Snapshot(nodes, {"m": MODEL, "other": other},
+                       (InstanceInfo("i", "a", "other", 0, False, 1.0, loading=True),))
+    assert [(d.node, d.feasible) for d in rank(foreign, "m")] == [("b", True), ("a", False)]
+
+
 def test_no_free_slot_anywhere_is_infinite():
     snapshot = Snapshot((NodeInfo("a", 0, {"m": "dram"}, dict(BW)),), {"m": MODEL},
                         (InstanceInfo("i", "a", "m", tokens=10),))

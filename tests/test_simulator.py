@@ -106,13 +106,15 @@ def test_hand_computed_latencies_ours():
     result = simulate(tiny(), "ours", TRACE)
     assert result.ttft_s.tolist() == pytest.approx([
         2.1,   # toy-2b#0 is on n0's SSD: 4 GB / 2 GB/s, overlapping the 1 s container start; + 100 / 1000 prefill
-        4.2,   # n0 is busy: n1 loads from remote, 4 GB / 1 GB/s from t=1; + 0.2 prefill
-        0.1,   # t=6.5: n1's instance went idle at 6.2 (5.2 + 10 tokens / 10 tok/s): a warm start
-        2.3,   # t=20: both idle instances expired (keep-alive 10 s); toy-2b#1 is on n1's SSD
+        6.3,   # t=1: n0's instance, still loading, is expected to be free in 1 s (ready) + a mean request (2.1 s),
+               # sooner than n1's 4 s remote load: it waits; request 0 runs 50 tokens (to 7.1); + 0.2 prefill
+        1.9,   # t=6.5: n0 is expected free after request 0 and then request 1 (~0.6 + 2.1 s) < 4 s remote: it waits;
+               # request 1 ends at 8.3, + 0.1 prefill
+        2.3,   # t=20: n0's idle instance expired at 19.4 (keep-alive 10 s); toy-2b#1 is on n1's SSD
     ])
-    assert dict(result.cold_starts) == {"ssd": 2, "remote": 1} and result.warm_starts == 1
-    # GPU-seconds: n0 holds a GPU 0 -> 17.1 (7.1 + 10 keep-alive), n1 1 -> 17.6, then 20 -> 33.3
-    assert result.gpu_seconds == pytest.approx(17.1 + 16.6 + 13.3)
+    assert dict(result.cold_starts) == {"ssd": 2} and result.warm_starts == 0
+    # GPU-seconds: n0 holds a GPU 0 -> 19.4 (9.4 + 10 keep-alive), n1 20 -> 33.3 (23.3 + 10)
+    assert result.gpu_seconds == pytest.approx(19.4 + 13.3)
 
 
 def test_hand_computed_latencies_kserve_like():
@@ -258,6 +260,24 @@ def test_a_second_waiting_request_queues_behind_the_first():
         result = simulate(tiny(), name, trace)
         assert result.ttft_s.tolist() == pytest.approx([2.1, 4.1 + 0.1 - 2.1, 6.1 + 0.1 - 2.1]), name
         assert dict(result.cold_starts) == {"ssd": 1, "remote": 1}
+
+
+def test_wait_for_a_loading_instance_of_the_same_model():
+    # t=0: n0 loads toy-2b#0 from SSD, ready at 2 (2 s load, the container overlapping). t=0.5: a second request; the
+    # loading instance is expected to end 1.5 s (ready) + a mean request (100 / 1000 + 20 / 10 = 2.1 s) = 3.6 s from
+    # now, sooner than a 4 s remote load on n1: it waits. The instance serves the first request (2.0 -> 3.1), then
+    # the second warm: 3.1 + 0.1 prefill.
+    trace = requests((0.0, "toy-2b#0", 100, 10), (0.5, "toy-2b#0", 100, 10))
+    for name in ("ours", "ours-no-migration"):
+        result = simulate(tiny(), name, trace)
+        assert result.ttft_s.tolist() == pytest.approx([2.1, 3.1 + 0.1 - 0.5]), name
+        assert dict(result.cold_starts) == {"ssd": 1}
+    # with 30-token outputs expected (3 s each), waiting is 1.5 + 3.1 = 4.6 s: n1 loads from remote, ready at 4.5
+    # (the first request runs 100 tokens, to 12.1, so n0 does not free first)
+    slow = tiny(datasets={"toy": {**tomllib.loads(TINY)["datasets"]["toy"], "output_mean": 30}})
+    result = simulate(slow, "ours", requests((0.0, "toy-2b#0", 100, 100), (0.5, "toy-2b#0", 100, 10)))
+    assert result.ttft_s.tolist() == pytest.approx([2.1, 4.5 + 0.1 - 0.5])
+    assert dict(result.cold_starts) == {"ssd": 1, "remote": 1}
 
 
 def test_wait_for_a_local_slot_beats_migrating_and_a_remote_load():

@@ -55,7 +55,7 @@ class Instance:
     """One function instance: GPUs on one node holding one model, serving at most one request at a time."""
 
     __slots__ = ("id", "model", "node", "state", "request", "decode_start_s", "finish_s", "idle_since_s",
-                 "successor", "reserved_gpus", "migration_source", "migrating_to", "keep_until")
+                 "successor", "reserved_gpus", "migration_source", "migrating_to", "keep_until", "ready_s")
 
     def __init__(self, instance_id: str, model: ModelSpec, node: Node) -> None:
         self.id, self.model, self.node = instance_id, model, node
@@ -67,6 +67,7 @@ class Instance:
         self.migration_source: Instance | None = None  # we are the destination of that instance's migration
         self.migrating_to: Instance | None = None
         self.keep_until: float | None = None           # a pre-warmed instance: scaled down then if still unused
+        self.ready_s = 0.0                             # a loading instance is ready then
 
     @property
     def gpus(self) -> int:
@@ -113,6 +114,7 @@ class Cluster:
                             for model in scenario.models}
         self.instances: dict[str, Instance] = {}
         self.busy: dict[Instance, None] = {}  # serving a request, in the order they started
+        self.loading: dict[Instance, None] = {}  # loading to serve its model's waiting requests (not a migration's)
         self.idle_by_model: dict[str, dict[Instance, None]] = {name: {} for name in self.models}
         self.holders: dict[str, dict[Node, None]] = {name: {} for name in self.models}  # nodes with a local copy
         self._next_id = 0
@@ -150,11 +152,12 @@ class Cluster:
 
     def snapshot(self, now: float, migration: bool = True, claims: dict[str, int] | None = None, pending: int = 0
                  ) -> scheduler.Snapshot:
-        """Every node and every running instance a slot can be freed from: by waiting for its request's
-        expected end (what a controller can know: the tokens so far and the dataset's length distribution,
-        not the true length) or, with `migration`, by moving it. `claims`: instance -> waiting requests of its
-        model queued for it: each pushes its end back by a mean request, and it stays where they wait. `pending`:
-        other requests waiting for GPUs (the price of a migration's GPU time)."""
+        """Every node and every instance a slot can be freed from: by waiting for its request's expected end
+        (what a controller can know: the tokens so far and the dataset's length distribution, not the true
+        length) or, with `migration`, by moving it. A loading instance ends a mean request after it is ready (it
+        serves the waiting request it was started for first). `claims`: instance -> waiting requests of its
+        model queued for it: each pushes its end back by a mean request, and it stays where they wait.
+        `pending`: other requests waiting for GPUs (the price of a migration's GPU time)."""
         claims = claims or {}
         lengths, instances = self.lengths, []
         for instance in self.busy:
@@ -169,11 +172,20 @@ class Cluster:
                                      for estimate in (scheduler.expected_remaining_tokens,
                                                       scheduler.median_remaining_tokens))
                 if queued:
-                    remaining += queued * (lengths.input_mean / model.prefill_tokens_per_s
-                                           + lengths.output_mean / model.decode_tokens_per_s)
+                    remaining += queued * self.mean_request_s(model)
                 instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, model.name, tokens,
                                                         migration and not queued, remaining, likely))
+        for instance in self.loading:
+            remaining = max(0.0, instance.ready_s - now) + (1 + claims.get(instance.id, 0)) * self.mean_request_s(
+                instance.model)
+            instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, instance.model.name, 0, False,
+                                                    remaining, loading=True))
         return scheduler.Snapshot(tuple(self.node_infos(now)), self.model_infos, tuple(instances), pending=pending)
+
+    def mean_request_s(self, model: ModelSpec) -> float:
+        """How long a request of the dataset's mean lengths holds an instance of `model`."""
+        return (self.lengths.input_mean / model.prefill_tokens_per_s
+                + self.lengths.output_mean / model.decode_tokens_per_s)
 
     def _changed(self, node: Node) -> None:
         self._stale.add(node.index)
@@ -257,6 +269,7 @@ class Cluster:
     def set_state(self, instance: Instance, state: str, now: float) -> None:
         """Move an instance between loading, idle, busy and gone, keeping the per-node and per-model indexes."""
         node, old = instance.node, instance.state
+        self.loading.pop(instance, None)
         if old == "idle":
             del node.idle[instance]
             del self.idle_by_model[instance.model.name][instance]

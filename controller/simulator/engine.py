@@ -267,8 +267,10 @@ class Simulation:
         self.cold_starts[tier] += 1
         queued_at = self.now if self.policy.prefetch else self.now + container_s
         loaded_at = self.cluster.enqueue_load(node, seconds, queued_at)
-        instance.state = "loading"
-        self._at(max(loaded_at, self.now + container_s), self._ready, instance)
+        instance.state, instance.ready_s = "loading", max(loaded_at, self.now + container_s)
+        if instance.migration_source is None:
+            self.cluster.loading[instance] = None  # waiting requests of its model may count on it
+        self._at(instance.ready_s, self._ready, instance)
 
     def _ready(self, instance: Instance) -> None:
         self.cluster.store(instance.node, instance.model, self.now)
