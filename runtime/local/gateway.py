@@ -70,23 +70,27 @@ READY_CHECK_S = 0.25
 PROGRESS_S = 0.25      # how often a held stream checks the start's phase
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GatewayConfig:
+    """What `sllm-faas up` hands its gateway (JSON in SLLM_GATEWAY_CONFIG): values of up's own settings
+    (runtime/local/up.py UpSettings, whose defaults are the only ones), the URLs of the parts it started and the
+    credentials it generated. Not a user setting: the gateway has no flags or variables of its own."""
+
     redis_url: str
     controller_url: str
     workdir: str
     model_store: str
-    key_prefix: str = "sllm:"
-    controller_token: str = ""
-    admin_token: str = ""              # Bearer token for /system/ routes; empty refuses them all
-    build_root: str = ""               # deployments' build folders must be under it; empty refuses them all
-    migration_token: str = ""          # SLLM_MIGRATION_TOKEN given to every instance
-    cold_start_timeout_s: float = 300.0
-    idle_check_s: float = 1.0
-    max_body_bytes: int = 4 << 20
-    pool_size: int = 0                 # pre-warmed runtimes per node (0: every start spawns)
-    pool_nodes: tuple[str, ...] = ()   # the nodes to keep pools for
-    max_held: int = 0                  # non-streaming requests held per function during a start (0: no cap)
+    key_prefix: str
+    controller_token: str
+    admin_token: str                   # Bearer token for /system/ routes; empty refuses them all
+    build_root: str                    # deployments' build folders must be under it; empty refuses them all
+    migration_token: str               # SLLM_MIGRATION_TOKEN given to every instance
+    cold_start_timeout_s: float
+    pool_size: int                     # pre-warmed runtimes per node (0: every start spawns)
+    pool_nodes: tuple[str, ...]        # the nodes to keep pools for
+    max_held: int                      # non-streaming requests held per function during a start (0: no cap)
+    idle_check_s: float = 1.0          # how often idle functions are checked for scale to zero
+    max_body_bytes: int = 4 << 20      # request body limit of the Flask app (413 above)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

@@ -8,7 +8,7 @@ same command (Redis: same port, same data dir), after a backoff that doubles per
 to 10 s), each restart logged.
 
 Credentials: a fresh controller token, migration token and gateway admin token per run; the admin token
-is written (0600) where `sllm-faas deploy` looks for it (cli.token_path).
+is written (0600) where `sllm-faas deploy` looks for it (paths.token_path).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from sllm_faas.common import settings as common
 from sllm_faas.common.processes import die_with_parent, stop_process_group
 from sllm_faas.common.settings import setting
 from sllm_faas.runtime.embedded_redis import EmbeddedRedis, free_tcp_port
-from sllm_faas.runtime.local.cli import cache_root, token_path
 from sllm_faas.runtime.local.gateway import GatewayConfig
+from sllm_faas.runtime.local.paths import cache_root, token_path
 
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 10.0
 STABLE_S = 30.0   # a part up this long has its backoff reset
@@ -160,7 +160,8 @@ class LocalCluster:
         gateway_url = f"http://127.0.0.1:{args.port}"
         build_root = args.build_root.resolve()
         build_root.mkdir(parents=True, exist_ok=True)
-        config = GatewayConfig(self.redis_url, controller_url, str(self.workdir), str(store), args.key_prefix,
+        config = GatewayConfig(redis_url=self.redis_url, controller_url=controller_url, workdir=str(self.workdir),
+                               model_store=str(store), key_prefix=args.key_prefix,
                                controller_token=self.controller_token, admin_token=self.admin_token,
                                build_root=str(build_root), migration_token=self.migration_token,
                                cold_start_timeout_s=args.cold_start_timeout, pool_size=args.pool_size,
