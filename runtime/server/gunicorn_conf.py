@@ -7,12 +7,15 @@ GUNICORN_CMD_ARGS or flags.
 
 import os
 
-from sllm_faas.runtime.server.settings import Settings
+from sllm_faas.runtime.server.settings import Settings, SettingsError
 
 # Loaded by the master before it forks: the worker times its cold start from the master's creation.
 os.environ.setdefault("SLLM_SPAWN_PID", str(os.getpid()))
 
-settings = Settings.from_env()   # `sllm-faas serve` exported its flags into the environment
+try:
+    settings = Settings.from_env()   # `sllm-faas serve` exported its flags into the environment
+except SettingsError as exc:         # gunicorn's own start (and a pooled runtime's) stop with the message alone
+    raise SystemExit(f"sllm-faas runtime: {exc}") from None
 bind = f"{settings.host}:{settings.port}"
 workers = 1
 worker_class = "sllm_faas.common.http_server.Worker"  # gthread that slow clients cannot exhaust
