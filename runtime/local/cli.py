@@ -7,23 +7,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from sllm_faas.runtime.local.logs import FOLLOW_MAX_S, MAX_TAIL
+from sllm_faas.runtime.local.paths import token_path
 
 DEFAULT_GATEWAY = "http://127.0.0.1:8080"
-
-
-def cache_root() -> Path:
-    """$SLLM_FAAS_CACHE, else ~/.cache/sllm-faas: the model store and the gateways' admin tokens."""
-    return Path(os.environ.get("SLLM_FAAS_CACHE") or Path.home() / ".cache" / "sllm-faas")
-
-
-def token_path(gateway: str) -> Path:
-    """Where `sllm-faas up` leaves the admin token of the gateway at `gateway` (mode 0600, removed when it
-    stops), so that `sllm-faas deploy` finds it without being told."""
-    url = urlsplit(gateway)
-    return cache_root() / "gateways" / f"{url.hostname}_{url.port or 80}.token"
 
 
 def admin_token(args: argparse.Namespace) -> str:
