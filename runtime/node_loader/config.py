@@ -77,8 +77,8 @@ class LoaderConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML file with any of the settings below (keys as the flag names with "
-                                         "underscores); flags and SLLM_LOADER_* variables win over it")
+    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with any of the settings below (keys as "
+                        "the flag names with underscores); flags and SLLM_LOADER_* variables win over it")
     common.add_arguments(parser, LoaderConfig)
 
 
