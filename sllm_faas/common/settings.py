@@ -1,8 +1,9 @@
 """One way to configure every service: a flag, else its environment variable, else the file, else the default.
 
 A service declares one frozen dataclass whose fields are `setting(...)`: the environment variable, a help line,
-the kind (str, int, float, bool, size, duration, path, list), bounds, choices, a validator and the default (a
-value, or a callable computed when settings are resolved). From that one declaration:
+the kind (str, int, bool, size, duration, path), bounds, choices, a validator and the default (a value, or a
+callable computed when settings are resolved); `prefixed` declares a service's SLLM_<SERVICE>_<FIELD> variables.
+From that one declaration:
 
 - `resolve(cls, flags, env, file)` reads each field in that order and checks its value; an empty environment
   variable counts as unset. A refused value raises SettingsError naming the field's flag, where the value came
@@ -10,6 +11,7 @@ value, or a callable computed when settings are resolved). From that one declara
   from the class's `__post_init__`; `resolve` adds each named field's source to its message.
 - `add_arguments(parser, cls)` adds the argparse flags (help: the env variable and the default), and
   `given(args, cls)` reads back the ones given, as text, for `resolve`.
+- `validate(obj)`, from `__post_init__`, runs the same checks on settings built directly.
 - `to_json` and `from_json` hand resolved settings from a command to the worker processes it starts.
 - `rows(cls)` are the README's table rows (tests check that the README lists every one).
 
@@ -30,8 +32,8 @@ from typing import Any
 from sllm_faas.common.units import parse_seconds, parse_size
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-KINDS = ("str", "int", "float", "bool", "size", "duration", "path", "list")
-_METAVARS = {"int": "N", "float": "X", "size": "SIZE", "duration": "SECONDS", "path": "PATH", "list": "A,B"}
+KINDS = ("str", "int", "bool", "size", "duration", "path")
+_METAVARS = {"int": "N", "size": "SIZE", "duration": "SECONDS", "path": "PATH"}
 
 
 class SettingsError(ValueError):
@@ -70,6 +72,10 @@ class Spec:
     env_fallback: tuple[str, ...] = ()  # read when `env` is unset (e.g. the conventional REDIS_URL)
     shown_default: str = ""              # how help and the README say a computed or empty default
     secret: bool = False                 # never shown in errors
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"setting {self.env}: unknown kind {self.kind!r} (one of {', '.join(KINDS)})")
 
 
 def setting(env: str, help: str, default: Any = dataclasses.MISSING, **spec: Any) -> Any:
@@ -156,23 +162,12 @@ def _typed(kind: str, raw: Any, text: str) -> Any:
             return raw if isinstance(raw, int) and not isinstance(raw, bool) else int(text)
         except ValueError:
             raise ValueError("not an integer") from None
-    if kind == "float":
-        try:
-            value = float(text)
-        except ValueError:
-            raise ValueError("not a number") from None
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("not a finite number")
-        return value
     if kind == "size":
         return raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(text)
     if kind == "duration":
-        return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else parse_seconds(text)
+        return parse_seconds(text)   # TOML numbers too: str(12) is "12"
     if kind == "path":
         return Path(text)
-    if kind == "list":
-        items = raw if isinstance(raw, list | tuple) else text.split(",")
-        return tuple(str(item).strip() for item in items if str(item).strip())
     return text
 
 
