@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sllm_faas.common import settings as common
+from sllm_faas.common.http_server import HttpSettings
 from sllm_faas.common.settings import Conflict, SettingsError
 from sllm_faas.common.units import parse_duration, parse_seconds, parse_size
 from sllm_faas.controller.cli import PlaceSettings, StatusSettings
@@ -23,7 +24,7 @@ from sllm_faas.runtime.node_loader.config import LoaderConfig
 from sllm_faas.runtime.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-EVERY = [Settings, LoaderConfig, ControllerConfig, UpSettings, StatusSettings, PlaceSettings]
+EVERY = [Settings, LoaderConfig, ControllerConfig, UpSettings, StatusSettings, PlaceSettings, HttpSettings]
 LOADER_REQUIRED = {"remote": "/store", "ssd_dir": "/tmp/ssd"}
 
 
@@ -145,6 +146,13 @@ def test_handed_over_settings_come_back_equal_and_checked():
 
 # -- sizes, durations ------------------------------------------------------------------------------------------------
 
+def test_a_setting_without_a_flag_is_named_by_its_variable():
+    with pytest.raises(SettingsError, match=r"^SLLM_HTTP_BODY_TIMEOUT_S='0' \(from env SLLM_HTTP_BODY_TIMEOUT_S\): "
+                                            r"must be above 0"):
+        common.resolve(HttpSettings, env={"SLLM_HTTP_BODY_TIMEOUT_S": "0"})
+    assert common.resolve(HttpSettings, env={"SLLM_HTTP_HEADER_TIMEOUT_S": "1m"}).header_timeout_s == 60.0
+
+
 def test_sizes_and_durations():
     assert parse_size("4GiB") == 4 << 30 and parse_size("1.5GB") == 1_500_000_000 and parse_size("512") == 512
     assert parse_duration("30s") == 30.0 and parse_duration("1h30m") == 5400.0 and parse_duration("250ms") == 0.25
@@ -229,7 +237,8 @@ def test_every_setting_is_in_a_readme_table_row_with_its_flag_and_env():
         readme = ROOT / ("deploy/README.md" if cls is ControllerConfig else "README.md")
         table_rows = [line for line in readme.read_text().splitlines() if line.startswith("| `")]
         for flag, env, _, _ in common.rows(cls):
-            if not any(re.search(rf"`{re.escape(flag)}`.*\| `{re.escape(env)}` \|", row) for row in table_rows):
+            pattern = rf"`{re.escape(flag)}`.*\| `{re.escape(env)}` \|" if flag else rf"^\|[^|]*`{re.escape(env)}`"
+            if not any(re.search(pattern, row) for row in table_rows):
                 missing.append(f"{cls.__name__}: {flag} / {env} in {readme.relative_to(ROOT)}")
     assert missing == []
 

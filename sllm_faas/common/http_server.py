@@ -34,11 +34,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from gunicorn.http2 import negotiation
 from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from sllm_faas.common.settings import SettingsError, resolve, setting
 
 WORKER_CLASS = "sllm_faas.common.http_server.Worker"
 HEAD_LIMIT = 64 * 1024  # bytes of request line + headers; gunicorn's own limits are 8190 per line, 100 fields
@@ -46,15 +49,14 @@ HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: 
                   b"Content-Length: 30\r\n\r\nrequest head over 65536 bytes\n")
 
 
-def _seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise SystemExit(f"{name}={raw!r} is not a number of seconds") from None
-    if not value > 0:
-        raise SystemExit(f"{name}={raw!r} must be > 0")
-    return value
+@dataclass(frozen=True, kw_only=True)
+class HttpSettings:
+    """The worker's deadlines (README.md, environment variables): variables only, since gunicorn starts the worker."""
+
+    header_timeout_s: float = setting("SLLM_HTTP_HEADER_TIMEOUT_S", "a connection's request head must arrive within "
+                                      "this", 10.0, kind="duration", above=0, flag=None)
+    body_timeout_s: float = setting("SLLM_HTTP_BODY_TIMEOUT_S", "each later socket read or write must complete "
+                                    "within this", 30.0, kind="duration", above=0, flag=None)
 
 
 BODY_BUFFER_LIMIT = 1 << 20  # bodies up to this size are read before a thread is given (module doc)
@@ -112,8 +114,11 @@ class Worker(ThreadWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.header_timeout = _seconds("SLLM_HTTP_HEADER_TIMEOUT_S", 10.0)
-        self.body_timeout = _seconds("SLLM_HTTP_BODY_TIMEOUT_S", 30.0)
+        try:
+            http = resolve(HttpSettings)
+        except SettingsError as exc:   # the worker does not boot; gunicorn stops with the message
+            raise SystemExit(str(exc)) from None
+        self.header_timeout, self.body_timeout = http.header_timeout_s, http.body_timeout_s
         self.heads: dict[_Conn, float] = {}  # waiting for their head (or buffered body) -> deadline
 
     def accept(self, listener) -> None:

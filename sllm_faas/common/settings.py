@@ -49,7 +49,7 @@ class Conflict(SettingsError):
 
         def show(match: re.Match) -> str:
             spec = spec_of(type(settings), match[1])
-            text = f"{spec.flag}={_shown(spec, getattr(settings, match[1]))}"
+            text = f"{spec.label}={_shown(spec, getattr(settings, match[1]))}"
             return f"{text} (from {sources[match[1]]})" if sources else text
 
         super().__init__(re.sub(r"\{(\w+)\}", show, template))
@@ -62,7 +62,7 @@ class Spec:
     env: str
     help: str
     kind: str = "str"
-    flag: str = ""                       # filled in from the field name: --field-name
+    flag: str | None = ""                # "": --field-name (filled in by `specs`); None: no flag, env only
     optional: bool = False               # None is a value (an unset optional setting)
     minimum: float | None = None
     maximum: float | None = None
@@ -72,6 +72,11 @@ class Spec:
     env_fallback: tuple[str, ...] = ()  # read when `env` is unset (e.g. the conventional REDIS_URL)
     shown_default: str = ""              # how help and the README say a computed or empty default
     secret: bool = False                 # never shown in errors
+
+    @property
+    def label(self) -> str:
+        """How errors name the setting: its flag, or its variable for one without a flag."""
+        return self.flag or self.env
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -102,7 +107,7 @@ def specs(cls: type) -> Iterator[tuple[dataclasses.Field, Spec]]:
     for f in dataclasses.fields(cls):
         spec = f.metadata.get("setting")
         if spec is not None:
-            yield f, spec if spec.flag else dataclasses.replace(spec, flag="--" + f.name.replace("_", "-"))
+            yield f, spec if spec.flag != "" else dataclasses.replace(spec, flag="--" + f.name.replace("_", "-"))
 
 
 def spec_of(cls: type, name: str) -> Spec:
@@ -124,7 +129,7 @@ def parse(spec: Spec, raw: Any, source: str) -> Any:
 
     def refuse(problem: str) -> SettingsError:
         shown = "<hidden>" if spec.secret else repr(raw)
-        return SettingsError(f"{spec.flag}={shown} (from {source}): {problem}")
+        return SettingsError(f"{spec.label}={shown} (from {source}): {problem}")
 
     text = raw if isinstance(raw, str) else str(raw)
     if spec.optional and text == "":
@@ -192,7 +197,7 @@ def resolve(cls: type, flags: Mapping[str, Any] | None = None, env: Mapping[str,
         if raw is not None:
             values[f.name], sources[f.name] = parse(spec, raw, source), source
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            missing.append(f"{spec.flag} (or env {spec.env})")
+            missing.append(f"{spec.label} (or env {spec.env})")
         else:
             sources[f.name] = "default"
     if missing:
@@ -220,6 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field (a positional argument for a flag without dashes); values stay text for `resolve`."""
     for f, spec in specs(cls):
         text = f"{spec.help} (env {spec.env}; default: {default_text(f, spec)})".replace("%", "%%")
+        if spec.flag is None:
+            continue
         if not spec.flag.startswith("-"):
             parser.add_argument(f.name, nargs="?", metavar=spec.flag, help=text)
         elif spec.kind == "bool":
@@ -261,8 +268,8 @@ def from_json(cls: type, text: str, source: str) -> Any:
 
 
 def rows(cls: type) -> list[tuple[str, str, str, str]]:
-    """(flag, env, help, default) per field: what the README's settings tables list."""
-    return [(spec.flag, spec.env, spec.help, default_text(f, spec)) for f, spec in specs(cls)]
+    """(flag, env, help, default) per field: what the README's settings tables list ("" for no flag)."""
+    return [(spec.flag or "", spec.env, spec.help, default_text(f, spec)) for f, spec in specs(cls)]
 
 
 def argument_type(parser: Callable[[str], Any]) -> Callable[[str], Any]:
