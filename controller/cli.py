@@ -21,8 +21,8 @@ from sllm_faas.common.settings import setting
 class StatusSettings:
     """`status` and `place` read Redis as the controller does."""
 
-    redis_url: str = setting("REDIS_URL", "the Redis to read", "redis://127.0.0.1:6379/0")
-    key_prefix: str = setting("SLLM_KEY_PREFIX", "Redis key prefix", "sllm:")
+    redis_url: str = setting("REDIS_URL", "the Redis to read", common.DEFAULT_REDIS_URL)
+    key_prefix: str = setting("SLLM_KEY_PREFIX", "Redis key prefix", common.DEFAULT_KEY_PREFIX)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,8 +32,9 @@ class ControllerConfig:
     port: int = _controller("port", "listen port (the Service's targetPort)", 8090, kind="int", minimum=1,
                             maximum=65535)
     redis_url: str = _controller("redis_url", "the Redis the loaders publish to; `REDIS_URL` is read when neither is "
-                                 "set", "redis://127.0.0.1:6379/0", env_fallback=("REDIS_URL",))
-    key_prefix: str = _controller("key_prefix", "prefix of every Redis key; equal to the loaders'", "sllm:")
+                                 "set", common.DEFAULT_REDIS_URL, env_fallback=("REDIS_URL",))
+    key_prefix: str = _controller("key_prefix", "prefix of every Redis key; equal to the loaders'",
+                                  common.DEFAULT_KEY_PREFIX)
     token: str = _controller("token", "bearer token for every route but `/healthz` and `/metrics`, also accepted as "
                              "`/k8s/<token>/...`", "", secret=True)
     loader_token: str = _controller("loader_token", "bearer token (empty: `$SLLM_LOADER_TOKEN` if set) sent to the "

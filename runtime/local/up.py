@@ -62,7 +62,7 @@ class UpSettings:
                            "puts them in ./build when run from the same folder)", Path("build"), kind="path")
     redis_url: str | None = setting("REDIS_URL", "use this Redis", None, optional=True,
                                     shown_default="unset: start an embedded one")
-    key_prefix: str = _up("key_prefix", "Redis key prefix", "sllm:")
+    key_prefix: str = _up("key_prefix", "Redis key prefix", common.DEFAULT_KEY_PREFIX)
     dram_budget: int = _up("dram_budget", "DRAM tier budget per node", 4 << 30, kind="size", minimum=0,
                            shown_default="4GiB")
     ssd_budget: int = _up("ssd_budget", "SSD tier budget per node", 20 << 30, kind="size", minimum=0,

@@ -35,8 +35,8 @@ class LoaderConfig:
                                "DRAM dir is a tmpfs)", 8 << 30, kind="size", minimum=0, shown_default="8GiB")
     gpu_budget: int = _loader("gpu_budget", "bytes of GPU memory for resident models; 0: no GPU tier", 0, kind="size",
                               minimum=0)
-    redis_url: str = _loader("redis_url", "the Redis it publishes the node to", "redis://127.0.0.1:6379/0")
-    key_prefix: str = _loader("key_prefix", "Redis key prefix (the controller's too)", "sllm:")
+    redis_url: str = _loader("redis_url", "the Redis it publishes the node to", common.DEFAULT_REDIS_URL)
+    key_prefix: str = _loader("key_prefix", "Redis key prefix (the controller's too)", common.DEFAULT_KEY_PREFIX)
     socket_path: str = _loader("socket_path", "its Unix socket (function pods mount its directory)",
                                "/run/sllm/loader.sock")
     tcp: str | None = _loader("tcp", "also listen on HOST:PORT (needs --token, or --insecure-no-auth)", None,

@@ -67,7 +67,7 @@ class Settings:
                                  kind="int", minimum=1, shown_default="the CPU count")
     redis_url: str | None = setting("SLLM_REDIS_URL", "publish this instance (sllm:instance:<id>, a slot of its node) "
                                     "for the controller", None, optional=True, shown_default="unset: not published")
-    key_prefix: str = setting("SLLM_KEY_PREFIX", "Redis key prefix", "sllm:")
+    key_prefix: str = setting("SLLM_KEY_PREFIX", "Redis key prefix", common.DEFAULT_KEY_PREFIX)
     instance_id: str = setting("SLLM_INSTANCE_ID", "this instance's id (in Kubernetes the pod name)",
                                _default_instance_id, shown_default="<hostname>-<pid>")
     node_id: str = setting("SLLM_NODE_ID", "the node it runs on (in Kubernetes spec.nodeName via the downward API)",

@@ -32,6 +32,8 @@ from typing import Any
 from sllm_faas.common.units import parse_seconds, parse_size
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"   # every service's default Redis and key prefix
+DEFAULT_KEY_PREFIX = "sllm:"
 KINDS = ("str", "int", "bool", "size", "duration", "path")
 _METAVARS = {"int": "N", "size": "SIZE", "duration": "SECONDS", "path": "PATH"}
 
