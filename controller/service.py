@@ -24,38 +24,30 @@ import math
 import os
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 import requests
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, jsonify, request
 
 from sllm_faas.common import jsonbody
+from sllm_faas.common.errors import ApiError, client_input, install, plain_body
 from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
 from sllm_faas.common.names import InvalidName
 from sllm_faas.controller import kube
 from sllm_faas.controller.booking import Booker, Booking
 from sllm_faas.controller.cluster import ClusterCache, read_migrations
 from sllm_faas.controller.config import ControllerConfig
+from sllm_faas.controller.keepalive import DEFAULT_KEEP_ALIVE_S, CostKeepAlive, KeepAliveTracker
 from sllm_faas.controller.migration import Migrator, NoDestination
 from sllm_faas.controller.placement import NoCapacity, Placer, UnknownModel
+from sllm_faas.redis_schema import keepalive as keepalive_records
 from sllm_faas.redis_schema.keys import Keys, validate_id
 from sllm_faas.redis_schema.upgrade import ensure_schema
 
 log = logging.getLogger("sllm.controller")
 DECISION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 OPEN_PATHS = {"/healthz", "/metrics"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field = status, message, field
-
-    def body(self) -> dict:
-        return {"error": self.message, **({"field": self.field} if self.field else {})}
 
 
 class Controller:
@@ -94,6 +86,8 @@ class Controller:
         self.migrator = Migrator(self.client, self.keys)
         self._migrations = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sllm-migrate")
         threading.Thread(target=self._recover_forever, name="sllm-migration-recovery", daemon=True).start()
+        self.keepalive = KeepAliveTracker(CostKeepAlive(DEFAULT_KEEP_ALIVE_S))
+        threading.Thread(target=self._publish_keepalive_forever, name="sllm-keepalive", daemon=True).start()
         self._schema_checked_at = -math.inf
 
     def ensure_schema(self) -> None:
@@ -114,6 +108,20 @@ class Controller:
             except Exception:  # never let the recovery thread die
                 log.exception("migration recovery failed")
             time.sleep(every_s)
+
+    def _publish_keepalive_forever(self) -> None:
+        """Each cluster read: learn the models' idle times, publish the keep-alive of each model that went idle
+        (sllm:keepalive:<model>), which the node loaders apply."""
+        while True:
+            try:
+                view = self.cache.view()
+                keepalive_records.publish(self.client, self.keys,
+                                          self.keepalive.update(view.instances.values(), view.snapshot, view.read_at))
+            except redis.RedisError as exc:
+                log.warning("keep-alive publication: %s", exc)
+            except Exception:  # never let the publication thread die
+                log.exception("keep-alive publication failed")
+            time.sleep(self.cache.max_age_s)
 
     def cancel_booking(self, node: str, booking: str) -> bool:
         self.cache.forget_booking(node, booking)
@@ -171,12 +179,16 @@ def _size_hint(body: dict) -> int | None:
     return size
 
 
-def _id(value: object, what: str) -> str:
-    """validate_id for a value from the request: its ValueError is the client's fault (400), not ours."""
-    try:
+def _id(value: object, what: str, field: str | None = None) -> str:
+    """validate_id for a value from the request: its ValueError is the client's fault (400 naming `field`,
+    else `what`), not ours."""
+    with client_input(field or what):
         return validate_id(value, what)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), what) from None
+
+
+def _instance(value: str, field: str) -> str:
+    """A migration's source or destination: a base URL, else an instance id."""
+    return value if value.startswith(("http://", "https://")) else _id(value, "instance id", field)
 
 
 def create_app(config: ControllerConfig | None = None) -> Flask:
@@ -188,59 +200,27 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
     plumbing = kube.Plumbing(config.inject_socket_dir, config.inject_dram_dir, config.redis_url,
                              config.inject_redis_secret, config.key_prefix)
 
+    def redis_down(exc: redis.RedisError) -> ApiError:
+        log.warning("Redis unavailable: %s", exc)
+        return ApiError(503, f"Redis unavailable at {config.redis_url.split('@')[-1]}: {exc}")
+
+    install(app, plain_body, log, {  # the domain's refusals; anything else is a logged 500
+        kube.BadRequest: lambda exc: ApiError(400, str(exc), exc.field),
+        InvalidName: lambda exc: ApiError(400, str(exc), "model"),
+        UnknownModel: lambda exc: ApiError(404, str(exc), "model"),
+        NoCapacity: lambda exc: ApiError(409, str(exc)),
+        redis.RedisError: redis_down})
+
     @app.before_request
-    def authenticate():
-        g.request_id = uuid.uuid4().hex[:16]
+    def authenticate() -> None:
         if (request.content_length or 0) > config.max_body_bytes:
-            return jsonify({"error": f"request body over the {config.max_body_bytes} byte limit"}), 413
+            raise ApiError(413, f"request body over the {config.max_body_bytes} byte limit")
         if not config.token or request.path in OPEN_PATHS:
-            return None
+            return
         header = request.headers.get("Authorization", "")
         sent = header[7:] if header.startswith("Bearer ") else (request.view_args or {}).get("token", "")
         if not hmac.compare_digest(sent.encode(), config.token.encode()):
-            return jsonify({"error": "missing or wrong bearer token"}), 401, {"WWW-Authenticate": "Bearer"}
-        return None
-
-    @app.errorhandler(ApiError)
-    def api_error(exc: ApiError):
-        return jsonify(exc.body()), exc.status
-
-    @app.errorhandler(kube.BadRequest)
-    def bad_shape(exc: kube.BadRequest):
-        return jsonify({"error": str(exc), **({"field": exc.field} if exc.field else {})}), 400
-
-    @app.errorhandler(jsonbody.JsonError)
-    def bad_json(exc: jsonbody.JsonError):
-        return jsonify({"error": exc.message}), exc.status
-
-    @app.errorhandler(InvalidName)
-    def bad_name(exc: InvalidName):
-        return jsonify({"error": str(exc), "field": "model"}), 400
-
-    @app.errorhandler(UnknownModel)
-    def unknown_model(exc: UnknownModel):
-        return jsonify({"error": str(exc), "field": "model"}), 404
-
-    @app.errorhandler(NoCapacity)
-    def no_capacity(exc: NoCapacity):
-        return jsonify({"error": str(exc)}), 409
-
-    @app.errorhandler(redis.RedisError)
-    def redis_down(exc: redis.RedisError):
-        log.warning("Redis unavailable: %s", exc)
-        return jsonify({"error": f"Redis unavailable at {config.redis_url.split('@')[-1]}: {exc}"}), 503
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        return jsonify({"error": exc.description or exc.name}), exc.code
-
-    @app.errorhandler(Exception)
-    def internal_error(exc: Exception):
-        """Only the errors above are the client's; anything else is our bug: logged, 500, with an id to find it."""
-        request_id = g.get("request_id", "-")
-        log.exception("internal error, request %s %s %s", request_id, request.method, request.path)
-        return jsonify({"error": f"internal error ({type(exc).__name__}); see the controller log",
-                        "request_id": request_id}), 500
+            raise ApiError(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     def json_body() -> dict:
         return jsonbody.request_object()
@@ -380,17 +360,15 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         migrator = controller.migrator
         field = "source"
         try:
-            source_url, source_instance = migrator.resolve(body["source"])
+            source_url, source_instance = migrator.resolve(_instance(body["source"], "source"))
             field = "destination"
             if destination is None:
                 destination = migrator.pick_destination(source_instance or source_url)
-            destination_url = migrator.resolve(destination)[0]
+            destination_url = migrator.resolve(_instance(destination, "destination"))[0]
         except NoDestination as exc:
             raise ApiError(409, str(exc), "destination") from None
         except LookupError as exc:
             raise ApiError(404, str(exc), field) from None
-        except ValueError as exc:  # neither a base URL nor a valid instance id (redis_schema.validate_id)
-            raise ApiError(400, str(exc), field) from None
         if destination_url == source_url:
             raise ApiError(400, f"source and destination are the same instance ({source_url})", "destination")
         migration_id = f"m-{int(time.time())}-{os.urandom(4).hex()}"

@@ -130,7 +130,7 @@ def test_internal_faults_are_500_with_a_request_id_not_client_errors(controller,
     answer = controller.post("/v1/placements", {"model": "corrupt"})
     assert answer.status_code == 500, answer.text
     request_id = answer.json()["request_id"]
-    assert len(request_id) == 16 and "ValueError" in answer.json()["error"]
+    assert len(request_id) == 32 and "ValueError" in answer.json()["error"]
     assert f"request {request_id}" in controller.log_path.read_text()          # the traceback can be found by its id
     bad_id = controller.delete("/v1/bookings/node-a/Not_An_Id")
     assert bad_id.status_code == 400 and bad_id.json()["field"] == "booking id"

@@ -2,7 +2,8 @@
 
 The runtime's app must answer /_/health while torch is still importing for the cold start, and the control
 plane (controller, gateway, anything reading a manifest) should not pay torch's ~1 s and ~200 MB at all.
-Each module is imported in a fresh interpreter, the way its server process starts it.
+Each module is imported in a fresh interpreter, the way its server process starts it; and the services are
+started as `sllm-faas up` starts them, used, and their processes' memory maps checked for torch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 TORCH_FREE = [
     "sllm_faas.runtime.server.app",  # the runtime's WSGI app: torch comes with the model, in the cold-start thread
@@ -135,3 +137,57 @@ def test_no_import_cycle_between_modules():
         if node not in index:
             visit(node)
     assert cycles == []
+
+
+# -- the running services: started as `sllm-faas up` starts them, used, then their processes inspected --------------
+
+def _maps_torch(pid: int) -> list[str]:
+    """The torch shared objects mapped into process `pid` (libtorch*, torch/_C*): an imported torch."""
+    with open(f"/proc/{pid}/maps") as handle:
+        paths = {line.split(None, 5)[5].strip() for line in handle if len(line.split(None, 5)) == 6}
+    return sorted(p for p in paths if "libtorch" in p or "/torch/_C" in p)
+
+
+def _command(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return handle.read().replace(b"\0", b" ").decode(errors="replace")
+
+
+def test_running_control_plane_maps_no_torch_after_serving(smollm2, redis_target, tmp_path):
+    """`sllm-faas up` (real gunicorn masters and workers), then a function invoked from zero through all of it:
+    the gateway proxies, the controller places, the node loader stages the model into DRAM and leases it. The
+    runtime instance loads torch (its own process, a child of the gateway's worker); the services' masters and
+    workers must not have mapped it."""
+    from test_local_cluster import Up, write_stack
+
+    from sllm_faas.common.processes import children_by_parent
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "smollm2-a").symlink_to(smollm2["sllm"])
+    up = Up(tmp_path, store, redis_target.url, f"sllm-test-torch:{os.getpid()}:", nodes=1, slots=1,
+            extra=["--pool-size", "0"])
+    try:
+        deployed = up.deploy(write_stack(tmp_path / "stack.yml", {"fa": {"model": "smollm2-a"}}))
+        assert deployed.returncode == 0, deployed.stderr
+        answer = requests.post(f"{up.gateway}/function/fa", json={"question": "What is the capital of France?"},
+                               timeout=300)
+        assert answer.status_code == 200 and answer.headers["X-Sllm-Node"] == "node-0", answer.text
+        assert json.loads(answer.headers["X-Sllm-Cold-Start"])["tier"] == "dram"   # staged by the loader
+        parents = children_by_parent()
+        services = {_command(pid): pid for pid in parents.get(up.process.pid, set())}
+        found = {}
+        for command, master in services.items():
+            kind = next((k for k in ("controller", "loader", "gateway") if k in command), None)
+            if kind:
+                found[kind] = {master, *parents.get(master, set())}   # the master and its gunicorn workers
+        assert set(found) == {"controller", "loader", "gateway"}, services
+        assert all(len(pids) >= 2 for pids in found.values()), found   # a worker beside each master
+        torch_mapped = {kind: {pid: _maps_torch(pid) for pid in pids if _maps_torch(pid)}
+                        for kind, pids in found.items()}
+        assert torch_mapped == {"controller": {}, "loader": {}, "gateway": {}}
+        runtimes = [pid for worker in found["gateway"] for pid in parents.get(worker, set())]
+        assert any(_maps_torch(pid) or any(_maps_torch(c) for c in parents.get(pid, set())) for pid in runtimes), \
+            "the check sees no torch even in the runtime instance that loaded the model"
+    finally:
+        assert up.stop() == 0

@@ -450,23 +450,23 @@ def test_bad_requests_get_clear_errors(pair):
     source, destination = pair
     post = functools.partial(requests.post, headers=auth_headers())
     unknown = post(f"{source.url}/_/requests/cmpl-nope/migrate", json={"destination": destination.url}, timeout=10)
-    assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "request"
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request"
     malformed = post(f"{source.url}/_/requests/cmpl-nope/migrate", data="{nope",
                      headers={**auth_headers(), "Content-Type": "application/json"}, timeout=10)
     assert malformed.status_code == 400
     no_destination = post(f"{source.url}/_/requests/cmpl-nope/migrate", json={"threshold": 3}, timeout=10)
-    assert no_destination.status_code == 400 and no_destination.json()["error"]["field"] == "destination"
+    assert no_destination.status_code == 400 and no_destination.json()["error"]["param"] == "destination"
     bad_id = post(f"{destination.url}/_/migration/Not_An_Id/tokens", json={"start": 0, "tokens": [1]}, timeout=10)
-    assert bad_id.status_code == 400 and bad_id.json()["error"]["field"] == "migration"
+    assert bad_id.status_code == 400 and bad_id.json()["error"]["param"] == "migration"
     bad_tokens = post(f"{destination.url}/_/migration/m-x/tokens", json={"start": 0, "tokens": ["a"]}, timeout=10)
-    assert bad_tokens.status_code == 400 and bad_tokens.json()["error"]["field"] == "tokens"
+    assert bad_tokens.status_code == 400 and bad_tokens.json()["error"]["param"] == "tokens"
     no_params = post(f"{destination.url}/_/migration/m-y/tokens", json={"start": 0, "tokens": [1, 2],
                                                                         "model": "smollm2", "prompt_tokens": 1},
                      timeout=10)
-    assert no_params.status_code == 400 and no_params.json()["error"]["field"] == "params"
+    assert no_params.status_code == 400 and no_params.json()["error"]["param"] == "params"
     wrong_model = post(f"{destination.url}/_/migration/m-z/tokens", json={"start": 0, "tokens": [1], "model": "x",
                                                                          "prompt_tokens": 1}, timeout=10)
-    assert wrong_model.status_code == 409 and wrong_model.json()["error"]["field"] == "model"
+    assert wrong_model.status_code == 409 and wrong_model.json()["error"]["param"] == "model"
     oversized = post(f"{destination.url}/_/migration/m-w/tokens", json={"start": 0, "tokens": [1] * 40_000},
                      timeout=10)
     assert oversized.status_code == 413

@@ -46,15 +46,15 @@ from pathlib import Path
 import redis
 import requests
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
 
-from sllm_faas.common.jsonbody import JsonError, request_object
+from sllm_faas.common.errors import ApiError, client_input, install, openai_body, plain_body, request_id
+from sllm_faas.common.jsonbody import request_object
 from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
 from sllm_faas.common.processes import children_by_parent
 from sllm_faas.redis_schema.keys import Keys, validate_id
 from sllm_faas.runtime.local import logs
 from sllm_faas.runtime.local.instances import Instance, InstanceLauncher, probe_ready
-from sllm_faas.runtime.local.stack import ScaleSettings, StackError
+from sllm_faas.runtime.local.stack import ScaleSettings
 from sllm_faas.runtime.node_loader.client import LoaderClient
 
 log = logging.getLogger("sllm.gateway")
@@ -96,10 +96,11 @@ class GatewayConfig:
         return json.dumps(asdict(self))
 
 
-class GatewayError(Exception):
+class GatewayError(ApiError):
+    """The gateway's answer on purpose (sllm_faas/common/errors.py); a 429 or 503 says when to retry."""
+
     def __init__(self, status: int, message: str, retry_after: str = RETRY_AFTER_S) -> None:
-        super().__init__(message)
-        self.status, self.message, self.retry_after = status, message, retry_after
+        super().__init__(status, message, headers={"Retry-After": retry_after} if status in (429, 503) else None)
 
 
 @dataclass
@@ -148,29 +149,31 @@ def function_from_deployment(body: dict, build_root: str) -> Function:
     comes in the `sllm.io/build` annotation (`sllm-faas deploy` makes it) and must lie under `build_root`,
     symlinks resolved: the gateway runs that folder's index.py."""
     name = body.get("service")
-    validate_id(name, "service (function name)")
+    with client_input("service"):
+        validate_id(name, "service (function name)")
     env = body.get("envVars") or {}
     labels = body.get("labels") or {}
     annotations = body.get("annotations") or {}
     for field_name, value in (("envVars", env), ("labels", labels), ("annotations", annotations)):
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ValueError(f"{field_name} must map names to strings")
+            raise ApiError(400, f"{field_name} must map names to strings", field_name)
     for variable in env:
         if DENIED_ENV.fullmatch(variable):
-            raise ValueError(f"envVars.{variable} is not allowed: it steers the interpreter, the dynamic loader or "
-                             "sllm-faas internals")
+            raise ApiError(400, f"envVars.{variable} is not allowed: it steers the interpreter, the dynamic loader "
+                                "or sllm-faas internals", f"envVars.{variable}")
     model = annotations.get("sllm.io/model") or env.get("SLLM_MODEL")
     if not model:
-        raise ValueError("name the model in envVars.SLLM_MODEL or annotations['sllm.io/model']")
+        raise ApiError(400, "name the model in envVars.SLLM_MODEL or annotations['sllm.io/model']", "envVars")
     build = annotations.get("sllm.io/build", "")
     if not build or not (Path(build) / "index.py").is_file():
-        raise ValueError(f"annotations['sllm.io/build'] must be a function build folder with index.py "
-                         f"(`sllm-faas deploy` makes one); got {build!r}")
+        raise ApiError(400, f"annotations['sllm.io/build'] must be a function build folder with index.py "
+                            f"(`sllm-faas deploy` makes one); got {build!r}", "annotations")
     root = Path(build_root).resolve() if build_root else None
     if root is None or not Path(build).resolve().is_relative_to(root):
-        raise ValueError(f"annotations['sllm.io/build'] {build!r} is not under the gateway's build root "
-                         f"{build_root or '(none configured)'} (`sllm-faas up --build-root`)")
-    ScaleSettings.from_labels(labels, "labels")
+        raise ApiError(400, f"annotations['sllm.io/build'] {build!r} is not under the gateway's build root "
+                            f"{build_root or '(none configured)'} (`sllm-faas up --build-root`)", "annotations")
+    with client_input("labels"):
+        ScaleSettings.from_labels(labels, "labels")
     return Function(name, model, build, str(body.get("image") or ""), dict(env), dict(labels), dict(annotations))
 
 
@@ -510,8 +513,7 @@ def wants_stream(body: bytes) -> bool:
 def stream_error_frame(message: str, code: str = "upstream_disconnected") -> bytes:
     """The SSE frame that ends a stream the instance cut (or a held stream whose start failed): the client
     sees an error, not a silent end."""
-    error = {"message": message, "type": "server_error", "param": None, "code": code}
-    return f"data: {json.dumps({'error': error})}\n\n".encode()
+    return f"data: {json.dumps(openai_body(ApiError(502, message, code=code)))}\n\n".encode()
 
 
 def create_app(config: GatewayConfig | None = None) -> Flask:
@@ -526,44 +528,23 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["sllm_gateway"] = gateway
 
-    @app.errorhandler(GatewayError)
-    def gateway_error(exc: GatewayError):
-        headers = {"Retry-After": exc.retry_after} if exc.status in (429, 503) else {}
-        return jsonify({"error": exc.message}), exc.status, headers
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        """Routing's own answers (404, 405, 413) in the gateway's JSON shape; redirects stay redirects."""
-        if exc.code is None or exc.code < 400:
-            return exc
-        return jsonify({"error": exc.description or exc.name}), exc.code
-
-    @app.errorhandler(JsonError)
-    def bad_json(exc: JsonError):
-        return jsonify({"error": exc.message}), exc.status
-
-    @app.errorhandler(redis.RedisError)
-    def redis_down(exc: redis.RedisError):  # `up` restarts an embedded Redis; nothing was changed
+    def redis_down(exc: redis.RedisError) -> ApiError:  # `up` restarts an embedded Redis; nothing was changed
         log.warning("Redis is unreachable: %s", exc)
-        return jsonify({"error": f"Redis is unreachable ({type(exc).__name__}); retry shortly"}), 503, \
-            {"Retry-After": RETRY_AFTER_S}
+        return GatewayError(503, f"Redis is unreachable ({type(exc).__name__}); retry shortly")
 
-    @app.errorhandler(ValueError)
-    @app.errorhandler(StackError)
-    def bad_request(exc: Exception):
-        return jsonify({"error": str(exc)}), 400
+    install(app, plain_body, log, {redis.RedisError: redis_down})  # an instance's own answers pass through as sent
 
     @app.before_request
-    def admin_only():
+    def admin_only() -> None:
         """/system/ routes deploy code and change scale: they want the admin token."""
         if not request.path.startswith("/system/"):
-            return None
+            return
         supplied = request.headers.get("Authorization", "").encode()
         if config.admin_token and hmac.compare_digest(supplied, f"Bearer {config.admin_token}".encode()):
-            return None
-        return jsonify({"error": "/system/ routes want Authorization: Bearer <admin token> (`sllm-faas up` wrote "
-                                 "it; `sllm-faas deploy` reads it, or pass --token / $SLLM_GATEWAY_TOKEN)"}), 401, \
-            {"WWW-Authenticate": 'Bearer realm="sllm-faas"'}
+            return
+        raise ApiError(401, "/system/ routes want Authorization: Bearer <admin token> (`sllm-faas up` wrote it; "
+                            "`sllm-faas deploy` reads it, or pass --token / $SLLM_GATEWAY_TOKEN)",
+                       headers={"WWW-Authenticate": 'Bearer realm="sllm-faas"'})
 
     @app.get("/healthz")
     def healthz():
@@ -590,7 +571,8 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     @app.delete("/system/functions")
     def delete():
         name = request_object().get("functionName")
-        validate_id(name, "functionName")
+        with client_input("functionName"):
+            validate_id(name, "functionName")
         gateway.remove(name)
         return "", 202
 
@@ -607,7 +589,8 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         messages from the function's instance logs (runtime/local/logs.py)."""
         name = request.args.get("name", "")
         gateway.get(name)
-        messages = logs.request_stream(gateway.launcher.log_dir, name, request.args)
+        with client_input():   # tail, follow
+            messages = logs.request_stream(gateway.launcher.log_dir, name, request.args)
         if messages is None:
             raise GatewayError(429, f"{logs.MAX_FOLLOWERS} log streams are followed already; retry later")
         return Response(messages, mimetype="application/x-ndjson",
@@ -734,6 +717,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
         path = forwarded_path(name, path)
         body = request.get_data()  # before acquiring: an oversized body (413) must not hold an instance
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["X-Request-Id"] = request_id()   # the instance logs and answers under the same id
         streaming = wants_stream(body)
         if streaming and not gateway.has_ready(name):
             return held_stream(name, path, body, headers)

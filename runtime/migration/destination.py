@@ -15,11 +15,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
+from sllm_faas.common.errors import ApiError
 from sllm_faas.runtime.migration import faults
+from sllm_faas.runtime.migration.host import Host, loaded_engine
 from sllm_faas.runtime.migration.protocol import (
-    ProtocolError,
     ndjson,
     numerics,
     params_from_json,
@@ -27,10 +27,7 @@ from sllm_faas.runtime.migration.protocol import (
     token_list,
 )
 from sllm_faas.runtime.migration.state import Migrations, MigrationStatus
-from sllm_faas.runtime.model.engine import EngineStopped, Generation, NoFreeSlot, RequestTooLong
-
-if TYPE_CHECKING:
-    from sllm_faas.runtime.server.app import Runtime
+from sllm_faas.runtime.model.engine import Engine, EngineStopped, Generation, NoFreeSlot, RequestTooLong
 
 KEEPALIVE_S = 1.0
 TOKEN_POLL_S = 0.02  # how soon tokens that produced no text yet are forwarded
@@ -48,22 +45,19 @@ class StagedMigration(MigrationStatus):
 class Destination:
     """The destination role of one instance: its handlers and the sweeper of abandoned staged requests."""
 
-    def __init__(self, runtime: Runtime, migrations: Migrations) -> None:
-        self.runtime, self.migrations = runtime, migrations
+    def __init__(self, host: Host, migrations: Migrations) -> None:
+        self.host, self.migrations = host, migrations
         self._sweeper: threading.Thread | None = None
 
-    def _engine(self):
-        loaded = self.runtime.loaded
-        if loaded is None:
-            raise ProtocolError(503, "this instance has no model loaded: " + (self.runtime.failure or "starting"))
-        return loaded
+    def _engine(self) -> Engine:
+        return loaded_engine(self.host)
 
     def _staged(self, migration_id: str) -> StagedMigration:
         status = self.migrations.get(migration_id)
         if not isinstance(status, StagedMigration):
-            raise ProtocolError(404, f"no migration {migration_id} is staged here", "migration")
+            raise ApiError(404, f"no migration {migration_id} is staged here", "migration")
         if status.state != "staged":
-            raise ProtocolError(409, f"migration {migration_id} is {status.state}, not staged", "migration")
+            raise ApiError(409, f"migration {migration_id} is {status.state}, not staged", "migration")
         return status
 
     def tokens(self, migration_id: str, body: dict, source: str) -> dict:
@@ -76,27 +70,27 @@ class Destination:
         with status.lock:
             _check_start(status, start)
             faults.inject("destination.round")
-            self._prefill(status, lambda: self._engine().engine.extend(status.generation, tokens), len(tokens))
+            self._prefill(status, lambda: self._engine().extend(status.generation, tokens), len(tokens))
         return self._round_reply(status)
 
     def _first_round(self, migration_id: str, body: dict, tokens: list[int], source: str) -> dict:
         faults.inject("destination.tokens")
-        loaded = self._engine()
+        engine = self._engine()
         model = require(body, "model", str)
-        if model != loaded.name:
-            raise ProtocolError(409, f"this instance serves {loaded.name!r}, not {model!r}", "model")
+        if model != self.host.model_name:
+            raise ApiError(409, f"this instance serves {self.host.model_name!r}, not {model!r}", "model")
         prompt_tokens = require(body, "prompt_tokens", int)
         if not 1 <= prompt_tokens <= len(tokens):
-            raise ProtocolError(400, f"'prompt_tokens' must be between 1 and {len(tokens)}", "prompt_tokens")
+            raise ApiError(400, f"'prompt_tokens' must be between 1 and {len(tokens)}", "prompt_tokens")
         params = params_from_json(body.get("params"))
         status = StagedMigration(migration_id, require(body, "request", str, None), source)
-        status.same_numerics = require(body, "numerics", dict, None) == numerics(loaded.engine)
+        status.same_numerics = require(body, "numerics", dict, None) == numerics(engine)
         if self.migrations.add(status) is not status:
-            raise ProtocolError(409, f"migration {migration_id} exists already", "migration")
+            raise ApiError(409, f"migration {migration_id} exists already", "migration")
         try:
-            self._prefill(status, lambda: loaded.engine.stage(tokens[:prompt_tokens], tokens[prompt_tokens:], params),
+            self._prefill(status, lambda: engine.stage(tokens[:prompt_tokens], tokens[prompt_tokens:], params),
                           len(tokens))
-        except ProtocolError as exc:
+        except ApiError as exc:
             self.migrations.end(status, "aborted", "refused", exc.message)
             raise
         self._start_sweeper()
@@ -107,11 +101,11 @@ class Destination:
         try:
             generation = call()
         except NoFreeSlot as exc:
-            raise ProtocolError(503, f"no free slot: {exc}", code="no_free_slot") from None
+            raise ApiError(503, f"no free slot: {exc}", code="no_free_slot") from None
         except RequestTooLong as exc:
-            raise ProtocolError(400, str(exc), "tokens") from None
+            raise ApiError(400, str(exc), "tokens") from None
         except (EngineStopped, ValueError) as exc:
-            raise ProtocolError(409, str(exc)) from None
+            raise ApiError(409, str(exc)) from None
         status.generation = generation or status.generation
         status.prefill_s += time.monotonic() - started
         status.position += count
@@ -134,7 +128,7 @@ class Destination:
             faults.inject("destination.commit")
             generation = status.generation
             status.handed = len(generation.output_ids) + len(tokens)
-            self._prefill(status, lambda: self._engine().engine.resume(generation, tokens, text), len(tokens))
+            self._prefill(status, lambda: self._engine().resume(generation, tokens, text), len(tokens))
             status.move("generating", f"resumed at token {status.handed}")
         return self._stream(status)
 
@@ -179,9 +173,9 @@ class Destination:
         self.migrations.end(status, "aborted", "dropped", reason)
 
     def _engine_cancel(self, generation: Generation) -> None:
-        loaded = self.runtime.loaded
-        if loaded is not None and generation.finish_reason is None:
-            loaded.engine.cancel(generation)
+        engine = self.host.engine
+        if engine is not None and generation.finish_reason is None:
+            engine.cancel(generation)
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None:
@@ -203,5 +197,5 @@ class Destination:
 def _check_start(status: StagedMigration, start: int) -> None:
     """Rounds and the commit must continue exactly where the staged tokens end."""
     if start != status.position:
-        raise ProtocolError(409, f"'start' is {start} but {status.position} tokens are staged", "start",
-                            position=status.position)
+        raise ApiError(409, f"'start' is {start} but {status.position} tokens are staged", "start")
+

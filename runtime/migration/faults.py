@@ -19,12 +19,16 @@ import signal
 EXIT_CODE = 86  # what a process killed by an injected fault exits with
 
 
+class FaultPlanError(ValueError):
+    """SLLM_MIGRATION_FAULT names an action other than exit or hang."""
+
+
 def _plan(raw: str) -> dict[str, str]:
     plan = {}
     for item in filter(None, (part.strip() for part in raw.split(","))):
         step, _, action = item.partition(":")
         if action not in ("exit", "hang"):
-            raise SystemExit(f"SLLM_MIGRATION_FAULT={raw!r}: {item!r} must be STEP:exit or STEP:hang")
+            raise FaultPlanError(f"SLLM_MIGRATION_FAULT={raw!r}: {item!r} must be STEP:exit or STEP:hang")
         plan[step] = action
     return plan
 

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sllm_faas.common.errors import ApiError
+
 if TYPE_CHECKING:  # importing sampling imports torch: the app registers these routes before torch is loaded
     from sllm_faas.runtime.model.params import SamplingParams
 
@@ -31,20 +33,9 @@ MIGRATION_ID = re.compile(r"[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?")  # a DNS label
 MAX_TOKEN_ID = 1 << 31
 
 
-class ProtocolError(Exception):
-    """A request the protocol refuses; `status` is its HTTP status, `field` the body field at fault."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.message, self.field, self.extra = status, message, field, extra
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "field": self.field, **self.extra}}
-
-
 def check_migration_id(value: object) -> str:
     if not isinstance(value, str) or not MIGRATION_ID.fullmatch(value):
-        raise ProtocolError(400, f"migration id {str(value)[:80]!r} must be a DNS label: lowercase letters, digits "
+        raise ApiError(400, f"migration id {str(value)[:80]!r} must be a DNS label: lowercase letters, digits "
                                  "and '-', at most 63 characters", "migration")
     return value
 
@@ -53,29 +44,29 @@ def require(body: dict, name: str, kind: type | tuple[type, ...], default: Any =
     """body[name] if it has the JSON type `kind` (bools are not numbers), else a 400 naming the field."""
     if name not in body or body[name] is None:
         if default is ...:
-            raise ProtocolError(400, f"'{name}' is required", name)
+            raise ApiError(400, f"'{name}' is required", name)
         return default
     value = body[name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise ProtocolError(400, f"'{name}' must be a {names}", name)
+        raise ApiError(400, f"'{name}' must be a {names}", name)
     return value
 
 
 def number(body: dict, name: str, default: float, low: float, high: float) -> float:
     value = float(require(body, name, (int, float), default))
     if not low <= value <= high:
-        raise ProtocolError(400, f"'{name}' must be between {low} and {high}", name)
+        raise ApiError(400, f"'{name}' must be between {low} and {high}", name)
     return value
 
 
 def token_list(body: dict, name: str = "tokens", limit: int = 1 << 20) -> list[int]:
     tokens = require(body, name, list)
     if len(tokens) > limit:
-        raise ProtocolError(413, f"'{name}' has {len(tokens)} tokens; the limit is {limit}", name)
+        raise ApiError(413, f"'{name}' has {len(tokens)} tokens; the limit is {limit}", name)
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < MAX_TOKEN_ID for t in tokens):
-        raise ProtocolError(400, f"'{name}' must be a list of token ids (non-negative integers)", name)
+        raise ApiError(400, f"'{name}' must be a list of token ids (non-negative integers)", name)
     return tokens
 
 
@@ -94,23 +85,23 @@ def params_from_json(raw: object) -> SamplingParams:
     from sllm_faas.runtime.model.params import SamplingParams
 
     if not isinstance(raw, dict):
-        raise ProtocolError(400, "'params' must be an object", "params")
+        raise ApiError(400, "'params' must be an object", "params")
     max_tokens = require(raw, "max_tokens", int)
     seed = require(raw, "seed", int)
     stop = require(raw, "stop", list, [])
     if max_tokens < 1 or not 0 <= seed < 2**63:
-        raise ProtocolError(400, "'params.max_tokens' must be >= 1 and 'params.seed' in [0, 2**63)", "params")
+        raise ApiError(400, "'params.max_tokens' must be >= 1 and 'params.seed' in [0, 2**63)", "params")
     if not all(isinstance(s, str) and s for s in stop):
-        raise ProtocolError(400, "'params.stop' must be a list of non-empty strings", "params.stop")
+        raise ApiError(400, "'params.stop' must be a list of non-empty strings", "params.stop")
     bias = require(raw, "logit_bias", dict, {})
     if not all(k.isascii() and k.isdigit() and int(k) < MAX_TOKEN_ID and isinstance(v, int | float)
                and not isinstance(v, bool) and -100 <= v <= 100 for k, v in bias.items()):
-        raise ProtocolError(400, "'params.logit_bias' must map token ids to numbers in [-100, 100]",
+        raise ApiError(400, "'params.logit_bias' must map token ids to numbers in [-100, 100]",
                             "params.logit_bias")
     top_k, min_tokens = require(raw, "top_k", int, 0), require(raw, "min_tokens", int, 0)
     logprobs = require(raw, "logprobs", int, None)
     if top_k < 0 or min_tokens < 0 or logprobs is not None and not 0 <= logprobs <= 20:
-        raise ProtocolError(400, "'params.top_k' and 'params.min_tokens' must be >= 0, 'params.logprobs' in [0, 20]",
+        raise ApiError(400, "'params.top_k' and 'params.min_tokens' must be >= 0, 'params.logprobs' in [0, 20]",
                             "params")
     return SamplingParams(max_tokens=max_tokens, temperature=number(raw, "temperature", 1.0, 0.0, 2.0),
                           top_p=number(raw, "top_p", 1.0, 1e-9, 1.0), seed=seed, stop=stop,
@@ -138,12 +129,12 @@ class MigrateOptions:
     def from_json(cls, body: dict) -> MigrateOptions:
         destination = require(body, "destination", str)
         if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", destination):
-            raise ProtocolError(400, "'destination' must be an http(s) base URL such as http://10.0.0.7:8080",
+            raise ApiError(400, "'destination' must be an http(s) base URL such as http://10.0.0.7:8080",
                                 "destination")
         threshold = require(body, "threshold", int, cls.threshold)
         max_rounds = require(body, "max_rounds", int, cls.max_rounds)
         if threshold < 1 or max_rounds < 1:
-            raise ProtocolError(400, "'threshold' and 'max_rounds' must be >= 1", "threshold")
+            raise ApiError(400, "'threshold' and 'max_rounds' must be >= 1", "threshold")
         return cls(destination.rstrip("/"), threshold, max_rounds,
                    number(body, "timeout_s", cls.timeout_s, 0.1, 3600.0),
                    number(body, "handover_timeout_s", cls.handover_timeout_s, 0.1, 600.0),

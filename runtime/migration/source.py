@@ -16,11 +16,11 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import requests
 
 from sllm_faas.runtime.migration import faults
+from sllm_faas.runtime.migration.host import Host
 from sllm_faas.runtime.migration.protocol import (
     PREFIX,
     MigrateOptions,
@@ -31,9 +31,6 @@ from sllm_faas.runtime.migration.protocol import (
 )
 from sllm_faas.runtime.migration.state import Migrations, MigrationStatus
 from sllm_faas.runtime.model.engine import EngineStopped, Generation
-
-if TYPE_CHECKING:
-    from sllm_faas.runtime.server.app import Runtime
 
 log = logging.getLogger("sllm.migration")
 CONNECT_TIMEOUT_S = 3.0
@@ -48,10 +45,10 @@ class KeepIt(Exception):
 
 
 class SourceMigration(MigrationStatus):
-    def __init__(self, migration_id: str, generation: Generation, options: MigrateOptions, runtime: Runtime,
+    def __init__(self, migration_id: str, generation: Generation, options: MigrateOptions, host: Host,
                  migrations: Migrations) -> None:
         super().__init__(migration_id, "source", generation.request_id, options.destination, "transferring")
-        self.generation, self.options, self.runtime, self.migrations = generation, options, runtime, migrations
+        self.generation, self.options, self.host, self.migrations = generation, options, host, migrations
         self.sent = 0  # context tokens the destination holds
         self.paused_at: float | None = None
         self._abort = threading.Event()
@@ -87,11 +84,11 @@ class SourceMigration(MigrationStatus):
     # -- before the handover ----------------------------------------------------------------
     def _hand_over(self, session: requests.Session) -> tuple[requests.Response, Iterator[str]]:
         """Rounds, pause, commit; returns the destination's continuation stream once it has resumed."""
-        engine = self.runtime.loaded.engine
+        engine, name = self.host.engine, self.host.model_name
         generation = self.generation
         context = generation.context()
         reply = self._send(session, {"start": 0, "tokens": context, "prompt_tokens": len(generation.prompt_ids),
-                                     "params": params_to_json(generation.params), "model": self.runtime.loaded.name,
+                                     "params": params_to_json(generation.params), "model": name,
                                      "numerics": numerics(engine), "request": generation.request_id})
         self.same_numerics = reply.get("same_numerics")
         while True:
@@ -114,7 +111,7 @@ class SourceMigration(MigrationStatus):
         self.duration_s = time.monotonic() - self.started
         self.move("relaying", f"handed over at token {self.sent}")
         if self.options.release:
-            release_when_idle(self.runtime, f"handed its requests over to {self.options.destination}")
+            self.host.release_model(f"handed its requests over to {self.options.destination}")
         return response, lines
 
     def _commit(self, session: requests.Session, final: list[int]) -> tuple[requests.Response, Iterator[str]]:
@@ -170,9 +167,9 @@ class SourceMigration(MigrationStatus):
 
     def _keep(self, session: requests.Session, kept: KeepIt) -> None:
         """The request stays here: generate on, and have the destination drop what it staged."""
-        loaded = self.runtime.loaded
-        if loaded is not None and self.generation.state == "paused":
-            loaded.engine.unpause(self.generation)
+        engine = self.host.engine
+        if engine is not None and self.generation.state == "paused":
+            engine.unpause(self.generation)
         if self.paused_at is not None:
             self.pause_s = time.monotonic() - self.paused_at
         try:
@@ -226,11 +223,11 @@ class SourceMigration(MigrationStatus):
         response.close()
 
     def _take_back(self, reason: str) -> None:
-        generation, loaded = self.generation, self.runtime.loaded
+        generation, engine = self.generation, self.host.engine
         try:
-            if loaded is None:
+            if engine is None:
                 raise EngineStopped("this instance released its model")
-            loaded.engine.restore(generation)
+            engine.restore(generation)
         except (EngineStopped, ValueError) as exc:
             detail = f"the destination failed after the handover ({reason}) and the source cannot go on: {exc}"
             generation.end("error", f"migration {self.id}: {detail}")
@@ -242,20 +239,3 @@ class SourceMigration(MigrationStatus):
         self.migrations.incident(self, "destination_lost_recovered", detail)
         self.migrations.end(self, "recovered", "destination_lost", detail)
 
-
-def release_when_idle(runtime: Runtime, reason: str) -> bool:
-    """Give the model back (engine, weights, node-loader lease and slot) once no request is left here.
-
-    New requests are refused first (503, not ready), then the engine is checked again, so a request that
-    slipped in keeps the model."""
-    loaded = runtime.loaded
-    if loaded is None or loaded.engine.generations():
-        return False
-    runtime.loaded, runtime.failure = None, f"released its model: {reason}"
-    if loaded.engine.generations():
-        runtime.loaded, runtime.failure = loaded, None
-        return False
-    loaded.engine.stop()
-    runtime.release()
-    log.info("released the model: %s", reason)
-    return True

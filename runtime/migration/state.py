@@ -1,7 +1,7 @@
 """What one instance knows of the migrations it takes part in, as source or destination.
 
 Each migration is a `MigrationStatus` (GET /_/migration/<id> returns it); `Migrations` keeps them by id,
-counts them in the runtime's Prometheus registry, and writes incidents that happen after a handover
+counts them in the instance's metrics registry, and writes incidents that happen after a handover
 to the migration's Redis record when the instance has Redis (SLLM_REDIS_URL).
 """
 
@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sllm_faas.runtime.server.app import Runtime
+    from sllm_faas.common.metrics import Metrics
 
 log = logging.getLogger("sllm.migration")
 
@@ -65,12 +65,14 @@ class MigrationStatus:
 class Migrations:
     """This instance's migrations by id, their metrics, and their incidents."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, metrics: Metrics, redis_url: str | None = None, key_prefix: str = "sllm:",
+                 instance_id: str = "") -> None:
+        """`redis_url`: where incidents are written (none: they stay in the status, metrics and log)."""
+        self.redis_url, self.key_prefix, self.instance_id = redis_url, key_prefix, instance_id
         self._by_id: dict[str, MigrationStatus] = {}
         self._lock = threading.Lock()
         self._records = None  # sllm_faas.runtime.migration.record.MigrationRecords, made on the first incident
-        m = runtime.metrics
+        m = metrics
         self.migrations = m.counter("sllm_migrations_total", "Live migrations this instance took part in, by role "
                                     "and outcome.", ("role", "outcome"))
         self.pause = m.histogram("sllm_migration_pause_seconds", "Source: how long a migrated request's tokens "
@@ -132,8 +134,7 @@ class Migrations:
         status.move(status.state, f"incident {kind}: {detail}")
         self.incidents.labels(kind).inc()
         log.warning("migration %s: %s: %s", status.id, kind, detail)
-        settings = self.runtime.settings
-        if not getattr(settings, "redis_url", None):
+        if not self.redis_url:
             return
         try:
             if self._records is None:
@@ -142,10 +143,10 @@ class Migrations:
                 from sllm_faas.redis_schema.keys import Keys
                 from sllm_faas.runtime.migration.record import MigrationRecords
 
-                client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=2.0,
+                client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2.0,
                                               socket_connect_timeout=2.0)
-                self._records = MigrationRecords(client, Keys(settings.key_prefix))
-            by = f"{status.role}:{getattr(settings, 'instance_id', '')}"
+                self._records = MigrationRecords(client, Keys(self.key_prefix))
+            by = f"{status.role}:{self.instance_id}"
             self._records.annotate(status.id, by, detail, incident=kind, incident_at=f"{time.time():.3f}")
         except Exception as exc:  # Redis is a mirror: the incident is still in the status, metrics and log
             log.warning("migration %s: could not record the incident in Redis: %s", status.id, exc)

@@ -23,9 +23,9 @@ import os
 import socket
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
 
 from sllm_faas.common import jsonbody
+from sllm_faas.common.errors import ApiError, install, plain_body
 from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
 from sllm_faas.common.names import InvalidName
 from sllm_faas.redis_schema import Keys
@@ -91,38 +91,22 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
     app.extensions["sllm_loader"] = loader
     metrics_ = _metrics(loader)
 
-    @app.errorhandler(LoaderError)
-    def refused(exc: LoaderError):
-        return jsonify({"error": str(exc)}), exc.status
-
-    @app.errorhandler(InvalidName)
-    def bad_name(exc: InvalidName):
-        return jsonify({"error": str(exc)}), 400
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        return jsonify({"error": exc.description}), exc.code
+    install(app, plain_body, log, {LoaderError: lambda exc: ApiError(exc.status, str(exc)),
+                                   InvalidName: lambda exc: ApiError(400, str(exc))})
 
     @app.before_request
-    def authenticate():
+    def authenticate() -> None:
         token = loader.config.token
         if not token or request.path == "/healthz" or _on_unix_socket(request.environ):
-            return None
+            return
         sent = request.headers.get("Authorization", "")
         if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            return jsonify({"error": "the loader's TCP API needs 'Authorization: Bearer <token>' "
-                                     "(the loader's --token / SLLM_LOADER_TOKEN)"}), 401
-        return None
-
-    def body() -> dict:
-        try:
-            return jsonbody.request_object()
-        except jsonbody.JsonError as exc:
-            raise LoaderError(exc.message, exc.status) from None
+            raise ApiError(401, "the loader's TCP API needs 'Authorization: Bearer <token>' "
+                                "(the loader's --token / SLLM_LOADER_TOKEN)")
 
     @app.post("/v1/stage")
     def stage():
-        data = body()
+        data = jsonbody.request_object()
         job = loader.stage(data.get("model"), data.get("tier", "dram"))
         return jsonify(job.as_dict()), 200 if job.state == "done" else 202
 
@@ -130,7 +114,7 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
     def job(job_id: str):
         found = loader.jobs.get(job_id)
         if found is None:
-            raise LoaderError(f"no job {job_id!r}", 404)
+            raise ApiError(404, f"no job {job_id!r}")
         return found.as_dict()
 
     @app.get("/v1/models/<model>")
@@ -139,10 +123,10 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
 
     @app.post("/v1/leases")
     def lease():
-        data = body()
+        data = jsonbody.request_object()
         ttl = data.get("ttl_s")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float)):
-            raise LoaderError("ttl_s must be a number")
+            raise ApiError(400, "ttl_s must be a number", "ttl_s")
         return jsonify(loader.lease(data.get("model"), str(data.get("holder", "")), ttl).as_dict()), 201
 
     @app.post("/v1/leases/<lease_id>/renew")
@@ -155,7 +139,7 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
 
     @app.post("/v1/evict")
     def evict():
-        data = body()
+        data = jsonbody.request_object()
         return {"freed_bytes": loader.evict(data.get("model"), data.get("tier", "dram"))}
 
     @app.get("/v1/status")

@@ -18,17 +18,18 @@ import queue
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException, NotFound
+from flask import Blueprint, Flask, Response, jsonify, request
+from werkzeug.exceptions import NotFound
 
+from sllm_faas.common.errors import ApiError, install, openai_body
 from sllm_faas.common.http_server import Admission
-from sllm_faas.common.jsonbody import JsonError, loads_object, request_object
+from sllm_faas.common.jsonbody import loads_object, request_object
 from sllm_faas.common.metrics import CONTENT_TYPE, Metrics, RuntimeMetrics
-from sllm_faas.runtime.migration.routes import register_migration_routes
+from sllm_faas.runtime.migration.routes import migration_routes
+from sllm_faas.runtime.migration.state import Migrations
 from sllm_faas.runtime.server import openai_api as api
 from sllm_faas.runtime.server.settings import Settings
 from sllm_faas.runtime.server.startup import LoadedModel, process_start_time, start_model
@@ -50,15 +51,39 @@ class FunctionEvent:
         self.path = request.path
 
 
+class LLM:
+    """What a handler may do with this instance's model (`context.llm`): run OpenAI-style requests on it.
+
+    `chat(body)` and `complete(body)` take the body of /v1/chat/completions and /v1/completions and return
+    its response (a streaming one, with "stream": true, as a Response to return as the body); a bad parameter
+    raises the 400 the endpoint would answer. `model` is the served name (None while loading)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    @property
+    def model(self) -> str | None:
+        return self._runtime.model_name
+
+    def chat(self, body: dict) -> dict | Response:
+        return self._runtime.chat(body)
+
+    def complete(self, body: dict) -> dict | Response:
+        return self._runtime.complete(body)
+
+
 class FunctionContext:
     """What the handler receives as `context`: `context.llm` runs completions on this instance's model."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, llm: LLM) -> None:
         self.hostname = socket.gethostname()
-        self.llm = runtime
+        self.llm = llm
 
 
 class Runtime:
+    """One function instance: its model (loaded in the background), generation, metrics and Redis record.
+    It is the migration's `Host` (runtime/migration/host.py): engine, model_name, metrics, release_model."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.loaded: LoadedModel | None = None
@@ -104,6 +129,34 @@ class Runtime:
 
         threading.Thread(target=run, name="sllm-cold-start", daemon=True).start()
 
+    @property
+    def engine(self):
+        """The loaded model's engine (runtime/model/engine.py), or None."""
+        loaded = self.loaded
+        return loaded.engine if loaded is not None else None
+
+    @property
+    def model_name(self) -> str | None:
+        loaded = self.loaded
+        return loaded.name if loaded is not None else None
+
+    def release_model(self, reason: str) -> bool:
+        """Give the model back (engine, weights, node-loader lease and slot) once no request is left here.
+
+        New requests are refused first (503, not ready), then the engine is checked again, so a request that
+        slipped in keeps the model."""
+        loaded = self.loaded
+        if loaded is None or loaded.engine.generations():
+            return False
+        self.loaded, self.failure = None, f"released its model: {reason}"
+        if loaded.engine.generations():
+            self.loaded, self.failure = loaded, None
+            return False
+        loaded.engine.stop()
+        self.release()
+        log.info("released the model: %s", reason)
+        return True
+
     def _record(self, generation) -> None:
         if generation.first_token_at:
             ttft = generation.first_token_at - generation.submitted_at
@@ -121,14 +174,13 @@ class Runtime:
     # -- generation, shared by the OpenAI routes and handlers (context.llm) ----------------------
     def _require_ready(self) -> LoadedModel:
         if self.loaded is None:
-            raise api.ApiError(503, "the model is still loading" if not self.failure else self.failure,
-                               kind="server_error", code="not_ready")
+            raise ApiError(503, "the model is still loading" if not self.failure else self.failure, code="not_ready")
         return self.loaded
 
     def check_model(self, body: dict) -> None:
         name = self._require_ready().name
         if body.get("model") not in (None, name):
-            raise api.ApiError(404, f"the model {body.get('model')!r} does not exist; this instance serves {name!r}",
+            raise ApiError(404, f"the model {body.get('model')!r} does not exist; this instance serves {name!r}",
                                "model", "model_not_found")
 
     def prompt_limit(self) -> int:
@@ -138,14 +190,14 @@ class Runtime:
     def _check_prompt(self, prompt_ids: list[int], param: str = "prompt") -> int:
         """The room left for output after this prompt."""
         if not prompt_ids:
-            raise api.ApiError(400, f"'{param}' is empty: there is nothing to complete", param)
+            raise ApiError(400, f"'{param}' is empty: there is nothing to complete", param)
         limit = self.prompt_limit()
         if len(prompt_ids) > limit:
-            raise api.ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the limit is {limit}", param,
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the limit is {limit}", param,
                                "context_length_exceeded")
         room = self.loaded.engine.max_seq - len(prompt_ids)
         if room < 1:
-            raise api.ApiError(400, f"the prompt has {len(prompt_ids)} tokens and leaves no room in the context of "
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens and leaves no room in the context of "
                                f"{self.loaded.engine.max_seq}", param, "context_length_exceeded")
         return room
 
@@ -159,7 +211,7 @@ class Runtime:
         try:
             prompt_ids = loaded.tokenizer.encode_chat(messages, **template)
         except TemplateError as exc:
-            raise api.ApiError(400, f"chat template: {exc}", "messages") from None
+            raise ApiError(400, f"chat template: {exc}", "messages") from None
         return self._respond([prompt_ids], [None], body, chat=True, default_max_tokens=self.settings.max_tokens)
 
     def complete(self, body: dict) -> dict | Response:
@@ -181,12 +233,12 @@ class Runtime:
         parsed = api.parse_sampling(body, self.settings.max_tokens, min(default_max_tokens, room),
                                     loaded.engine.vocab_size, chat, echo=echoes[0] is not None)
         if len(prompts) * parsed.n > api.MAX_CHOICES:
-            raise api.ApiError(400, f"{len(prompts)} prompt(s) x n={parsed.n} asks for {len(prompts) * parsed.n} "
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={parsed.n} asks for {len(prompts) * parsed.n} "
                                f"choices; the limit is {api.MAX_CHOICES}", "prompt" if len(prompts) > 1 else "n")
         longest = max(len(p) for p in prompts)
         if longest + parsed.params.max_tokens > loaded.engine.max_seq:
             key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-            raise api.ApiError(400, f"prompt ({longest} tokens) + {key} ({parsed.params.max_tokens}) exceeds the "
+            raise ApiError(400, f"prompt ({longest} tokens) + {key} ({parsed.params.max_tokens}) exceeds the "
                                f"context of {loaded.engine.max_seq}", key, "context_length_exceeded")
         shape = api.ResponseShape(loaded.name, chat)
         events: queue.Queue = queue.Queue()
@@ -210,7 +262,7 @@ class Runtime:
                     pass
             except RuntimeError as exc:
                 self._cancel(generations)
-                raise api.ApiError(500, str(exc), kind="server_error") from None
+                raise ApiError(500, str(exc)) from None
             return shape.complete([choices.whole(i) for i in range(len(generations))],
                                   sum(len(p) for p in prompts), choices.completion_tokens())
 
@@ -320,8 +372,8 @@ def _handler_response(result: Any) -> Response:
 INVOKE_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 RESERVED_PREFIXES = ("_/", "v1/")  # the runtime's own routes; the handler never sees these paths
 RESERVED_PATHS = ("_", "v1", "metrics", "health", "version", "tokenize", "detokenize")  # vLLM's paths too
-OVERLOADED = json.dumps(api.ApiError(503, "every generation thread is busy; retry shortly", kind="server_error",
-                                     code="overloaded").body()).encode()
+OVERLOADED = json.dumps(openai_body(ApiError(503, "every generation thread is busy; retry shortly",
+                                             code="overloaded"))).encode()
 
 
 def _generation(environ: dict) -> bool:
@@ -350,51 +402,38 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
     app = Flask("sllm-faas-runtime")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["sllm_runtime"] = runtime
-    user_handler = handler or default_handler
+    install(app, openai_body, log)
+    app.register_blueprint(runtime_routes(runtime, settings.api_key, handler or default_handler))
+    migrations = Migrations(runtime.metrics, settings.redis_url, settings.key_prefix, settings.instance_id)
+    app.register_blueprint(migration_routes(runtime, migrations, os.environ.get("SLLM_MIGRATION_TOKEN", "")))
+    app.wsgi_app = Admission(app.wsgi_app, settings.http_threads - settings.http_reserved, _generation,
+                             ("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "1")],
+                              OVERLOADED))
+    runtime.start(process_started)
+    return app
 
-    @app.before_request
-    def authorize():
+
+def runtime_routes(runtime: Runtime, api_key: str | None, user_handler: Handler) -> Blueprint:
+    """The runtime's own API: OpenAI and vLLM endpoints, health, readiness, metrics, and the handler on `/`."""
+    routes = Blueprint("runtime", __name__)
+
+    @routes.before_request
+    def authorize() -> None:
         """With an API key set, /v1/* needs it as a bearer token (as vLLM's --api-key); the rest stays open."""
-        key = settings.api_key
-        if key is None or not request.path.startswith("/v1/"):
-            return None
+        if api_key is None or not request.path.startswith("/v1/"):
+            return
         given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            return jsonify(api.ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                        code="invalid_api_key").body()), 401
-        return None
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
 
-    @app.after_request
-    def request_id(response: Response) -> Response:
-        """Echo the client's X-Request-Id, or give the response one, so that both sides can name the request."""
-        response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
-        return response
-
-    @app.errorhandler(api.ApiError)
-    def api_error(exc: api.ApiError):
-        return jsonify(exc.body()), exc.status
-
-    @app.errorhandler(JsonError)
-    def json_error(exc: JsonError):
-        return jsonify(api.ApiError(exc.status, exc.message).body()), exc.status
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        kind = "invalid_request_error" if exc.code and exc.code < 500 else "server_error"
-        return jsonify(api.ApiError(exc.code or 500, exc.description or exc.name, kind=kind).body()), exc.code
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception):
-        log.exception("request failed")
-        return jsonify(api.ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").body()), 500
-
-    @app.post("/v1/chat/completions")
+    @routes.post("/v1/chat/completions")
     def chat_completions():
         body = request_object()
         runtime.check_model(body)
         return runtime.chat(body)
 
-    @app.post("/v1/completions")
+    @routes.post("/v1/completions")
     def completions():
         body = request_object()
         runtime.check_model(body)
@@ -405,22 +444,22 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         return {"id": loaded.name, "object": "model", "created": int(time.time()), "owned_by": "sllm-faas",
                 "max_model_len": loaded.engine.max_seq}
 
-    @app.get("/v1/models")
+    @routes.get("/v1/models")
     def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/<path:model_id>")
+    @routes.get("/v1/models/<path:model_id>")
     def model(model_id: str):
         runtime.check_model({"model": model_id})
         return model_card()
 
-    @app.get("/health")
+    @routes.get("/health")
     def vllm_health():
         """vLLM's liveness: 200 with an empty body once the engine serves, 503 before."""
         runtime._require_ready()
         return Response(status=200)
 
-    @app.get("/version")
+    @routes.get("/version")
     def version():
         from importlib.metadata import PackageNotFoundError
         from importlib.metadata import version as package_version
@@ -430,7 +469,7 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         except PackageNotFoundError:  # run from a source tree without installing
             return {"version": "unknown"}
 
-    @app.post("/tokenize")
+    @routes.post("/tokenize")
     def tokenize():
         """vLLM's /tokenize: a `prompt` (with `add_special_tokens`), or chat `messages` through the template."""
         body = request_object()
@@ -445,19 +484,19 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
                 tokens = loaded.tokenizer.encode_chat(api.parse_messages(body), **api.parse_template_options(
                     body, loaded.tokenizer.template_uses))
             except TemplateError as exc:
-                raise api.ApiError(400, f"chat template: {exc}", "messages") from None
+                raise ApiError(400, f"chat template: {exc}", "messages") from None
         else:
             api.check_fields(body, {"model", "prompt", "add_special_tokens", "return_token_strs"})
             if not isinstance(body.get("prompt"), str):
-                raise api.ApiError(400, "'prompt' must be a string", "prompt")
+                raise ApiError(400, "'prompt' must be a string", "prompt")
             add_special = body.get("add_special_tokens", True)
             if not isinstance(add_special, bool):
-                raise api.ApiError(400, "'add_special_tokens' must be a boolean", "add_special_tokens")
+                raise ApiError(400, "'add_special_tokens' must be a boolean", "add_special_tokens")
             tokens = loaded.tokenizer.encode(body["prompt"], add_special_tokens=add_special)
         strings = [loaded.tokenizer.token_text(t) for t in tokens] if body.get("return_token_strs") else None
         return {"count": len(tokens), "max_model_len": loaded.engine.max_seq, "tokens": tokens, "token_strs": strings}
 
-    @app.post("/detokenize")
+    @routes.post("/detokenize")
     def detokenize():
         body = request_object()
         runtime.check_model(body)
@@ -466,35 +505,30 @@ def create_app(settings: Settings | None = None, handler: Handler | None = None,
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                                    for t in tokens):
-            raise api.ApiError(400, f"'tokens' must be a list of token ids below {vocab}", "tokens")
+            raise ApiError(400, f"'tokens' must be a list of token ids below {vocab}", "tokens")
         return {"prompt": runtime.loaded.tokenizer.decode(tokens)}
 
-    @app.route("/", defaults={"path": ""}, methods=INVOKE_METHODS)
-    @app.route("/<path:path>", methods=INVOKE_METHODS)
+    @routes.route("/", defaults={"path": ""}, methods=INVOKE_METHODS)
+    @routes.route("/<path:path>", methods=INVOKE_METHODS)
     def invoke(path: str):
         """Like upstream python3-http, `/` and every other path go to the handler, but ours stay ours."""
         if path.startswith(RESERVED_PREFIXES) or path in RESERVED_PATHS:
             raise NotFound()
-        return _handler_response(user_handler(FunctionEvent(), FunctionContext(runtime)))
+        return _handler_response(user_handler(FunctionEvent(), FunctionContext(LLM(runtime))))
 
-    @app.get("/_/health")
+    @routes.get("/_/health")
     def health():
         return {"status": "ok"}
 
-    @app.get("/_/ready")
+    @routes.get("/_/ready")
     def ready():
         if runtime.loaded is None:
             body = {"ready": False, "error": runtime.failure} if runtime.failure else {"ready": False}
             return body, 503
         return {"ready": True, "model": runtime.loaded.name, "cold_start": runtime.loaded.cold_start.as_dict()}
 
-    @app.get("/metrics")
+    @routes.get("/metrics")
     def metrics():
         return Response(runtime.metrics.render(), content_type=CONTENT_TYPE)
 
-    register_migration_routes(app, runtime)
-    app.wsgi_app = Admission(app.wsgi_app, settings.http_threads - settings.http_reserved, _generation,
-                             ("503 Service Unavailable", [("Content-Type", "application/json"), ("Retry-After", "1")],
-                              OVERLOADED))
-    runtime.start(process_started)
-    return app
+    return routes

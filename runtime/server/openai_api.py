@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sllm_faas.common.errors import ApiError, openai_body
 from sllm_faas.runtime.model.params import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
@@ -37,18 +38,6 @@ CHAT_FIELDS = SAMPLING_FIELDS | IGNORED | {"messages", "max_completion_tokens", 
 COMPLETION_FIELDS = SAMPLING_FIELDS | IGNORED | {"prompt", "echo", "best_of", "suffix"}
 TEMPLATE_RESERVED = {"messages", "tools", "documents", "add_generation_prompt"}
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: vLLM reports a masked token's logprob as this
-
-
-class ApiError(Exception):
-    """An error returned to the client as {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def check_fields(body: dict, allowed: set[str]) -> None:
@@ -360,4 +349,4 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 def sse_error(exc: RuntimeError) -> str:
-    return sse(ApiError(500, str(exc), kind="server_error").body())
+    return sse(openai_body(ApiError(500, str(exc))))

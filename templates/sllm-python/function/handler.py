@@ -1,8 +1,9 @@
 """Your function's hook. The OpenAI-compatible API (/v1/...) is always served; `/` calls `handle`.
 
 event:   .body (the raw request bytes, as in OpenFaaS python3-http), .headers, .method, .query, .path
-context: .hostname, and .llm: .chat(body) / .complete(body) run the model with an OpenAI-style
-         request body and return the OpenAI-style response (bad parameters become a 400).
+context: .hostname, and .llm (sllm_faas.runtime.server.app.LLM): .chat(body) / .complete(body) run the
+         model with an OpenAI-style request body and return the OpenAI-style response (bad parameters become
+         a 400 in OpenAI's error shape); .model is the served model's name.
 `/` and any other path but /v1/..., /_/... and /metrics call `handle`.
 Return {"statusCode": int, "body": dict | str, "headers": dict}.
 """
