@@ -19,9 +19,9 @@ from sllm_faas.common.settings import setting
 
 @dataclass(frozen=True, kw_only=True)
 class StatusSettings:
-    """`status` and `place` read Redis as the controller does."""
+    """`status`, `place` and `migrate` read the cluster's Redis as the controller does."""
 
-    redis_url: str = setting("REDIS_URL", "the Redis to read", common.DEFAULT_REDIS_URL)
+    redis_url: str = setting("REDIS_URL", "the cluster's Redis", common.DEFAULT_REDIS_URL)
     key_prefix: str = setting("SLLM_KEY_PREFIX", "Redis key prefix", common.DEFAULT_KEY_PREFIX)
 
 

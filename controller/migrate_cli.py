@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from sllm_faas.common import settings as common
+from sllm_faas.controller.cli import StatusSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
@@ -43,10 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="longest pause at the handover, and longest silence while relaying (default 5)")
     parser.add_argument("--lease-s", type=float, default=10.0,
                         help="this coordinator's lease on the record; another takes over when it lapses (default 10)")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
-                        help="default: $REDIS_URL or redis://127.0.0.1:6379/0")
-    parser.add_argument("--key-prefix", default=os.environ.get("SLLM_KEY_PREFIX", "sllm:"),
-                        help="default: $SLLM_KEY_PREFIX or sllm:")
+    common.add_arguments(parser, StatusSettings)   # --redis-url, --key-prefix, as `status` reads them
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -65,8 +64,14 @@ def run(args: argparse.Namespace) -> int:
     if needs_source and not (args.list or args.all or args.request):
         print("sllm-faas migrate: give a REQUEST_ID, --all or --list", file=sys.stderr)
         return 2
-    client = redis.Redis.from_url(args.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=5)
-    migrator = Migrator(client, Keys(args.key_prefix), lease_s=args.lease_s)
+    try:
+        settings = common.resolve(StatusSettings, common.given(args, StatusSettings))
+    except common.SettingsError as exc:
+        print(f"sllm-faas migrate: {exc}", file=sys.stderr)
+        return 2
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
+                                  socket_connect_timeout=5)
+    migrator = Migrator(client, Keys(settings.key_prefix), lease_s=args.lease_s)
     options = {"threshold": args.threshold, "max_rounds": args.max_rounds, "timeout_s": args.timeout_s,
                "handover_timeout_s": args.handover_timeout_s}
     try:
