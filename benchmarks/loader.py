@@ -45,6 +45,7 @@ from common import (  # noqa: E402
 from loader_daemon import LoaderDaemon  # noqa: E402
 
 from sllm_faas.common.units import parse_size  # noqa: E402
+from sllm_faas.redis_schema.keys import Keys  # noqa: E402
 from sllm_faas.runtime.loader.direct import allocate_buffer  # noqa: E402
 from sllm_faas.runtime.loader.policy import MADV_POPULATE_WRITE  # noqa: E402
 
@@ -93,7 +94,7 @@ def main() -> int:
             jobs = list(pool.map(lambda _: daemon.client.stage("burst", "dram"), range(50)))
         daemon.wait_job(jobs[0], 600)
         client = redis.Redis.from_url(url, decode_responses=True)
-        started = sum(1 for _, e in client.xrange(prefix + "events") if e["kind"] == "stage_started"
+        started = sum(1 for _, e in client.xrange(Keys(prefix).events) if e["kind"] == "stage_started"
                       and e["model"] == "burst")
 
         latencies = []
@@ -102,7 +103,7 @@ def main() -> int:
             daemon.client.status()
             latencies.append((time.perf_counter() - start) * 1000)
         latencies.sort()
-        for key in client.scan_iter(match=prefix + "*"):
+        for key in client.scan_iter(match=Keys(prefix).every):
             client.delete(key)
     finally:
         if daemon is not None:

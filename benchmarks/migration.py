@@ -217,7 +217,7 @@ def main() -> int:
         for instance in instances:
             instance.stop()
         shutil.rmtree(staging, ignore_errors=True)
-        for key in client.scan_iter(match=prefix + "*"):
+        for key in client.scan_iter(match=Keys(prefix).every):
             client.delete(key)
         if embedded is not None:
             embedded.stop()

@@ -39,6 +39,7 @@ from sllm_faas.controller.cluster import ClusterCache, read_cluster  # noqa: E40
 from sllm_faas.controller.placement import Placer  # noqa: E402
 from sllm_faas.controller.scheduler import rank  # noqa: E402
 from sllm_faas.redis_schema.keys import Keys  # noqa: E402
+from sllm_faas.redis_schema.records import InstanceRecord  # noqa: E402
 
 
 def populate(client: redis.Redis, prefix: str, nodes: int, models: int, seed: int = 0) -> list[str]:
@@ -53,27 +54,27 @@ def populate(client: redis.Redis, prefix: str, nodes: int, models: int, seed: in
         publish_node(client, prefix, f"node-{i:04d}", slots=8, dram=tiers["dram"], ssd=tiers["ssd"],
                      bw_remote=rng.uniform(0.5, 1.5) * GB, bw_ssd=rng.uniform(2, 4) * GB,
                      bw_dram=rng.uniform(15, 25) * GB, ttl=3600, queue=queue)
-    pipe = client.pipeline()
+    pipe, keys = client.pipeline(), Keys(prefix)
     for i in range(nodes):
         instance = f"inst-{i:04d}"
-        pipe.sadd(prefix + "instances", instance)
-        pipe.hset(f"{prefix}instance:{instance}", mapping={
-            "id": instance, "node": f"node-{rng.randrange(nodes):04d}", "model": rng.choice(names), "function": "",
-            "address": "http://10.0.0.1:8080", "state": "ready", "slots": "8", "active": "1",
-            "tokens": str(rng.randint(10, 2000)), "decode_tokens_per_s": "30", "prefill_tokens_per_s": "2000",
-            "started_at": "0", "heartbeat_at": f"{time.time():.3f}"})
-        pipe.expire(f"{prefix}instance:{instance}", 3600)
+        pipe.sadd(keys.instances, instance)
+        pipe.hset(keys.instance(instance), mapping=InstanceRecord(
+            id=instance, node=f"node-{rng.randrange(nodes):04d}", model=rng.choice(names), function="",
+            address="http://10.0.0.1:8080", state="ready", slots=8, active=1, tokens=rng.randint(10, 2000),
+            decode_tokens_per_s=30.0, prefill_tokens_per_s=2000.0, heartbeat_at=time.time()).to_hash())
+        pipe.expire(keys.instance(instance), 3600)
     pipe.execute()
     return names
 
 
 def heartbeat(client: redis.Redis, prefix: str, nodes: int, stop: threading.Event) -> None:
     """Each node's loader rewrites its record every 2 s: spread evenly, as real loaders are."""
+    keys = Keys(prefix)
     while not stop.is_set():
         for i in range(0, nodes, max(1, nodes // 20)):
             pipe = client.pipeline(transaction=False)
             for j in range(i, min(nodes, i + max(1, nodes // 20))):
-                pipe.hset(f"{prefix}node:node-{j:04d}", "heartbeat_at", f"{time.time():.3f}")
+                pipe.hset(keys.node(f"node-{j:04d}"), "heartbeat_at", f"{time.time():.3f}")
             pipe.execute()
             if stop.wait(0.1):
                 return
@@ -126,7 +127,7 @@ def estimate_vs_measured(url: str, runs: int, size: int, warmup: int) -> list[di
                   f"{results[-1]['measured_s']:.3f} s ({results[-1]['error']:+.1%})", flush=True)
     finally:
         loader.stop()
-        for key in client.scan_iter(match=prefix + "*", count=1000):
+        for key in client.scan_iter(match=Keys(prefix).every, count=1000):
             client.delete(key)
         import shutil
 
@@ -219,7 +220,7 @@ def main() -> int:
             else []
     finally:
         stop.set()
-        for key in client.scan_iter(match=prefix + "*", count=1000):
+        for key in client.scan_iter(match=Keys(prefix).every, count=1000):
             client.delete(key)
         if server is not None:
             server.stop()

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import redis
 
+from sllm_faas.common.tiers import Tier
 from sllm_faas.controller.scheduler import InstanceInfo, ModelInfo, NodeInfo, Snapshot
-from sllm_faas.redis_schema.keys import Keys
+from sllm_faas.redis_schema.keys import ID, LUA_KEY, Keys
 from sllm_faas.redis_schema.records import InstanceRecord, NodeRecord, RecordError
 
 log = logging.getLogger("sllm.controller")
@@ -47,25 +48,25 @@ class ClusterView:
 
 # One server-side pass over the cluster, returned as one JSON string: a pipeline of ~7 commands per node
 # costs ~30 us of client-side reply parsing each (0.25 s for 1,000 nodes); this costs Redis a few ms.
-# KEYS: nodes set, instances set. ARGV: key prefix, now.
-_READ = """
-local prefix, now = ARGV[1], ARGV[2]
+# KEYS: nodes set, instances set. ARGV: now, then the key templates of _TEMPLATES (redis_schema LUA_KEY).
+_READ = LUA_KEY + """
+local now = ARGV[1]
+local node_key, gpu_key, dram_key, ssd_key, queue_key, slots_key, instance_key, model_key = unpack(ARGV, 2, 9)
 local nodes, instances = {}, {}
 for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local base = prefix .. 'node:' .. node
-  nodes[#nodes + 1] = {node, redis.call('HGETALL', base), redis.call('SMEMBERS', base .. ':models:gpu'),
-    redis.call('SMEMBERS', base .. ':models:dram'), redis.call('SMEMBERS', base .. ':models:ssd'),
-    redis.call('ZRANGE', base .. ':queue', 0, -1, 'WITHSCORES'),
-    redis.call('ZRANGEBYSCORE', base .. ':slots', '(' .. now, '+inf')}
+  nodes[#nodes + 1] = {node, redis.call('HGETALL', key(node_key, node)), redis.call('SMEMBERS', key(gpu_key, node)),
+    redis.call('SMEMBERS', key(dram_key, node)), redis.call('SMEMBERS', key(ssd_key, node)),
+    redis.call('ZRANGE', key(queue_key, node), 0, -1, 'WITHSCORES'),
+    redis.call('ZRANGEBYSCORE', key(slots_key, node), '(' .. now, '+inf')}
 end
 for _, instance in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  instances[#instances + 1] = {instance, redis.call('HGETALL', prefix .. 'instance:' .. instance)}
+  instances[#instances + 1] = {instance, redis.call('HGETALL', key(instance_key, instance))}
 end
 local sizes, seen = {}, {}
 local function size_of(model)
   if not seen[model] then
     seen[model] = true
-    local size = redis.call('HGET', prefix .. 'model:' .. model, 'size_bytes')
+    local size = redis.call('HGET', key(model_key, model), 'size_bytes')
     if size then sizes[#sizes + 1] = model; sizes[#sizes + 1] = size end
   end
 end
@@ -80,6 +81,12 @@ return cjson.encode({nodes, instances, sizes})
 """
 
 
+def _templates(keys: Keys) -> list[str]:
+    """The key templates _READ builds its keys from, in its ARGV order."""
+    return [keys.node(ID), *(keys.node_models(ID, tier) for tier in (Tier.GPU, Tier.DRAM, Tier.SSD)),
+            keys.node_queue(ID), keys.node_slots(ID), keys.instance(ID), keys.model(ID)]
+
+
 def _as_dict(flat: list | dict) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}  # cjson encodes {} for an empty table
 
@@ -88,10 +95,10 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
     """Everything the scheduler needs, from one server-side read. Expired members are pruned from the sets.
 
     Node and instance ids come from our own sets (written by validated code), so the script builds their
-    keys from the prefix without re-validating them. Node records whose heartbeat did not change since
+    keys from the key templates without re-validating them. Node records whose heartbeat did not change since
     `previous` are reused rather than decoded again (about half, with 2 s heartbeats and a read a second)."""
     now = time.time()
-    raw = client.eval(_READ, 2, keys.nodes, keys.instances, keys.prefix, f"{now:.6f}")
+    raw = client.eval(_READ, 2, keys.nodes, keys.instances, f"{now:.6f}", *_templates(keys))
     node_rows, instance_rows, sizes = json.loads(raw)
     nodes: dict[str, NodeRecord] = {}
     infos, queues, skipped, gone = [], {}, {}, []
@@ -106,12 +113,13 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
             if known is not None and f"{known.heartbeat_at:.3f}" == record.get("heartbeat_at"):
                 parsed = known
             else:
-                parsed = NodeRecord.from_hash(f"{keys.prefix}node:{node}", record)
+                parsed = NodeRecord.from_hash(keys.node(node), record)
         except RecordError as exc:
-            skipped[f"{keys.prefix}node:{node}"] = str(exc)
+            skipped[keys.node(node)] = str(exc)
             continue
         nodes[node] = parsed
-        tier_of = {m: "ssd" for m in ssd or []} | {m: "dram" for m in dram or []} | {m: "gpu" for m in gpu or []}
+        tier_of = (dict.fromkeys(ssd or [], Tier.SSD) | dict.fromkeys(dram or [], Tier.DRAM)
+                   | dict.fromkeys(gpu or [], Tier.GPU))
         entries = [(member, float(score)) for member, score in _as_dict(queue).items()]
         queues[node] = entries
         wait = max([score - now for _, score in entries], default=0.0)
@@ -126,9 +134,9 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
             stale.append(instance)
             continue
         try:
-            instances[instance] = InstanceRecord.from_hash(f"{keys.prefix}instance:{instance}", record)
+            instances[instance] = InstanceRecord.from_hash(keys.instance(instance), record)
         except RecordError as exc:
-            skipped[f"{keys.prefix}instance:{instance}"] = str(exc)
+            skipped[keys.instance(instance)] = str(exc)
     if gone or stale:
         pipe = client.pipeline(transaction=False)
         if gone:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sllm_faas.common import jsonbody
+from sllm_faas.common.settings import DEFAULT_KEY_PREFIX
 from sllm_faas.controller.scheduler import Decision
 
 MODEL_ANNOTATION = "sllm.io/model"
@@ -216,7 +217,7 @@ class Plumbing:
     dram_dir: str                   # host dir of the DRAM tier, mounted read-only (weights are mapped MAP_PRIVATE)
     redis_url: str                  # SLLM_REDIS_URL as a plain value, when no Secret is named
     redis_secret: str = ""          # "SECRET/KEY" in the pod's namespace: SLLM_REDIS_URL from there instead
-    key_prefix: str = "sllm:"
+    key_prefix: str = DEFAULT_KEY_PREFIX
 
     def volumes(self) -> list[tuple[str, str, bool]]:
         """(volume name, host path = mount path, read-only)."""

@@ -22,6 +22,7 @@ from sllm_faas.controller.booking import Booker, NodeGone
 from sllm_faas.controller.cluster import ClusterCache
 from sllm_faas.controller.scheduler import Decision, ModelInfo, Snapshot, plans, rank
 from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, Keys
+from sllm_faas.redis_schema.records import Event, ModelRecord
 from sllm_faas.runtime.node_loader.client import LoaderClient
 
 log = logging.getLogger("sllm.controller")
@@ -93,9 +94,7 @@ class Placer:
             manifest = parse_manifest(self.store.read_manifest(model), f"{self.store.describe()}/{model}")
         except (StoreError, CheckpointError, OSError):
             return None
-        self.client.hset(self.keys.model(model), mapping={
-            "size_bytes": str(manifest.total_bytes), "partitions": str(len(manifest.partitions)),
-            "format_version": str(manifest.version)})
+        self.client.hset(self.keys.model(model), mapping=ModelRecord.of(manifest).to_hash())
         return manifest.total_bytes
 
     def _snapshot_with(self, model: str, size_hint: int | None) -> Snapshot:
@@ -160,9 +159,9 @@ class Placer:
 
     def _event(self, model: str, decision: Decision, booking: str, owner: str) -> dict[str, str]:
         plan = decision.plan()
-        return {"node": decision.node, "kind": "placed", "model": model, "tier": decision.tier,
-                "ts": f"{time.time():.3f}", "booking": booking, "estimate_s": str(plan["estimate_s"]),
-                "plan": json.dumps(plan), "owner": owner}
+        return Event(decision.node, "placed", model, decision.tier, time.time(),
+                     {"booking": booking, "estimate_s": str(plan["estimate_s"]), "plan": json.dumps(plan),
+                      "owner": owner}).to_fields()
 
     def _kick(self, address: str, model: str, tier: str) -> None:
         """Ask the node's loader to stage; failures are logged and counted, the instance stages on start."""

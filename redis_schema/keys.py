@@ -6,10 +6,27 @@ import re
 from dataclasses import dataclass
 
 from sllm_faas.common.names import validate_model_name
+from sllm_faas.common.settings import DEFAULT_KEY_PREFIX  # every setting's default prefix, spelled there once
+from sllm_faas.common.tiers import HELD, Tier
 
 SCHEMA_VERSION = 2
-TIERS = ("gpu", "dram", "ssd")
 EVENTS_MAXLEN = 10_000
+
+
+class _Placeholder(str):
+    """The id slot of a key template: only this module makes one, and the key builders pass it unchecked."""
+
+
+ID = _Placeholder("{id}")
+
+# Prepended to Lua scripts that build keys of ids they read from a set: `key(template, id)` is the template
+# (`Keys.node(ID)`, `Keys.node_models(ID, "gpu")`, ..., passed in ARGV) with `{id}` replaced by the id.
+LUA_KEY = """
+local function key(template, id)
+  local at = string.find(template, '{id}', 1, true)
+  return string.sub(template, 1, at - 1) .. id .. string.sub(template, at + 4)
+end
+"""
 
 
 def validate_id(value: object, what: str = "node id") -> str:
@@ -20,12 +37,24 @@ def validate_id(value: object, what: str = "node id") -> str:
 
 
 def validate_node_id(node: object) -> str:
-    return validate_id(node, "node id")
+    return node if isinstance(node, _Placeholder) else validate_id(node, "node id")
+
+
+def _checked(value: object, what: str) -> str:
+    """`value` validated as an id (`what` names it), or the template placeholder `ID` as it is."""
+    return value if isinstance(value, _Placeholder) else validate_id(value, what)
 
 
 @dataclass(frozen=True)
 class Keys:
-    prefix: str = "sllm:"
+    """Every key name. A builder called with `ID` instead of an id gives the key's template for Lua (LUA_KEY)."""
+
+    prefix: str = DEFAULT_KEY_PREFIX
+
+    @property
+    def every(self) -> str:
+        """SCAN pattern of every key under this prefix (to clear a test's or a benchmark's namespace)."""
+        return f"{self.prefix}*"
 
     @property
     def schema_version(self) -> str:
@@ -46,10 +75,10 @@ class Keys:
         """HASH: one node's capacities, usage, bandwidths and heartbeat; expires when heartbeats stop."""
         return f"{self.prefix}node:{validate_node_id(node)}"
 
-    def node_models(self, node: str, tier: str) -> str:
+    def node_models(self, node: str, tier: Tier | str) -> str:
         """SET of model names held in `tier` on `node`; expires with the node record."""
-        if tier not in TIERS:
-            raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(TIERS)}")
+        if tier not in HELD:
+            raise ValueError(f"unknown tier {tier!r}; tiers: {', '.join(HELD)}")
         return f"{self.prefix}node:{validate_node_id(node)}:models:{tier}"
 
     def node_queue(self, node: str) -> str:
@@ -58,7 +87,8 @@ class Keys:
 
     def model(self, model: str) -> str:
         """HASH: what is known of a model wherever it is: size in bytes, partitions, format version."""
-        return f"{self.prefix}model:{validate_model_name(model)}"
+        name = model if isinstance(model, _Placeholder) else validate_model_name(model)
+        return f"{self.prefix}model:{name}"
 
     def node_slots(self, node: str) -> str:
         """ZSET, the node's slot ledger: member = instance id (or booking id), score = when the hold expires."""
@@ -71,7 +101,7 @@ class Keys:
 
     def instance(self, instance: str) -> str:
         """HASH: one runtime instance: node, model, address, state, load; expires when heartbeats stop."""
-        return f"{self.prefix}instance:{validate_id(instance, 'instance id')}"
+        return f"{self.prefix}instance:{_checked(instance, 'instance id')}"
 
     @property
     def functions(self) -> str:
@@ -80,7 +110,7 @@ class Keys:
 
     def function(self, name: str) -> str:
         """HASH: one deployed function: model, environment and com.openfaas.scale.* settings."""
-        return f"{self.prefix}function:{validate_id(name, 'function name')}"
+        return f"{self.prefix}function:{_checked(name, 'function name')}"
 
     @property
     def migrations(self) -> str:
@@ -89,7 +119,7 @@ class Keys:
 
     def migration(self, migration: str) -> str:
         """HASH: one live migration's state machine (state, source, destination, rounds, outcome)."""
-        return f"{self.prefix}migration:{validate_id(migration, 'migration id')}"
+        return f"{self.prefix}migration:{_checked(migration, 'migration id')}"
 
     @property
     def events(self) -> str:

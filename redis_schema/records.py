@@ -1,17 +1,37 @@
-"""Decoding of the records in Redis (SCHEMA.md) into typed values, in one place, so the controller,
-the CLI and the tests read fields the same way. Missing or malformed fields raise RecordError naming
-the key and field; an empty bandwidth means "not measured yet"."""
+"""The records in Redis (SCHEMA.md) as typed values, each encoded (`to_hash`) and decoded (`from_hash`) here
+only, so the loader, the runtime, the gateway, the controller and the CLI write and read fields the same way.
+Missing or malformed fields raise RecordError naming the key and field; an empty bandwidth means "not
+measured yet"."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from sllm_faas.common.tiers import HELD, SLOWEST_FIRST
+from sllm_faas.redis_schema.keys import SCHEMA_VERSION
 
 
 class RecordError(ValueError):
     def __init__(self, key: str, field: str, problem: str) -> None:
         super().__init__(f"{key}: field {field!r} {problem}")
         self.key, self.field = key, field
+
+
+def _time(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def _json(record: dict[str, str], key: str, name: str, kind: type, default: str) -> Any:
+    """The JSON value of field `name`, which must be a `kind` (list or dict)."""
+    try:
+        value = json.loads(record.get(name) or default)
+    except json.JSONDecodeError:
+        raise RecordError(key, name, "is not JSON") from None
+    if not isinstance(value, kind):
+        raise RecordError(key, name, f"is not a JSON {kind.__name__}")
+    return value
 
 
 def _number(record: dict[str, str], key: str, field: str, kind=float, default=None):
@@ -36,24 +56,34 @@ class NodeRecord:
     capacity: dict[str, int]
     used: dict[str, int]
     gpus: list
+    queue_length: int = 0  # staging jobs queued or running
+    remote: str = ""       # the loader's model store
+
+    def to_hash(self) -> dict[str, str]:
+        """`sllm:node:<node>`, as the loader publishes it every heartbeat."""
+        record = {"node_id": self.node_id, "address": self.address, "heartbeat_at": _time(self.heartbeat_at),
+                  "schema_version": str(SCHEMA_VERSION), "queue_length": str(self.queue_length),
+                  "gpus": json.dumps(self.gpus), "remote": self.remote, "slots": str(self.slots)}
+        for tier in HELD:
+            record[f"{tier}_capacity"] = str(self.capacity.get(tier, 0))
+            record[f"{tier}_used"] = str(self.used.get(tier, 0))
+        for tier in SLOWEST_FIRST:
+            rate = self.bandwidth.get(tier)
+            record[f"bw_{tier}"] = "" if rate is None else f"{rate:.0f}"  # bytes/s; empty = not measured yet
+        return record
 
     @classmethod
     def from_hash(cls, key: str, record: dict[str, str]) -> NodeRecord:
-        bandwidth = {tier: _number(record, key, f"bw_{tier}", default=0.0) or None
-                     for tier in ("remote", "ssd", "dram", "gpu")}
-        try:
-            gpus = json.loads(record.get("gpus") or "[]")
-        except json.JSONDecodeError:
-            raise RecordError(key, "gpus", "is not JSON") from None
-        if not isinstance(gpus, list):
-            raise RecordError(key, "gpus", "is not a JSON list")
+        bandwidth = {tier: _number(record, key, f"bw_{tier}", default=0.0) or None for tier in SLOWEST_FIRST}
+        gpus = _json(record, key, "gpus", list, "[]")
         return cls(node_id=record.get("node_id") or key.rsplit(":", 1)[-1], address=record.get("address", ""),
                    heartbeat_at=_number(record, key, "heartbeat_at"),
                    slots=_number(record, key, "slots", int, default=len(gpus) or 1),
                    bandwidth=bandwidth,
-                   capacity={t: _number(record, key, f"{t}_capacity", int, default=0) for t in ("ssd", "dram", "gpu")},
-                   used={t: _number(record, key, f"{t}_used", int, default=0) for t in ("ssd", "dram", "gpu")},
-                   gpus=gpus)
+                   capacity={t: _number(record, key, f"{t}_capacity", int, default=0) for t in HELD},
+                   used={t: _number(record, key, f"{t}_used", int, default=0) for t in HELD},
+                   gpus=gpus, queue_length=_number(record, key, "queue_length", int, default=0),
+                   remote=record.get("remote", ""))
 
 
 @dataclass(frozen=True)
@@ -69,16 +99,108 @@ class InstanceRecord:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     heartbeat_at: float
+    slots: int = 1           # requests it generates at once
+    started_at: float = 0.0  # process start
+
+    def to_hash(self) -> dict[str, str]:
+        """`sllm:instance:<id>`, as the instance publishes it every heartbeat."""
+        return {"id": self.id, "node": self.node, "address": self.address, "function": self.function,
+                "started_at": _time(self.started_at), "heartbeat_at": _time(self.heartbeat_at),
+                "state": self.state, "model": self.model, "slots": str(self.slots), "active": str(self.active),
+                "tokens": str(self.tokens), "decode_tokens_per_s": f"{self.decode_tokens_per_s:.1f}",
+                "prefill_tokens_per_s": f"{self.prefill_tokens_per_s:.1f}"}
 
     @classmethod
     def from_hash(cls, key: str, record: dict[str, str]) -> InstanceRecord:
-        for field in ("id", "node", "model", "state"):
-            if not record.get(field):
-                raise RecordError(key, field, "is missing")
+        for name in ("id", "node", "model", "state"):
+            if not record.get(name):
+                raise RecordError(key, name, "is missing")
         return cls(id=record["id"], node=record["node"], model=record["model"], function=record.get("function", ""),
                    address=record.get("address", ""), state=record["state"],
                    active=_number(record, key, "active", int, default=0),
                    tokens=_number(record, key, "tokens", int, default=0),
                    decode_tokens_per_s=_number(record, key, "decode_tokens_per_s", default=0.0),
                    prefill_tokens_per_s=_number(record, key, "prefill_tokens_per_s", default=0.0),
-                   heartbeat_at=_number(record, key, "heartbeat_at"))
+                   heartbeat_at=_number(record, key, "heartbeat_at"),
+                   slots=_number(record, key, "slots", int, default=1),
+                   started_at=_number(record, key, "started_at", default=0.0))
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """`sllm:model:<model>`: a checkpoint's size and layout, from its manifest."""
+
+    size_bytes: int
+    partitions: int
+    format_version: int
+
+    @classmethod
+    def of(cls, manifest: Any) -> ModelRecord:
+        """The record of a checkpoint manifest (runtime/checkpoint/format.py's Manifest; not imported here,
+        so the schema stays below the runtime)."""
+        return cls(manifest.total_bytes, len(manifest.partitions), manifest.version)
+
+    def to_hash(self) -> dict[str, str]:
+        return {"size_bytes": str(self.size_bytes), "partitions": str(self.partitions),
+                "format_version": str(self.format_version)}
+
+    @classmethod
+    def from_hash(cls, key: str, record: dict[str, str]) -> ModelRecord:
+        return cls(size_bytes=_number(record, key, "size_bytes", int),
+                   partitions=_number(record, key, "partitions", int, default=0),
+                   format_version=_number(record, key, "format_version", int, default=0))
+
+
+@dataclass(frozen=True)
+class FunctionRecord:
+    """`sllm:function:<name>`: one function deployed to the local gateway."""
+
+    model: str
+    build: str
+    image: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+
+    def to_hash(self) -> dict[str, str]:
+        return {"model": self.model, "build": self.build, "image": self.image, "env": json.dumps(self.env),
+                "labels": json.dumps(self.labels), "annotations": json.dumps(self.annotations),
+                "created_at": _time(self.created_at)}
+
+    @classmethod
+    def from_hash(cls, key: str, record: dict[str, str]) -> FunctionRecord:
+        for name in ("model", "build"):
+            if not record.get(name):
+                raise RecordError(key, name, "is missing")
+        return cls(model=record["model"], build=record["build"], image=record.get("image", ""),
+                   env=_json(record, key, "env", dict, "{}"), labels=_json(record, key, "labels", dict, "{}"),
+                   annotations=_json(record, key, "annotations", dict, "{}"),
+                   created_at=_number(record, key, "created_at"))
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the `sllm:events` stream: what happened (`kind`) to which model in which tier of which
+    node, when, and the kind's own fields (SCHEMA.md lists them)."""
+
+    node: str
+    kind: str
+    model: str
+    tier: str
+    ts: float
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def to_fields(self) -> dict[str, str]:
+        return {"node": self.node, "kind": self.kind, "model": self.model, "tier": str(self.tier),
+                "ts": _time(self.ts), **{name: str(value) for name, value in self.fields.items()}}
+
+    @classmethod
+    def from_fields(cls, entry_id: str, entry: dict[str, str]) -> Event:
+        key = f"events entry {entry_id}"
+        for name in ("node", "kind", "model", "tier"):
+            if name not in entry:
+                raise RecordError(key, name, "is missing")
+        common = {"node", "kind", "model", "tier", "ts"}
+        return cls(entry["node"], entry["kind"], entry["model"], entry["tier"], _number(entry, key, "ts"),
+                   {name: value for name, value in entry.items() if name not in common})

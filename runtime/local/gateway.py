@@ -52,6 +52,7 @@ from sllm_faas.common.jsonbody import request_object
 from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
 from sllm_faas.common.processes import children_by_parent
 from sllm_faas.redis_schema.keys import Keys, validate_id
+from sllm_faas.redis_schema.records import FunctionRecord
 from sllm_faas.runtime.local import logs
 from sllm_faas.runtime.local.instances import Instance, InstanceLauncher, probe_ready
 from sllm_faas.runtime.local.stack import ScaleSettings
@@ -130,10 +131,9 @@ class Function:
         """Parsed once: a deployment's labels never change (an update replaces the Function)."""
         return ScaleSettings.from_labels(self.labels, f"function {self.name} labels")
 
-    def record(self) -> dict[str, str]:
-        return {"model": self.model, "build": self.build, "image": self.image, "env": json.dumps(self.env),
-                "labels": json.dumps(self.labels), "annotations": json.dumps(self.annotations),
-                "created_at": f"{self.created_at:.3f}"}
+    def record(self) -> FunctionRecord:
+        return FunctionRecord(self.model, self.build, self.image, self.env, self.labels, self.annotations,
+                              self.created_at)
 
     def status(self) -> dict:
         ready = [i for i in self.instances if i.ready.is_set()]
@@ -205,11 +205,10 @@ class Gateway:
     # -- deployments -------------------------------------------------------------------------
     def _load_deployments(self) -> None:
         for name in sorted(self.redis.smembers(self.keys.functions)):
-            record = self.redis.hgetall(self.keys.function(name))
+            key = self.keys.function(name)
+            record = self.redis.hgetall(key)
             if record:
-                self.functions[name] = Function(name, record["model"], record["build"], record.get("image", ""),
-                                                json.loads(record["env"]), json.loads(record["labels"]),
-                                                json.loads(record["annotations"]), float(record["created_at"]))
+                self.functions[name] = Function(name, **vars(FunctionRecord.from_hash(key, record)))
 
     def deploy(self, function: Function, update: bool) -> None:
         """Record the deployment in Redis first: if that fails (503) nothing has changed, no instance stopped."""
@@ -220,7 +219,7 @@ class Gateway:
             if not update and old is not None:
                 raise GatewayError(409, f"function {function.name} exists; update it with PUT")
             pipe = self.redis.pipeline()
-            pipe.hset(self.keys.function(function.name), mapping=function.record())
+            pipe.hset(self.keys.function(function.name), mapping=function.record().to_hash())
             pipe.sadd(self.keys.functions, function.name)
             pipe.execute()
             with self._lock:

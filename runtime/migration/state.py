@@ -12,6 +12,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from sllm_faas.common.settings import DEFAULT_KEY_PREFIX
+
 if TYPE_CHECKING:
     from sllm_faas.common.metrics import Metrics
 
@@ -65,7 +67,7 @@ class MigrationStatus:
 class Migrations:
     """This instance's migrations by id, their metrics, and their incidents."""
 
-    def __init__(self, metrics: Metrics, redis_url: str | None = None, key_prefix: str = "sllm:",
+    def __init__(self, metrics: Metrics, redis_url: str | None = None, key_prefix: str = DEFAULT_KEY_PREFIX,
                  instance_id: str = "") -> None:
         """`redis_url`: where incidents are written (none: they stay in the status, metrics and log)."""
         self.redis_url, self.key_prefix, self.instance_id = redis_url, key_prefix, instance_id

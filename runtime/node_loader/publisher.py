@@ -7,7 +7,6 @@ up to 1,000 events in memory, and republishes everything on the next heartbeat t
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 import time
@@ -15,7 +14,9 @@ from typing import Any
 
 import redis
 
+from sllm_faas.common.tiers import HELD, SLOWEST_FIRST, Tier
 from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, SCHEMA_VERSION, Keys
+from sllm_faas.redis_schema.records import Event, ModelRecord, NodeRecord
 from sllm_faas.runtime.checkpoint.format import CheckpointError, read_manifest
 
 log = logging.getLogger("sllm.loader")
@@ -39,20 +40,16 @@ class RedisPublisher:
             self._gpus = check_gpus_nvml().details.get("gpus", [])
         return self._gpus
 
-    def node_record(self, loader) -> dict[str, str]:
+    def node_record(self, loader) -> NodeRecord:
         status = loader.status()
-        record = {"node_id": self.node_id, "address": self.address, "heartbeat_at": f"{time.time():.3f}",
-                  "schema_version": str(SCHEMA_VERSION), "queue_length": str(len(status["queue"])),
-                  "gpus": json.dumps(self._gpu_inventory()), "remote": status["remote"],
-                  "slots": str(loader.config.slots or len(self._gpu_inventory()) or 1)}
-        for tier in ("ssd", "dram", "gpu"):
-            info = status["tiers"].get(tier, {"capacity": 0, "used": 0})
-            record[f"{tier}_capacity"] = str(info["capacity"])
-            record[f"{tier}_used"] = str(info["used"])
-        for tier in ("remote", "ssd", "dram", "gpu"):
-            rate = status["bandwidths"].get(tier)
-            record[f"bw_{tier}"] = "" if rate is None else f"{rate:.0f}"  # bytes/s; empty = not measured yet
-        return record
+        idle = {"capacity": 0, "used": 0}
+        tiers = {tier: status["tiers"].get(tier, idle) for tier in HELD}
+        return NodeRecord(node_id=self.node_id, address=self.address, heartbeat_at=time.time(),
+                          slots=loader.config.slots or len(self._gpu_inventory()) or 1,
+                          bandwidth={tier: status["bandwidths"].get(tier) for tier in SLOWEST_FIRST},
+                          capacity={tier: info["capacity"] for tier, info in tiers.items()},
+                          used={tier: info["used"] for tier, info in tiers.items()},
+                          gpus=self._gpu_inventory(), queue_length=len(status["queue"]), remote=status["remote"])
 
     def publish_node(self, loader) -> bool:
         """One heartbeat: node hash, tier model sets and queue, all expiring unless refreshed."""
@@ -64,9 +61,9 @@ class RedisPublisher:
             pipe.set(k.schema_version, SCHEMA_VERSION, nx=True)
             pipe.sadd(k.nodes, self.node_id)
             pipe.delete(k.node(self.node_id))
-            pipe.hset(k.node(self.node_id), mapping=self.node_record(loader))
+            pipe.hset(k.node(self.node_id), mapping=self.node_record(loader).to_hash())
             pipe.expire(k.node(self.node_id), ttl)
-            for tier in ("ssd", "dram", "gpu"):
+            for tier in HELD:
                 key = k.node_models(self.node_id, tier)
                 models = list(loader.tiers[tier].models()) if tier in loader.tiers else \
                     list(loader.gpu.status()["models"]) if loader.gpu is not None else []
@@ -74,7 +71,7 @@ class RedisPublisher:
                 if models:
                     pipe.sadd(key, *models)
                     pipe.expire(key, ttl)
-                if tier != "gpu":
+                if tier != Tier.GPU:
                     held.update(dict.fromkeys(models, tier))
             # the controller adds the loads it decided to this queue too: replace only what we wrote
             queue_key = k.node_queue(self.node_id)
@@ -118,16 +115,13 @@ class RedisPublisher:
                 self.model_info(model, manifest)
 
     def model_info(self, model: str, manifest) -> None:
-        fields = {"size_bytes": str(manifest.total_bytes), "partitions": str(len(manifest.partitions)),
-                  "format_version": str(manifest.version)}
         try:
-            self.client.hset(self.keys.model(model), mapping=fields)
+            self.client.hset(self.keys.model(model), mapping=ModelRecord.of(manifest).to_hash())
         except redis.RedisError:
             self.healthy = False
 
     def event(self, kind: str, model: str, tier: str, **fields: Any) -> None:
-        entry = {"node": self.node_id, "kind": kind, "model": model, "tier": tier, "ts": f"{time.time():.3f}",
-                 **{k: str(v) for k, v in fields.items()}}
+        entry = Event(self.node_id, kind, model, tier, time.time(), fields).to_fields()
         with self._lock:
             self._pending.append(entry)
         if self.healthy:
@@ -147,7 +141,7 @@ class RedisPublisher:
         k = self.keys
         try:
             self.client.delete(k.node(self.node_id), k.node_queue(self.node_id),
-                               *(k.node_models(self.node_id, t) for t in ("ssd", "dram", "gpu")))
+                               *(k.node_models(self.node_id, t) for t in HELD))
             self.client.srem(k.nodes, self.node_id)
         except redis.RedisError:
             pass

@@ -100,16 +100,15 @@ class Runtime:
         if self.registration is not None:
             self.registration.withdraw()
 
-    def describe(self) -> dict[str, str]:
-        """This instance's live state for its Redis record (redis_schema/SCHEMA.md, `sllm:instance:<id>`)."""
+    def describe(self) -> dict[str, Any]:
+        """This instance's live state: the InstanceRecord fields (redis_schema/records.py) that change."""
         loaded = self.loaded
         state = "ready" if loaded else "failed" if self.failure else "starting"
         name = loaded.name if loaded else self.settings.served_name or os.path.basename(self.settings.model)
         engine = loaded.engine if loaded else None
-        return {"state": state, "model": name, "slots": str(self.settings.max_batch),
-                "active": str(engine.running + engine.waiting if engine else 0),
-                "tokens": str(engine.tokens_in_flight if engine else 0),
-                **{k: f"{v:.1f}" for k, v in self.rates.items()}}
+        return {"state": state, "model": name, "slots": self.settings.max_batch,
+                "active": engine.running + engine.waiting if engine else 0,
+                "tokens": engine.tokens_in_flight if engine else 0, **self.rates}
 
     def start(self, process_started: float) -> None:
         atexit.register(self.release)

@@ -10,10 +10,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
 from sllm_faas.redis_schema.keys import Keys, validate_id, validate_node_id
+from sllm_faas.redis_schema.records import InstanceRecord
 
 log = logging.getLogger("sllm.runtime")
 
@@ -21,10 +23,10 @@ log = logging.getLogger("sllm.runtime")
 class InstanceRegistration:
     """Heartbeats `sllm:instance:<id>` (expires after 3 missed beats) and holds a slot in the node's ledger.
 
-    `describe` returns the live fields (state, model, load); it is called on every beat.
+    `describe` returns the live fields of the InstanceRecord (state, model, load); it is called on every beat.
     """
 
-    def __init__(self, settings, describe: Callable[[], dict[str, str]]) -> None:
+    def __init__(self, settings, describe: Callable[[], dict[str, Any]]) -> None:
         self.instance_id = validate_id(settings.instance_id, "instance id (SLLM_INSTANCE_ID)")
         self.node_id = validate_node_id(settings.node_id)
         self.settings = settings
@@ -43,17 +45,17 @@ class InstanceRegistration:
         self._thread.start()
         return self
 
-    def record(self) -> dict[str, str]:
+    def record(self) -> InstanceRecord:
         s = self.settings
-        return {"id": self.instance_id, "node": self.node_id, "address": s.advertise_url,
-                "function": s.function_name, "started_at": f"{self.started_at:.3f}",
-                "heartbeat_at": f"{time.time():.3f}", **self.describe()}
+        return InstanceRecord(id=self.instance_id, node=self.node_id, address=s.advertise_url,
+                              function=s.function_name, started_at=self.started_at, heartbeat_at=time.time(),
+                              **self.describe())
 
     def publish(self) -> bool:
         k, now = self.keys, time.time()
         try:
             pipe = self.client.pipeline(transaction=True)
-            pipe.hset(k.instance(self.instance_id), mapping=self.record())
+            pipe.hset(k.instance(self.instance_id), mapping=self.record().to_hash())
             pipe.expire(k.instance(self.instance_id), self.ttl_s)
             pipe.sadd(k.instances, self.instance_id)
             pipe.zadd(k.node_slots(self.node_id), {self.instance_id: now + self.ttl_s})
