@@ -7,12 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-TIER_ORDER = ("remote", "ssd", "dram", "gpu")  # slowest to fastest
 _ids = itertools.count(1)
-
-
-def faster_or_equal(tier: str, than: str) -> bool:
-    return TIER_ORDER.index(tier) >= TIER_ORDER.index(than)
 
 
 @dataclass

@@ -18,17 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from sllm_faas.common.names import validate_model_name
+from sllm_faas.common.tiers import HELD, SLOWEST_FIRST
+from sllm_faas.common.tiers import Tier as TierName  # a tier's name; node_loader.tiers.Tier is its directory
 from sllm_faas.runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, Manifest, parse_manifest
 from sllm_faas.runtime.checkpoint.verify import sha256_file
 from sllm_faas.runtime.node_loader.bandwidth import Bandwidths, probe_write_read
 from sllm_faas.runtime.node_loader.config import LoaderConfig
-from sllm_faas.runtime.node_loader.jobs import TIER_ORDER, StageJob, faster_or_equal
+from sllm_faas.runtime.node_loader.jobs import StageJob
 from sllm_faas.runtime.node_loader.leases import Lease, Leases
 from sllm_faas.runtime.node_loader.store import StoreError, copy_file, open_store
 from sllm_faas.runtime.node_loader.tiers import BudgetError, Tier
 
 log = logging.getLogger("sllm.loader")
-STAGEABLE = ("ssd", "dram", "gpu")
+STAGEABLE = HELD
 LEASES_FILE = "_leases.json"  # in the SSD dir; "_" cannot start a model name, and the tier scan skips files
 
 
@@ -125,12 +127,12 @@ class NodeLoader:
             raise LoaderError("this node has no GPU tier (gpu_budget is 0)", 409)
         with self._lock:
             for job in self._inflight[model]:
-                if faster_or_equal(job.tier, tier):
+                if TierName(job.tier).faster_or_equal(tier):
                     return job
             job = StageJob(model, tier)
             self.jobs[job.id] = job
             current = self.fastest_tier(model)
-            if faster_or_equal(current, tier):
+            if TierName(current).faster_or_equal(tier):
                 job.finish()
                 return job
             if current != "remote":
@@ -265,7 +267,7 @@ class NodeLoader:
 
     def _steps(self, model: str, target: str) -> list[str]:
         current = self.fastest_tier(model)
-        path = TIER_ORDER[TIER_ORDER.index(current):TIER_ORDER.index(target) + 1]
+        path = SLOWEST_FIRST[SLOWEST_FIRST.index(current):SLOWEST_FIRST.index(target) + 1]
         return [f"{a}->{b}" for a, b in zip(path, path[1:], strict=False)]
 
     def _model_bytes(self, model: str, remote: tuple[bytes, Manifest] | None) -> int:
