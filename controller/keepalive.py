@@ -15,19 +15,29 @@ instance back costs (container start + load from the tier the checkpoint waits i
 `load_time`). The objective splits into a term in T and a term in p, so the best policy is one pass over the
 histogram's bins. Keeping (p = 0) leaves the instance on the GPU; a pre-warm (p > 0) releases it at once and
 holds the checkpoint in host DRAM (evicted last) until the window ends. Without a usable histogram (too few
-idle times, or too many beyond the range) the fixed window. Pure: no clock, no I/O.
+idle times, or too many beyond the range) the fixed window. Pure: no clock, no I/O (the controller publishes
+the decisions, `KeepAliveTracker`; the node loaders apply them, redis_schema/keepalive.py).
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from sllm_faas.common.tiers import Tier
+from sllm_faas.controller.scheduler import NodeInfo, Snapshot, load_time
+from sllm_faas.redis_schema.keepalive import KeepAliveRecord
+from sllm_faas.redis_schema.records import InstanceRecord
 
 EXCHANGE_RATE = 10.0          # GPU-seconds one second of cold-start delay is worth (our default; see above)
 MIN_SAMPLES = 10              # fewer idle times than this: not representative
 MAX_OUT_OF_RANGE = 0.5        # a larger share of idle times beyond the range: not representative
 RANGE_S = 4 * 3600.0          # ATC'20: four hours of one-minute bins; here one-second bins
+DEFAULT_KEEP_ALIVE_S = 60.0   # until a model's histogram is representative: Knative's stable window
+CONTAINER_START_S = 2.0       # process start to serving, before the load (benchmarks/results/coldstart-*: ~1.5 s + pod)
 
 
 @dataclass(frozen=True)
@@ -123,3 +133,44 @@ class FixedKeepAlive:
 
     def decide(self, model: str, restart_s: float, gpus: int = 1) -> KeepAlive:
         return KeepAlive(0.0, self.fixed_s, "gpu")
+
+
+class KeepAliveTracker:
+    """The controller's side of the policy: learns each model's idle times from the instance records it reads
+    (a model is busy while any of its instances has requests `active`, idle from the first read that finds none) and,
+    when a model goes idle, decides its keep-alive for publication (`sllm:keepalive:<model>`). Idle times are as
+    fine as the reads are frequent. Pure: the caller passes the time and publishes."""
+
+    def __init__(self, policy: CostKeepAlive, container_start_s: float = CONTAINER_START_S) -> None:
+        self.policy, self.container_start_s = policy, container_start_s
+        self.idle_since: dict[str, float] = {}  # model -> when it was first found idle
+        self.last_node: dict[str, str] = {}     # model -> a node where it last served
+
+    def update(self, instances: Iterable[InstanceRecord], snapshot: Snapshot, now: float) -> list[KeepAliveRecord]:
+        """Observe one read of the instance records; returns the decisions for the models that went idle since."""
+        active: dict[str, int] = {}
+        for instance in instances:
+            active[instance.model] = active.get(instance.model, 0) + instance.active
+            if instance.active:
+                self.last_node[instance.model] = instance.node
+        decided = []
+        for model, count in sorted(active.items()):
+            if count:
+                since = self.idle_since.pop(model, None)
+                if since is not None:
+                    self.policy.observe(model, now - since)
+            elif model not in self.idle_since:
+                self.idle_since[model] = now
+                decided.append(self._decide(model, snapshot, now))
+        return decided
+
+    def _decide(self, model: str, snapshot: Snapshot, now: float) -> KeepAliveRecord:
+        node_id = self.last_node.get(model, "")
+        info, node = snapshot.models.get(model), snapshot.node_by_id.get(node_id)
+        restart_s = self.container_start_s
+        if info is not None and node is not None:  # from the node's DRAM, at its measured bandwidth
+            in_dram = NodeInfo(node.id, 0, {model: Tier.DRAM}, node.bandwidth)
+            load_s = load_time(in_dram, info, snapshot.fallback_bandwidths)[0]
+            restart_s += load_s if math.isfinite(load_s) else 0.0
+        decision = self.policy.decide(model, restart_s, info.gpus if info else 1)
+        return KeepAliveRecord(model, node_id, Tier(decision.tier), decision.keep_s, decision.prewarm_s, restart_s, now)

@@ -111,12 +111,16 @@ class Controller:
 
     def _publish_keepalive_forever(self) -> None:
         """Each cluster read: learn the models' idle times, publish the keep-alive of each model that went idle
-        (sllm:keepalive:<model>), which the node loaders apply."""
+        (sllm:keepalive:<model>), which the node loaders apply. It follows the reads that decisions start (the
+        cache reads on from the first decision), adding none of its own."""
+        read_at = 0.0
         while True:
             try:
-                view = self.cache.view()
-                keepalive_records.publish(self.client, self.keys,
-                                          self.keepalive.update(view.instances.values(), view.snapshot, view.read_at))
+                view = self.cache.latest
+                if view is not None and view.read_at > read_at:
+                    read_at = view.read_at
+                    keepalive_records.publish(self.client, self.keys, self.keepalive.update(
+                        view.instances.values(), view.snapshot, view.read_at))
             except redis.RedisError as exc:
                 log.warning("keep-alive publication: %s", exc)
             except Exception:  # never let the publication thread die

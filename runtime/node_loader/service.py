@@ -17,9 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from sllm_faas.common.names import validate_model_name
 from sllm_faas.common.tiers import HELD, SLOWEST_FIRST
 from sllm_faas.common.tiers import Tier as TierName  # a tier's name; node_loader.tiers.Tier is its directory
+from sllm_faas.redis_schema import keepalive as keepalive_records
+from sllm_faas.redis_schema.keepalive import KeepAliveRecord
 from sllm_faas.runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, Manifest, parse_manifest
 from sllm_faas.runtime.checkpoint.verify import sha256_file
 from sllm_faas.runtime.node_loader.bandwidth import Bandwidths, probe_write_read
@@ -48,8 +52,11 @@ class NodeLoader:
         self.store = open_store(config.remote, config.transfer_timeout_s)
         # one lock for every "is it pinned? then evict" and "is it here? then lease" decision, tiers included
         self._decisions = threading.RLock()
-        self.tiers = {"ssd": Tier("ssd", config.ssd_dir, config.ssd_budget, self._decisions),
-                      "dram": Tier("dram", config.dram_dir, config.dram_budget, self._decisions)}
+        self.tiers = {"ssd": Tier("ssd", config.ssd_dir, config.ssd_budget, self._decisions, self._hold_until),
+                      "dram": Tier("dram", config.dram_dir, config.dram_budget, self._decisions, self._hold_until)}
+        # the controller's keep-alive decisions for the models held here (sllm:keepalive:<model>), read each heartbeat
+        self.keepalive: dict[str, KeepAliveRecord] = {}
+        self._prestaged: dict[str, float] = {}  # model -> idle_since of the decision last pre-staged
         self.gpu = None
         if config.gpu_budget:
             from sllm_faas.runtime.node_loader.gpu_tier import GpuTier
@@ -338,6 +345,8 @@ class NodeLoader:
         return {"node_id": self.config.node_id, "uptime_s": round(time.time() - self.started_at, 3),
                 "remote": self.store.describe(), "tiers": tiers, "bandwidths": self.bandwidths.as_dict(),
                 "queue": self.queue_snapshot(), "leases": [lease.as_dict() for lease in self.leases.all()],
+                "keepalive": {model: record.to_hash() for model, record in self.keepalive.items()
+                              if self._mine(record)},
                 "redis": self.publisher.healthy if self.publisher is not None else None}
 
     def _heartbeat(self) -> None:
@@ -345,7 +354,35 @@ class NodeLoader:
             self._event("lease_expired", lease.model, "", lease=lease.id, holder=lease.holder)
         if self.publisher is not None:
             self.publisher.publish_node(self)
+            self._follow_keepalive()
         self._stopping.wait(self.config.heartbeat_s)
+
+    # -- keep-alive decisions -------------------------------------------------------------------------
+    def _mine(self, record: KeepAliveRecord | None) -> bool:
+        return record is not None and record.node in ("", self.config.node_id)
+
+    def _hold_until(self, model: str) -> float:
+        """Until when the controller wants `model` warm on this node (0: no wish): the tiers evict it after the
+        models it holds no wish for."""
+        record = self.keepalive.get(model)
+        return record.hold_until if self._mine(record) else 0.0
+
+    def _follow_keepalive(self, now: float | None = None) -> None:
+        """Read the decisions for the models held here; pre-stage to DRAM each one whose pre-stage time has come (a
+        predicted arrival: the controller releases its GPUs at once and wants an instance ready by then)."""
+        held = set(self.tiers["ssd"].models()) | set(self.tiers["dram"].models())
+        try:
+            self.keepalive = keepalive_records.read(self.publisher.client, self.publisher.keys, sorted(held))
+        except redis.RedisError:
+            return  # the last decisions read stay in force until Redis answers again
+        now = time.time() if now is None else now
+        for model, record in self.keepalive.items():
+            due = record.prestage_at is not None and record.prestage_at <= now < record.hold_until
+            if (self._mine(record) and record.tier == "dram" and due and self._prestaged.get(model) != record.idle_since
+                    and not self.tiers["dram"].has(model)):
+                self._prestaged[model] = record.idle_since
+                job = self.stage(model, "dram")
+                self._event("prestage", model, "dram", job=job.id, hold_until=f"{record.hold_until:.3f}")
 
     def _event(self, kind: str, model: str, tier: str, **fields: Any) -> None:
         log.info("%s %s %s %s", kind, model, tier, fields or "")

@@ -27,9 +27,12 @@ def directory_bytes(path: Path) -> int:
 
 
 class Tier:
-    def __init__(self, name: str, root: str | os.PathLike, budget: int, lock: threading.RLock | None = None) -> None:
-        """`lock`: shared with the node loader, so that eviction here and lease grants there are one decision."""
+    def __init__(self, name: str, root: str | os.PathLike, budget: int, lock: threading.RLock | None = None,
+                 hold_until: Callable[[str], float] = lambda model: 0.0) -> None:
+        """`lock`: shared with the node loader, so that eviction here and lease grants there are one decision.
+        `hold_until`: until when the keep-alive policy wants a model kept warm (unix seconds; 0: no wish)."""
         self.name, self.root, self.budget = name, Path(root), budget
+        self.hold_until = hold_until
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = lock if lock is not None else threading.RLock()
         self._sizes: dict[str, int] = {}
@@ -79,11 +82,11 @@ class Tier:
             self._last_used[model] = time.time()
 
     def reserve(self, model: str, size: int, leased: Callable[[str], bool], evict: Callable[[str, str], None]) -> None:
-        """Make room for `size` bytes, evicting least-recently-used unleased models; BudgetError if impossible."""
+        """Make room for `size` bytes, evicting unleased models in `eviction_order`; BudgetError if impossible."""
         with self._lock:
             if size > self.budget:
                 raise BudgetError(f"{model} needs {size} bytes but the {self.name} tier's budget is {self.budget}")
-            victims = sorted((m for m in self._sizes if not leased(m)), key=lambda m: self._last_used.get(m, 0))
+            victims = self.eviction_order([m for m in self._sizes if not leased(m)])
             free = self.budget - self.used
             chosen = []
             for victim in victims:
@@ -97,6 +100,15 @@ class Tier:
             for victim in chosen:
                 evict(victim, self.name)
             self._reserved[model] = size
+
+    def eviction_order(self, models: list[str], now: float | None = None) -> list[str]:
+        """What the keep-alive policy says is least worth keeping first: models it holds no wish for (least recently
+        used first), then those it wants warm, the soonest-ending wish first."""
+        now = time.time() if now is None else now
+        with self._lock:
+            holds = {m: self.hold_until(m) for m in models}
+            return sorted(models, key=lambda m: (holds[m] > now, holds[m] if holds[m] > now else 0.0,
+                                                 self._last_used.get(m, 0)))
 
     def release_reservation(self, model: str) -> None:
         with self._lock:
