@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from sllm_faas.common import settings as common
 from sllm_faas.common.settings import setting
+from sllm_faas.common.tiers import Tier
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,8 +140,8 @@ def print_status(view, client, keys, as_json: bool) -> int:
     print_table(["node", "slots free", "queue s", "bw remote/ssd/dram GB/s", "ssd used", "dram used", "heartbeat"],
                 [[n.id, f"{n.free_slots}/{view.nodes[n.id].slots}", f"{n.queue_wait_s:.2f}",
                   "/".join("-" if not n.bandwidth.get(t) else f"{n.bandwidth[t] / 1e9:.2f}"
-                           for t in ("remote", "ssd", "dram")),
-                  _size(view.nodes[n.id].used["ssd"]), _size(view.nodes[n.id].used["dram"]),
+                           for t in (Tier.REMOTE, Tier.SSD, Tier.DRAM)),
+                  _size(view.nodes[n.id].used[Tier.SSD]), _size(view.nodes[n.id].used[Tier.DRAM]),
                   f"{now - view.nodes[n.id].heartbeat_at:.1f}s ago"] for n in view.snapshot.nodes])
     print("\nMODELS BY TIER")
     print_table(["node", "tier", "model", "size"],

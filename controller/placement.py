@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import redis
 
 from sllm_faas.common.names import validate_model_name
+from sllm_faas.common.tiers import Tier
 from sllm_faas.controller.booking import Booker, NodeGone
 from sllm_faas.controller.cluster import ClusterCache
 from sllm_faas.controller.scheduler import Decision, ModelInfo, Snapshot, plans, rank
@@ -50,9 +51,9 @@ class Placement:
                 "loader": self.loader}
 
 
-def target_tier(gpu_capacity: int) -> str:
+def target_tier(gpu_capacity: int) -> Tier:
     """Where instances on a node read weights from: its GPU tier when it has one, else host DRAM."""
-    return "gpu" if gpu_capacity > 0 else "dram"
+    return Tier.GPU if gpu_capacity > 0 else Tier.DRAM
 
 
 class Placer:
@@ -127,8 +128,8 @@ class Placer:
             record = view.nodes.get(decision.node)
             if record is None:
                 continue
-            tier = target_tier(record.capacity.get("gpu", 0))
-            staging = None if decision.tier in ("gpu", tier) else f"{model}@{tier}"
+            tier = target_tier(record.capacity.get(Tier.GPU, 0))
+            staging = None if decision.tier in (Tier.GPU, tier) else f"{model}@{tier}"
             # an unmeasured bandwidth makes the estimate infinite: queue it as the hold time, not forever
             finish_at = time.time() + min(decision.estimate_s, self.booker.hold_s)
             booking = None

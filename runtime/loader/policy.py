@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from sllm_faas.common.tiers import Tier
 from sllm_faas.runtime.checkpoint.format import Manifest
 from sllm_faas.runtime.loader.tiers import current_tier
 
@@ -52,7 +53,7 @@ def choose(probe: MemoryProbe) -> str:
 
 def cpu_strategy(directory: str | os.PathLike, manifest: Manifest, probe: MemoryProbe | None = None) -> str:
     """"mmap" or "direct" for loading `directory` onto the CPU; `probe` defaults to this process's one."""
-    if current_tier(directory, manifest) == "dram":
+    if current_tier(directory, manifest) == Tier.DRAM:
         return "mmap"
     return choose(probe if probe is not None else memory_probe())
 

@@ -12,6 +12,7 @@ import mmap
 import os
 from pathlib import Path
 
+from sllm_faas.common.tiers import Tier
 from sllm_faas.runtime.checkpoint.format import Manifest, open_regular
 
 _MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0x958458F6: "hugetlbfs"}
@@ -65,9 +66,9 @@ def fully_cached(path: str | os.PathLike) -> bool:
     return cached == total
 
 
-def current_tier(directory: str | os.PathLike, manifest: Manifest) -> str:
-    """"dram" when every partition is memory-resident, else "ssd"."""
+def current_tier(directory: str | os.PathLike, manifest: Manifest) -> Tier:
+    """DRAM when every partition is memory-resident, else SSD."""
     directory = Path(directory)
     if on_memory_filesystem(directory):
-        return "dram"
-    return "dram" if all(fully_cached(directory / part.file) for part in manifest.partitions) else "ssd"
+        return Tier.DRAM
+    return Tier.DRAM if all(fully_cached(directory / part.file) for part in manifest.partitions) else Tier.SSD
