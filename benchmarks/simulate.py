@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -68,11 +69,15 @@ def main() -> int:
     parser.add_argument("--no-scale", action="store_true", help="skip the 1,000-node timing run")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-keepalive", action="store_true", help="skip the keep-alive comparison (Pareto plot)")
+    parser.add_argument("--seeds", default="1,2",
+                        help="more seeds: every policy at every sweep rate under each (comma-separated; '' for none)")
     args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed]
 
     output = results_path("simulate", ".json")
     report = {"date": now_utc(), "machine": machine_info(RESULTS_DIR), "targets": TARGETS, "scenarios": {}}
     sections = []
+    checked: list[tuple[str, int, list[RunResult]]] = []  # (scenario, seed, one rate's results) for the seeds table
     for name in args.scenarios.split(","):
         scenario = load_scenario(name)
         results = run_policies(scenario)
@@ -89,8 +94,14 @@ def main() -> int:
         report["scenarios"][name] = {"base": [summary(r) for r in results], "ratios": base,
                                      "sweep": [{"rate": point[0].rate, "results": [summary(r) for r in point],
                                                 "ratios": ratios(point)} for point in sweep]}
+        checked += [(name, scenario.seed, point) for point in sweep]
+        for seed in seeds:
+            other = dataclasses.replace(scenario, seed=seed)
+            checked += [(name, seed, run_policies(other, rate)) for rate in scenario.workload.sweep_rates]
+    if checked:
+        sections.append(seeds_section(report, checked))
     if not args.no_keepalive:
-        sections.append(keepalive_section(output, report, not args.no_plots))
+        sections.append(keepalive_section(output, report, not args.no_plots, seeds))
     if not args.no_scale:
         scenario = load_scenario("scale-1000")
         started = time.perf_counter()
@@ -116,24 +127,51 @@ def main() -> int:
     return 0
 
 
-def keepalive_section(output: Path, report: dict, plots: bool) -> str:
+def seeds_section(report: dict, checked: list[tuple[str, int, list[RunResult]]]) -> str:
+    """The target over seeds: at every sweep rate of every scenario and every seed, each policy's p99 over ours'
+    (below 1: ours has the longer tail there, a loss)."""
+    policies = [r.policy for r in checked[0][2] if r.policy != "ours"]
+    lines = ["### Every sweep rate under every seed", "", "Each policy's p99 over ours' p99 (below 1: a loss of ours).",
+             "", "| scenario | rate | seed | ours p99 s | " + " | ".join(policies) + " |",
+             "|---|---|---|---|" + "---|" * len(policies)]
+    losses = []
+    for name, seed, point in checked:
+        got = ratios(point)
+        ours = next(r.percentile(99) for r in point if r.policy == "ours")
+        lines.append(f"| {name} | {point[0].rate:g} | {seed} | {ours:.2f} | "
+                     + " | ".join(f"{got[p]:.3f}" + (" **loss**" if got[p] < 1 else "") for p in policies) + " |")
+        losses += [f"{name} {point[0].rate:g}/s seed {seed}: {p} {got[p]:.3f}x" for p in policies if got[p] < 1]
+    lines += ["", f"Losses: {len(losses)} of {len(checked) * len(policies)} comparisons at {len(checked)} points"
+              + (": " + "; ".join(losses) if losses else "") + "."]
+    print(lines[-1])
+    report["seeds"] = {"points": len(checked), "losses": losses}
+    return "\n".join(lines) + "\n"
+
+
+def keepalive_section(output: Path, report: dict, plots: bool, seeds: list[int]) -> str:
     """`ours` on KEEPALIVE_SCENARIO at its base rate under fixed windows and the cost policy at several exchange
-    rates: p50, p99, GPU-hours, cold starts by tier, and the Pareto plot (GPU-hours against p99)."""
-    scenario = load_scenario(KEEPALIVE_SCENARIO)
-    trace = generate(scenario)
-    policies = [(f"fixed {w:g} s", FixedKeepAlive(w)) for w in FIXED_WINDOWS_S]
-    policies += [(f"cost x{rate:g}", CostKeepAlive(scenario.keep_alive_s, rate)) for rate in EXCHANGE_RATES]
-    points = [(label, simulate(scenario, "ours", trace, keepalive=policy)) for label, policy in policies]
-    lines = [f"### Keep-alive ({KEEPALIVE_SCENARIO}, ours, {scenario.workload.rate:g}/s, seed {scenario.seed})", "",
-             "| keep-alive | p50 s | p99 s | GPU-hours | cold starts dram / ssd / remote |", "|---|---|---|---|---|"]
-    for label, result in points:
-        cold = " / ".join(str(result.cold_starts.get(tier, 0)) for tier in ("dram", "ssd", "remote"))
-        lines.append(f"| {label} | {result.percentile(50):.2f} | {result.percentile(99):.2f} | "
-                     f"{result.gpu_seconds / 3600:.1f} | {cold} |")
-        print(f"keep-alive {label}: p99 {result.percentile(99):.2f} s, {result.gpu_seconds / 3600:.1f} GPU-hours")
-    if plots:
-        write_pareto(output.with_name(f"{output.stem}-keepalive-pareto.png"), points)
-    report["keepalive"] = {label: summary(result) for label, result in points}
+    rates, for the scenario's seed and `seeds`: p50, p99, GPU-hours, cold starts by tier, and the Pareto plot
+    (GPU-hours against p99) of the scenario's seed."""
+    base = load_scenario(KEEPALIVE_SCENARIO)
+    lines = [f"### Keep-alive ({KEEPALIVE_SCENARIO}, ours, {base.workload.rate:g}/s)", "",
+             "| seed | keep-alive | p50 s | p99 s | GPU-hours | cold starts dram / ssd / remote |",
+             "|---|---|---|---|---|---|"]
+    report["keepalive"] = {}
+    for seed in [base.seed, *seeds]:
+        scenario = dataclasses.replace(base, seed=seed)
+        trace = generate(scenario)
+        policies = [(f"fixed {w:g} s", FixedKeepAlive(w)) for w in FIXED_WINDOWS_S]
+        policies += [(f"cost x{rate:g}", CostKeepAlive(scenario.keep_alive_s, rate)) for rate in EXCHANGE_RATES]
+        points = [(label, simulate(scenario, "ours", trace, keepalive=policy)) for label, policy in policies]
+        for label, result in points:
+            cold = " / ".join(str(result.cold_starts.get(tier, 0)) for tier in ("dram", "ssd", "remote"))
+            lines.append(f"| {seed} | {label} | {result.percentile(50):.2f} | {result.percentile(99):.2f} | "
+                         f"{result.gpu_seconds / 3600:.1f} | {cold} |")
+            print(f"keep-alive seed {seed} {label}: p99 {result.percentile(99):.2f} s, "
+                  f"{result.gpu_seconds / 3600:.1f} GPU-hours")
+        if plots and seed == base.seed:
+            write_pareto(output.with_name(f"{output.stem}-keepalive-pareto.png"), points)
+        report["keepalive"][str(seed)] = {label: summary(result) for label, result in points}
     return "\n".join(lines) + "\n"
 
 

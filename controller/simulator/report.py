@@ -29,18 +29,24 @@ def scenario_markdown(scenario: Scenario, results: list[RunResult], sweep: list[
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     reference = _reference_p99(results)
     for result in results:
-        ratio = f"{result.percentile(99) / reference:.2f}x" if reference else "-"
-        cold = " / ".join(str(result.cold_starts.get(tier, 0)) for tier in TIERS)
-        lines.append(f"| {result.policy} | {result.mean:.2f} | {result.percentile(50):.2f} | "
-                     f"{result.percentile(99):.2f} | {ratio} | {result.gpu_seconds / 3600:.1f} | {cold} | "
+        lines.append(f"| {result.policy} | {result.mean:.2f} | {_cells(result, reference)} | "
                      f"{result.warm_starts} | {result.migrations} | {result.unserved} | {result.wall_s:.2f} |")
     if sweep:
-        policies = [result.policy for result in sweep[0]]
-        lines += ["", "p99 time to first token (s) by request rate:", "",
-                  "| rate (req/s) | " + " | ".join(policies) + " |", "|---" * (len(policies) + 1) + "|"]
+        lines += ["", "By request rate (same seed): p50 and p99 time to first token (s), GPU-hours, cold starts:",
+                  "", "| rate (req/s) | policy | p50 | p99 | p99 / ours' p99 | GPU-hours | "
+                  "cold starts dram / ssd / remote | migrations |", "|---|---|---|---|---|---|---|---|"]
         for point in sweep:
-            lines.append(f"| {point[0].rate:g} | " + " | ".join(f"{r.percentile(99):.2f}" for r in point) + " |")
+            reference = _reference_p99(point)
+            lines += [f"| {r.rate:g} | {r.policy} | {_cells(r, reference)} | {r.migrations} |" for r in point]
     return "\n".join(lines) + "\n"
+
+
+def _cells(result: RunResult, reference: float | None) -> str:
+    """p50 | p99 | p99 over ours' | GPU-hours | cold starts by tier, as table cells."""
+    ratio = f"{result.percentile(99) / reference:.2f}x" if reference else "-"
+    cold = " / ".join(str(result.cold_starts.get(tier, 0)) for tier in TIERS)
+    return (f"{result.percentile(50):.2f} | {result.percentile(99):.2f} | {ratio} | "
+            f"{result.gpu_seconds / 3600:.1f} | {cold}")
 
 
 def ratios(results: list[RunResult]) -> dict[str, float]:
