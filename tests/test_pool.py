@@ -94,6 +94,24 @@ def test_held_stream_shows_progress_comments_and_stays_valid_for_the_openai_clie
     to_zero(up, "fp")
 
 
+def test_a_later_start_on_a_node_finds_the_tokenizer_preloaded(up):
+    """Each assignment's model is prepared by its node's zygote: a later pooled start there reads no tokenizer."""
+    seen: dict[str, list[str]] = {}
+    for _ in range(3):   # two nodes: some node starts twice
+        pools_full(up)
+        raw = up.client("fp").completions.with_raw_response.create(model="smollm2-a", prompt="The capital of France is",
+                                                                   max_tokens=3, temperature=0)
+        assert "Paris" in raw.parse().choices[0].text
+        cold = json.loads(raw.headers["X-Sllm-Cold-Start"])
+        assert cold["start"] == "pool"
+        seen.setdefault(up.function("fp")["instances"][0]["node"], []).append(cold["tokenizer"])
+        to_zero(up, "fp")
+        wait_until(lambda: all(p["models"] and not p["unprepared"] for n, p in pools(up).items() if n in seen),
+                   timeout=60)
+    repeated = [kinds for kinds in seen.values() if len(kinds) > 1]
+    assert repeated and all(set(kinds[1:]) == {"preloaded"} for kinds in repeated), seen
+
+
 def test_requests_beyond_max_held_get_429_with_retry_after(up):
     pools_full(up)
 

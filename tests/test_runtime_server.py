@@ -88,7 +88,7 @@ def test_readiness_waits_for_the_model(server):
     body = server.ready_body
     assert body["ready"] is True and body["model"] == "smollm2"
     breakdown = body["cold_start"]
-    for step in ("imports_s", "staging_wait_s", "load_s", "build_s", "first_forward_s", "process_start_to_ready_s"):
+    for step in ("imports_s", "staging_wait_s", "load_s", "build_s", "warming_s", "process_start_to_ready_s"):
         assert breakdown[step] >= 0
     assert breakdown["tier"] in ("dram", "ssd")
     assert breakdown["process_start_to_ready_s"] >= breakdown["imports_s"] + breakdown["load_s"]
@@ -260,7 +260,7 @@ def test_template_default_handler_log_line_and_clean_shutdown(smollm2, tmp_path)
         assert requests.post(instance.url + "/", json={"prompt": ""}, timeout=10).status_code == 400
     finally:
         output = instance.stop()
-    assert "cold start: start=spawn tier=" in output and "first_forward=" in output
+    assert "cold start: start=spawn tier=" in output and "warming=" in output
     assert instance.process.returncode == 0
 
 

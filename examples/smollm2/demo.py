@@ -134,7 +134,7 @@ def print_breakdown(starts: list) -> None:
                          f"{placement.get('tier')} (est {placement.get('estimate_s')} s)", cold["tier"],
                          f"{total:.2f}", f"{cold['process_start_to_ready_s']:.2f}", f"{cold['imports_s']:.2f}",
                          f"{cold['staging_wait_s']:.2f}", f"{cold['load_s']:.3f}", f"{cold['build_s']:.2f}",
-                         f"{cold['first_forward_s']:.2f}"])
+                         f"{cold['warming_s']:.2f}"])
         else:
             rows.append([label, "warm", "-", "-", f"{total:.2f}"] + ["-"] * 6)
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]

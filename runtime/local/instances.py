@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,9 @@ class InstanceLauncher:
         return Instance(instance_id, function, node, url, self.spawn(spawn), log_path)
 
     @staticmethod
-    def wait_ready(instance: Instance, timeout_s: float) -> Instance:
-        """Poll /_/ready until 200 (keeping the cold-start breakdown) or the process dies or time runs out."""
+    def wait_ready(instance: Instance, timeout_s: float, on_phase: Callable[[str], None] | None = None) -> Instance:
+        """Poll /_/ready until 200 (keeping the cold-start breakdown) or the process dies or time runs out;
+        `on_phase` hears the runtime's step while it starts (loading, warming)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if instance.process.poll() is not None:
@@ -131,6 +133,8 @@ class InstanceLauncher:
             if body.get("error"):
                 instance.failure = str(body["error"])
                 raise InstanceFailed(f"instance {instance.id}: {instance.failure}")
+            if on_phase is not None and isinstance(body.get("phase"), str):
+                on_phase(body["phase"])
             time.sleep(0.02)
         instance.failure = f"not ready after {timeout_s:.0f} s (log: {instance.log_path})"
         raise InstanceFailed(f"instance {instance.id}: {instance.failure}")

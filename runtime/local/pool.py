@@ -7,6 +7,10 @@ children: `ChildProcess` gives them Popen's poll/wait, and the instance code sto
 instances (their own process group). A maintainer thread per node keeps the zygote alive (restarted after
 a backoff) and the pool full: a member that was assigned or died is replaced. `take` never waits: with no
 idle member the caller spawns a runtime as usual, and so it does when an assignment fails.
+
+Each accepted assignment's model is sent to the zygote to `prepare` (its tokenizer preloaded, zygote.py), so
+the members forked after it start that model without reading it; idle members forked before a new model was
+prepared are replaced. The last PREPARED_MODELS models are prepared again in a restarted zygote.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ log = logging.getLogger("sllm.pool")
 _PR_SET_CHILD_SUBREAPER = 36
 ZYGOTE_BACKOFF_FIRST_S, ZYGOTE_BACKOFF_MAX_S = 0.5, 10.0
 MAINTAIN_S = 0.2
+PREPARED_MODELS = 4   # as many as the zygote keeps (runtime/model/tokenizer.py PRELOADED_MAX)
+# what decides an instance's model and tokenizer (runtime/server/settings.py): the part of its environment sent
+PREPARE_ENV = ("SLLM_MODEL", "SLLM_MODEL_STORE", "SLLM_LOADER_SOCKET", "SLLM_LOADER_TIER", "SLLM_CHAT_TEMPLATE")
 
 
 def become_subreaper() -> None:
@@ -86,7 +93,8 @@ class Member:
     id: str
     process: ChildProcess
     socket: Path
-    made_at: float = field(default_factory=time.time)
+    made_at: float = field(default_factory=time.monotonic)
+    on_assigned: Callable[[dict], None] = lambda assignment: None
 
     def assign(self, assignment: dict, timeout_s: float = 5.0) -> bool:
         """Hand the member its instance; False if it is gone or did not accept."""
@@ -97,9 +105,12 @@ class Member:
                 connection.settimeout(timeout_s)
                 connection.connect(str(self.socket))
                 connection.sendall(json.dumps(assignment).encode() + b"\n")
-                return connection.makefile("rb").readline() == b"ok\n"
+                if connection.makefile("rb").readline() != b"ok\n":
+                    return False
         except OSError:
             return False
+        self.on_assigned(assignment)
+        return True
 
 
 class NodePool:
@@ -113,6 +124,9 @@ class NodePool:
         self.kind = ""                  # "fork" (CPU) or "exec" (CUDA), as the zygote reports
         self.members: list[Member] = []
         self.made = self.replaced = self.zygote_restarts = 0
+        self.models: dict[str, dict] = {}   # the models members were assigned (PREPARE_ENV as JSON -> env), newest last
+        self._unprepared: list[str] = []      # of those, what the running zygote has not prepared since
+        self._preparing = False               # one of them is being prepared now
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -138,7 +152,8 @@ class NodePool:
     def status(self) -> dict:
         with self._lock:
             idle = [{"id": m.id, "pid": m.process.pid} for m in self.members]
-        return {"node": self.node, "size": self.size, "kind": self.kind, "idle": idle,
+        return {"node": self.node, "size": self.size, "kind": self.kind, "idle": idle, "models": len(self.models),
+                "unprepared": len(self._unprepared) + self._preparing,
                 "zygote_pid": self.zygote.pid if self.zygote and self.zygote.poll() is None else None,
                 "made": self.made, "replaced": self.replaced, "zygote_restarts": self.zygote_restarts}
 
@@ -157,6 +172,50 @@ class NodePool:
         if len(line) != 2 or line[0] != "ready":
             raise RuntimeError(f"the zygote of {self.node} did not start (log: {self.log_path})")
         self.kind = line[1]
+        with self._lock:
+            self._unprepared = list(self.models)
+
+    def _assigned(self, assignment: dict) -> None:
+        env = {name: assignment["env"][name] for name in PREPARE_ENV if assignment["env"].get(name)}
+        key = json.dumps(env, sort_keys=True)
+        with self._lock:
+            self.models.pop(key, None)
+            self.models[key] = env
+            while len(self.models) > PREPARED_MODELS:
+                self.models.pop(next(iter(self.models)))
+            if key not in self._unprepared:
+                self._unprepared.append(key)
+        self._wake.set()
+
+    def _prepare(self) -> None:
+        """Have the zygote prepare each model assigned since; retire idle members forked before a new one."""
+        while True:
+            with self._lock:
+                self._preparing = False
+                if not self._unprepared:
+                    return
+                key = self._unprepared.pop(0)
+                env = self.models.get(key)
+                self._preparing = env is not None and self.kind == "fork"
+            if not self._preparing:   # dropped since, or exec'd (CUDA) members, which inherit nothing
+                continue
+            asked = time.monotonic()
+            self.zygote.stdin.write(f"prepare {key}\n")
+            self.zygote.stdin.flush()
+            answer = self.zygote.stdout.readline().strip().split(maxsplit=3)
+            if not answer:
+                raise RuntimeError(f"the zygote of {self.node} exited while preparing {env.get('SLLM_MODEL')}")
+            if answer[0] != "prepared":
+                log.warning("pool of %s: preparing %s: %s", self.node, env.get("SLLM_MODEL"), " ".join(answer))
+                continue
+            log.info("pool of %s: prepared %s (%s, %s s)", self.node, answer[3] if len(answer) > 3 else "?",
+                     answer[1], answer[2])
+            if answer[1] == "new":
+                with self._lock:
+                    stale = [m for m in self.members if m.made_at < asked]
+                    self.members = [m for m in self.members if m.made_at >= asked]
+                for member in stale:
+                    stop_process_group(member.process, grace_s=0)
 
     def _make_member(self) -> Member:
         self.made += 1
@@ -166,7 +225,8 @@ class NodePool:
         answer = self.zygote.stdout.readline().split()
         if len(answer) != 3 or answer[:2] != ["member", member_id]:
             raise RuntimeError(f"the zygote of {self.node} answered {' '.join(answer) or 'nothing'}")
-        return Member(member_id, ChildProcess(int(answer[2])), self.directory / f"{member_id}.sock")
+        return Member(member_id, ChildProcess(int(answer[2])), self.directory / f"{member_id}.sock",
+                      on_assigned=self._assigned)
 
     def _maintain(self) -> None:
         while not self._stopping.is_set():
@@ -184,6 +244,8 @@ class NodePool:
             self._wake.clear()
 
     def _maintain_once(self) -> None:
+        if self.zygote is not None and self.zygote.poll() is None:
+            self._prepare()
         with self._lock:
             alive = [m for m in self.members if m.process.poll() is None]
             self.replaced += len(self.members) - len(alive)
@@ -195,6 +257,7 @@ class NodePool:
             if time.monotonic() < self._zygote_due:
                 return
             self._start_zygote()
+            self._prepare()
         for _ in range(missing):
             member = self._make_member()
             deadline = time.monotonic() + 30

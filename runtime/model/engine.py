@@ -301,8 +301,9 @@ class Engine:
         return sum(len(g.prompt_ids) + len(g.output_ids) for g in list(self._running.values()))
 
     def warm_up(self) -> None:
-        """One real forward pass before reporting ready, so the first request pays no lazy init."""
-        self.submit(self.tokenizer.encode("Hello") or [0], SamplingParams(max_tokens=2, temperature=0)).wait()
+        """One real forward pass before reporting ready, so the first request pays no lazy init (a decode
+        step of one sequence runs the same operations as this one-token prefill)."""
+        self.submit(self.tokenizer.encode("Hello") or [0], SamplingParams(max_tokens=1, temperature=0)).wait()
 
     # -- the engine thread --------------------------------------------------------------------
     def _needs_step(self) -> bool:

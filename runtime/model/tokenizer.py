@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,53 @@ def check_template(source: str) -> None:
         raise ValueError(f"line {exc.lineno}: {exc.message}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+PRELOADED_MAX = 4   # tokenizers a pool's zygote keeps (runtime/server/zygote.py)
+_preloaded: OrderedDict[tuple, Tokenizer] = OrderedDict()
+
+
+def _identity(directory: Path, chat_template: str | Path | None) -> tuple:
+    """What a loaded tokenizer depends on: each file's path, inode, size and mtime (None where absent)."""
+    def of(path: Path) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    paths = [directory / name for name in TOKENIZER_FILES] + ([Path(chat_template)] if chat_template else [])
+    return tuple(of(path) for path in paths)
+
+
 class Tokenizer:
+    @classmethod
+    def load(cls, directory: str | Path, chat_template: str | Path | None = None) -> Tokenizer:
+        """The tokenizer of `directory`: the one preloaded in this process (a pooled runtime inherits its zygote's)
+        when its files are the very same ones, else read now (0.1 s for SmolLM2's 49k-token BPE)."""
+        key = _identity(Path(directory), chat_template)
+        found = _preloaded.get(key)
+        return found if found is not None else cls(directory, chat_template)
+
+    @classmethod
+    def preload(cls, directory: str | Path, chat_template: str | Path | None = None) -> bool:
+        """Read and keep the tokenizer (and compile its chat template) for later `load`s in this process and its
+        forks, the oldest dropped beyond PRELOADED_MAX; False if it was kept already."""
+        key = _identity(Path(directory), chat_template)
+        tokenizer = _preloaded.pop(key, None)
+        new = tokenizer is None
+        if new:
+            tokenizer = cls(directory, chat_template)
+            tokenizer.preloaded = True
+            if tokenizer.has_chat_template:
+                tokenizer.compiled_template()
+        _preloaded[key] = tokenizer
+        while len(_preloaded) > PRELOADED_MAX:
+            _preloaded.popitem(last=False)
+        return new
+
     def __init__(self, directory: str | Path, chat_template: str | Path | None = None) -> None:
         """`chat_template`: a Jinja file used instead of the checkpoint's template (serve --chat-template)."""
         directory = Path(directory)
+        self.preloaded = False   # True: kept by `preload` (a pooled runtime's zygote) before this process needed it
         self._tokenizer = _FastTokenizer.from_file(str(directory / "tokenizer.json"))
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
@@ -94,17 +139,21 @@ class Tokenizer:
         environment, None-valued message keys dropped, the special tokens and extra kwargs as variables."""
         if not self._template_source:
             raise TemplateError("this model has no chat template; use /v1/completions")
-        if self._template is None:
-            self._template = _environment().from_string(self._template_source)
+        template = self.compiled_template()
         messages = [{k: v for k, v in message.items() if v is not None} for message in messages]
         variables = {**{k: v for k, v in self.special_tokens.items() if v is not None}, **kwargs}
         try:
-            return self._template.render(messages=messages, tools=tools, documents=documents,
+            return template.render(messages=messages, tools=tools, documents=documents,
                                          add_generation_prompt=add_generation_prompt, **variables)
         except TemplateError:
             raise
         except Exception as exc:  # a template failing on what it was given (e.g. a missing key) is a bad request
             raise TemplateError(f"{type(exc).__name__}: {exc}") from None
+
+    def compiled_template(self):
+        if self._template is None:
+            self._template = _environment().from_string(self._template_source)
+        return self._template
 
     def encode_chat(self, messages: list[dict[str, Any]], **template: Any) -> list[int]:
         return self.encode(self.apply_chat_template(messages, **template), add_special_tokens=False)

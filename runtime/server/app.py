@@ -88,6 +88,7 @@ class Runtime:
         self.settings = settings
         self.loaded: LoadedModel | None = None
         self.failure: str | None = None
+        self.phase = "starting"  # then loading, warming (runtime/server/startup.py); /_/ready says it
         self.metrics = Metrics()
         self.engine_metrics = RuntimeMetrics(self.metrics, settings.max_seq, lambda: self.loaded)
         self.registration = None  # InstanceRegistration when SLLM_REDIS_URL is set
@@ -119,7 +120,8 @@ class Runtime:
 
         def run() -> None:
             try:
-                self.loaded = start_model(self.settings, process_started, on_finish=self._record)
+                self.loaded = start_model(self.settings, process_started, on_finish=self._record,
+                                          on_phase=lambda phase: setattr(self, "phase", phase))
             except Exception as exc:  # reported by /_/ready and the log; the process stays up for inspection
                 self.failure = f"{type(exc).__name__}: {exc}"
                 log.exception("cold start failed")
@@ -522,7 +524,8 @@ def runtime_routes(runtime: Runtime, api_key: str | None, user_handler: Handler)
     @routes.get("/_/ready")
     def ready():
         if runtime.loaded is None:
-            body = {"ready": False, "error": runtime.failure} if runtime.failure else {"ready": False}
+            body = {"ready": False, "error": runtime.failure} if runtime.failure else {"ready": False,
+                                                                                         "phase": runtime.phase}
             return body, 503
         return {"ready": True, "model": runtime.loaded.name, "cold_start": runtime.loaded.cold_start.as_dict()}
 

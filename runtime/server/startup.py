@@ -2,9 +2,11 @@
 
 1. find the model (ask the node loader to stage and lease it, when one is configured);
 2. map/read the weights from the fastest tier that holds them;
-3. build the decoder skeleton (meta device, no init) and assign the weights;
-4. run one warm-up forward;
-and only then report ready.
+3. build the decoder skeleton (meta device, no init) and assign the weights; the tokenizer is the one a
+   pooled runtime's zygote preloaded when it is the same files (runtime/server/zygote.py);
+4. warming: one forward pass;
+and only then report ready. `on_phase` hears "loading" and then "warming" (/_/ready says which, and a held
+stream's progress comments show it).
 """
 
 from __future__ import annotations
@@ -44,19 +46,20 @@ class ColdStart:
     staging_wait_s: float = 0.0
     load_s: float = 0.0
     build_s: float = 0.0
-    first_forward_s: float = 0.0
+    warming_s: float = 0.0   # the warm-up forward
     tier: str = "unknown"
     start: str = "spawn"     # or "pool": a pre-warmed runtime assigned to this function (runtime/server/zygote.py)
     decoder: str = "native"  # or "transformers fallback (why)": runtime/model/fallback.py
+    tokenizer: str = "read"  # or "preloaded": by the pool's zygote (runtime/server/zygote.py `prepare`)
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
     def log_line(self) -> str:
-        return (f"cold start: start={self.start} tier={self.tier} decoder={self.decoder} "
+        return (f"cold start: start={self.start} tier={self.tier} decoder={self.decoder} tokenizer={self.tokenizer} "
                 f"total={self.process_start_to_ready_s:.3f}s imports={self.imports_s:.3f}s "
                 f"staging_wait={self.staging_wait_s:.3f}s load={self.load_s:.3f}s build={self.build_s:.3f}s "
-                f"first_forward={self.first_forward_s:.3f}s")
+                f"warming={self.warming_s:.3f}s")
 
 
 def resolve_model_dir(model: str, model_store: str) -> Path:
@@ -95,7 +98,7 @@ def stage_with_loader(settings) -> tuple[Path, str, object]:
     return Path(where["path"]), came_from, keeper
 
 
-def start_model(settings, process_started: float, on_finish=None) -> LoadedModel:
+def start_model(settings, process_started: float, on_finish=None, on_phase=None) -> LoadedModel:
     """Run the cold-start steps and return a warmed-up engine with the breakdown of where time went; a pooled
     runtime's steps count from its assignment (SLLM_POOL_ASSIGNED_AT), not from its process's creation."""
     import time
@@ -113,6 +116,8 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
         process_started, report.start = float(os.environ["SLLM_POOL_ASSIGNED_AT"]), "pool"
     mark = time.time()
     report.imports_s = mark - process_started
+    phase = on_phase or (lambda name: None)
+    phase("loading")
 
     lease = None
     if settings.loader_socket:
@@ -126,16 +131,18 @@ def start_model(settings, process_started: float, on_finish=None) -> LoadedModel
     now = time.time()
     report.load_s, mark = now - mark, now
 
-    tokenizer = Tokenizer(directory, settings.chat_template)
+    tokenizer = Tokenizer.load(directory, settings.chat_template)
+    report.tokenizer = "preloaded" if tokenizer.preloaded else "read"
     model, report.decoder = build_model(directory, state)
     engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_seq=settings.max_seq, on_finish=on_finish)
     engine.start()
     now = time.time()
     report.build_s, mark = now - mark, now
 
+    phase("warming")
     engine.warm_up()
     now = time.time()
-    report.first_forward_s = now - mark
+    report.warming_s = now - mark
     report.process_start_to_ready_s = now - process_started
     name = settings.served_name or directory.resolve().name
     log.info("%s", report.log_line())

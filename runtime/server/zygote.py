@@ -6,6 +6,13 @@ The zygote imports torch and the runtime once and warms what can be warmed witho
 (no OpenMP pool exists before a fork). Then it reads commands on stdin, one per line:
 
     member ID   ->  "member ID PID" on stdout, once the member is ours to assign
+    prepare ENV ->  "prepared new|kept SECONDS DIR" (ENV: an instance's environment, one JSON object)
+
+`prepare` preloads, for the members forked after it, what a start of that environment's model would read
+itself: its tokenizer (0.1 s of SmolLM2's start), kept by runtime/model/tokenizer.py and used when the
+files are the very same. The pool sends it for each model a member was assigned (runtime/local/pool.py),
+so the next start of a function on this node finds it ready. The first forward needs no such warming:
+it costs what later ones do (benchmarks/README.md).
 
 A member is made by a double fork, so that it is re-parented to the gateway (`--reaper`, which made itself
 a child subreaper) rather than staying the zygote's child: the gateway waits for it, stops its process
@@ -214,6 +221,40 @@ def member(path: Path, reaper: int, exec_cuda: bool) -> int:
     return int(line)
 
 
+def prepare(env: dict[str, str]) -> tuple[Path, bool]:
+    """Preload the tokenizer of the model an instance with environment `env` serves: (its directory, where the
+    node loader holds it when the environment names one; whether it was not preloaded yet)."""
+    from sllm_faas.common.names import validate_model_name
+    from sllm_faas.runtime.checkpoint.format import read_manifest
+    from sllm_faas.runtime.model.tokenizer import Tokenizer
+    from sllm_faas.runtime.server.settings import Settings
+    from sllm_faas.runtime.server.startup import resolve_model_dir
+
+    settings = Settings.resolve(env=env)
+    if settings.loader_socket:
+        from sllm_faas.runtime.node_loader.client import LoaderClient
+
+        directory = Path(LoaderClient(settings.loader_socket, timeout=5.0).where(
+            validate_model_name(settings.model))["path"])
+    else:
+        directory = resolve_model_dir(settings.model, settings.model_store)
+    read_manifest(directory)   # a folder that is no checkpoint is refused by name
+    return directory, Tokenizer.preload(directory, settings.chat_template)
+
+
+def answer_prepare(line: str) -> str:
+    """The zygote's answer to `prepare ENV`: "prepared new|kept SECONDS DIR", or "error WHY" (one line)."""
+    started = time.perf_counter()
+    try:
+        env = json.loads(line)
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise ValueError("prepare takes one JSON object of strings (an environment)")
+        directory, new = prepare(env)
+    except Exception as exc:   # noqa: BLE001 - any failure is the answer; the zygote serves on
+        return f"error {type(exc).__name__}: {exc}".replace("\n", " ")
+    return f"prepared {'new' if new else 'kept'} {time.perf_counter() - started:.3f} {directory}".replace("\n", " ")
+
+
 def zygote(pool_dir: Path, reaper: int) -> int:
     import torch
 
@@ -223,6 +264,9 @@ def zygote(pool_dir: Path, reaper: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     print(f"ready {'exec' if cuda else 'fork'}", flush=True)
     for line in sys.stdin:
+        if line.startswith("prepare "):
+            print(answer_prepare(line.removeprefix("prepare ")), flush=True)
+            continue
         words = line.split()
         if len(words) != 2 or words[0] != "member" or not words[1].replace("-", "").isalnum():
             print("error bad command", flush=True)

@@ -99,7 +99,7 @@ class RuntimeMetrics:
     """The function runtime's metrics: vLLM's engine metrics (same names, `model_name` label, buckets) and
     the cold-start phases this process measures (runtime/server/startup.py's breakdown)."""
 
-    PHASES = ("imports", "staging_wait", "load", "build", "first_forward", "process_start_to_ready")
+    PHASES = ("imports", "staging_wait", "load", "build", "warming", "process_start_to_ready")
 
     def __init__(self, metrics: Metrics, max_model_len: int, loaded: Callable[[], object]) -> None:
         m, name = metrics, ("model_name",)
