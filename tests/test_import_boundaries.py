@@ -155,7 +155,8 @@ def _command(pid: int) -> str:
 
 def test_running_control_plane_maps_no_torch_after_serving(smollm2, redis_target, tmp_path):
     """`sllm-faas up` (real gunicorn masters and workers), then a function invoked from zero through all of it:
-    the gateway proxies, the controller places, the node loader stages the model into DRAM and leases it. The
+    the gateway proxies (an instance's own error passes through as the instance wrote it, under the caller's
+    request id), the controller places, the node loader stages the model into DRAM and leases it. The
     runtime instance loads torch (its own process, a child of the gateway's worker); the services' masters and
     workers must not have mapped it."""
     from test_local_cluster import Up, write_stack
@@ -174,6 +175,10 @@ def test_running_control_plane_maps_no_torch_after_serving(smollm2, redis_target
                                timeout=300)
         assert answer.status_code == 200 and answer.headers["X-Sllm-Node"] == "node-0", answer.text
         assert json.loads(answer.headers["X-Sllm-Cold-Start"])["tier"] == "dram"   # staged by the loader
+        wrong = requests.post(f"{up.gateway}/function/fa/v1/chat/completions", json={"messages": []},
+                              headers={"X-Request-Id": "trace-up-1"}, timeout=60)
+        assert wrong.status_code == 400 and wrong.headers["X-Request-Id"] == "trace-up-1"   # one id, end to end
+        assert wrong.json()["error"]["param"] == "messages", wrong.text   # the instance's own error, as it wrote it
         parents = children_by_parent()
         services = {_command(pid): pid for pid in parents.get(up.process.pid, set())}
         found = {}
