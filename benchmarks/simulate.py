@@ -130,7 +130,7 @@ def main() -> int:
 def seeds_section(report: dict, checked: list[tuple[str, int, list[RunResult]]]) -> str:
     """The target over seeds: at every sweep rate of every scenario and every seed, each policy's p99 over ours'
     (below 1: ours has the longer tail there, a loss)."""
-    policies = [r.policy for r in checked[0][2] if r.policy != "ours"]
+    policies = list(dict.fromkeys(r.policy for _, _, point in checked for r in point if r.policy != "ours"))
     lines = ["### Every sweep rate under every seed", "", "Each policy's p99 over ours' p99 (below 1: a loss of ours).",
              "", "| scenario | rate | seed | ours p99 s | " + " | ".join(policies) + " |",
              "|---|---|---|---|" + "---|" * len(policies)]
@@ -138,10 +138,11 @@ def seeds_section(report: dict, checked: list[tuple[str, int, list[RunResult]]])
     for name, seed, point in checked:
         got = ratios(point)
         ours = next(r.percentile(99) for r in point if r.policy == "ours")
-        lines.append(f"| {name} | {point[0].rate:g} | {seed} | {ours:.2f} | "
-                     + " | ".join(f"{got[p]:.3f}" + (" **loss**" if got[p] < 1 else "") for p in policies) + " |")
-        losses += [f"{name} {point[0].rate:g}/s seed {seed}: {p} {got[p]:.3f}x" for p in policies if got[p] < 1]
-    lines += ["", f"Losses: {len(losses)} of {len(checked) * len(policies)} comparisons at {len(checked)} points"
+        lines.append(f"| {name} | {point[0].rate:g} | {seed} | {ours:.2f} | " + " | ".join(
+            "-" if p not in got else f"{got[p]:.3f}" + (" **loss**" if got[p] < 1 else "") for p in policies) + " |")
+        losses += [f"{name} {point[0].rate:g}/s seed {seed}: {p} {got[p]:.3f}x" for p in got if got[p] < 1]
+    compared = sum(len(ratios(point)) for _, _, point in checked)
+    lines += ["", f"Losses: {len(losses)} of {compared} comparisons at {len(checked)} points"
               + (": " + "; ".join(losses) if losses else "") + "."]
     print(lines[-1])
     report["seeds"] = {"points": len(checked), "losses": losses}

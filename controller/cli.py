@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         except (UnknownModel, ValueError) as exc:
             print(f"sllm-faas place: {exc}", file=sys.stderr)
             return 1
-        plans = [d.plan() for d in ranked]
+        plans = [d.plan().as_json() for d in ranked]
         if args.json:
             print(json.dumps({"model": args.model, "ranked": plans}, indent=2))
         else:

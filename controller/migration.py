@@ -26,6 +26,7 @@ from typing import Any
 
 import redis
 import requests
+from sllm_faas.controller.scheduler import Action, Plan
 
 from sllm_faas.redis_schema.keys import Keys
 from sllm_faas.runtime.migration import faults
@@ -100,14 +101,14 @@ class Migrator:
         return [self.migrate(source, r["id"], destination, release=release, reason=reason, **options)
                 for r in requests_here]
 
-    def execute_plan(self, plan: dict[str, Any]) -> list[dict[str, str]]:
-        """Carry out the migration of a scheduler decision (`Decision.plan()`, action `migrate_then_load`):
-        drain instance `plan['instance']` to an instance on node `plan['to']`. NoDestination when none is ready
-        there yet (start one, then call again)."""
-        if plan.get("action") != "migrate_then_load":
-            raise ValueError(f"plan action {plan.get('action')!r} moves nothing")
-        destination = self.pick_destination(plan["instance"], node=plan.get("to"))
-        return self.drain(plan["instance"], destination, release=True, reason="plan")
+    def execute_plan(self, plan: Plan) -> list[dict[str, str]]:
+        """Carry out the migration of a scheduler decision (`Decision.plan()`, action MIGRATE_THEN_LOAD): drain
+        instance `plan.instance` to an instance on node `plan.to`. NoDestination when none is ready there yet
+        (start one, then call again)."""
+        if plan.action is not Action.MIGRATE_THEN_LOAD:
+            raise ValueError(f"plan action {str(plan.action)!r} moves nothing")
+        destination = self.pick_destination(plan.instance, node=plan.to)
+        return self.drain(plan.instance, destination, release=True, reason="plan")
 
     def in_flight(self, target: str) -> list[dict[str, Any]]:
         """The requests in flight on an instance (GET /_/requests)."""

@@ -47,7 +47,7 @@ class Placement:
     ranked: list[Decision] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"model": self.model, **self.decision.plan(), "booking": self.booking, "staging": self.staging,
+        return {"model": self.model, **self.decision.plan().as_json(), "booking": self.booking, "staging": self.staging,
                 "loader": self.loader}
 
 
@@ -161,7 +161,7 @@ class Placer:
     def _event(self, model: str, decision: Decision, booking: str, owner: str) -> dict[str, str]:
         plan = decision.plan()
         return Event(decision.node, "placed", model, decision.tier, time.time(),
-                     {"booking": booking, "estimate_s": str(plan["estimate_s"]), "plan": json.dumps(plan),
+                     {"booking": booking, "estimate_s": str(plan.estimate_s), "plan": json.dumps(plan.as_json()),
                       "owner": owner}).to_fields()
 
     def _kick(self, address: str, model: str, tier: str) -> None:

@@ -29,6 +29,7 @@ infinity and such nodes rank last. Ties break by node id, so the ranking is dete
 from __future__ import annotations
 
 import bisect
+import enum
 import functools
 import math
 import statistics
@@ -173,14 +174,46 @@ class Decision:
     price_s: float = 0.0           # a migration's destination GPU time, in seconds of delay (move x (1 + pending)):
                                    # decisions rank on estimate + price, so a migration must beat every other way by it
 
-    def plan(self) -> dict:
-        action = "migrate_then_load" if self.migrate else "wait_then_load" if self.wait_for else "load"
-        plan = {"action": action, "node": self.node, "tier": self.tier,
-                "estimate_s": _finite(self.estimate_s), "load_s": _finite(self.load_s)}
-        if self.migrate:
-            plan.update(instance=self.migrate, to=self.migrate_to, migrate_s=_finite(self.migrate_s))
-        if self.wait_for:
-            plan.update(instances=list(self.wait_for), wait_s=_finite(self.wait_s))
+    @property
+    def action(self) -> Action:
+        return Action.MIGRATE_THEN_LOAD if self.migrate else Action.WAIT_THEN_LOAD if self.wait_for else Action.LOAD
+
+    def plan(self) -> Plan:
+        """The decision as callers carry it out (and as the API shows it, `Plan.as_json`)."""
+        return Plan(self.action, self.node, self.tier, _finite(self.estimate_s), _finite(self.load_s),
+                    self.migrate, self.migrate_to, _finite(self.migrate_s) if self.migrate else None, self.wait_for,
+                    _finite(self.wait_s) if self.wait_for else None)
+
+
+class Action(enum.StrEnum):
+    """What a plan does on its node (the values are the API's `action` strings)."""
+    LOAD = "load"                           # GPUs free now: load
+    WAIT_THEN_LOAD = "wait_then_load"       # wait for running instances to end, then load (or be served warm)
+    MIGRATE_THEN_LOAD = "migrate_then_load"  # move a running instance to another node first
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A decision to carry out: seconds are rounded to the microsecond, None where infinite (not measured)."""
+    action: Action
+    node: str
+    tier: str
+    estimate_s: float | None
+    load_s: float | None
+    instance: str | None = None           # MIGRATE_THEN_LOAD: the instance moved off `node`, to node `to`
+    to: str | None = None
+    migrate_s: float | None = None
+    instances: tuple[str, ...] = ()       # WAIT_THEN_LOAD: the instances whose ends free the GPUs
+    wait_s: float | None = None
+
+    def as_json(self) -> dict:
+        """The API's JSON object (wire format): the migration and wait fields only for those actions."""
+        plan = {"action": str(self.action), "node": self.node, "tier": str(self.tier), "estimate_s": self.estimate_s,
+                "load_s": self.load_s}
+        if self.action is Action.MIGRATE_THEN_LOAD:
+            plan.update(instance=self.instance, to=self.to, migrate_s=self.migrate_s)
+        if self.action is Action.WAIT_THEN_LOAD:
+            plan.update(instances=list(self.instances), wait_s=self.wait_s)
         return plan
 
 

@@ -41,6 +41,7 @@ from sllm_faas.controller.config import ControllerConfig
 from sllm_faas.controller.keepalive import DEFAULT_KEEP_ALIVE_S, CostKeepAlive, KeepAliveTracker
 from sllm_faas.controller.migration import Migrator, NoDestination
 from sllm_faas.controller.placement import NoCapacity, Placer, UnknownModel
+from sllm_faas.controller.scheduler import Action
 from sllm_faas.redis_schema import keepalive as keepalive_records
 from sllm_faas.redis_schema.keys import Keys, validate_id
 from sllm_faas.redis_schema.upgrade import ensure_schema
@@ -152,13 +153,13 @@ class Controller:
         try:
             placement = self.placer.place(model, **options)
             plan = placement.decision.plan()
-            outcome = plan["action"]
+            outcome = str(plan.action)
             if placement.booking:  # a cold start's placement: its decision phase, by the tier it loads from
-                self.cold_start.labels("decision", model, plan["tier"]).observe(time.perf_counter() - started)
-            if plan["action"] == "migrate_then_load" and options.get("book_slot", True):  # not for prefetches
-                self.cache.note_migration(plan["instance"])
+                self.cold_start.labels("decision", model, plan.tier).observe(time.perf_counter() - started)
+            if plan.action is Action.MIGRATE_THEN_LOAD and options.get("book_slot", True):  # not for prefetches
+                self.cache.note_migration(plan.instance)
                 self.migrate_in_background(lambda: self.migrator.execute_plan(plan), "plan")
-            return placement.as_dict() | {"ranked": [d.plan() for d in placement.ranked[:5]]}
+            return placement.as_dict() | {"ranked": [d.plan().as_json() for d in placement.ranked[:5]]}
         except NoCapacity:
             outcome = "no_capacity"
             raise
@@ -248,7 +249,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
     @hook("/v1/placements/<model>", methods=["GET"])
     def estimate(model: str):
         ranked = controller.placer.estimate(model, _size_hint({"size_bytes": request.args.get("size_bytes", type=int)}))
-        return {"model": model, "ranked": [d.plan() for d in ranked]}
+        return {"model": model, "ranked": [d.plan().as_json() for d in ranked]}
 
     @hook("/v1/scale", methods=["POST"])
     def scale():
@@ -332,7 +333,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         try:
             if dry_run:  # no side effects: rank only
                 ranked = controller.placer.estimate(model)
-                placement = ranked[0].plan() if ranked and ranked[0].feasible else None
+                placement = ranked[0].plan().as_json() if ranked and ranked[0].feasible else None
             else:
                 controller.ensure_schema()
                 placement = controller.decide("webhook", model, owner=kube.function_of(pod))

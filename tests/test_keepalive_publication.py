@@ -115,6 +115,8 @@ def test_loader_pre_stages_before_a_predicted_arrival(loader, redis_ns):
                                             KeepAliveRecord("m6", "node-a", Tier.DRAM, 100.0, 115.0, 5.0, now - 10)])
     wait_for(lambda: loader.client.where("m4")["tier"] == "dram")
     assert [e["model"] for e in events(redis_ns, "prestage")] == ["m4"]
+    job = loader.wait_job(loader.client.job(events(redis_ns, "prestage")[0]["job"]))
+    assert (job["state"], job["tier"], job["step"]) == ("done", "dram", "ssd->dram")  # the typed step, as shown
     assert loader.client.where("m5")["tier"] == "ssd" and loader.client.where("m6")["tier"] == "ssd"
     assert not [e for e in events(redis_ns, "stage_queued") if e["model"] in ("m5", "m6") and e["tier"] == "dram"]
     wait_for(lambda: len(events(redis_ns, "stage_queued", "m4")) == 2)    # ssd earlier, dram now; and only once

@@ -6,7 +6,16 @@ import math
 
 import pytest
 
-from sllm_faas.controller.scheduler import InstanceInfo, ModelInfo, NodeInfo, Snapshot, cluster_bandwidths, rank
+from sllm_faas.controller.scheduler import (
+    Action,
+    InstanceInfo,
+    ModelInfo,
+    NodeInfo,
+    Plan,
+    Snapshot,
+    cluster_bandwidths,
+    rank,
+)
 
 GB = 10**9
 BW = {"dram": 10 * GB, "ssd": 2 * GB, "remote": 1 * GB}
@@ -25,7 +34,9 @@ def test_load_estimates_are_q_plus_size_over_bandwidth():
         ("b", "ssd", 3.0),           # 1 s queue + 4 GB / 2 GB/s
         ("c", "remote", 4.0),        # remote-only nodes count too: 4 GB / 1 GB/s
     ]
-    assert ranked[0].plan() == {"action": "load", "node": "a", "tier": "dram", "estimate_s": 0.4, "load_s": 0.4}
+    assert ranked[0].plan() == Plan(Action.LOAD, "a", "dram", 0.4, 0.4)
+    assert ranked[0].plan().as_json() == {"action": "load", "node": "a", "tier": "dram", "estimate_s": 0.4,
+                                          "load_s": 0.4}
 
 
 def test_gpu_resident_costs_only_the_queue():
@@ -50,7 +61,7 @@ def test_nothing_measured_anywhere_ranks_last():
     snapshot = Snapshot((node("a", None, bandwidth={}), node("b", "dram", bandwidth={"dram": 10 * GB})), {"m": MODEL})
     ranked = rank(snapshot, "m")
     assert [d.node for d in ranked] == ["b", "a"] and math.isinf(ranked[1].estimate_s)
-    assert ranked[1].plan()["estimate_s"] is None
+    assert ranked[1].plan().estimate_s is None and ranked[1].plan().as_json()["estimate_s"] is None
 
 
 def test_busy_node_with_local_copy_migrates_the_cheapest_instance():
@@ -67,7 +78,10 @@ def test_busy_node_with_local_copy_migrates_the_cheapest_instance():
     best = ranked[0]
     assert (best.node, best.migrate, best.migrate_to) == ("a", "short", "b")
     assert best.estimate_s == pytest.approx(0.8)
-    assert best.plan()["action"] == "migrate_then_load"
+    assert best.plan().action is Action.MIGRATE_THEN_LOAD
+    assert best.plan().as_json() == {"action": "migrate_then_load", "node": "a", "tier": "dram",
+                                     "estimate_s": 0.8, "load_s": 0.4, "instance": "short", "to": "b",
+                                     "migrate_s": 0.4}
     assert (ranked[1].node, ranked[1].estimate_s) == ("b", 4.0)
 
 
@@ -174,7 +188,7 @@ def test_waiting_beats_migrating_when_the_instance_ends_sooner():
     best = rank(ending, "m")[0]
     # waiting 0.3 s then the 0.4 s DRAM load (0.7 s) beats moving s (0.4 s, then 0.4 s), and b's 4 s remote load
     assert (best.node, best.wait_for, best.migrate, best.estimate_s) == ("a", ("s",), None, pytest.approx(0.7))
-    assert best.plan()["action"] == "wait_then_load"
+    assert best.plan().action is Action.WAIT_THEN_LOAD and best.plan().as_json()["action"] == "wait_then_load"
     lasting = Snapshot(nodes, models, (InstanceInfo("s", "a", "small", tokens=100, remaining_s=30.0),))
     assert rank(lasting, "m")[0].migrate == "s"  # migrating only where it frees the GPUs sooner
     same = Snapshot(nodes, models, (InstanceInfo("own", "a", "m", tokens=100, remaining_s=0.3),))

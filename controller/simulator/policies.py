@@ -124,10 +124,10 @@ def carry_out(cluster: Cluster, plans: scheduler.Plans) -> Placement | None:
     decision = next(iter(plans), None)
     if decision is None or math.isinf(decision.estimate_s):
         return None
-    node = cluster.node_by_id[decision.node]
-    if decision.migrate is not None:
+    node, action = cluster.node_by_id[decision.node], decision.action
+    if action is scheduler.Action.MIGRATE_THEN_LOAD:
         return Placement(node, cluster.instances[decision.migrate], cluster.node_by_id[decision.migrate_to])
-    if decision.wait_for:
+    if action is scheduler.Action.WAIT_THEN_LOAD:
         return Placement(node, wait_s=decision.wait_s, wait_for=decision.wait_for)
     return Placement(node)
 

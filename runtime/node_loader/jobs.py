@@ -7,7 +7,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from sllm_faas.common.tiers import Tier
+
 _ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One staging step: a checkpoint copied from `source` into the next faster tier, `target`."""
+    source: Tier
+    target: Tier
+
+    def __str__(self) -> str:
+        return f"{self.source}->{self.target}"  # as the API shows it
 
 
 @dataclass
@@ -18,7 +30,7 @@ class StageJob:
     state: str = "queued"  # queued -> running -> done | failed
     total_bytes: int = 0
     done_bytes: int = 0
-    step: str = ""
+    step: Step | None = None  # the step running now (the last one, once done)
     error: str | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -40,7 +52,8 @@ class StageJob:
         eta = None
         if self.estimated_finish is not None and self.state in ("queued", "running"):
             eta = max(0.0, self.estimated_finish - time.time())
-        return {"id": self.id, "model": self.model, "tier": self.tier, "state": self.state, "step": self.step,
+        return {"id": self.id, "model": self.model, "tier": self.tier, "state": self.state,
+                "step": str(self.step) if self.step else "",
                 "total_bytes": self.total_bytes, "done_bytes": self.done_bytes, "progress": round(progress, 4),
                 "eta_s": None if eta is None else round(eta, 3), "error": self.error,
                 "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}

@@ -28,7 +28,7 @@ from sllm_faas.runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, 
 from sllm_faas.runtime.checkpoint.verify import sha256_file
 from sllm_faas.runtime.node_loader.bandwidth import Bandwidths, probe_write_read
 from sllm_faas.runtime.node_loader.config import LoaderConfig
-from sllm_faas.runtime.node_loader.jobs import StageJob
+from sllm_faas.runtime.node_loader.jobs import StageJob, Step
 from sllm_faas.runtime.node_loader.leases import Lease, Leases
 from sllm_faas.runtime.node_loader.store import StoreError, copy_file, open_store
 from sllm_faas.runtime.node_loader.tiers import BudgetError, Tier
@@ -260,8 +260,8 @@ class NodeLoader:
             job.total_bytes = size * len(steps)
             for step in steps:
                 job.step, step_started = step, time.perf_counter()
-                getattr(self, f"_stage_{step.replace('->', '_to_')}")(job, size, remote)
-                self.on_step_staged(job.model, step.split("->")[1], time.perf_counter() - step_started)
+                getattr(self, f"_stage_{step.source}_to_{step.target}")(job, size, remote)
+                self.on_step_staged(job.model, step.target, time.perf_counter() - step_started)
         except Exception as exc:  # every failure fails this job, never the worker
             expected = isinstance(exc, StoreError | BudgetError | CheckpointError | OSError | LoaderError)
             error = str(exc) if expected else f"internal error: {type(exc).__name__}: {exc}"
@@ -272,10 +272,10 @@ class NodeLoader:
         job.finish()
         self._event("staged", job.model, job.tier, job=job.id, bytes=job.total_bytes)
 
-    def _steps(self, model: str, target: str) -> list[str]:
+    def _steps(self, model: str, target: str) -> list[Step]:
         current = self.fastest_tier(model)
         path = SLOWEST_FIRST[SLOWEST_FIRST.index(current):SLOWEST_FIRST.index(target) + 1]
-        return [f"{a}->{b}" for a, b in zip(path, path[1:], strict=False)]
+        return [Step(a, b) for a, b in zip(path, path[1:], strict=False)]
 
     def _model_bytes(self, model: str, remote: tuple[bytes, Manifest] | None) -> int:
         if remote is not None:
@@ -323,7 +323,7 @@ class NodeLoader:
         the tier each job reads from. Unknown sizes or bandwidths leave the estimate (and those after) empty."""
         clock: float | None = time.time()
         for job in self._queue:
-            source = job.step.split("->")[0] if job.step else self.fastest_tier(job.model)
+            source = job.step.source if job.step else self.fastest_tier(job.model)
             rate = self.bandwidths.get(source)
             if clock is None or not job.total_bytes or not rate:
                 clock = job.estimated_finish = None
