@@ -17,7 +17,6 @@ later one is read from the source. Sources and destinations are base URLs or reg
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -26,16 +25,14 @@ from typing import Any
 
 import redis
 import requests
-from sllm_faas.controller.scheduler import Action, Plan
 
+from sllm_faas.controller.scheduler import Action, Plan
 from sllm_faas.redis_schema.keys import Keys
+from sllm_faas.redis_schema.records import InstanceRecord, MigrationRecord, RecordError
 from sllm_faas.runtime.migration import faults
 from sllm_faas.runtime.migration.protocol import auth_headers, error_text
 from sllm_faas.runtime.migration.record import MigrationRecords, NotOwner, StateConflict
 
-RECORD_FIELDS = ("request", "source", "destination", "source_instance", "destination_instance", "reason", "options",
-                 "rounds", "tokens_recomputed", "pause_s", "duration_s", "same_numerics", "outcome", "error",
-                 "incident", "incident_at")
 HANDED_OVER = ("relaying", "completed", "recovered", "failed")  # source states past the handover
 
 
@@ -69,10 +66,9 @@ class Migrator:
         options = {"destination": destination_url, "threshold": threshold, "max_rounds": max_rounds,
                    "timeout_s": timeout_s, "handover_timeout_s": handover_timeout_s, "release": release}
         migration_id = migration_id or f"m-{int(time.time())}-{uuid.uuid4().hex[:8]}"
-        fields = dict.fromkeys(RECORD_FIELDS, "")
-        fields.update(request=request_id, source=source_url, destination=destination_url, reason=reason,
-                      source_instance=source_instance, destination_instance=destination_instance,
-                      options=json.dumps(options), rounds=0, tokens_recomputed=0)
+        fields = {"request": request_id, "source": source_url, "destination": destination_url, "reason": reason,
+                  "source_instance": source_instance, "destination_instance": destination_instance,
+                  "options": options}
         self.records.create(migration_id, self.owner, self.lease_s, fields)
         faults.inject("controller.pending")
         return self._drive(migration_id)
@@ -81,13 +77,13 @@ class Migrator:
         """Take over every live migration whose owner's lease has lapsed and drive it to its end."""
         finished = []
         for migration_id in self.records.live_ids():
-            record = self.records.get(migration_id)
-            if not record or float(record.get("lease_until") or 0) >= time.time():
+            record = self.records.read(migration_id)
+            if record is None or record.lease_until >= time.time():
                 continue  # its owner is alive (or it just ended)
             try:
-                self.records.transition(migration_id, self.owner, record["state"], self.lease_s,
-                                        detail=f"taken over from {record.get('owner')!r}, whose lease lapsed",
-                                        allowed=(record["state"],), takeover=True)
+                self.records.transition(migration_id, self.owner, record.state, self.lease_s,
+                                        detail=f"taken over from {record.owner!r}, whose lease lapsed",
+                                        allowed=(record.state,), takeover=True)
             except (NotOwner, StateConflict):
                 continue  # another controller was faster
             finished.append(self._drive(migration_id))
@@ -133,35 +129,39 @@ class Migrator:
     def pick_destination(self, source: str, node: str | None = None) -> str:
         """The ready instance with the most free slots that serves the source's model, on `node` if given,
         else preferably on another node than the source's."""
-        ids = sorted(self.client.smembers(self.keys.instances))
-        instances = [i for i in (self.client.hgetall(self.keys.instance(n)) for n in ids) if i.get("id")]
-        me = next((i for i in instances if source in (i["id"], i.get("address", "").rstrip("/"))), None)
+        instances = []
+        for name in sorted(self.client.smembers(self.keys.instances)):
+            key = self.keys.instance(name)
+            try:
+                instances.append(InstanceRecord.from_hash(key, self.client.hgetall(key)))
+            except RecordError:
+                continue  # expired (or malformed: `sllm-faas status` names it)
+        me = next((i for i in instances if source in (i.id, i.address.rstrip("/"))), None)
         if me is None:
             raise NoDestination(f"the source {source!r} is not registered: name the destination")
-        candidates = [i for i in instances if i["id"] != me["id"] and i.get("model") == me.get("model")
-                      and i.get("state") == "ready" and i.get("address") and _free_slots(i) > 0
-                      and (node is None or i.get("node") == node)]
+        candidates = [i for i in instances if i.id != me.id and i.model == me.model and i.state == "ready"
+                      and i.address and i.slots - i.active > 0 and (node is None or i.node == node)]
         if not candidates:
             where = f" on node {node}" if node else ""
-            raise NoDestination(f"no ready instance of {me.get('model')!r} with a free slot{where}")
-        best = max(candidates, key=lambda i: (i.get("node") != me.get("node"), _free_slots(i), i["id"]))
-        return best["id"]
+            raise NoDestination(f"no ready instance of {me.model!r} with a free slot{where}")
+        best = max(candidates, key=lambda i: (i.node != me.node, i.slots - i.active, i.id))
+        return best.id
 
     # -- the state machine -------------------------------------------------------------------
     def _drive(self, migration_id: str) -> dict[str, str]:
-        record = self.records.get(migration_id)
+        record = self.records.read(migration_id)
         try:
-            if record["state"] == "pending" and not self._start(migration_id, record):
+            if record.state == "pending" and not self._start(migration_id, record):
                 return self.records.get(migration_id)
             self._follow(migration_id, record)
         except NotOwner:
             pass  # our lease lapsed and another controller owns it now: its record is the truth
         return self.records.get(migration_id)
 
-    def _start(self, migration_id: str, record: dict[str, str]) -> bool:
+    def _start(self, migration_id: str, record: MigrationRecord) -> bool:
         """Tell the source; a repeated start (after a crash) gets the same migration back."""
-        body = {**json.loads(record["options"]), "migration": migration_id}
-        url = f"{record['source']}/_/requests/{record['request']}/migrate"
+        body = {**record.options, "migration": migration_id}
+        url = f"{record.source}/_/requests/{record.request}/migrate"
         try:
             response = requests.post(url, json=body, headers=auth_headers(), timeout=self.request_timeout_s)
         except requests.RequestException as exc:
@@ -175,10 +175,10 @@ class Migrator:
         faults.inject("controller.started")
         return True
 
-    def _follow(self, migration_id: str, record: dict[str, str]) -> None:
+    def _follow(self, migration_id: str, record: MigrationRecord) -> None:
         """Mirror the source's progress into the record until the handover or the abort."""
-        url = f"{record['source']}/_/migration/{migration_id}"
-        handover_timeout_s = float(json.loads(record["options"]).get("handover_timeout_s", 5.0))
+        url = f"{record.source}/_/migration/{migration_id}"
+        handover_timeout_s = float(record.options.get("handover_timeout_s", 5.0))
         seen = last = handed_over_at = unreachable_since = None
         renewed = time.monotonic()
         while True:
@@ -224,10 +224,10 @@ class Migrator:
                 renewed = time.monotonic()
             time.sleep(self.poll_s)
 
-    def _source_lost(self, migration_id: str, record: dict[str, str], detail: str) -> None:
+    def _source_lost(self, migration_id: str, record: MigrationRecord, detail: str) -> None:
         """The source died during the transfer: its request is lost with it; free the destination's slot."""
         try:
-            requests.delete(f"{record['destination']}/_/migration/{migration_id}", headers=auth_headers(),
+            requests.delete(f"{record.destination}/_/migration/{migration_id}", headers=auth_headers(),
                             timeout=self.request_timeout_s)
         except requests.RequestException:
             pass  # it drops an idle staged request by itself
@@ -242,23 +242,11 @@ class Migrator:
         fields = _fields(status or {})
         fields.update(outcome=outcome, error=error or "")
         if status and status.get("incident"):
-            fields.update(incident=status["incident"], incident_at=f"{time.time():.3f}")
+            fields.update(incident=status["incident"], incident_at=time.time())
         self.records.transition(migration_id, self.owner, state, self.lease_s, detail=error or outcome, **fields)
 
 
-def _fields(status: dict[str, Any]) -> dict[str, str]:
-    """The record fields mirrored from the source's status."""
-    fields = {}
-    for name in ("rounds", "tokens_recomputed", "pause_s", "duration_s"):
-        if status.get(name) is not None:
-            fields[name] = str(status[name])
-    if status.get("same_numerics") is not None:
-        fields["same_numerics"] = "1" if status["same_numerics"] else "0"
-    return fields
-
-
-def _free_slots(instance: dict[str, str]) -> int:
-    try:
-        return int(instance.get("slots") or 0) - int(instance.get("active") or 0)
-    except ValueError:
-        return 0
+def _fields(status: dict[str, Any]) -> dict[str, Any]:
+    """The record fields mirrored from the source's status (MigrationRecord's, typed)."""
+    return {name: status[name] for name in ("rounds", "tokens_recomputed", "pause_s", "duration_s", "same_numerics")
+            if status.get(name) is not None}

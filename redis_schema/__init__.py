@@ -1,4 +1,5 @@
-"""The whole Redis key space of sllm-faas, as code: key builders, value encoding, schema version.
+"""The whole Redis key space of sllm-faas, as code: key builders (keys.py), the typed records with their one
+encoder and decoder each (records.py), and the schema version with its upgrades (upgrade.py).
 
 Every key is documented with a redis-cli example in redis_schema/SCHEMA.md. Values are plain
 hash fields, strings or JSON: nothing is pickled, everything reads with HGETALL/SMEMBERS/ZRANGE/XRANGE.

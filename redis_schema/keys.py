@@ -90,6 +90,10 @@ class Keys:
         name = model if isinstance(model, _Placeholder) else validate_model_name(model)
         return f"{self.prefix}model:{name}"
 
+    def keepalive(self, model: str) -> str:
+        """HASH: the controller's keep-alive decision for a model (keep time, warm tier, pre-stage time, node)."""
+        return f"{self.prefix}keepalive:{validate_model_name(model)}"
+
     def node_slots(self, node: str) -> str:
         """ZSET, the node's slot ledger: member = instance id (or booking id), score = when the hold expires."""
         return f"{self.prefix}node:{validate_node_id(node)}:slots"

@@ -6,6 +6,7 @@ measured yet"."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,9 +152,10 @@ class ModelRecord:
                    format_version=_number(record, key, "format_version", int, default=0))
 
 
-@dataclass(frozen=True)
+@dataclass
 class FunctionRecord:
-    """`sllm:function:<name>`: one function deployed to the local gateway."""
+    """`sllm:function:<name>`: one function deployed to the local gateway (whose Function extends it with
+    its live state)."""
 
     model: str
     build: str
@@ -161,7 +163,7 @@ class FunctionRecord:
     env: dict[str, str] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
-    created_at: float = 0.0
+    created_at: float = field(default_factory=time.time)
 
     def to_hash(self) -> dict[str, str]:
         return {"model": self.model, "build": self.build, "image": self.image, "env": json.dumps(self.env),
@@ -204,3 +206,101 @@ class Event:
         common = {"node", "kind", "model", "tier", "ts"}
         return cls(entry["node"], entry["kind"], entry["model"], entry["tier"], _number(entry, key, "ts"),
                    {name: value for name, value in entry.items() if name not in common})
+
+
+MIGRATION_LIVE = ("pending", "started", "transferring")
+MIGRATION_TERMINAL = ("completed", "aborted", "failed")
+
+
+@dataclass(frozen=True)
+class MigrationEvent:
+    """One entry of a migration record's `events` list: a transition or an incident."""
+
+    t: float
+    state: str
+    by: str
+    detail: str
+
+    def to_json(self) -> str:
+        """Compact JSON, appended to the list by the record's Lua scripts (runtime/migration/record.py)."""
+        return json.dumps({"t": round(self.t, 3), "state": self.state, "by": self.by, "detail": self.detail},
+                          separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    """`sllm:migration:<id>`: one migration's state machine. Every field is written at creation; the outcome
+    fields stay empty (None here) until known."""
+
+    id: str
+    state: str
+    owner: str
+    lease_until: float
+    created_at: float
+    updated_at: float
+    request: str = ""
+    source: str = ""
+    destination: str = ""
+    source_instance: str = ""
+    destination_instance: str = ""
+    reason: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 0
+    tokens_recomputed: int = 0
+    pause_s: float | None = None
+    duration_s: float | None = None
+    same_numerics: bool | None = None
+    outcome: str = ""
+    error: str = ""
+    incident: str = ""
+    incident_at: float | None = None
+    events: tuple[MigrationEvent, ...] = ()
+
+    def to_hash(self) -> dict[str, str]:
+        fields = {name: value for name, value in vars(self).items() if name != "events"}
+        return {**self.encode_fields(**fields), "events": "[" + ",".join(e.to_json() for e in self.events) + "]"}
+
+    @staticmethod
+    def encode_fields(**fields: Any) -> dict[str, str]:
+        """Some fields of the record as stored (a transition writes only those it changes): times to the
+        millisecond, `same_numerics` as 1/0, `options` as JSON, None as empty."""
+        encoded = {}
+        for name, value in fields.items():
+            if value is None:
+                encoded[name] = ""
+            elif name in ("lease_until", "created_at", "updated_at", "incident_at"):
+                encoded[name] = _time(float(value))
+            elif name == "same_numerics":
+                encoded[name] = "1" if value else "0"
+            elif name == "options":
+                encoded[name] = json.dumps(value)
+            else:
+                encoded[name] = str(value)
+        return encoded
+
+    @classmethod
+    def from_hash(cls, key: str, record: dict[str, str]) -> MigrationRecord:
+        for name in ("id", "state"):
+            if not record.get(name):
+                raise RecordError(key, name, "is missing")
+
+        def optional(name: str) -> float | None:
+            return _number(record, key, name) if record.get(name) else None
+
+        events = _json(record, key, "events", list, "[]")
+        try:
+            parsed = tuple(MigrationEvent(e["t"], e["state"], e["by"], e["detail"]) for e in events)
+        except (KeyError, TypeError):
+            raise RecordError(key, "events", "holds an entry without t, state, by and detail") from None
+        texts = ("owner", "request", "source", "destination", "source_instance", "destination_instance", "reason",
+                 "outcome", "error", "incident")
+        return cls(id=record["id"], state=record["state"], **{name: record.get(name, "") for name in texts},
+                   lease_until=_number(record, key, "lease_until", default=0.0),
+                   created_at=_number(record, key, "created_at", default=0.0),
+                   updated_at=_number(record, key, "updated_at", default=0.0),
+                   options=_json(record, key, "options", dict, "{}"),
+                   rounds=_number(record, key, "rounds", int, default=0),
+                   tokens_recomputed=_number(record, key, "tokens_recomputed", int, default=0),
+                   pause_s=optional("pause_s"), duration_s=optional("duration_s"),
+                   same_numerics=None if not record.get("same_numerics") else record["same_numerics"] == "1",
+                   incident_at=optional("incident_at"), events=parsed)

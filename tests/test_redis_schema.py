@@ -14,7 +14,16 @@ from schema_doc import documented_schema
 from sllm_faas.common import settings
 from sllm_faas.common.tiers import FASTEST_FIRST, HELD, SLOWEST_FIRST, Tier
 from sllm_faas.redis_schema.keys import ID, LUA_KEY, Keys
-from sllm_faas.redis_schema.records import Event, FunctionRecord, InstanceRecord, ModelRecord, NodeRecord, RecordError
+from sllm_faas.redis_schema.records import (
+    Event,
+    FunctionRecord,
+    InstanceRecord,
+    MigrationEvent,
+    MigrationRecord,
+    ModelRecord,
+    NodeRecord,
+    RecordError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("runtime", "controller", "sllm_faas", "benchmarks", "examples", "templates")
@@ -107,12 +116,20 @@ INSTANCE = InstanceRecord(id="smollm2-7f3a9c", node="node-a", model="smollm2", f
                           decode_tokens_per_s=41.5, prefill_tokens_per_s=900.2, heartbeat_at=1795519305.11, slots=4,
                           started_at=1795519200.0)
 MODEL = ModelRecord(size_bytes=269529088, partitions=2, format_version=1)
+MIGRATION = MigrationRecord(id="m-1795527607-2c56a867", state="completed", owner="vm-1", lease_until=1795527617.052,
+                            created_at=1795527607.052, updated_at=1795527609.5, request="chatcmpl-1",
+                            source="http://a:8080", destination="http://b:8080", source_instance="a",
+                            reason="operator", options={"threshold": 20, "release": False}, rounds=2,
+                            tokens_recomputed=300, pause_s=0.0671, same_numerics=True, outcome="handed_over",
+                            events=(MigrationEvent(1795527607.052, "pending", "vm-1", "created"),
+                                    MigrationEvent(1795527609.5, "completed", "vm-1", "handed_over")))
 FUNCTION = FunctionRecord(model="smollm2", build="/srv/build/chat", image="chat:1", env={"A": "1"},
                           labels={"com.openfaas.scale.zero": "true"}, annotations={}, created_at=1795519000.25)
 
 
 @pytest.mark.parametrize(("record", "pattern"), [(NODE, "sllm:node:<node>"), (INSTANCE, "sllm:instance:<id>"),
-                                                 (MODEL, "sllm:model:<model>"), (FUNCTION, "sllm:function:<name>")])
+                                                 (MODEL, "sllm:model:<model>"), (FUNCTION, "sllm:function:<name>"),
+                                                 (MIGRATION, "sllm:migration:<id>")])
 def test_records_round_trip_with_exactly_the_documented_fields(record, pattern):
     encoded = record.to_hash()
     assert set(encoded) == documented_schema()[pattern]
@@ -125,6 +142,15 @@ def test_node_record_encodes_as_the_loader_always_published_it():
     assert encoded["bw_dram"] == "" and encoded["bw_ssd"] == "2480000000" and encoded["heartbeat_at"] == \
         "1795519301.523" and encoded["schema_version"] == "2" and encoded["gpus"].startswith('[{"index": 0')
     assert NodeRecord.from_hash("k", {**encoded, "slots": ""}).slots == 1  # one per GPU when absent
+
+
+def test_migration_record_leaves_unknown_outcomes_empty():
+    encoded = MIGRATION.to_hash()
+    assert encoded["duration_s"] == encoded["incident_at"] == encoded["error"] == "" and encoded["same_numerics"] == "1"
+    assert encoded["events"].startswith('[{"t":1795527607.052,"state":"pending","by":"vm-1","detail":"created"},')
+    assert MigrationRecord.from_hash("k", {**encoded, "same_numerics": ""}).same_numerics is None
+    with pytest.raises(RecordError, match="k: field 'events' holds an entry without t, state, by and detail"):
+        MigrationRecord.from_hash("k", {**encoded, "events": '[{"t": 1}]'})
 
 
 def test_events_round_trip_with_their_kind_fields():

@@ -105,15 +105,10 @@ class GatewayError(ApiError):
 
 
 @dataclass
-class Function:
-    name: str
-    model: str
-    build: str
-    image: str = ""
-    env: dict[str, str] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    created_at: float = field(default_factory=time.time)
+class Function(FunctionRecord):
+    """A deployed function: its record in Redis and its live state here."""
+
+    name: str = field(kw_only=True)
     instances: list[Instance] = field(default_factory=list)
     starting: int = 0
     invocations: int = 0
@@ -130,10 +125,6 @@ class Function:
     def scale(self) -> ScaleSettings:
         """Parsed once: a deployment's labels never change (an update replaces the Function)."""
         return ScaleSettings.from_labels(self.labels, f"function {self.name} labels")
-
-    def record(self) -> FunctionRecord:
-        return FunctionRecord(self.model, self.build, self.image, self.env, self.labels, self.annotations,
-                              self.created_at)
 
     def status(self) -> dict:
         ready = [i for i in self.instances if i.ready.is_set()]
@@ -174,7 +165,7 @@ def function_from_deployment(body: dict, build_root: str) -> Function:
                             f"{build_root or '(none configured)'} (`sllm-faas up --build-root`)", "annotations")
     with client_input("labels"):
         ScaleSettings.from_labels(labels, "labels")
-    return Function(name, model, build, str(body.get("image") or ""), dict(env), dict(labels), dict(annotations))
+    return Function(model, build, str(body.get("image") or ""), dict(env), dict(labels), dict(annotations), name=name)
 
 
 class Gateway:
@@ -208,7 +199,7 @@ class Gateway:
             key = self.keys.function(name)
             record = self.redis.hgetall(key)
             if record:
-                self.functions[name] = Function(name, **vars(FunctionRecord.from_hash(key, record)))
+                self.functions[name] = Function(**vars(FunctionRecord.from_hash(key, record)), name=name)
 
     def deploy(self, function: Function, update: bool) -> None:
         """Record the deployment in Redis first: if that fails (503) nothing has changed, no instance stopped."""
@@ -219,7 +210,7 @@ class Gateway:
             if not update and old is not None:
                 raise GatewayError(409, f"function {function.name} exists; update it with PUT")
             pipe = self.redis.pipeline()
-            pipe.hset(self.keys.function(function.name), mapping=function.record().to_hash())
+            pipe.hset(self.keys.function(function.name), mapping=function.to_hash())
             pipe.sadd(self.keys.functions, function.name)
             pipe.execute()
             with self._lock:

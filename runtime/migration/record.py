@@ -12,7 +12,6 @@ the handover (`annotate`), which need no ownership.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -20,9 +19,10 @@ from typing import Any
 import redis
 
 from sllm_faas.redis_schema.keys import Keys
+from sllm_faas.redis_schema.records import MIGRATION_LIVE as LIVE
+from sllm_faas.redis_schema.records import MIGRATION_TERMINAL as TERMINAL
+from sllm_faas.redis_schema.records import MigrationEvent, MigrationRecord
 
-LIVE = ("pending", "started", "transferring")
-TERMINAL = ("completed", "aborted", "failed")
 KEEP_S = 7 * 24 * 3600  # an ended record, and its id in the index, are kept this long
 
 # KEYS[1] record; ARGV: owner, now, lease_until, takeover ("1"/"0"), allowed states ("a,b" or ""), new state,
@@ -76,11 +76,11 @@ class StateConflict(RuntimeError):
 
 
 def _event(state: str, by: str, detail: str) -> str:
-    return json.dumps({"t": round(time.time(), 3), "state": state, "by": by, "detail": detail}, separators=(",", ":"))
+    return MigrationEvent(time.time(), state, by, detail).to_json()
 
 
 def _pairs(fields: dict[str, Any]) -> list[str]:
-    return [str(v) for item in fields.items() for v in item]
+    return [v for item in MigrationRecord.encode_fields(**fields).items() for v in item]
 
 
 class MigrationRecords:
@@ -92,11 +92,12 @@ class MigrationRecords:
         self._annotate = client.register_script(_ANNOTATE)
 
     def create(self, migration_id: str, owner: str, lease_s: float, fields: dict[str, Any]) -> dict[str, str]:
-        """A new record in state `pending`, owned by `owner`; StateConflict if the id is taken."""
+        """A new record in state `pending`, owned by `owner`, with `fields` (MigrationRecord's, typed) set;
+        StateConflict if the id is taken."""
         key, now = self.keys.migration(migration_id), time.time()
-        record = {"id": migration_id, "state": "pending", "owner": owner, "lease_until": f"{now + lease_s:.3f}",
-                  "created_at": f"{now:.3f}", "updated_at": f"{now:.3f}",
-                  "events": "[" + _event("pending", owner, "created") + "]", **{k: str(v) for k, v in fields.items()}}
+        record = MigrationRecord(id=migration_id, state="pending", owner=owner, lease_until=now + lease_s,
+                                 created_at=now, updated_at=now,
+                                 events=(MigrationEvent(now, "pending", owner, "created"),), **fields).to_hash()
         if not self.client.hsetnx(key, "id", migration_id):
             raise StateConflict(f"migration {migration_id} exists already")
         pipe = self.client.pipeline(transaction=True)
@@ -131,7 +132,14 @@ class MigrationRecords:
         return bool(self._annotate(keys=[self.keys.migration(migration_id)], args=[event, *_pairs(fields)]))
 
     def get(self, migration_id: str) -> dict[str, str]:
+        """The record as stored (what the APIs show)."""
         return self.client.hgetall(self.keys.migration(migration_id))
+
+    def read(self, migration_id: str) -> MigrationRecord | None:
+        """The record, decoded (None if there is none)."""
+        key = self.keys.migration(migration_id)
+        record = self.client.hgetall(key)
+        return MigrationRecord.from_hash(key, record) if record else None
 
     def live_ids(self) -> list[str]:
         """Ids of the records not in a terminal state, oldest first."""
@@ -143,7 +151,8 @@ class MigrationRecords:
 
 
 def events_of(record: dict[str, str]) -> list[dict[str, Any]]:
-    return json.loads(record.get("events") or "[]")
+    """The events of a stored record, oldest first, as dicts (t, state, by, detail)."""
+    return [vars(event) for event in MigrationRecord.from_hash("migration record", record).events]
 
 
 def _text(value: Any) -> str:
