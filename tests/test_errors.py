@@ -57,7 +57,9 @@ def test_control_plane_shape_for_answers_on_purpose():
         answer = client.post("/echo", data=raw, content_type="application/json")
         assert answer.status_code == status and answer.get_json()["error"].startswith("the request body")
     assert client.get("/no/such/route").get_json()["error"]
-    assert client.get("/echo").status_code == 405 and client.get("/echo").get_json()["error"]
+    wrong_method = client.get("/echo")
+    assert wrong_method.status_code == 405 and wrong_method.get_json()["error"]
+    assert "POST" in wrong_method.headers["Allow"]
 
 
 def test_openai_shape_for_answers_on_purpose():

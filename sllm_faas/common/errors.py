@@ -107,7 +107,8 @@ def install(app: Flask, family: Callable[[ApiError], dict[str, Any]], log: loggi
         """Routing's own answers (404, 405, 413) in the family's shape; redirects stay redirects."""
         if exc.code is None or exc.code < 400:
             return exc
-        return answer(ApiError(exc.code, exc.description or exc.name))
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}   # a 405's Allow
+        return answer(ApiError(exc.code, exc.description or exc.name, headers=headers))
 
     for kind, convert in (translate or {}).items():
         app.register_error_handler(kind, lambda exc, convert=convert: answer(convert(exc)))
