@@ -51,22 +51,23 @@ class ClusterView:
 # KEYS: nodes set, instances set. ARGV: now, then the key templates of _TEMPLATES (redis_schema LUA_KEY).
 _READ = LUA_KEY + """
 local now = ARGV[1]
-local node_key, gpu_key, dram_key, ssd_key, queue_key, slots_key, instance_key, model_key = unpack(ARGV, 2, 9)
+local node_key, gpu_key, dram_key, ssd_key = key(ARGV[2]), key(ARGV[3]), key(ARGV[4]), key(ARGV[5])
+local queue_key, slots_key, instance_key, model_key = key(ARGV[6]), key(ARGV[7]), key(ARGV[8]), key(ARGV[9])
 local nodes, instances = {}, {}
 for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  nodes[#nodes + 1] = {node, redis.call('HGETALL', key(node_key, node)), redis.call('SMEMBERS', key(gpu_key, node)),
-    redis.call('SMEMBERS', key(dram_key, node)), redis.call('SMEMBERS', key(ssd_key, node)),
-    redis.call('ZRANGE', key(queue_key, node), 0, -1, 'WITHSCORES'),
-    redis.call('ZRANGEBYSCORE', key(slots_key, node), '(' .. now, '+inf')}
+  nodes[#nodes + 1] = {node, redis.call('HGETALL', node_key(node)), redis.call('SMEMBERS', gpu_key(node)),
+    redis.call('SMEMBERS', dram_key(node)), redis.call('SMEMBERS', ssd_key(node)),
+    redis.call('ZRANGE', queue_key(node), 0, -1, 'WITHSCORES'),
+    redis.call('ZRANGEBYSCORE', slots_key(node), '(' .. now, '+inf')}
 end
 for _, instance in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  instances[#instances + 1] = {instance, redis.call('HGETALL', key(instance_key, instance))}
+  instances[#instances + 1] = {instance, redis.call('HGETALL', instance_key(instance))}
 end
 local sizes, seen = {}, {}
 local function size_of(model)
   if not seen[model] then
     seen[model] = true
-    local size = redis.call('HGET', key(model_key, model), 'size_bytes')
+    local size = redis.call('HGET', model_key(model), 'size_bytes')
     if size then sizes[#sizes + 1] = model; sizes[#sizes + 1] = size end
   end
 end
@@ -94,11 +95,14 @@ def _as_dict(flat: list | dict) -> dict[str, str]:
 def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None = None) -> ClusterView:
     """Everything the scheduler needs, from one server-side read. Expired members are pruned from the sets.
 
-    Node and instance ids come from our own sets (written by validated code), so the script builds their
-    keys from the key templates without re-validating them. Node records whose heartbeat did not change since
-    `previous` are reused rather than decoded again (about half, with 2 s heartbeats and a read a second)."""
+    Node and instance ids come from our own sets (written by validated code), so their keys are built from
+    the key templates (here and in the script) without re-validating them. Node records whose heartbeat did
+    not change since `previous` are reused rather than decoded again (about half, with 2 s heartbeats and a
+    read a second)."""
     now = time.time()
-    raw = client.eval(_READ, 2, keys.nodes, keys.instances, f"{now:.6f}", *_templates(keys))
+    templates = _templates(keys)
+    raw = client.eval(_READ, 2, keys.nodes, keys.instances, f"{now:.6f}", *templates)
+    node_key, instance_key = templates[0], templates[6]
     node_rows, instance_rows, sizes = json.loads(raw)
     nodes: dict[str, NodeRecord] = {}
     infos, queues, skipped, gone = [], {}, {}, []
@@ -113,9 +117,9 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
             if known is not None and f"{known.heartbeat_at:.3f}" == record.get("heartbeat_at"):
                 parsed = known
             else:
-                parsed = NodeRecord.from_hash(keys.node(node), record)
+                parsed = NodeRecord.from_hash(node_key.replace(ID, node), record)
         except RecordError as exc:
-            skipped[keys.node(node)] = str(exc)
+            skipped[node_key.replace(ID, node)] = str(exc)
             continue
         nodes[node] = parsed
         tier_of = (dict.fromkeys(ssd or [], Tier.SSD) | dict.fromkeys(dram or [], Tier.DRAM)
@@ -134,9 +138,9 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
             stale.append(instance)
             continue
         try:
-            instances[instance] = InstanceRecord.from_hash(keys.instance(instance), record)
+            instances[instance] = InstanceRecord.from_hash(instance_key.replace(ID, instance), record)
         except RecordError as exc:
-            skipped[keys.instance(instance)] = str(exc)
+            skipped[instance_key.replace(ID, instance)] = str(exc)
     if gone or stale:
         pipe = client.pipeline(transaction=False)
         if gone:

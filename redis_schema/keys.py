@@ -19,12 +19,14 @@ class _Placeholder(str):
 
 ID = _Placeholder("{id}")
 
-# Prepended to Lua scripts that build keys of ids they read from a set: `key(template, id)` is the template
-# (`Keys.node(ID)`, `Keys.node_models(ID, "gpu")`, ..., passed in ARGV) with `{id}` replaced by the id.
+# Prepended to Lua scripts that build keys of ids they read from a set: `key(template)` is a function of an
+# id giving the template (`Keys.node(ID)`, `Keys.node_models(ID, "gpu")`, ..., passed in ARGV) with `{id}`
+# replaced by the id (the template is split once, so each key costs one concatenation).
 LUA_KEY = """
-local function key(template, id)
+local function key(template)
   local at = string.find(template, '{id}', 1, true)
-  return string.sub(template, 1, at - 1) .. id .. string.sub(template, at + 4)
+  local head, tail = string.sub(template, 1, at - 1), string.sub(template, at + 4)
+  return function(id) return head .. id .. tail end
 end
 """
 

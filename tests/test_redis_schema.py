@@ -177,7 +177,7 @@ def test_malformed_fields_name_key_and_field(record, field, value, problem):
 def test_lua_builds_the_keys_python_builds(redis_ns):
     """The templates the scripts get (controller/cluster.py) give, in Redis, the keys the builders give."""
     keys = Keys(redis_ns.prefix)
-    script = redis_ns.client.register_script(LUA_KEY + "return key(ARGV[1], ARGV[2])")
+    script = redis_ns.client.register_script(LUA_KEY + "return key(ARGV[1])(ARGV[2])")
     cases = [(keys.node, "node-a.zone-1"), (lambda n: keys.node_models(n, Tier.GPU), "node-a"),
              (keys.node_queue, "n1"), (keys.node_slots, "n1"), (keys.instance, "smollm2-7f3a9c"),
              (keys.model, "Qwen2.5-0.5B_instruct"), (keys.function, "chat"), (keys.migration, "m-1-2c56")]
