@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sllm_faas.common import settings as common
 from sllm_faas.common.names import default_node_id
 from sllm_faas.common.settings import Conflict, SettingsError, setting
+from sllm_faas.common.tiers import HELD
 
 __all__ = ["Settings", "SettingsError"]
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -53,7 +54,7 @@ class Settings:
                                         "the loader stages and leases", None, optional=True,
                                         shown_default="unset: load from the directory")
     loader_tier: str = setting("SLLM_LOADER_TIER", "the tier to ask the node loader for", "dram",
-                               choices=("ssd", "dram", "gpu"))
+                               choices=HELD)
     max_body_bytes: int = setting("SLLM_MAX_BODY_BYTES", "request body limit (413 above)", 1 << 20, kind="size",
                                   minimum=1)
     max_prompt_tokens: int = setting("SLLM_MAX_PROMPT_TOKENS", "prompt limit (400 above)", 4096, kind="int", minimum=1)
