@@ -1,6 +1,7 @@
-"""The node loader's SSD -> DRAM copy (sllm_faas.runtime.node_loader.store.copy_file): pipelined O_DIRECT reads into
-reused aligned buffers, writes at the same offsets. Byte-identical output whatever the size, the chunking, the
-thread count, or whether the source filesystem takes O_DIRECT."""
+"""The node loader's SSD -> DRAM copy (sllm_faas.runtime.node_loader.store.copy_file): pipelined O_DIRECT reads
+into the mapped tmpfs destination, or into reused aligned buffers written at the same offsets elsewhere.
+Byte-identical output whatever the size, the chunking, the thread count, the destination's filesystem, or
+whether the source filesystem takes O_DIRECT."""
 
 from __future__ import annotations
 
@@ -53,12 +54,26 @@ class Progress:
         self.threads.add(threading.get_ident())
 
 
+@pytest.fixture(params=["disk", "tmpfs"])
+def target_dir(request, tmp_path):
+    """Where the copy lands: a disk folder (written from reused buffers) or tmpfs, the DRAM tier's kind of
+    filesystem (read straight into the mapped destination)."""
+    if request.param == "disk":
+        directory = Path(tempfile.mkdtemp(prefix="sllm-copy-out-", dir=disk_dir(tmp_path)))
+    else:
+        if not (Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK)):
+            pytest.skip("no writable /dev/shm")
+        directory = Path(tempfile.mkdtemp(prefix="sllm-copy-out-", dir="/dev/shm"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.mark.parametrize("size", [0, 1, 511, PAGE - 1, PAGE, PAGE + 1, CHUNK - 1, CHUNK, CHUNK + 1,
                                   7 * CHUNK + 3 * PAGE + 17])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_copy_is_byte_identical_with_odd_sizes_and_tails(source_dir, tmp_path, size, threads):
+def test_copy_is_byte_identical_with_odd_sizes_and_tails(source_dir, target_dir, size, threads):
     source, data = write_source(source_dir, size)
-    target = tmp_path / "out.bin"
+    target = target_dir / "out.bin"
     progress = Progress()
     copy_file(source, target, progress, chunk=CHUNK, threads=threads)
     assert target.read_bytes() == data
@@ -74,9 +89,9 @@ def test_default_chunking_copies_a_multi_chunk_file(source_dir, tmp_path):
     assert (tmp_path / "out.bin").read_bytes() == data
 
 
-def test_overwrites_a_longer_destination(source_dir, tmp_path):
+def test_overwrites_a_longer_destination(source_dir, target_dir):
     source, data = write_source(source_dir, CHUNK + 5)
-    target = tmp_path / "out.bin"
+    target = target_dir / "out.bin"
     target.write_bytes(b"x" * (5 * CHUNK))
     copy_file(source, target, Progress(), chunk=CHUNK)
     assert target.read_bytes() == data
@@ -116,7 +131,7 @@ def test_tmpfs_source_is_copied(tmp_path):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_short_direct_read_mid_file_continues_buffered(source_dir, tmp_path, monkeypatch):
+def test_short_direct_read_mid_file_continues_buffered(source_dir, target_dir, monkeypatch):
     """A direct read that returns less than asked, not at the end of the file, leaves an unaligned offset that
     O_DIRECT cannot continue from: the rest of that chunk comes from the buffered descriptor."""
     source, data = write_source(source_dir, 3 * CHUNK)
@@ -132,12 +147,12 @@ def test_short_direct_read_mid_file_continues_buffered(source_dir, tmp_path, mon
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", short_read)
-    copy_file(source, tmp_path / "out.bin", Progress(), chunk=CHUNK, threads=1)
+    copy_file(source, target_dir / "out.bin", Progress(), chunk=CHUNK, threads=1)
     assert shortened, "the injected short read never happened"
-    assert (tmp_path / "out.bin").read_bytes() == data
+    assert (target_dir / "out.bin").read_bytes() == data
 
 
-def test_truncated_source_fails_and_reports_the_file(source_dir, tmp_path, monkeypatch):
+def test_truncated_source_fails_and_reports_the_file(source_dir, target_dir, monkeypatch):
     source, _ = write_source(source_dir, 3 * CHUNK)
     real_fstat = os.fstat
 
@@ -147,7 +162,7 @@ def test_truncated_source_fails_and_reports_the_file(source_dir, tmp_path, monke
 
     monkeypatch.setattr(os, "fstat", larger)
     with pytest.raises(OSError, match="unexpected end of file"):
-        copy_file(source, tmp_path / "out.bin", Progress(), chunk=CHUNK, threads=2)
+        copy_file(source, target_dir / "out.bin", Progress(), chunk=CHUNK, threads=2)
 
 
 def test_not_a_regular_file_is_refused(tmp_path):

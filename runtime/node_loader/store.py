@@ -8,6 +8,7 @@ three methods.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -16,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -31,6 +33,7 @@ from sllm_faas.runtime.checkpoint.format import (
     read_regular,
 )
 from sllm_faas.runtime.loader.direct import allocate_buffer, open_for_reading
+from sllm_faas.runtime.loader.tiers import on_memory_filesystem
 
 Progress = Callable[[int], None]  # called with bytes just written
 DEFAULT_TRANSFER_TIMEOUT_S = 3600.0  # overall deadline of one manifest read or one file download
@@ -187,6 +190,13 @@ def open_store(location: str, transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEO
 STAGE_CHUNK = 16 << 20
 STAGE_THREADS = 4
 _ALIGN = mmap.PAGESIZE  # O_DIRECT offsets, lengths and buffers: multiples of the logical block size (<= a page)
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _pages(size: int) -> int:
+    return -(-size // _ALIGN) * _ALIGN
 
 
 def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int = STAGE_CHUNK,
@@ -195,11 +205,14 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
 
     A kernel copy (sendfile, `cp`) is one stream through the page cache: read-ahead is its only queue depth
     (~72% of the parallel O_DIRECT bandwidth here) and the source lands in the page cache as a second copy of
-    the model. Here each of `threads` workers owns one page-aligned buffer, reused for every chunk: an O_DIRECT
-    pread of the chunk, then a pwrite at the same offset of the destination. While one worker writes (a memcpy
-    into fresh tmpfs pages, CPU work) the others wait on the disk, so reads and writes overlap and the disk
-    always has requests in flight. Chunks finish out of order, so the destination is sized first. Where
-    O_DIRECT is refused (a tmpfs source, some network filesystems) the same plan runs buffered.
+    the model. Here `threads` workers each copy one chunk at a time with O_DIRECT preads, so the disk always
+    has requests in flight. Onto a memory filesystem (the DRAM tier's tmpfs) a chunk is read straight into
+    the destination file, mapped shared, once MADV_POPULATE_WRITE has allocated its pages in one call: no
+    bounce buffer and no memcpy, so the CPU only allocates pages (the write side is what held staging below
+    the disk's bandwidth, benchmarks/README.md). Elsewhere each worker owns one page-aligned buffer, reused
+    for every chunk, and pwrites it at the same offset. Chunks finish out of order, so the destination is
+    sized first. Where O_DIRECT is refused (a tmpfs source, some network filesystems) the same plan runs
+    buffered.
     """
     if chunk <= 0 or chunk % _ALIGN:
         raise ValueError(f"chunk must be a positive multiple of {_ALIGN}, got {chunk}")
@@ -207,11 +220,21 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
     plain = open_regular(source)[0] if direct else fd  # for a remainder that a short direct read left unaligned
     try:
         size = os.fstat(fd).st_size
-        with open(destination, "wb") as dst:
-            os.ftruncate(dst.fileno(), size)
+        with open(destination, "w+b") as dst:
             if size:
-                _copy_chunks(fd, plain, direct, dst.fileno(), size, progress, chunk,
-                             max(1, min(threads, -(-size // chunk))), str(source))
+                workers = max(1, min(threads, -(-size // chunk)))
+                if on_memory_filesystem(destination.parent):
+                    os.ftruncate(dst.fileno(), _pages(size))  # room for the last read, rounded up to a page
+                    with mmap.mmap(dst.fileno(), _pages(size)) as mapping:
+                        landing = _MappedLanding(mapping)
+                        try:
+                            _copy_chunks(fd, plain, direct, size, progress, chunk, workers, str(source), landing)
+                        finally:
+                            landing.view.release()
+                else:
+                    _copy_chunks(fd, plain, direct, size, progress, chunk, workers, str(source),
+                                 _BufferedLanding(dst.fileno(), chunk, workers))
+            os.ftruncate(dst.fileno(), size)
     finally:
         os.close(fd)
         if plain != fd:
@@ -219,30 +242,59 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
     shutil.copystat(source, destination)
 
 
-def _copy_chunks(fd: int, plain: int, direct: bool, dst: int, size: int, progress: Progress, chunk: int,
-                 threads: int, path: str) -> None:
-    buffers: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-    for _ in range(threads):
-        buffers.put(memoryview(allocate_buffer(chunk, hugepages=False)))  # reused: no fresh memory per chunk
+class _MappedLanding:
+    """Chunks are read into the destination's shared mapping, each chunk's pages allocated first."""
 
-    def copy_one(offset: int) -> int:
-        view = buffers.get()
+    def __init__(self, mapping: mmap.mmap) -> None:
+        self.view = memoryview(mapping)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+    @contextmanager
+    def __call__(self, offset: int, length: int) -> Iterator[memoryview]:
+        # through ctypes, which drops the GIL; a kernel before 5.14 refuses it, and the reads fault pages in
+        _libc.madvise(self.address + offset, _pages(length), _MADV_POPULATE_WRITE)
+        view = self.view[offset:offset + _pages(length)]
         try:
-            length = min(chunk, size - offset)
+            yield view
+        finally:
+            view.release()   # even if a failure's traceback still holds it: the mapping must close
+
+
+class _BufferedLanding:
+    """Chunks are read into one of `count` reused aligned buffers, then written at their offset."""
+
+    def __init__(self, dst: int, chunk: int, count: int) -> None:
+        self.dst = dst
+        self.buffers: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(count):
+            self.buffers.put(memoryview(allocate_buffer(chunk, hugepages=False)))  # no fresh memory per chunk
+
+    @contextmanager
+    def __call__(self, offset: int, length: int) -> Iterator[memoryview]:
+        view = self.buffers.get()
+        try:
+            yield view
+            written = 0
+            while written < length:
+                written += os.pwrite(self.dst, view[written:length], offset + written)
+        finally:
+            self.buffers.put(view)
+
+
+def _copy_chunks(fd: int, plain: int, direct: bool, size: int, progress: Progress, chunk: int, threads: int,
+                 path: str, landing: Callable) -> None:
+    def copy_one(offset: int) -> int:
+        length = min(chunk, size - offset)
+        with landing(offset, length) as view:
             done = 0
             while done < length:
                 aligned = direct and done % _ALIGN == 0
-                want = -(-(length - done) // _ALIGN) * _ALIGN if aligned else length - done  # past EOF: short read
+                want = _pages(length - done) if aligned else length - done  # past EOF: a short read
                 count = os.preadv(fd if aligned else plain, [view[done:done + want]], offset + done)
                 if count == 0:
                     raise OSError(errno.EIO, f"unexpected end of file at byte {offset + done}", path)
                 done += count
-            written = 0
-            while written < length:
-                written += os.pwrite(dst, view[written:length], offset + written)
-            return length
-        finally:
-            buffers.put(view)
+        return length
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="stage-copy")
     try:
