@@ -80,6 +80,7 @@ LOADERS: dict[str, LoaderSpec] = {spec.name: spec for spec in (
     LoaderSpec("sllm-auto", "sllm", "sllm_faas.runtime.loader", False),
     LoaderSpec("sllm-mmap", "sllm", "sllm_faas.runtime.loader", False),
     LoaderSpec("sllm-direct", "sllm", "sllm_faas.runtime.loader", False),
+    LoaderSpec("sllm-direct-4k", "sllm", "sllm_faas.runtime.loader", False),
     LoaderSpec("safetensors", "safetensors", "safetensors", True),
     LoaderSpec("torch-mmap", "pt", "torch", True),
     LoaderSpec("runai-streamer", "safetensors", "runai_model_streamer", True),

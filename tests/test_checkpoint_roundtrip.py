@@ -14,7 +14,7 @@ from sllm_faas.runtime.checkpoint import convert, read_manifest, save_state_dict
 from sllm_faas.runtime.checkpoint.format import BLOCK_SIZE, TENSOR_ALIGNMENT
 from sllm_faas.runtime.loader import load
 
-STRATEGIES = ["mmap", "direct", "buffered", "auto"]
+STRATEGIES = ["mmap", "direct", "direct-4k", "buffered", "auto"]
 
 
 def sample(dtype: torch.dtype, shape=(5, 7)) -> torch.Tensor:

@@ -24,11 +24,11 @@ REPORTED = MemoryProbe(hugepage_gbps=0.45, small_gbps=2.4)  # after the balloon 
 NO_HUGE_PAGES = MemoryProbe(hugepage_gbps=2.5, small_gbps=2.4)  # THP off or fragmented: both probes get 4 KiB
 
 
-@pytest.mark.parametrize(("probe", "expected"), [(HOST_BACKED, "direct"), (REPORTED, "mmap"),
-                                                 (NO_HUGE_PAGES, "mmap"),
+@pytest.mark.parametrize(("probe", "expected"), [(HOST_BACKED, "direct"), (REPORTED, "direct-4k"),
+                                                 (NO_HUGE_PAGES, "direct-4k"),
                                                  (MemoryProbe(policy.DIRECT_MARGIN * 3.0, 3.0), "direct"),
-                                                 (MemoryProbe(policy.DIRECT_MARGIN * 3.0 - 0.01, 3.0), "mmap"),
-                                                 (MemoryProbe(0.0, 2.0), "mmap")])
+                                                 (MemoryProbe(policy.DIRECT_MARGIN * 3.0 - 0.01, 3.0), "direct-4k"),
+                                                 (MemoryProbe(0.0, 2.0), "direct-4k")])
 def test_choice_follows_the_measurements(probe, expected):
     assert choose(probe) == expected
 
@@ -59,7 +59,10 @@ def spy_strategies(monkeypatch) -> list[str]:
     real_read, real_map = direct_module.read_partitions, mapped_module.map_partitions
 
     def read(*args, **kwargs):
-        called.append("direct" if kwargs.get("direct", True) else "buffered")
+        if not kwargs.get("direct", True):
+            called.append("buffered")
+        else:
+            called.append("direct" if kwargs.get("hugepages", True) else "direct-4k")
         return real_read(*args, **kwargs)
 
     def mapped(*args, **kwargs):
@@ -75,7 +78,7 @@ def uncached(directory: Path) -> bool:
     return current_tier(directory, read_manifest(directory)) == "ssd"
 
 
-@pytest.mark.parametrize(("probe", "expected"), [(HOST_BACKED, "direct"), (REPORTED, "mmap")])
+@pytest.mark.parametrize(("probe", "expected"), [(HOST_BACKED, "direct"), (REPORTED, "direct-4k")])
 def test_auto_load_from_disk_uses_the_probes_choice(disk_checkpoint, monkeypatch, probe, expected):
     directory, state = disk_checkpoint
     if not uncached(directory):
@@ -109,9 +112,9 @@ def test_explicit_strategies_skip_the_probe(disk_checkpoint, monkeypatch):
     directory, state = disk_checkpoint
     monkeypatch.setattr(policy, "memory_probe", lambda: pytest.fail("probe ran for an explicit strategy"))
     called = spy_strategies(monkeypatch)
-    for strategy in ("mmap", "direct", "buffered"):
+    for strategy in ("mmap", "direct", "direct-4k", "buffered"):
         assert torch.equal(load(directory, strategy=strategy)["w"], state["w"])
-    assert called == ["mmap", "direct", "buffered"]
+    assert called == ["mmap", "direct", "direct-4k", "buffered"]
 
 
 def test_probe_measures_both_page_sizes_once_per_process(monkeypatch):
@@ -132,7 +135,7 @@ def test_probe_measures_both_page_sizes_once_per_process(monkeypatch):
         policy.memory_probe.cache_clear()
 
 
-def test_without_transparent_huge_pages_the_probe_picks_mapping(monkeypatch, tmp_path):
+def test_without_transparent_huge_pages_the_probe_picks_small_pages(monkeypatch, tmp_path):
     thp = tmp_path / "enabled"
     thp.write_text("always madvise [never]\n")
     monkeypatch.setattr(policy, "THP_ENABLED", thp)
@@ -140,7 +143,7 @@ def test_without_transparent_huge_pages_the_probe_picks_mapping(monkeypatch, tmp
     policy.memory_probe.cache_clear()
     try:
         probe = policy.memory_probe()
-        assert probe.hugepage_gbps == 0.0 and choose(probe) == "mmap"
+        assert probe.hugepage_gbps == 0.0 and choose(probe) == "direct-4k"
     finally:
         policy.memory_probe.cache_clear()
 

@@ -6,9 +6,10 @@
 
 Strategies (one module each): "mmap" (runtime/loader/mapped.py): shared copy-on-write mappings,
 populated in parallel; "direct" (runtime/loader/direct.py): parallel O_DIRECT reads into fresh
-huge-page memory, also the reader of the GPU pipeline (runtime/loader/gpu.py). "auto" on the CPU maps
-what is already in memory and, from disk, picks whichever of the two the memory found now favours
-(runtime/loader/policy.py: a first-touch probe, once per process). benchmarks/README.md has the
+huge-page memory, also the reader of the GPU pipeline (runtime/loader/gpu.py); "direct-4k": the same
+reads into 4 KiB pages. "auto" on the CPU maps what is already in memory and, from disk, reads directly
+into whichever page size the memory found now favours (runtime/loader/policy.py: a first-touch probe,
+once per process). benchmarks/README.md has the
 measurements behind the choice.
 """
 
@@ -24,7 +25,7 @@ from sllm_faas.runtime.loader.tiers import current_tier
 if TYPE_CHECKING:
     import torch
 
-STRATEGIES = ("auto", "mmap", "direct", "buffered")
+STRATEGIES = ("auto", "mmap", "direct", "direct-4k", "buffered")
 
 
 def source_tier(directory: str | os.PathLike) -> str:
@@ -63,7 +64,8 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, st
         else:
             from sllm_faas.runtime.loader.direct import read_partitions
 
-            buffers = read_partitions(directory, manifest, direct=strategy == "direct")
+            buffers = read_partitions(directory, manifest, direct=strategy != "buffered",
+                                      hugepages=strategy != "direct-4k")
         if device.type != "cpu":
             buffers = [buffer.to(device) for buffer in buffers]
     return tensor_views(manifest, buffers)

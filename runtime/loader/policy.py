@@ -1,18 +1,18 @@
 """Which CPU strategy a load uses, decided by where the bytes are and by measuring fresh memory now.
 
-From tmpfs or a fully cached file, mapping copies nothing: always "mmap". From disk both strategies
-pay the same I/O; what differs is the memory the bytes land in. "direct" reads into fresh anonymous
-MADV_HUGEPAGE buffers, with parallel O_DIRECT requests that keep the disk busier than read-ahead does;
-"mmap" lets the page cache allocate (mostly 4 KiB pages). On bare metal, or on a VM whose free memory is
-still host-backed, a fresh 2 MiB page costs one zeroing (~11 GB/s on the development VM) and direct
-loads at disk speed. On a VM whose balloon has reported free memory back to the host (free page
-reporting hands over whole free 2 MiB blocks, so it is huge pages that come back first), each fresh
-huge page costs 512 host faults (~0.45 GB/s) while 4 KiB allocations still find unreported fragments
-(~2.4 GB/s), and mapping wins (benchmarks/README.md, "Memory state"). Which of the two a node is in
-depends on what it did in the last seconds, so no fixed choice is right: the probe first-touches a few
-fresh pages of each size and direct is chosen when huge pages come in at least DIRECT_MARGIN times
-faster. Ties go to the mapping, which shares its pages with every later process on the node and covers
-the case where no huge page was to be had (THP off, fragmented memory: both probes then measure 4 KiB).
+From tmpfs or a fully cached file, mapping copies nothing: always "mmap". From disk the load reads with
+parallel O_DIRECT requests (they keep the disk busier than the page cache's read-ahead) into fresh
+anonymous memory, and what differs is the page size that memory comes in. On bare metal, or on a VM whose
+free memory is still host-backed, a fresh 2 MiB page costs one zeroing (~11 GB/s on the development VM):
+"direct" (MADV_HUGEPAGE) loads at disk speed. On a VM whose balloon has reported free memory back to the
+host (free page reporting hands over whole free 2 MiB blocks, so it is huge pages that come back first),
+each fresh huge page costs 512 host faults (~0.3-0.45 GB/s) while 4 KiB pages still come at 1.2-2.4 GB/s:
+"direct-4k". Mapping the file from disk is slower than both there (0.5 GB/s in that state: one read-ahead
+stream, and the page cache's pages cost the same host faults; benchmarks/README.md, "Memory state").
+Which state a node is in depends on what it did in the last seconds, so no fixed choice is right: the
+probe first-touches a few fresh pages of each size, and huge pages are chosen when they come in at least
+DIRECT_MARGIN times faster. Ties go to 4 KiB pages, which also covers THP off or fragmented memory (both
+probes then measure 4 KiB).
 
 The probe costs 1-2 ms (~10 ms when huge pages are slow) and runs once per process: a serving
 process loads once.
@@ -48,11 +48,11 @@ class MemoryProbe:
 
 def choose(probe: MemoryProbe) -> str:
     """The CPU strategy for a load from disk, given what fresh memory costs now."""
-    return "direct" if probe.hugepage_gbps >= DIRECT_MARGIN * probe.small_gbps else "mmap"
+    return "direct" if probe.hugepage_gbps >= DIRECT_MARGIN * probe.small_gbps else "direct-4k"
 
 
 def cpu_strategy(directory: str | os.PathLike, manifest: Manifest, probe: MemoryProbe | None = None) -> str:
-    """"mmap" or "direct" for loading `directory` onto the CPU; `probe` defaults to this process's one."""
+    """"mmap", "direct" or "direct-4k" for loading `directory` onto the CPU; `probe` defaults to this process's."""
     if current_tier(directory, manifest) == Tier.DRAM:
         return "mmap"
     return choose(probe if probe is not None else memory_probe())
