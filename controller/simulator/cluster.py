@@ -114,7 +114,8 @@ class Cluster:
                             for model in scenario.models}
         self.instances: dict[str, Instance] = {}
         self.busy: dict[Instance, None] = {}  # serving a request, in the order they started
-        self.loading: dict[Instance, None] = {}  # loading to serve its model's waiting requests (not a migration's)
+        # model -> its instances loading to serve waiting requests (not migration destinations)
+        self.loading: dict[str, dict[Instance, None]] = {name: {} for name in self.models}
         self.idle_by_model: dict[str, dict[Instance, None]] = {name: {} for name in self.models}
         self.holders: dict[str, dict[Node, None]] = {name: {} for name in self.models}  # nodes with a local copy
         self._next_id = 0
@@ -150,12 +151,13 @@ class Cluster:
                                                          node.bandwidth, max(0.0, node.loader_free_at - now))
         return self._infos[node.index]
 
-    def snapshot(self, now: float, migration: bool = True, claims: dict[str, int] | None = None, pending: int = 0
-                 ) -> scheduler.Snapshot:
+    def snapshot(self, now: float, migration: bool = True, claims: dict[str, int] | None = None, pending: int = 0,
+                 placing: str | None = None) -> scheduler.Snapshot:
         """Every node and every instance a slot can be freed from: by waiting for its request's expected end
         (what a controller can know: the tokens so far and the dataset's length distribution, not the true
         length) or, with `migration`, by moving it. A loading instance ends a mean request after it is ready (it
-        serves the waiting request it was started for first). `claims`: instance -> waiting requests of its
+        serves the waiting request it was started for first); only those of the model being placed (`placing`) are
+        listed, as only its requests wait for them. `claims`: instance -> waiting requests of its
         model queued for it: each pushes its end back by a mean request, and it stays where they wait.
         `pending`: other requests waiting for GPUs (the price of a migration's GPU time)."""
         claims = claims or {}
@@ -175,7 +177,7 @@ class Cluster:
                     remaining += queued * self.mean_request_s(model)
                 instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, model.name, tokens,
                                                         migration and not queued, remaining, likely))
-        for instance in self.loading:
+        for instance in self.loading[placing] if placing else ():
             remaining = max(0.0, instance.ready_s - now) + (1 + claims.get(instance.id, 0)) * self.mean_request_s(
                 instance.model)
             instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, instance.model.name, 0, False,
@@ -269,7 +271,7 @@ class Cluster:
     def set_state(self, instance: Instance, state: str, now: float) -> None:
         """Move an instance between loading, idle, busy and gone, keeping the per-node and per-model indexes."""
         node, old = instance.node, instance.state
-        self.loading.pop(instance, None)
+        self.loading[instance.model.name].pop(instance, None)
         if old == "idle":
             del node.idle[instance]
             del self.idle_by_model[instance.model.name][instance]

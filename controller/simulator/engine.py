@@ -269,7 +269,7 @@ class Simulation:
         loaded_at = self.cluster.enqueue_load(node, seconds, queued_at)
         instance.state, instance.ready_s = "loading", max(loaded_at, self.now + container_s)
         if instance.migration_source is None:
-            self.cluster.loading[instance] = None  # waiting requests of its model may count on it
+            self.cluster.loading[instance.model.name][instance] = None  # its model's waiting requests may count on it
         self._at(instance.ready_s, self._ready, instance)
 
     def _ready(self, instance: Instance) -> None:

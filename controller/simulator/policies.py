@@ -91,7 +91,8 @@ class Ours(Policy):
 
     def place(self, cluster: Cluster, model: ModelSpec, now: float, claims: dict[str, int] | None = None,
               pending: int = 0) -> Placement | None:
-        return carry_out(cluster, scheduler.plans(cluster.snapshot(now, self.migration, claims, pending), model.name))
+        snapshot = cluster.snapshot(now, self.migration, claims, pending, placing=model.name)
+        return carry_out(cluster, scheduler.plans(snapshot, model.name))
 
 
 class OursNoMigration(Ours):
