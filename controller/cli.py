@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from sllm_faas.common import settings as common
+from sllm_faas.common.redis_client import connect
 from sllm_faas.common.settings import setting
 from sllm_faas.common.tiers import Tier
 
@@ -59,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     except common.SettingsError as exc:
         print(f"sllm-faas {args.verb}: {exc}", file=sys.stderr)
         return 2
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
-                                  socket_connect_timeout=5)
+    client = connect(settings.redis_url, timeout_s=5)
     keys = Keys(settings.key_prefix)
     try:
         if args.verb == "status":

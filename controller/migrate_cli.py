@@ -18,6 +18,7 @@ import json
 import sys
 
 from sllm_faas.common import settings as common
+from sllm_faas.common.redis_client import connect
 from sllm_faas.controller.cli import StatusSettings
 
 
@@ -69,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
     except common.SettingsError as exc:
         print(f"sllm-faas migrate: {exc}", file=sys.stderr)
         return 2
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
-                                  socket_connect_timeout=5)
+    client = connect(settings.redis_url, timeout_s=5)
     migrator = Migrator(client, Keys(settings.key_prefix), lease_s=args.lease_s)
     options = {"threshold": args.threshold, "max_rounds": args.max_rounds, "timeout_s": args.timeout_s,
                "handover_timeout_s": args.handover_timeout_s}

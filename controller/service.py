@@ -28,12 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 import requests
-from flask import Flask, Response, jsonify, request
+from flask import Flask, jsonify, request
 
 from sllm_faas.common import jsonbody
 from sllm_faas.common.errors import ApiError, client_input, install, plain_body
-from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common.metrics import Metrics, operator_routes
 from sllm_faas.common.names import InvalidName
+from sllm_faas.common.redis_client import connect
 from sllm_faas.controller import kube
 from sllm_faas.controller.booking import Booker, Booking
 from sllm_faas.controller.cluster import ClusterCache, read_migrations
@@ -57,8 +58,7 @@ class Controller:
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
         self.keys = Keys(config.key_prefix)
-        self.client = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=2.0,
-                                           socket_connect_timeout=2.0, health_check_interval=10)
+        self.client = connect(config.redis_url, health_check_interval_s=10)
         self.cache = ClusterCache(self.client, self.keys, config.snapshot_max_age_s)
         self.placer = Placer(self.client, self.keys, self.cache, Booker(self.client, self.keys, config.booking_ttl_s),
                              config.model_store or None, loader_token=config.loader_token)
@@ -394,12 +394,6 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         return {**controller.cache.refresh().as_dict(),
                 "migrations": read_migrations(controller.client, controller.keys)}
 
-    @app.get("/healthz")
-    def healthz():
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    def metrics():
-        return Response(controller.metrics.render(), content_type=CONTENT_TYPE)
+    app.register_blueprint(operator_routes(controller.metrics))
 
     return app

@@ -121,7 +121,9 @@ def check_o_direct(directory: str) -> Check:
 def check_redis(url: str) -> Check:
     import redis
 
-    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    from sllm_faas.common.redis_client import connect
+
+    client = connect(url, decode=False)
     try:
         info = client.info("server")
     except redis.RedisError as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 import redis
 
 from sllm_faas.common.processes import die_with_parent
+from sllm_faas.common.redis_client import connect
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -84,7 +85,7 @@ class EmbeddedRedis:
             preexec_fn=die_with_parent,  # noqa: PLW1509
         )
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1.0)
+        client = connect(f"redis://{self.host}:{self.port}/0", timeout_s=1.0, decode=False)
         while True:
             try:
                 client.ping()

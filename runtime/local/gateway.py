@@ -49,8 +49,9 @@ from flask import Flask, Response, jsonify, request
 
 from sllm_faas.common.errors import ApiError, client_input, install, openai_body, plain_body, request_id
 from sllm_faas.common.jsonbody import request_object
-from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common.metrics import Metrics, operator_routes
 from sllm_faas.common.processes import children_by_parent
+from sllm_faas.common.redis_client import connect
 from sllm_faas.redis_schema.keys import Keys, validate_id
 from sllm_faas.redis_schema.records import FunctionRecord
 from sllm_faas.runtime.local import logs
@@ -172,7 +173,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.keys = Keys(config.key_prefix)
-        self.redis = redis.Redis.from_url(config.redis_url, decode_responses=True, socket_timeout=5)
+        self.redis = connect(config.redis_url, timeout_s=5)
         logs = Path(config.workdir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         base_env = {"SLLM_REDIS_URL": config.redis_url, "SLLM_KEY_PREFIX": config.key_prefix,
@@ -543,13 +544,7 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
                             "`sllm-faas deploy` reads it, or pass --token / $SLLM_GATEWAY_TOKEN)",
                        headers={"WWW-Authenticate": 'Bearer realm="sllm-faas"'})
 
-    @app.get("/healthz")
-    def healthz():
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    def metrics():
-        return Response(gateway.metrics.render(), content_type=CONTENT_TYPE)
+    app.register_blueprint(operator_routes(gateway.metrics))
 
     @app.get("/system/functions")
     def list_functions():

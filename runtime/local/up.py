@@ -31,6 +31,7 @@ import requests
 
 from sllm_faas.common import settings as common
 from sllm_faas.common.processes import die_with_parent, stop_process_group
+from sllm_faas.common.redis_client import connect
 from sllm_faas.common.settings import setting
 from sllm_faas.runtime.embedded_redis import EmbeddedRedis, free_tcp_port
 from sllm_faas.runtime.local.gateway import GatewayConfig
@@ -133,7 +134,7 @@ class LocalCluster:
         store.mkdir(parents=True, exist_ok=True)
         if args.redis_url:
             self.redis_url = args.redis_url
-            redis.Redis.from_url(self.redis_url).ping()
+            connect(self.redis_url).ping()
         else:
             self.redis_server = EmbeddedRedis(persistent=True)   # so a restart after a crash keeps the data
             self.redis_url = self.redis_server.start()

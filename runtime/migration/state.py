@@ -140,13 +140,11 @@ class Migrations:
             return
         try:
             if self._records is None:
-                import redis
-
+                from sllm_faas.common.redis_client import connect
                 from sllm_faas.redis_schema.keys import Keys
                 from sllm_faas.runtime.migration.record import MigrationRecords
 
-                client = redis.Redis.from_url(self.redis_url, decode_responses=True, socket_timeout=2.0,
-                                              socket_connect_timeout=2.0)
+                client = connect(self.redis_url)
                 self._records = MigrationRecords(client, Keys(self.key_prefix))
             by = f"{status.role}:{self.instance_id}"
             self._records.annotate(status.id, by, detail, incident=kind, incident_at=f"{time.time():.3f}")

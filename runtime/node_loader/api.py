@@ -22,11 +22,11 @@ import logging
 import os
 import socket
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, jsonify, request
 
 from sllm_faas.common import jsonbody
 from sllm_faas.common.errors import ApiError, install, plain_body
-from sllm_faas.common.metrics import CONTENT_TYPE, Metrics
+from sllm_faas.common.metrics import Metrics, operator_routes
 from sllm_faas.common.names import InvalidName
 from sllm_faas.redis_schema import Keys
 from sllm_faas.runtime.node_loader.config import LoaderConfig
@@ -146,15 +146,6 @@ def create_app(loader: NodeLoader | None = None) -> Flask:
     def status():
         return loader.status()
 
-    @app.get("/metrics")
-    def metrics():
-        return Response(metrics_.render(), content_type=CONTENT_TYPE)
-
-    @app.get("/healthz")
-    def healthz():
-        dead = loader.dead_loops()
-        if dead:
-            return jsonify({"status": "unhealthy", "error": f"background loop(s) not running: {', '.join(dead)}"}), 503
-        return {"status": "ok"}
+    app.register_blueprint(operator_routes(metrics_, loader.dead_loops))
 
     return app

@@ -105,21 +105,20 @@ class Leases:
     def retain(self, keep) -> list[Lease]:
         """Drop the leases whose model `keep(model)` rejects (no longer on the node); returns them."""
         with self._lock:
-            dropped = [lease for lease in self._leases.values() if not keep(lease.model)]
-            for lease in dropped:
-                del self._leases[lease.id]
-            if dropped:
-                self._save()
-            return dropped
+            return self._drop(lambda lease: not keep(lease.model))
 
     def _expire(self) -> list[Lease]:
         now = self._clock()
-        expired = [lease for lease in self._leases.values() if lease.expires_at <= now]
-        for lease in expired:
+        return self._drop(lambda lease: lease.expires_at <= now)
+
+    def _drop(self, doomed) -> list[Lease]:
+        """Remove the leases `doomed(lease)` selects and persist once; the caller holds the lock."""
+        dropped = [lease for lease in self._leases.values() if doomed(lease)]
+        for lease in dropped:
             del self._leases[lease.id]
-        if expired:
+        if dropped:
             self._save()
-        return expired
+        return dropped
 
     def expire(self) -> list[Lease]:
         """Drop leases whose holders stopped renewing; returns them (for events)."""

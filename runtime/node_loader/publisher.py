@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from sllm_faas.common.redis_client import connect, unreachable
 from sllm_faas.common.tiers import HELD, SLOWEST_FIRST, Tier
 from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, SCHEMA_VERSION, Keys
 from sllm_faas.redis_schema.records import Event, ModelRecord, NodeRecord
@@ -24,7 +25,7 @@ log = logging.getLogger("sllm.loader")
 
 class RedisPublisher:
     def __init__(self, url: str, node_id: str, address: str, keys: Keys | None = None) -> None:
-        self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.client = connect(url)
         self.node_id, self.address = node_id, address
         self.keys = keys or Keys()
         self.healthy = False
@@ -87,9 +88,7 @@ class RedisPublisher:
             self._republish_lost_models(loader, held)
             self._flush_events()
         except redis.RedisError as exc:
-            if self.healthy:
-                log.warning("Redis unavailable, serving on and retrying: %s", exc)
-            self.healthy = False
+            self.healthy = unreachable(log, self.healthy, exc)
             return False
         if not self.healthy:
             log.info("published node %s to Redis", self.node_id)

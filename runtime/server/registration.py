@@ -14,6 +14,7 @@ from typing import Any
 
 import redis
 
+from sllm_faas.common.redis_client import connect, unreachable
 from sllm_faas.redis_schema.keys import Keys, validate_id, validate_node_id
 from sllm_faas.redis_schema.records import InstanceRecord
 
@@ -33,8 +34,7 @@ class InstanceRegistration:
         self.keys = Keys(settings.key_prefix)
         self.describe = describe
         self.ttl_s = 3 * settings.heartbeat_s
-        self.client = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=2.0,
-                                           socket_connect_timeout=2.0)
+        self.client = connect(settings.redis_url)
         self.healthy = False
         self.started_at = time.time()
         self._stop = threading.Event()
@@ -64,9 +64,7 @@ class InstanceRegistration:
                 pipe.zrem(k.node_slots(self.node_id), self.settings.booking_id)
             pipe.execute()
         except redis.RedisError as exc:
-            if self.healthy:
-                log.warning("Redis unavailable, serving on and retrying: %s", exc)
-            self.healthy = False
+            self.healthy = unreachable(log, self.healthy, exc)
             return False
         self.healthy = True
         return True

@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from flask import Blueprint, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -168,3 +169,22 @@ class RuntimeMetrics:
         times = generation.token_times
         for earlier, later in zip(times, times[1:], strict=False):
             self.inter_token.labels(model_name).observe(later - earlier)
+
+
+def operator_routes(metrics: Metrics, dead_parts: Callable[[], list[str]] = list) -> Blueprint:
+    """GET /healthz and /metrics as the controller, node loader and gateway serve them to kubelet and Prometheus:
+    /healthz is 503 naming each part of the service that `dead_parts` reports stopped."""
+    routes = Blueprint("operator", __name__)
+
+    @routes.get("/healthz")
+    def healthz():
+        dead = dead_parts()
+        if dead:
+            return {"status": "unhealthy", "error": f"background loop(s) not running: {', '.join(dead)}"}, 503
+        return {"status": "ok"}
+
+    @routes.get("/metrics")
+    def scrape():
+        return Response(metrics.render(), content_type=CONTENT_TYPE)
+
+    return routes
