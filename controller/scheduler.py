@@ -94,8 +94,7 @@ class Snapshot:
         nodes = nodes or {}
         copy = Snapshot(tuple(nodes.get(n.id, n) for n in self.nodes) if nodes else self.nodes,
                         {**self.models, **(models or {})}, self.instances, self.migrating | migrating, self.pending)
-        for derived in ("fallback_bandwidths", "holders", "free_frontier", "migration_options", "shortlist_index",
-                        "instances_by_node"):
+        for derived in ("fallback_bandwidths", "holders", "free_frontier", "migration_options", "instances_by_node"):
             if derived in self.__dict__:
                 copy.__dict__[derived] = self.__dict__[derived]
         return copy
@@ -119,33 +118,26 @@ class Snapshot:
         return by_node
 
     @functools.cached_property
-    def holders(self) -> dict[str, list[NodeInfo]]:
-        """The nodes holding each model in some tier: one pass over the nodes serves every model asked about."""
-        holders: dict[str, list[NodeInfo]] = {}
-        for node in self.nodes:
-            for model in node.tier_of:
-                holders.setdefault(model, []).append(node)
-        return holders
+    def holders(self) -> _OnDemand:
+        """Per model: the nodes holding it in some tier. Found per model asked about, as a decision asks about a few
+        models only and a node may hold hundreds (one index of them all cost ~1 ms per snapshot of 1,000 nodes)."""
+        return _OnDemand(lambda model: [n for n in self.nodes if model in n.tier_of])
 
     @functools.cached_property
-    def free_frontier(self) -> _PerGpus:
+    def free_frontier(self) -> _OnDemand:
         """Per GPU count: the remote-load frontier of the nodes with that many GPUs free (offset: their loading
         queue). Placements and migration destinations draw on the same one."""
         fallback = self.fallback_bandwidths.get(REMOTE) or 0.0
-        return _PerGpus(lambda gpus: _Frontier([(n.queue_wait_s, n) for n in self.nodes if n.free_slots >= gpus],
+        return _OnDemand(lambda gpus: _Frontier([(n.queue_wait_s, n) for n in self.nodes if n.free_slots >= gpus],
                                                fallback))
 
     @functools.cached_property
     def migration_options(self) -> _MigrationOptions:
         return _MigrationOptions(self)
 
-    @functools.cached_property
-    def shortlist_index(self) -> _PerGpus:
-        return _PerGpus(lambda gpus: _ShortlistIndex(self, gpus))
 
-
-class _PerGpus(dict):
-    """An index per GPU count asked for, built on first use."""
+class _OnDemand(dict):
+    """An index per key asked for (a GPU count, a model), built on first use."""
 
     def __init__(self, build) -> None:
         super().__init__()
@@ -259,6 +251,7 @@ def migration_time(instance: InstanceInfo, model: ModelInfo) -> float:
     return instance.tokens / model.prefill_tokens_per_s + model.migration_overhead_s
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the simulator asks for every running request at every decision
 def expected_remaining_tokens(generated: int, mean: float, cv: float, cap: int) -> float:
     """E[L - k | L > k] for lognormal output lengths L (this mean and cv, at most `cap`): how much longer a
     running request is expected to go on, knowing only how far it got (the true length is unknown)."""
@@ -273,6 +266,7 @@ def expected_remaining_tokens(generated: int, mean: float, cv: float, cap: int) 
     return max(0.0, min(tail_mean, cap) - generated)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def median_remaining_tokens(generated: int, mean: float, cv: float, cap: int) -> float:
     """The x with P(L - k > x | L > k) = 1/2 for the same lognormal: what a running request outlasts as often as
     not. A migration only pays when the request goes on longer than the move; under a heavy tail the conditional
@@ -331,19 +325,43 @@ def shortlist(snapshot: Snapshot, model_name: str) -> list[Decision]:
     """The nodes that can rank first, ranked; `shortlist(s, m)[0] == rank(s, m)[0]` on a fully read snapshot.
 
     A decision needs the best node, not all of them: the holders of the model, plus the nodes on the
-    frontiers of remote-only loads (see _Frontier), which is a few dozen nodes out of thousands. On a
-    snapshot from `updated()`, candidates are scored with the updated values but chosen from the last full
-    read's frontiers: a node that became best only because others got busier shows at the next read."""
+    frontiers of remote-only loads (see _Frontier), which is a few dozen nodes out of thousands. A node
+    without room enters the frontier of full nodes only if its load, started as soon as its queue drains,
+    would not end after the best of the others (freeing its GPUs and the price only add to that), so a way
+    to free GPUs is priced only on the nodes that could still win. On a snapshot from `updated()`,
+    candidates are scored with the updated values but the free nodes' frontier and the ways to free GPUs come
+    from the last full read: a node that became best only because others got busier shows at the next read."""
     model = snapshot.models[model_name]
     current = snapshot.node_by_id
-    candidates = {n.id for n in snapshot.holders.get(model_name, [])}
-    holders = set(candidates)
-    candidates.update(n.id for n in snapshot.free_frontier[model.gpus].candidates(holders)
-                      + snapshot.shortlist_index[model.gpus].full_frontier.candidates(holders))
-    decisions = sorted((_decide(snapshot, current[node], model) for node in candidates), key=_order)
+    holders = {n.id for n in snapshot.holders[model_name]}
+    chosen = holders | {n.id for n in snapshot.free_frontier[model.gpus].candidates(holders)}
+    decisions = [_decide(snapshot, current[node], model) for node in chosen]
+    best = min(decisions, key=_order, default=None)
+    bound = best.estimate_s + best.price_s if best is not None and best.feasible else math.inf
+    decisions += [_decide(snapshot, current[n.id], model) for n in _full_frontier(snapshot, model, bound)
+                  .candidates(holders) if n.id not in chosen]
+    decisions.sort(key=_order)
     if not decisions or not decisions[0].feasible or math.isinf(decisions[0].estimate_s):
         return rank(snapshot, model_name)  # degenerate (nothing measured or nothing free): rank them all
     return decisions
+
+
+def _full_frontier(snapshot: Snapshot, model: ModelInfo, bound: float) -> _Frontier:
+    """The remote-load frontier of the nodes without room for `model` that can rank at `bound` or better
+    (offset: when their load can start once a wait or a migration has freed the GPUs, plus its price). A
+    node whose load alone, from when its queue drains, ends after `bound` cannot, unless an instance of the
+    model on it serves warm."""
+    fallback = snapshot.fallback_bandwidths
+    moves, serving = snapshot.migration_options, {i.node for i in snapshot.instances if i.model == model.name}
+    offsets = []
+    for node in snapshot.nodes:
+        if node.free_slots >= model.gpus or (
+                load_time(node, model, fallback, -math.inf)[0] > bound and node.id not in serving):
+            continue
+        best = moves.cheapest(node.id, model.gpus - max(0, node.free_slots))
+        if best:
+            offsets.append((max(node.queue_wait_s, best.seconds) + best.price, node))
+    return _Frontier(offsets, fallback.get(REMOTE) or 0.0)
 
 
 def _order(decision: Decision) -> tuple:
@@ -421,19 +439,6 @@ class _Frontier:
         return chosen
 
 
-class _ShortlistIndex:
-    """For models needing `gpus` GPUs: the remote-load frontier of the nodes a wait or a migration frees (offset:
-    when their load can start, plus a migration's price). The nodes with room have theirs in
-    `Snapshot.free_frontier`."""
-
-    def __init__(self, snapshot: Snapshot, gpus: int) -> None:
-        fallback = snapshot.fallback_bandwidths.get(REMOTE) or 0.0
-        moves = snapshot.migration_options
-        full = [(n, moves.cheapest(n.id, gpus - max(0, n.free_slots))) for n in snapshot.nodes if n.free_slots < gpus]
-        self.full_frontier = _Frontier([(max(n.queue_wait_s, best.seconds) + best.price, n) for n, best in full
-                                        if best], fallback)
-
-
 class FreeingOption(NamedTuple):
     """One way to free GPUs on a node: wait for instances to end, or move one of them to `target`."""
     seconds: float                 # until the GPUs are free
@@ -458,7 +463,7 @@ class _MigrationOptions:
         """(load time, node) of the best node other than `source` with room for the model."""
         if model_name not in self._destinations:
             model = self.snapshot.models[model_name]
-            holders = [n for n in self.snapshot.holders.get(model_name, []) if n.free_slots >= model.gpus]
+            holders = [n for n in self.snapshot.holders[model_name] if n.free_slots >= model.gpus]
             frontier = self.snapshot.free_frontier[model.gpus]
             candidates = {n.id: n for n in frontier.candidates({n.id for n in holders}) + holders}
             # the two best: a node is never its own destination
