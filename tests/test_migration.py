@@ -262,15 +262,20 @@ def test_decoder_rows_do_not_depend_on_the_batch_or_on_prefill(smollm2):
 
     torch.manual_seed(0)
     weight = torch.randn(576, 1536).bfloat16()
-    rows = torch.randn(8, 1536).bfloat16()
+    plain = weight.clone()
+    rows = torch.randn(200, 1536).bfloat16()
     rows[:, ::97] = 4096.0  # large terms make any change of summation order visible in bf16
     weight[:, ::97] = torch.tensor([4096.0, -4096.0]).repeat(8)[: weight[:, ::97].shape[1]].bfloat16()
-    assert torch.equal(torch.cat([linear(rows[i:i + 1], weight) for i in range(8)]), F.linear(rows, weight))
+    assert torch.equal(torch.cat([linear(rows[i:i + 1], weight) for i in range(8)]), F.linear(rows[:8], weight))
+    lone = torch.cat([linear(rows[i:i + 1], plain) for i in range(len(rows))])
+    for count in (2, 3, 31, 32, 33, 64, 129, 200):  # AMX kernels order sums by the number of rows past 32
+        assert torch.equal(linear(rows[:count], plain), lone[:count]), f"{count} rows"
 
     model = build_decoder(DecoderConfig.from_dir(smollm2["sllm"]), load(smollm2["sllm"]))
     tokenizer = Tokenizer(smollm2["sllm"])
     cache = KVCache(model.config, 4, 256, torch.bfloat16)
-    prompts = [tokenizer.encode(t) for t in ("The history of the northern lighthouses", "Once upon", "def f(x):")]
+    long = "The history of the northern lighthouses, their keepers, their lamps and the ships they saved"
+    prompts = [tokenizer.encode(t) for t in (long, "Once upon", "def f(x):")]  # prefills over and under 32 rows
 
     def forward(tokens, positions, slots):
         return model(torch.tensor(tokens), torch.tensor(positions), cache, torch.tensor(slots))[:, -1]

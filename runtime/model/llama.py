@@ -9,10 +9,12 @@ one decode step advances every active slot together.
 Batch invariance: a token's logits do not depend on which other requests share its decode step, nor
 on whether its context was computed by decode steps or by one prefill. Live migration relies on it
 (the destination recomputes the context with a prefill and must continue with the very same tokens),
-and so does reproducible serving. Two rules give it on CPU, where oneDNN's bf16 matmul sums every
-row's products in the same order whatever the number of rows, as long as there are at least two:
+and so does reproducible serving. Three rules give it on CPU:
 - every matmul gets at least two rows (`linear`, `attend`): with one row oneDNN takes a
-  matrix-vector path that sums long rows (K >= 1024 or so) in another order;
+  matrix-vector path that sums long rows (K >= 1024 or so) in another order (AVX512 without AMX);
+- a weight matmul takes at most ROW_BLOCK (32) rows at a time (`linear`): with AMX, oneDNN's bf16
+  kernel sums every row in one order for 1 to 32 rows, but for more it blocks the sums by the number
+  of rows and threads (33, 64 and 300 rows give three orders); without AMX any number >= 2 agrees;
 - attention is plain matmul + softmax over keys padded to a multiple of KEY_BLOCK, masked by
   position: a query row sees the same keys, in the same order, with the same trailing masked block,
   in a prefill and in a decode step. SDPA's fused kernels split keys and queries into blocks whose
@@ -82,11 +84,19 @@ class Linear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
+ROW_BLOCK = 32  # on CPU, matmuls take at most this many rows at a time (batch invariance, module doc)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear that computes a lone row as one of two, so its sums run in the batched order (module doc)."""
-    if x.numel() != x.shape[-1]:
+    """F.linear whose every row sums in one order: a lone row is computed as one of two, and on CPU
+    more than ROW_BLOCK rows go in blocks of ROW_BLOCK (module doc)."""
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
+        return F.linear(torch.cat([x, x]), weight, bias)[:1]
+    if rows <= ROW_BLOCK or x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    return F.linear(torch.cat([x, x]), weight, bias)[:1]
+    blocks = x.reshape(rows, x.shape[-1]).split(ROW_BLOCK)
+    return torch.cat([linear(block, weight, bias) for block in blocks]).view(*x.shape[:-1], -1)
 
 
 class Embedding(nn.Module):
