@@ -298,7 +298,7 @@ def test_controller_deployment_runs_a_known_verb_with_known_settings(monkeypatch
     app = create_app(dataclasses.replace(config, redis_url="redis://127.0.0.1:1/0"))
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = container[probe]["httpGet"]
-        assert get["path"] in OPEN_PATHS and endpoint(app, get["path"], "GET") == "healthz"
+        assert get["path"] in OPEN_PATHS and endpoint(app, get["path"], "GET") == "operator.healthz"
         assert get["scheme"] == "HTTPS" and get["port"] in ("https", https)
         assert app.test_client().get(get["path"]).status_code == 200
 

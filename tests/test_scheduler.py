@@ -156,6 +156,40 @@ def test_shortlist_picks_the_same_best_node_as_the_full_ranking(seed):
         assert shortlist(snapshot, name)[0] == rank(snapshot, name)[0]
 
 
+@pytest.mark.parametrize("seed", range(300))
+def test_plans_first_decision_is_the_full_rankings_with_full_nodes_waits_and_migrations(seed):
+    """The fast path (shortlist, frontiers of free and of full nodes, full nodes pruned by the best other load,
+    destinations looked up only where a move can still win) decides exactly what ranking every node decides, on
+    crowded snapshots: most nodes full, multi-GPU models, instances to wait for or move, requests pending."""
+    import random
+
+    from sllm_faas.controller.scheduler import plans
+
+    rng = random.Random(seed)
+    names = [f"m{i}" for i in range(rng.randint(1, 15))]
+    models = {n: ModelInfo(n, rng.choice([1, 4, 16, 70]) * GB, rng.choice([None, 500.0, 5000.0, 20000.0]),
+                           rng.choice([0.05, 0.1]), rng.choice([1, 1, 2, 4])) for n in names}
+    count = rng.randint(1, 60)
+    held = [{m: rng.choice(["ssd", "dram", "gpu"]) for m in rng.sample(names, rng.randint(0, min(4, len(names))))}
+            for _ in range(count)]
+    instances = []
+    for k in range(rng.randint(0, 60)):
+        remaining = rng.choice([None, rng.random() * 30, rng.random() * 300])
+        where, model = rng.randrange(count), rng.choice(names)
+        held[where][model] = "gpu"  # a node running an instance holds its model on GPU
+        likely = None if remaining is None else rng.choice([None, remaining * rng.random()])
+        instances.append(InstanceInfo(f"i{k}", f"n{where}", model, rng.randint(1, 3000), rng.random() < 0.8,
+                                      remaining, likely, loading=rng.random() < 0.1))
+    nodes = tuple(NodeInfo(f"n{i}", rng.choice([0, 0, 0, 1, 2, 4]), held[i],
+                           {"remote": rng.choice([None, 1 * GB, 1 * GB, 3 * GB, 1.1 * GB]),
+                            "ssd": rng.choice([None, 2 * GB]), "dram": rng.choice([10 * GB, 12 * GB])},
+                           rng.choice([0.0, 0.0, 0.5, 3.0, rng.random() * 5])) for i in range(count))
+    snapshot = Snapshot(nodes, models, tuple(instances), pending=rng.choice([0, 0, 1, 5, 30]))
+    for name in names:
+        expected = next((d for d in rank(snapshot, name) if d.feasible), None)
+        assert next(iter(plans(snapshot, name)), None) == expected
+
+
 def test_carried_migration_options_are_checked_against_the_current_nodes():
     moved = ModelInfo("small", size_bytes=1 * GB, prefill_tokens_per_s=1000.0)
     full = NodeInfo("a", 0, {"m": "dram"}, dict(BW), 0.0)

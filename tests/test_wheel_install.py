@@ -1,5 +1,5 @@
 """A clean install from the built wheel works outside a checkout: the template and the examples ship as package data
-(runtime/_templates and runtime/_examples, symlinks to templates/ and examples/ in the repository), and
+(sllm_faas/runtime/_templates and _examples, symlinks to templates/ and examples/ in the repository), and
 `sllm-faas deploy -f` of the packaged example stack builds the function from the packaged template against a
 running `sllm-faas up`, all from the installed venv with a working directory outside the checkout.
 
@@ -36,8 +36,8 @@ def test_wheel_installs_and_deploys_the_example_outside_a_checkout(tmp_path):
                     str(ROOT)], check=True, capture_output=True, timeout=300)
     (wheel,) = dist.glob("sllm_faas-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder, packaged in (("templates", "runtime/_templates"), ("examples", "runtime/_examples")):
-        expected = {packaged + f[len(folder):] for f in tracked_files(folder)}
+    for folder in ("templates", "examples"):
+        expected = {f"sllm_faas/runtime/_{folder}" + f[len(folder):] for f in tracked_files(folder)}
         assert expected and expected <= names, sorted(expected - names)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
