@@ -12,9 +12,12 @@ on whether its context was computed by decode steps or by one prefill. Live migr
 and so does reproducible serving. Three rules give it on CPU:
 - every matmul gets at least two rows (`linear`, `attend`): with one row oneDNN takes a
   matrix-vector path that sums long rows (K >= 1024 or so) in another order (AVX512 without AMX);
-- a weight matmul takes at most ROW_BLOCK (32) rows at a time (`linear`): with AMX, oneDNN's bf16
-  kernel sums every row in one order for 1 to 32 rows, but for more it blocks the sums by the number
-  of rows and threads (33, 64 and 300 rows give three orders); without AMX any number >= 2 agrees;
+- on CPUs with AMX, a weight matmul takes at most ROW_BLOCK (32) rows at a time (`linear`): there
+  oneDNN's bf16 kernel sums every row in one order for 1 to 32 rows, but for more it blocks the sums
+  by the number of rows and threads (33, 64 and 300 rows give three orders); without AMX any number
+  >= 2 agrees, so rows are not blocked. `check_row_blocks` (run by build_decoder) compares blocked
+  rows with a float32 matmul on the model's own weight shapes and turns blocking off, with a warning,
+  where this CPU's kernel computes them wrongly: correct tokens come before exact migration;
 - attention is plain matmul + softmax over keys padded to a multiple of KEY_BLOCK, masked by
   position: a query row sees the same keys, in the same order, with the same trailing masked block,
   in a prefill and in a decode step. SDPA's fused kernels split keys and queries into blocks whose
@@ -24,6 +27,7 @@ tests/test_migration.py checks both on the real model; docs/MIGRATION.md says wh
 
 from __future__ import annotations
 
+import logging
 import math
 from functools import partial
 
@@ -34,6 +38,8 @@ from torch import nn
 from sllm_faas.runtime.model.families import SUPPORTED_MODEL_TYPES, DecoderConfig, Rope, UnsupportedModel
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "DecoderConfig", "KVCache", "LlamaDecoder", "UnsupportedModel", "build_decoder"]
+
+log = logging.getLogger(__name__)
 
 
 
@@ -84,16 +90,25 @@ class Linear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
-ROW_BLOCK = 32  # on CPU, matmuls take at most this many rows at a time (batch invariance, module doc)
+ROW_BLOCK = 32  # on CPUs with AMX, matmuls take at most this many rows at a time (batch invariance, module doc)
+_row_blocks: list[bool] = []  # [whether linear blocks rows on CPU], decided once per process (row_blocks)
+
+
+def row_blocks() -> bool:
+    """Whether `linear` computes more than ROW_BLOCK rows in blocks on CPU: where AMX is, unless
+    check_row_blocks found this CPU's kernel wrong for blocks."""
+    if not _row_blocks:
+        _row_blocks.append(torch.cpu._is_amx_tile_supported())
+    return _row_blocks[0]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear whose every row sums in one order: a lone row is computed as one of two, and on CPU
-    more than ROW_BLOCK rows go in blocks of ROW_BLOCK (module doc)."""
+    """F.linear whose every row sums in one order: a lone row is computed as one of two, and on CPUs
+    with AMX more than ROW_BLOCK rows go in blocks of ROW_BLOCK (module doc)."""
     rows = x.numel() // x.shape[-1]
     if rows == 1:
         return F.linear(torch.cat([x, x]), weight, bias)[:1]
-    if rows <= ROW_BLOCK or x.device.type != "cpu":
+    if rows <= ROW_BLOCK or x.device.type != "cpu" or not row_blocks():
         return F.linear(x, weight, bias)
     blocks = x.reshape(rows, x.shape[-1]).split(ROW_BLOCK)
     return torch.cat([linear(block, weight, bias) for block in blocks]).view(*x.shape[:-1], -1)
@@ -400,4 +415,40 @@ def build_decoder(config: DecoderConfig, state: dict[str, torch.Tensor]) -> Llam
     for layer in model.model.layers:
         layer.self_attn.fuse()
         layer.mlp.fuse()
+    check_row_blocks(model)
     return model.eval()
+
+
+def _differs(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest difference from `reference`, as a share of its largest value (bf16 rounding: ~0.4%)."""
+    return float((got.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
+def check_row_blocks(model: LlamaDecoder, tolerance: float = 0.02) -> None:
+    """On a CPU where `linear` blocks rows (AMX), compare a prefill's blocked rows with a float32
+    matmul for each weight shape of the first layer. oneDNN's AMX kernels have had shape-specific
+    wrong results (oneDNN issues 5717 and 6002); where the blocks are wrong but one matmul is right,
+    blocking is turned off for the process (right tokens; a migrated stream may then differ where
+    two tokens were nearly tied) and a warning says so; where both are wrong, the model cannot run."""
+    first = model.model.layers[0]
+    weights = [w for w in (first.self_attn.qkv_weight, first.mlp.gate_up_weight, first.self_attn.o_proj.weight,
+                           first.mlp.down_proj.weight) if w is not None]
+    if weights[0].device.type != "cpu" or not row_blocks():
+        return
+    generator = torch.Generator().manual_seed(0)
+    for weight in weights:
+        rows = torch.randn(ROW_BLOCK + 5, weight.shape[1], generator=generator).to(weight.dtype)
+        reference = rows.float() @ weight.float().T
+        blocked = _differs(linear(rows, weight), reference)
+        if blocked <= tolerance:
+            continue
+        whole = _differs(F.linear(rows, weight), reference)
+        shape = f"{rows.shape[0]}x{weight.shape[1]} by {weight.shape[1]}x{weight.shape[0]} ({weight.dtype})"
+        if whole > tolerance:
+            raise RuntimeError(f"this CPU's matmul of {shape} differs from float32 by {whole:.0%} of the largest "
+                               f"value: the model would answer wrongly")
+        _row_blocks[:] = [False]
+        log.warning("this CPU's matmul of %s in blocks of %d rows differs from float32 by %.0f%% (whole: %.1f%%): "
+                    "rows are not blocked; a migrated stream may differ where two tokens were nearly tied",
+                    shape, ROW_BLOCK, blocked * 100, whole * 100)
+        return
