@@ -52,23 +52,12 @@ def check_cuda(required: bool) -> Check:
 
 
 def check_gpus_nvml() -> Check:
+    from sllm_faas.runtime.node_loader.gpus import NvmlUnavailable, nvml_gpus
+
     try:
-        import pynvml
-    except ImportError:
-        return Check("nvml", False, False, "pynvml not installed (pip install 'sllm-faas[gpu]')")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return Check("nvml", False, False, f"NVML unavailable: {exc}")
-    try:
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append({"index": index, "name": pynvml.nvmlDeviceGetName(handle),
-                         "memory_total": int(memory.total), "memory_free": int(memory.free)})
-    finally:
-        pynvml.nvmlShutdown()
+        gpus = nvml_gpus()
+    except NvmlUnavailable as exc:
+        return Check("nvml", False, False, str(exc))
     return Check("nvml", True, False, f"{len(gpus)} GPU(s) via NVML", {"gpus": gpus})
 
 

@@ -19,6 +19,7 @@ from sllm_faas.common.tiers import HELD, SLOWEST_FIRST, Tier
 from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, SCHEMA_VERSION, Keys
 from sllm_faas.redis_schema.records import Event, ModelRecord, NodeRecord
 from sllm_faas.runtime.checkpoint.format import CheckpointError, read_manifest
+from sllm_faas.runtime.node_loader.gpus import NvmlUnavailable, nvml_gpus
 
 log = logging.getLogger("sllm.loader")
 
@@ -36,9 +37,10 @@ class RedisPublisher:
 
     def _gpu_inventory(self) -> list[dict[str, Any]]:
         if self._gpus is None:
-            from sllm_faas.runtime.doctor import check_gpus_nvml
-
-            self._gpus = check_gpus_nvml().details.get("gpus", [])
+            try:
+                self._gpus = nvml_gpus()
+            except NvmlUnavailable:
+                self._gpus = []
         return self._gpus
 
     def node_record(self, loader) -> NodeRecord:
