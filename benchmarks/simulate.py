@@ -1,6 +1,7 @@
 """Trace-driven simulator: the paper's scheduling comparison, and the time to simulate a 1,000-node cluster.
 
     python benchmarks/simulate.py [--scenarios default,paper-8gpu,paper-4x4,azure-conv] [--no-scale] [--no-plots]
+    python benchmarks/simulate.py --scenarios "" --no-keepalive   # only the 1,000-node timing run
 
 For each scenario: one trace at its base rate replayed under every policy (p50/p99 time to first token,
 GPU-hours, cold starts by tier, migrations), then its sweep of request rates. Ratios printed are each
@@ -78,7 +79,7 @@ def main() -> int:
     report = {"date": now_utc(), "machine": machine_info(RESULTS_DIR), "targets": TARGETS, "scenarios": {}}
     sections = []
     checked: list[tuple[str, int, list[RunResult]]] = []  # (scenario, seed, one rate's results) for the seeds table
-    for name in args.scenarios.split(","):
+    for name in filter(None, args.scenarios.split(",")):  # --scenarios "": the scale run only
         scenario = load_scenario(name)
         results = run_policies(scenario)
         sweep = [run_policies(scenario, rate) for rate in scenario.workload.sweep_rates]
