@@ -129,34 +129,35 @@ def test_writer_lays_out_projections_for_fused_matmuls(tmp_path, tiny_llama_dir)
     assert torch.equal(prefill_logits(fused, prompt, torch.bfloat16), prefill_logits(plain, prompt, torch.bfloat16))
 
 
-def test_row_blocks_checked_against_float32_and_turned_off_where_the_kernel_is_wrong(tiny_pair, monkeypatch, caplog):
-    """On AMX, linear computes long prefills in blocks of ROW_BLOCK rows (llama.py doc). build_decoder checks the
-    blocks on the model's weight shapes against a float32 matmul: a kernel wrong for short blocks turns blocking
-    off with a warning; one wrong for every shape stops the model with an error that names the shape."""
+def test_rows_checked_against_float32_and_plain_where_the_kernel_is_wrong(tiny_pair, monkeypatch, caplog):
+    """On AMX, linear computes long prefills in blocks of ROW_BLOCK rows and a lone row as one of two (llama.py
+    doc). build_decoder checks linear on the model's weight shapes against a float32 matmul: a kernel wrong for
+    the rules' matmuls only makes linear plain F.linear, with a warning; one wrong for plain matmuls too stops
+    the model with an error that names the shape."""
     import torch.nn.functional as F
 
     from sllm_faas.runtime.model import llama
 
     _, ours = tiny_pair
     real = F.linear
-    monkeypatch.setattr(llama, "_row_blocks", [True])  # as on a CPU with AMX
-    llama.check_row_blocks(ours)
-    assert llama.row_blocks()  # this CPU computes blocks right
+    monkeypatch.setattr(llama, "amx", lambda: True)  # as on a CPU with AMX
+    monkeypatch.setattr(llama, "_exact_rows", [True])
+    llama.check_rows(ours)
+    assert llama.exact_rows()  # this CPU computes the rules' matmuls right
 
-    def wrong_for_short_blocks(x, weight, bias=None):
+    def wrong_for_whole_blocks(x, weight, bias=None):
         out = real(x, weight, bias)
-        rows = x.numel() // x.shape[-1]
-        return out * 1.5 if 2 < rows <= llama.ROW_BLOCK else out
+        return out * 1.5 if x.numel() // x.shape[-1] == llama.ROW_BLOCK else out
 
-    monkeypatch.setattr(F, "linear", wrong_for_short_blocks)
+    monkeypatch.setattr(F, "linear", wrong_for_whole_blocks)
     with caplog.at_level("WARNING", logger=llama.__name__):
-        llama.check_row_blocks(ours)
-    assert not llama.row_blocks() and "rows are not blocked" in caplog.text
+        llama.check_rows(ours)
+    assert not llama.exact_rows() and "plain matmuls from now on" in caplog.text
     weight = ours.model.layers[0].mlp.down_proj.weight
     rows = torch.randn(llama.ROW_BLOCK + 5, weight.shape[1]).bfloat16()
     assert torch.equal(llama.linear(rows, weight), real(rows, weight))  # one matmul now, not blocks
 
     monkeypatch.setattr(F, "linear", lambda x, weight, bias=None: real(x, weight, bias) * 1.5)
-    monkeypatch.setattr(llama, "_row_blocks", [True])
-    with pytest.raises(RuntimeError, match=r"37x\d+ by \d+x\d+ \(torch.bfloat16\) differs from float32"):
-        llama.check_row_blocks(ours)
+    monkeypatch.setattr(llama, "_exact_rows", [True])
+    with pytest.raises(RuntimeError, match=r"1x\d+ by \d+x\d+ \(torch.bfloat16\) differs from float32"):
+        llama.check_rows(ours)

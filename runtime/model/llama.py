@@ -15,9 +15,9 @@ and so does reproducible serving. Three rules give it on CPU:
 - on CPUs with AMX, a weight matmul takes at most ROW_BLOCK (32) rows at a time (`linear`): there
   oneDNN's bf16 kernel sums every row in one order for 1 to 32 rows, but for more it blocks the sums
   by the number of rows and threads (33, 64 and 300 rows give three orders); without AMX any number
-  >= 2 agrees, so rows are not blocked. `check_row_blocks` (run by build_decoder) compares blocked
-  rows with a float32 matmul on the model's own weight shapes and turns blocking off, with a warning,
-  where this CPU's kernel computes them wrongly: correct tokens come before exact migration;
+  >= 2 agrees, so rows are not blocked. There `check_rows` (run by build_decoder) first compares
+  `linear` with a float32 matmul on the model's own weight shapes; where this CPU computes the rules'
+  matmuls wrongly, `linear` becomes plain F.linear, with a warning: right tokens before exact migration;
 - attention is plain matmul + softmax over keys padded to a multiple of KEY_BLOCK, masked by
   position: a query row sees the same keys, in the same order, with the same trailing masked block,
   in a prefill and in a decode step. SDPA's fused kernels split keys and queries into blocks whose
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -91,24 +91,32 @@ class Linear(nn.Module):
 
 
 ROW_BLOCK = 32  # on CPUs with AMX, matmuls take at most this many rows at a time (batch invariance, module doc)
-_row_blocks: list[bool] = []  # [whether linear blocks rows on CPU], decided once per process (row_blocks)
+_exact_rows: list[bool] = []  # [whether linear applies the rules], decided once per process (exact_rows)
 
 
-def row_blocks() -> bool:
-    """Whether `linear` computes more than ROW_BLOCK rows in blocks on CPU: where AMX is, unless
-    check_row_blocks found this CPU's kernel wrong for blocks."""
-    if not _row_blocks:
-        _row_blocks.append(torch.cpu._is_amx_tile_supported())
-    return _row_blocks[0]
+@cache
+def amx() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN's bf16 kernels then order sums by the number of rows)."""
+    return torch.cpu._is_amx_tile_supported()
+
+
+def exact_rows() -> bool:
+    """Whether `linear` applies the batch-invariance rules: yes, unless check_rows found this CPU
+    computing their matmuls wrongly."""
+    if not _exact_rows:
+        _exact_rows.append(True)
+    return _exact_rows[0]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear whose every row sums in one order: a lone row is computed as one of two, and on CPUs
     with AMX more than ROW_BLOCK rows go in blocks of ROW_BLOCK (module doc)."""
+    if not exact_rows():
+        return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     if rows == 1:
         return F.linear(torch.cat([x, x]), weight, bias)[:1]
-    if rows <= ROW_BLOCK or x.device.type != "cpu" or not row_blocks():
+    if rows <= ROW_BLOCK or x.device.type != "cpu" or not amx():
         return F.linear(x, weight, bias)
     blocks = x.reshape(rows, x.shape[-1]).split(ROW_BLOCK)
     return torch.cat([linear(block, weight, bias) for block in blocks]).view(*x.shape[:-1], -1)
@@ -415,40 +423,46 @@ def build_decoder(config: DecoderConfig, state: dict[str, torch.Tensor]) -> Llam
     for layer in model.model.layers:
         layer.self_attn.fuse()
         layer.mlp.fuse()
-    check_row_blocks(model)
+    check_rows(model)
     return model.eval()
 
 
-def _differs(got: torch.Tensor, reference: torch.Tensor) -> float:
-    """Largest difference from `reference`, as a share of its largest value (bf16 rounding: ~0.4%)."""
-    return float((got.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+def _wrong_rows(weights: list[torch.Tensor], tolerance: float) -> tuple[str, float] | None:
+    """The first matmul (shape, difference as a share of the largest value) where `linear` differs from
+    a float32 matmul by more than `tolerance` (bf16 rounding: ~0.4%), or None."""
+    generator = torch.Generator().manual_seed(0)
+    for weight in weights:
+        wide = weight.float().T
+        inputs = torch.randn(ROW_BLOCK + 5, weight.shape[1], generator=generator).to(weight.dtype)
+        for count in (1, 2, 5, ROW_BLOCK + 5):
+            reference = inputs[:count].float() @ wide
+            got = linear(inputs[:count], weight).float()
+            difference = float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+            if not difference <= tolerance:  # NaN included
+                return f"{count}x{weight.shape[1]} by {weight.shape[1]}x{weight.shape[0]} ({weight.dtype})", difference
+    return None
 
 
-def check_row_blocks(model: LlamaDecoder, tolerance: float = 0.02) -> None:
-    """On a CPU where `linear` blocks rows (AMX), compare a prefill's blocked rows with a float32
-    matmul for each weight shape of the first layer. oneDNN's AMX kernels have had shape-specific
-    wrong results (oneDNN issues 5717 and 6002); where the blocks are wrong but one matmul is right,
-    blocking is turned off for the process (right tokens; a migrated stream may then differ where
-    two tokens were nearly tied) and a warning says so; where both are wrong, the model cannot run."""
+def check_rows(model: LlamaDecoder, tolerance: float = 0.02) -> None:
+    """On a CPU with AMX, compare `linear` (lone rows, short rows, blocks) with a float32 matmul for each
+    weight shape of the first layer. oneDNN's AMX kernels have had shape-specific wrong results (oneDNN
+    issues 5717 and 6002), and a CI run on Sapphire Rapids gave wrong SmolLM2 answers once rows were
+    blocked. Where the rules' matmuls are wrong but plain ones are right, `linear` becomes F.linear for
+    the process (right tokens; a migrated stream may then differ where two tokens were nearly tied), with
+    a warning; where plain matmuls are wrong too, the model cannot run."""
     first = model.model.layers[0]
     weights = [w for w in (first.self_attn.qkv_weight, first.mlp.gate_up_weight, first.self_attn.o_proj.weight,
                            first.mlp.down_proj.weight) if w is not None]
-    if weights[0].device.type != "cpu" or not row_blocks():
+    if weights[0].device.type != "cpu" or not amx() or not exact_rows():
         return
-    generator = torch.Generator().manual_seed(0)
-    for weight in weights:
-        rows = torch.randn(ROW_BLOCK + 5, weight.shape[1], generator=generator).to(weight.dtype)
-        reference = rows.float() @ weight.float().T
-        blocked = _differs(linear(rows, weight), reference)
-        if blocked <= tolerance:
-            continue
-        whole = _differs(F.linear(rows, weight), reference)
-        shape = f"{rows.shape[0]}x{weight.shape[1]} by {weight.shape[1]}x{weight.shape[0]} ({weight.dtype})"
-        if whole > tolerance:
-            raise RuntimeError(f"this CPU's matmul of {shape} differs from float32 by {whole:.0%} of the largest "
-                               f"value: the model would answer wrongly")
-        _row_blocks[:] = [False]
-        log.warning("this CPU's matmul of %s in blocks of %d rows differs from float32 by %.0f%% (whole: %.1f%%): "
-                    "rows are not blocked; a migrated stream may differ where two tokens were nearly tied",
-                    shape, ROW_BLOCK, blocked * 100, whole * 100)
+    wrong = _wrong_rows(weights, tolerance)
+    if wrong is None:
         return
+    _exact_rows[:] = [False]
+    plain = _wrong_rows(weights, tolerance)
+    if plain is not None:
+        raise RuntimeError(f"this CPU's matmul of {plain[0]} differs from float32 by {plain[1]:.0%} of the largest "
+                           f"value: the model would answer wrongly")
+    log.warning("this CPU's matmul of %s, as the batch-invariance rules compute it, differs from float32 by %.0f%%: "
+                "plain matmuls from now on; a migrated stream may differ where two tokens were nearly tied",
+                wrong[0], wrong[1] * 100)
