@@ -129,35 +129,17 @@ def test_writer_lays_out_projections_for_fused_matmuls(tmp_path, tiny_llama_dir)
     assert torch.equal(prefill_logits(fused, prompt, torch.bfloat16), prefill_logits(plain, prompt, torch.bfloat16))
 
 
-def test_rows_checked_against_float32_and_plain_where_the_kernel_is_wrong(tiny_pair, monkeypatch, caplog):
-    """On AMX, linear computes long prefills in blocks of ROW_BLOCK rows and a lone row as one of two (llama.py
-    doc). build_decoder checks linear on the model's weight shapes against a float32 matmul: a kernel wrong for
-    the rules' matmuls only makes linear plain F.linear, with a warning; one wrong for plain matmuls too stops
-    the model with an error that names the shape."""
+def test_near_tied_logits_are_rescored_in_float32():
+    """A bf16 matmul rounds each logit to 8 bits, so two tokens 0.04 apart near 25.3 both come out 25.25 and
+    argmax would take the lower id; rescore_top recomputes the top logits in float32 from the hidden state."""
     import torch.nn.functional as F
 
-    from sllm_faas.runtime.model import llama
+    from sllm_faas.runtime.model.llama import rescore_top
 
-    _, ours = tiny_pair
-    real = F.linear
-    monkeypatch.setattr(llama, "amx", lambda: True)  # as on a CPU with AMX
-    monkeypatch.setattr(llama, "_exact_rows", [True])
-    llama.check_rows(ours)
-    assert llama.exact_rows()  # this CPU computes the rules' matmuls right
-
-    def wrong_for_whole_blocks(x, weight, bias=None):
-        out = real(x, weight, bias)
-        return out * 1.5 if x.numel() // x.shape[-1] == llama.ROW_BLOCK else out
-
-    monkeypatch.setattr(F, "linear", wrong_for_whole_blocks)
-    with caplog.at_level("WARNING", logger=llama.__name__):
-        llama.check_rows(ours)
-    assert not llama.exact_rows() and "plain matmuls from now on" in caplog.text
-    weight = ours.model.layers[0].mlp.down_proj.weight
-    rows = torch.randn(llama.ROW_BLOCK + 5, weight.shape[1]).bfloat16()
-    assert torch.equal(llama.linear(rows, weight), real(rows, weight))  # one matmul now, not blocks
-
-    monkeypatch.setattr(F, "linear", lambda x, weight, bias=None: real(x, weight, bias) * 1.5)
-    monkeypatch.setattr(llama, "_exact_rows", [True])
-    with pytest.raises(RuntimeError, match=r"1x\d+ by \d+x\d+ \(torch.bfloat16\) differs from float32"):
-        llama.check_rows(ours)
+    hidden = torch.ones(1, 1, 4, dtype=torch.bfloat16)
+    weight = torch.tensor([[16, 9.25, 2 ** -7, 0], [16, 9.25, 0.046875, 0], [1, 0, 0, 0]], dtype=torch.bfloat16)
+    rounded = F.linear(hidden, weight).float()
+    assert rounded[0, 0, 0] == rounded[0, 0, 1] == 25.25 and int(rounded.argmax()) == 0
+    rescored = rescore_top(rounded, hidden, weight)
+    assert rescored[0, 0].tolist() == [25.2578125, 25.296875, 1.0] and int(rescored.argmax()) == 1
+    assert rescore_top(rounded, hidden.float(), weight.float()) is rounded  # float32 weights: nothing to rescore
