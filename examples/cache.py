@@ -6,6 +6,7 @@ Weights are never committed; CI builds each version once.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import sys
@@ -25,19 +26,22 @@ def cached_checkpoint(base: Path, export_hf: Callable[[Path], None]) -> dict[str
     from sllm_faas.runtime.checkpoint.format import FORMAT_VERSION
     from sllm_faas.runtime.checkpoint.writer import LAYOUT_VERSION
 
-    sllm = base / f"sllm-v{FORMAT_VERSION}.{LAYOUT_VERSION}"
-    hf = base / "hf"
-    if not (hf / "config.json").exists():
-        partial = base / f".hf.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        export_hf(partial)
-        shutil.rmtree(hf, ignore_errors=True)
-        os.rename(partial, hf)
-    try:
-        read_manifest(sllm)
-    except CheckpointError:
-        convert(hf, sllm, overwrite=True, progress=sys.stderr.isatty())
-    return {"hf": hf, "sllm": sllm}
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / ".lock", "w") as lock:  # one builder at a time (parallel test workers, two shells)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        sllm = base / f"sllm-v{FORMAT_VERSION}.{LAYOUT_VERSION}"
+        hf = base / "hf"
+        if not (hf / "config.json").exists():
+            partial = base / f".hf.partial-{os.getpid()}"
+            shutil.rmtree(partial, ignore_errors=True)
+            export_hf(partial)
+            shutil.rmtree(hf, ignore_errors=True)
+            os.rename(partial, hf)
+        try:
+            read_manifest(sllm)
+        except CheckpointError:
+            convert(hf, sllm, overwrite=True, progress=sys.stderr.isatty())
+        return {"hf": hf, "sllm": sllm}
 
 
 def prepare_cli(description: str, prepare: Callable[[Path | None], dict[str, Path]]) -> int:
