@@ -185,7 +185,7 @@ class ClusterCache:
         with self._reading:
             started = time.monotonic()
             view = read_cluster(self.client, self.keys, self._read)
-            view.snapshot.holders  # built here, off the decision path  # noqa: B018
+            view.snapshot.index_holders()  # built here, off the decision path
             with self._lock:
                 self._read, self._read_started = view, started
                 self._rebuild()

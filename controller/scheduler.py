@@ -97,7 +97,20 @@ class Snapshot:
         for derived in ("fallback_bandwidths", "holders", "free_frontier", "migration_options", "instances_by_node"):
             if derived in self.__dict__:
                 copy.__dict__[derived] = self.__dict__[derived]
+        if "node_by_id" in self.__dict__:  # patched, not rebuilt: a decision's snapshot replaces one node
+            by_id = self.node_by_id
+            replaced = {i: n for i, n in nodes.items() if i in by_id}
+            copy.__dict__["node_by_id"] = {**by_id, **replaced} if replaced else by_id
         return copy
+
+    def index_holders(self) -> None:
+        """Find every model's holders in one pass over the nodes: for the controller's cache, whose one read serves
+        hundreds of decisions on different models (found per model, each decision scanned every node)."""
+        index: dict[str, list[NodeInfo]] = {name: [] for name in self.models}
+        for node in self.nodes:
+            for model in node.tier_of:
+                index.setdefault(model, []).append(node)
+        self.holders.update(index)
 
     @functools.cached_property
     def node_by_id(self) -> dict[str, NodeInfo]:

@@ -151,9 +151,19 @@ def test_shortlist_picks_the_same_best_node_as_the_full_ranking(seed):
                   for i in range(rng.randint(1, 30)))
     instances = tuple(InstanceInfo(f"i{k}", rng.choice(nodes).id, rng.choice(names), rng.randint(1, 3000),
                                    rng.random() < 0.8) for k in range(rng.randint(0, 20)))
-    snapshot = Snapshot(nodes, models, instances)
+    snapshot, indexed = Snapshot(nodes, models, instances), Snapshot(nodes, models, instances)
+    indexed.index_holders()  # as the controller's cache does after each read
     for name in names:
-        assert shortlist(snapshot, name)[0] == rank(snapshot, name)[0]
+        assert shortlist(snapshot, name)[0] == rank(snapshot, name)[0] == shortlist(indexed, name)[0]
+
+
+def test_updated_snapshot_patches_its_node_index():
+    snapshot = Snapshot((node("a"), node("b")), {})
+    assert snapshot.node_by_id["a"] == node("a")
+    busy = NodeInfo("a", 0)
+    copy = snapshot.updated(nodes={"a": busy, "ghost": node("ghost")})
+    assert copy.node_by_id == {"a": busy, "b": node("b")} == {n.id: n for n in copy.nodes}
+    assert snapshot.node_by_id["a"] == node("a")  # the original is untouched
 
 
 @pytest.mark.parametrize("seed", range(300))
