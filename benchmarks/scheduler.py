@@ -234,8 +234,8 @@ def main() -> int:
               "http_ms": {"p50": ms(percentile(over_http, 0.5)), "p99": ms(percentile(over_http, 0.99))},
               "throughput_decisions_per_s": round(throughput, 1), "estimate_vs_measured": local}
     ratio = report["read_per_decision_ms"]["p50"] / report["in_process_ms"]["p50"]
-    lines = [f"# Scheduler benchmark ({report['date']}, {report['machine'].get('cpu', '')}, "
-             f"{report['machine'].get('cores', '')} cores)", "",
+    lines = [f"# Scheduler benchmark ({report['date']}, {report['machine']['cpu_model']}, "
+             f"{report['machine']['nproc']} cores)", "",
              f"{args.nodes} nodes (8 slots, ~20 models each), {args.models} models, {args.nodes} instances in Redis; "
              f"{args.decisions} decisions per measurement.", "",
              "| measurement | p50 ms | p99 ms |", "|---|---|---|",
