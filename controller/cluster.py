@@ -227,6 +227,11 @@ class ClusterCache:
                 booked = _booked(view.snapshot.node_by_id[node], [finish_at], time.time())
                 self._view = dataclasses.replace(view, snapshot=view.snapshot.updated(nodes={node: booked}))
 
+    def has_own_bookings(self) -> bool:
+        """Whether the view counts bookings of ours that no read has confirmed yet."""
+        with self._lock:
+            return bool(self._own)
+
     def note_migration(self, instance: str) -> None:
         """An instance a decision has planned to move: no later decision plans it again (for 60 s, or until
         a read no longer lists it)."""

@@ -119,6 +119,21 @@ class Placer:
         concurrent decision took the slot first. `book_slot=False` only prefetches (scale-up alerts). A plan
         that migrates an instance away first books nothing: the slot frees when that instance hands over
         (the caller runs the migration, controller/migration.py)."""
+        placement = self._place_on_view(model, size_hint, candidates, book_slot, owner)
+        if placement is None and self.cache.has_own_bookings():
+            # Our bookings since the last read count as taken, but another worker may have given them back:
+            # refuse only on a read that began after them.
+            self.cache.refresh()
+            placement = self._place_on_view(model, size_hint, candidates, book_slot, owner)
+        if placement is None:
+            raise NoCapacity(f"model {model!r}: no node has a free slot"
+                             + (" among the candidates" if candidates is not None else "")
+                             + " and no running instance can be migrated to free one")
+        return placement
+
+    def _place_on_view(self, model: str, size_hint: int | None, candidates: set[str] | None, book_slot: bool,
+                       owner: str) -> Placement | None:
+        """One pass of `place` over the cached view's plans: the first that books (or needs no booking), or None."""
         snapshot = self._snapshot_with(model, size_hint)
         view = self.cache.view()
         options = plans(snapshot, model)  # the simulator takes its decisions from the same path
@@ -154,9 +169,7 @@ class Placer:
             if staging:
                 self._kicks.submit(self._kick, record.address, model, tier)
             return Placement(model, decision, booking, staging, record.address, options.ranked)
-        raise NoCapacity(f"model {model!r}: no node has a free slot"
-                         + (" among the candidates" if candidates is not None else "")
-                         + " and no running instance can be migrated to free one")
+        return None
 
     def _event(self, model: str, decision: Decision, booking: str, owner: str) -> dict[str, str]:
         plan = decision.plan()

@@ -221,6 +221,28 @@ def test_two_controllers_never_double_book(cluster, tmp_path):
         assert cluster.client.zcard(f"{cluster.prefix}node:{node}:slots") == 1, node
 
 
+def test_slots_given_back_through_another_worker_are_placed_without_waiting_for_a_read(cluster):
+    """A worker's view counts its own bookings until a read confirms them; where another worker gave them back,
+    it refuses only after reading again (it answered 409 until its next background read)."""
+    from sllm_faas.controller.booking import Booker, Booking
+    from sllm_faas.controller.cluster import ClusterCache
+    from sllm_faas.controller.placement import NoCapacity, Placer
+
+    client, keys = cluster.client, Keys(cluster.prefix)
+    first, second = (Placer(client, keys, ClusterCache(client, keys, max_age_s=3600), Booker(client, keys))
+                     for _ in range(2))
+    held = [first.place("m1") for _ in range(3)]  # the three nodes' one slot each
+    assert sorted(p.decision.node for p in held) == ["node-a", "node-b", "node-c"]
+    for placement in held:  # given back through the other worker, as DELETE /v1/bookings/... may be
+        assert second.booker.cancel(Booking(placement.booking, placement.decision.node, 0.0)) == 1
+        second.cache.forget_booking(placement.decision.node, placement.booking)
+    assert first.place("m1").decision.node == "node-a"
+    with pytest.raises(NoCapacity):  # the read confirmed that one: no read hides a real refusal
+        for _ in range(3):
+            first.place("m1")
+    assert sum(client.zcard(keys.node_slots(n)) for n in ("node-a", "node-b", "node-c")) == 3
+
+
 def test_expired_node_is_not_placed_and_is_pruned(cluster, tmp_path):
     process = ControllerProcess(tmp_path, cluster.url, cluster.prefix, snapshot_max_age_s="0.1").start()
     try:  # published once the controller is up, so a slow start cannot expire it before the first placement
