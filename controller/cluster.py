@@ -181,8 +181,12 @@ class ClusterCache:
         """The view decisions use now, without reading Redis (None before the first read)."""
         return self._view
 
-    def refresh(self) -> ClusterView:
+    def refresh(self, unless_since: float | None = None) -> ClusterView:
+        """Read the cluster now; with `unless_since` (a time.monotonic() value), only if no read began at or after
+        it (callers that queued on the read in progress take it instead of reading again one after another)."""
         with self._reading:
+            if unless_since is not None and self._view is not None and self._read_started >= unless_since:
+                return self._view
             started = time.monotonic()
             view = read_cluster(self.client, self.keys, self._read)
             view.snapshot.index_holders()  # built here, off the decision path

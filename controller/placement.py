@@ -119,11 +119,12 @@ class Placer:
         concurrent decision took the slot first. `book_slot=False` only prefetches (scale-up alerts). A plan
         that migrates an instance away first books nothing: the slot frees when that instance hands over
         (the caller runs the migration, controller/migration.py)."""
+        began = time.monotonic()
         placement = self._place_on_view(model, size_hint, candidates, book_slot, owner)
         if placement is None and self.cache.has_own_bookings():
             # Our bookings since the last read count as taken, but another worker may have given them back:
-            # refuse only on a read that began after them.
-            self.cache.refresh()
+            # refuse only on a read that began after them (one such read serves every refusal waiting on it).
+            self.cache.refresh(unless_since=began)
             placement = self._place_on_view(model, size_hint, candidates, book_slot, owner)
         if placement is None:
             raise NoCapacity(f"model {model!r}: no node has a free slot"

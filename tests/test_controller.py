@@ -241,6 +241,10 @@ def test_slots_given_back_through_another_worker_are_placed_without_waiting_for_
         for _ in range(3):
             first.place("m1")
     assert sum(client.zcard(keys.node_slots(n)) for n in ("node-a", "node-b", "node-c")) == 3
+    before = time.monotonic()
+    view = first.cache.refresh()
+    assert first.cache.refresh(unless_since=before) is view  # refusals queued on that read take it, none rereads
+    assert first.cache.refresh(unless_since=time.monotonic()) is not view
 
 
 def test_expired_node_is_not_placed_and_is_pruned(cluster, tmp_path):
