@@ -40,8 +40,6 @@ from sllm_faas.runtime.model.families import SUPPORTED_MODEL_TYPES, DecoderConfi
 __all__ = ["SUPPORTED_MODEL_TYPES", "DecoderConfig", "KVCache", "LlamaDecoder", "UnsupportedModel", "build_decoder"]
 
 
-
-
 def rope_inverse_frequencies(rope: Rope, rotary_dim: int) -> torch.Tensor:
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     scaling = rope.scaling
@@ -429,4 +427,3 @@ def build_decoder(config: DecoderConfig, state: dict[str, torch.Tensor]) -> Llam
         layer.self_attn.fuse()
         layer.mlp.fuse()
     return model.eval()
-
