@@ -231,10 +231,11 @@ class ClusterCache:
                 booked = _booked(view.snapshot.node_by_id[node], [finish_at], time.time())
                 self._view = dataclasses.replace(view, snapshot=view.snapshot.updated(nodes={node: booked}))
 
-    def has_own_bookings(self) -> bool:
-        """Whether the view counts bookings of ours that no read has confirmed yet."""
+    def may_have_freed(self, since: float) -> bool:
+        """Whether a decision begun at `since` (time.monotonic()) may have counted free slots as taken: the view
+        counts bookings of ours that no read has confirmed, or a read begun since has replaced that view."""
         with self._lock:
-            return bool(self._own)
+            return bool(self._own) or self._read_started >= since
 
     def note_migration(self, instance: str) -> None:
         """An instance a decision has planned to move: no later decision plans it again (for 60 s, or until

@@ -121,7 +121,7 @@ class Placer:
         (the caller runs the migration, controller/migration.py)."""
         began = time.monotonic()
         placement = self._place_on_view(model, size_hint, candidates, book_slot, owner)
-        if placement is None and self.cache.has_own_bookings():
+        if placement is None and self.cache.may_have_freed(began):
             # Our bookings since the last read count as taken, but another worker may have given them back:
             # refuse only on a read that began after them (one such read serves every refusal waiting on it).
             self.cache.refresh(unless_since=began)
