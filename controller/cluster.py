@@ -196,18 +196,23 @@ class ClusterCache:
         return self._view
 
     def _refresh_forever(self) -> None:
+        """Read every `max_age_s`, counted from the start of the last read, whoever made it: the first decision
+        reads inline as this thread starts, and a second read right after it would confirm that decision's
+        bookings at a time no one chose."""
         while True:
             try:
-                self.refresh()
+                self.refresh(unless_since=time.monotonic() - self.max_age_s / 2)
             except redis.RedisError:
                 pass  # decisions see the error themselves once the view is too old
             except Exception:  # a bug must not silently stop the reads
                 log.exception("reading the cluster failed")
-            time.sleep(self.max_age_s)
+            due = self._read_started + self.max_age_s - time.monotonic()
+            time.sleep(due if due > 0 else self.max_age_s)  # after a failed read, a whole period
 
     def view(self) -> ClusterView:
         """A view at most `max_age_s` (plus one read) old; reads inline when the background reader lags
         (first call, Redis just back)."""
+        entered = time.monotonic()
         if self._refresher is None:
             with self._reading:
                 if self._refresher is None:
@@ -216,7 +221,7 @@ class ClusterCache:
                     self._refresher.start()
         view = self._view
         if view is None or time.time() - view.read_at > 2 * self.max_age_s + 1.0:
-            view = self.refresh()
+            view = self.refresh(unless_since=entered)  # or the read the starting reader began meanwhile
         return view
 
     def note_booking(self, node: str, booking: str, finish_at: float | None) -> None:
