@@ -12,6 +12,7 @@ on whether its context was computed by decode steps or by one prefill. Live migr
 and so does reproducible serving. Three rules give it on CPU:
 - every matmul gets at least two rows (`linear`, `attend`): with one row oneDNN takes a
   matrix-vector path that sums long rows (K >= 1024 or so) in another order (AVX512 without AMX);
+  torch's reference bf16 path (below) sums one row as it sums many, so there a weight matmul takes one;
 - on CPUs with AMX, a weight matmul takes at most ROW_BLOCK (32) rows at a time (`linear`): there
   oneDNN's bf16 kernel sums every row in one order for 1 to 32 rows, but for more it blocks the sums
   by the number of rows and threads (33, 64 and 300 rows give three orders); without AMX any number
@@ -20,6 +21,12 @@ and so does reproducible serving. Three rules give it on CPU:
   position: a query row sees the same keys, in the same order, with the same trailing masked block,
   in a prefill and in a decode step. SDPA's fused kernels split keys and queries into blocks whose
   size depends on the lengths, which changes the sums.
+On x86 CPUs without AVX-512 (torch's "AVX2" capability) there are no bf16 instructions, and torch multiplies
+bf16 matrices on its reference path (about 3 GFLOPS here: a quarter of a 37-token prefill went to attention),
+so attention multiplies in float32 and rounds the result back, as the bf16 kernel rounds its float32 sums.
+MKL's float32 matmul gives a row other bits with 2 or 3 rows than with 4 or more (all alike from 4 to 600,
+at every key length 128-2048), so there attention takes at least ATTENTION_ROWS rows. The weight matmuls stay
+bf16: their float32 copies would double the memory each decode step reads.
 tests/test_migration.py checks both on the real model; docs/MIGRATION.md says where it holds.
 
 Logits come out of a bf16 matmul rounded to 8 bits, so each row's top few are recomputed in float32
@@ -96,11 +103,18 @@ def amx() -> bool:
     return torch.cpu._is_amx_tile_supported()
 
 
+@cache
+def reference_bf16_matmul() -> bool:
+    """Whether torch multiplies bf16 matrices on its slow reference path on this CPU (module doc)."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear whose every row sums in one order: a lone row is computed as one of two, and on CPUs
-    with AMX more than ROW_BLOCK rows go in blocks of ROW_BLOCK (module doc)."""
+    """F.linear whose every row sums in one order: a lone row is computed as one of two (except on torch's
+    reference bf16 path, where one row sums as in many and costs half of two), and on CPUs with AMX more than
+    ROW_BLOCK rows go in blocks of ROW_BLOCK (module doc)."""
     rows = x.numel() // x.shape[-1]
-    if rows == 1:
+    if rows == 1 and not (weight.dtype == torch.bfloat16 and x.device.type == "cpu" and reference_bf16_matmul()):
         return F.linear(torch.cat([x, x]), weight, bias)[:1]
     if rows <= ROW_BLOCK or x.device.type != "cpu" or not amx():
         return F.linear(x, weight, bias)
@@ -193,31 +207,42 @@ class KVCache:
         self.max_batch, self.max_seq = max_batch, max_seq
 
 
+ATTENTION_ROWS = 4  # on CPUs where attention multiplies in float32, its matmuls take at least this many rows
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float,
            softcap: float | None = None) -> torch.Tensor:
     """Attention of `q` (batch, heads, steps, dim) over `keys`/`values` (batch, kv_heads, padded, dim).
 
     `allowed` (batch, 1, 1, steps, padded) masks keys after each query's position (and outside its sliding
     window). Query heads that share a key head are stacked as rows of one matmul, which also gives
-    grouped-query attention without copies. `softcap` bounds the scores (Gemma 2) before masking.
+    grouped-query attention without copies. `softcap` bounds the scores (Gemma 2) before masking. Too few
+    rows are repeated up to the least number whose sums every larger count shares (module doc).
     """
     batch, heads, steps, dim = q.shape
     kv_heads, padded = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    rows = (q * scale).reshape(batch, kv_heads, group * steps, dim)
-    lone = group * steps == 1
-    if lone:  # two rows, so the matmuls sum in their batched order (module doc)
-        rows = torch.cat([rows, rows], dim=2)
-    scores = torch.matmul(rows, keys.transpose(-1, -2))
-    if lone:
-        scores = scores[:, :, :1]
+    count = group * steps
+    in_float32 = q.device.type == "cpu" and q.dtype != torch.float32 and reference_bf16_matmul()
+    repeats = -(-(ATTENTION_ROWS if in_float32 else 2) // count)
+    rows = (q * scale).reshape(batch, kv_heads, count, dim)
+    if repeats > 1:
+        rows = rows.repeat(1, 1, repeats, 1)
+    if in_float32:
+        scores = torch.matmul(rows.float(), keys.float().transpose(-1, -2)).to(q.dtype)
+    else:
+        scores = torch.matmul(rows, keys.transpose(-1, -2))
+    scores = scores[:, :, :count]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(batch, kv_heads, group, steps, padded).masked_fill_(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * steps, padded)  # computed in float32
-    if lone:
-        probs = torch.cat([probs, probs], dim=2)
-    out = torch.matmul(probs, values)[:, :, :group * steps]
+    probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, count, padded)  # computed in float32
+    if repeats > 1:
+        probs = probs.repeat(1, 1, repeats, 1)
+    if in_float32:
+        out = torch.matmul(probs.float(), values.float()).to(q.dtype)[:, :, :count]
+    else:
+        out = torch.matmul(probs, values)[:, :, :count]
     return out.view(batch, kv_heads, group, steps, dim).reshape(batch, heads, steps, dim)
 
 
