@@ -482,8 +482,8 @@ def pool_main(args) -> int:
         f"{report['machine']['cpu_model']}, {report['machine']['nproc']} CPUs, torch threads {args.threads}; "
         f"SmolLM2-135M-Instruct bf16 in /dev/shm; {args.runs} runs, each a fresh member (and a fresh floor "
         f"process), medians (pooled: of runs 2.., run 1 beside them). Load average at the end "
-        f"{report['load_average'][0]:.1f}: the machine was shared "
-        "with other work, so absolute times are noisy; the ratio is from the same run.", "",
+        f"{report['load_average'][0]:.1f} (this benchmark keeps one to two CPUs busy itself: above 2, other work "
+        "shared the machine and absolute times are noisy); the ratio is from the same run.", "",
         "| what | seconds |", "|---|---:|",
         f"| floor: python -c 'import torch' (to exit) | {medians['floor_import_torch_s']:.3f} |",
         f"| pooled member: assignment -> ready | {medians['pooled_assign_to_ready_s']:.3f} |",
