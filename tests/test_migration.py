@@ -44,7 +44,8 @@ REQUESTS = {  # name -> (chat?, request parameters)
     "greedy-completion": (False, dict(prompt="Ten facts about the moon:\n1.", max_tokens=40, temperature=0)),
     "greedy-chat-2": (True, dict(messages=[{"role": "user", "content": "Describe a storm at sea."}], max_tokens=40,
                                  temperature=0)),
-    "long-chat": (True, dict(messages=STORY, max_tokens=200, temperature=0)),  # outlives a coordinator restart
+    "long-chat": (True, dict(messages=STORY, max_tokens=100, temperature=0)),
+    "longer-chat": (True, dict(messages=STORY, max_tokens=200, temperature=0)),  # outlives a coordinator restart
     # every per-request sampling state: penalties count the tokens so far, which the migration must carry
     "penalised-completion": (False, dict(prompt="The old lighthouse keeper opened the door and", max_tokens=64,
                                          temperature=0.9, top_p=0.95, seed=4321, presence_penalty=0.6,
@@ -386,7 +387,7 @@ def test_destination_failure_after_handover_source_takes_the_request_back(pair, 
 def test_controller_dies_mid_migration_and_another_finishes_it(pair, migrator, namespace, dies_after):
     source, destination = pair
     _, prefix, url = namespace
-    name = "long-chat"
+    name = "longer-chat"
     expected = reference(source, name)
     call = Call(source, name, True)
     [request_id] = running_requests(source, 1, min_tokens=4)
