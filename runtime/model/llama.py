@@ -226,23 +226,20 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: t
     in_float32 = q.device.type == "cpu" and q.dtype != torch.float32 and reference_bf16_matmul()
     repeats = -(-(ATTENTION_ROWS if in_float32 else 2) // count)
     rows = (q * scale).reshape(batch, kv_heads, count, dim)
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # rounded back as the bf16 kernel rounds
+        return torch.matmul(a.float(), b.float()).to(q.dtype) if in_float32 else torch.matmul(a, b)
+
     if repeats > 1:
         rows = rows.repeat(1, 1, repeats, 1)
-    if in_float32:
-        scores = torch.matmul(rows.float(), keys.float().transpose(-1, -2)).to(q.dtype)
-    else:
-        scores = torch.matmul(rows, keys.transpose(-1, -2))
-    scores = scores[:, :, :count]
+    scores = product(rows, keys.transpose(-1, -2))[:, :, :count]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(batch, kv_heads, group, steps, padded).masked_fill_(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, count, padded)  # computed in float32
     if repeats > 1:
         probs = probs.repeat(1, 1, repeats, 1)
-    if in_float32:
-        out = torch.matmul(probs.float(), values.float()).to(q.dtype)[:, :, :count]
-    else:
-        out = torch.matmul(probs, values)[:, :, :count]
+    out = product(probs, values)[:, :, :count]
     return out.view(batch, kv_heads, group, steps, dim).reshape(batch, heads, steps, dim)
 
 
