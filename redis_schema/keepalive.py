@@ -28,11 +28,12 @@ class KeepAliveRecord:
     prewarm_s: float     # after idle_since: be ready again by then (0: no pre-warm, the instance is kept)
     restart_s: float     # what bringing an instance back costs (container start + load from DRAM)
     idle_since: float    # unix time the model's last request ended
+    hold_s: float = 0.0  # keep the checkpoint in DRAM this long after idle_since, if past the window (a tail model)
 
     @property
     def hold_until(self) -> float:
         """Until when the policy wants the model warm: its checkpoint is evicted after those held for less."""
-        return self.idle_since + self.prewarm_s + self.keep_s
+        return self.idle_since + max(self.prewarm_s + self.keep_s, self.hold_s)
 
     @property
     def prestage_at(self) -> float | None:
@@ -43,6 +44,7 @@ class KeepAliveRecord:
         prestage = self.prestage_at
         return {"model": self.model, "node": self.node, "tier": str(self.tier), "keep_s": f"{self.keep_s:.3f}",
                 "prewarm_s": f"{self.prewarm_s:.3f}", "restart_s": f"{self.restart_s:.3f}",
+                "hold_s": f"{self.hold_s:.3f}",
                 "idle_since": _time(self.idle_since), "hold_until": _time(self.hold_until),
                 "prestage_at": "" if prestage is None else _time(prestage)}
 
@@ -58,7 +60,16 @@ class KeepAliveRecord:
             raise RecordError(key, "tier", f"must be gpu or dram, not {record.get('tier')!r}")
         return cls(model=record["model"], node=record.get("node", ""), tier=tier,
                    keep_s=_number(record, key, "keep_s"), prewarm_s=_number(record, key, "prewarm_s"),
-                   restart_s=_number(record, key, "restart_s"), idle_since=_number(record, key, "idle_since"))
+                   restart_s=_number(record, key, "restart_s"), idle_since=_number(record, key, "idle_since"),
+                   hold_s=_number(record, key, "hold_s"))
+
+
+def eviction_key(hold_until: float, now: float, last_used: float) -> tuple[bool, float, float]:
+    """Sort key of a checkpoint in a tier, evicted first = smallest: the ones no decision wants warm (`hold_until`
+    past), least recently used first; then the held ones, the soonest-ending wish first. The node loaders' order and
+    the simulator's, one function."""
+    held = hold_until > now
+    return held, hold_until if held else 0.0, last_used
 
 
 def publish(client: redis.Redis, keys: Keys, records: Iterable[KeepAliveRecord]) -> int:

@@ -11,8 +11,9 @@ from schema_doc import documented_schema
 from test_node_loader import events, make_model, wait_for
 
 from sllm_faas.common.tiers import Tier
-from sllm_faas.controller.keepalive import CostKeepAlive, KeepAliveTracker
+from sllm_faas.controller.keepalive import RANGE_S, CostKeepAlive, KeepAliveTracker
 from sllm_faas.controller.scheduler import ModelInfo, NodeInfo, Snapshot
+from sllm_faas.controller.simulator.cluster import CacheTier as SimulatedTier
 from sllm_faas.redis_schema import keepalive as records
 from sllm_faas.redis_schema.keepalive import KeepAliveRecord
 from sllm_faas.redis_schema.keys import Keys
@@ -48,6 +49,22 @@ def test_tracker_decides_when_a_model_goes_idle_from_its_idle_times():
     assert (decision.prestage_at, decision.hold_until) == (pytest.approx(now + 1 + 27.6), now + 1 + 31.0)
 
 
+def test_tracker_holds_a_model_in_dram_when_its_restart_from_ssd_lands_in_the_tail():
+    # 140 GB over the node's measured 6 GB/s from SSD: 2 s + 23.3 s, past TAIL_RESTART_S (10 s). No histogram yet:
+    # kept on its GPUs for the fixed 60 s, its DRAM copy held for the histogram's whole range (4 h).
+    snapshot = Snapshot((NodeInfo("n1", 4, {}, {"dram": 25 * GB, "ssd": 6 * GB}),),
+                        {"m": ModelInfo("m", 140 * GB, gpus=4)})
+    tracker = KeepAliveTracker(CostKeepAlive(60.0, exchange_rate=10.0), container_start_s=2.0)
+    tracker.update([instance(1)], snapshot, 0.0)
+    decision = tracker.update([instance(0)], snapshot, 10.0)[0]
+    assert decision == KeepAliveRecord("m", "n1", Tier.GPU, 60.0, 0.0, 7.6, 10.0, RANGE_S)
+    assert decision.hold_until == 10.0 + RANGE_S
+    # the same model on a node twice as fast from SSD: 2 s + 11.7 s, still the tail; at 20 GB/s (9 s): no hold
+    fast = Snapshot((NodeInfo("n1", 4, {}, {"dram": 25 * GB, "ssd": 20 * GB}),), snapshot.models)
+    tracker.update([instance(1)], fast, 20.0)
+    assert tracker.update([instance(0)], fast, 30.0)[0].hold_s == 0.0
+
+
 def test_records_round_trip_in_redis_with_the_documented_fields(redis_ns):
     keys = Keys(redis_ns.prefix)
     now = round(time.time(), 3)  # times are stored to the millisecond
@@ -58,6 +75,11 @@ def test_records_round_trip_in_redis_with_the_documented_fields(redis_ns):
     assert fields == documented_schema()["sllm:keepalive:<model>"]
     assert redis_ns.client.hget(keys.keepalive("m"), "prestage_at") == f"{now + 297.5:.3f}"
     assert 420 + 60 - 2 <= redis_ns.client.ttl(keys.keepalive("m")) <= 420 + 60 + 1  # a minute after hold_until
+    held = KeepAliveRecord("m", "node-a", Tier.GPU, 5.0, 0.0, 7.5, now, 900.0)  # a tail model: DRAM past the window
+    records.publish(redis_ns.client, keys, [held])
+    assert records.read(redis_ns.client, keys, ["m"]) == {"m": held}
+    assert redis_ns.client.hget(keys.keepalive("m"), "hold_until") == f"{now + 900:.3f}"
+    assert 900 + 60 - 2 <= redis_ns.client.ttl(keys.keepalive("m")) <= 900 + 60 + 1
     kept = KeepAliveRecord("m", "node-a", Tier.GPU, 60.0, 0.0, 2.5, now)    # a newer decision replaces it whole
     records.publish(redis_ns.client, keys, [kept])
     assert redis_ns.client.hget(keys.keepalive("m"), "prestage_at") == ""
@@ -75,6 +97,12 @@ def test_eviction_order_follows_the_keep_alive_wishes(tmp_path):
         time.sleep(0.001)
     assert tier.eviction_order(["a", "b", "c", "d"], now) == ["b", "d", "a", "c"]
     assert CacheTier("ssd", tmp_path / "x", 1).eviction_order([]) == []
+    # the simulator's DRAM tier evicts in the same order (one function, redis_schema.keepalive.eviction_key)
+    simulated = SimulatedTier(4.0)
+    for model in ("a", "b", "c", "d"):
+        simulated.add(model, 1.0, now)
+    simulated.held_until.update(holds)
+    assert simulated.add("e", 4.0, now) == ["b", "d", "a", "c"]   # room for e: all four go, in that order
 
 
 @pytest.fixture

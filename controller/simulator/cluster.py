@@ -13,12 +13,13 @@ from collections import OrderedDict
 
 import sllm_faas.controller.scheduler as scheduler
 from sllm_faas.controller.simulator.config import ModelSpec, NodeSpec, Scenario, expand_nodes, home_nodes
+from sllm_faas.redis_schema.keepalive import eviction_key
 
 
 class CacheTier:
     """Checkpoints held in one tier of one node (DRAM or SSD), least recently used first, under a byte
-    budget; pinned ones (the deployment's home copies) are never evicted, held ones (a keep-alive window
-    keeps them warm here) only after every other."""
+    budget; pinned ones (the deployment's home copies) are never evicted, held ones (a keep-alive decision
+    wants them warm here) only after every other, the soonest-ending hold first (the node loader's order)."""
 
     def __init__(self, capacity: float) -> None:
         self.capacity, self.used = capacity, 0.0
@@ -30,22 +31,22 @@ class CacheTier:
         return name in self.entries
 
     def add(self, name: str, size: float, now: float = 0.0) -> list[str]:
-        """Hold `name` as most recently used, evicting the least recently used; returns the evicted names.
+        """Hold `name` as most recently used, evicting in `eviction_key` order; returns the evicted names.
         A checkpoint that cannot fit even after evicting every unpinned one is not added."""
         if name in self.entries:
             self.entries.move_to_end(name)
             return []
-        evictable = sum(s for n, s in self.entries.items() if n not in self.pinned)
-        if self.used - evictable + size > self.capacity:
-            return []
         evicted = []
-        victims = [n for n in self.entries if n not in self.pinned]
-        victims.sort(key=lambda n: self.held_until.get(n, 0.0) > now)  # stable: LRU within each group
-        for victim in victims:
-            if self.used + size <= self.capacity:
-                break
-            self.used -= self.entries.pop(victim)
-            evicted.append(victim)
+        if self.used + size > self.capacity:
+            evictable = sum(s for n, s in self.entries.items() if n not in self.pinned)
+            if self.used - evictable + size > self.capacity:
+                return []
+            used = {n: position for position, n in enumerate(self.entries) if n not in self.pinned}  # LRU first
+            for victim in sorted(used, key=lambda n: eviction_key(self.held_until.get(n, 0.0), now, used[n])):
+                if self.used + size <= self.capacity:
+                    break
+                self.used -= self.entries.pop(victim)
+                evicted.append(victim)
         self.entries[name] = size
         self.used += size
         return evicted

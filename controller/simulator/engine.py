@@ -188,22 +188,25 @@ class Simulation:
     def _keep(self, instance: Instance) -> None:
         """How long the idle instance stays: the keep-alive policy's window, or until its pre-warm window ends.
         A model gone quiet whose next request is not expected before the pre-warm is released at once, its
-        checkpoint held in DRAM, and brought back in time for it."""
-        name, model = instance.model.name, instance.model
-        restart_s = self.scenario.container_start_s + self.cluster.load_seconds(instance.node, model, "dram")[0]
-        decision = self.keepalive.decide(name, restart_s, model.gpus)
+        checkpoint held in DRAM, and brought back in time for it. The node's DRAM holds the checkpoint as long as
+        the decision wants it warm (the node loader's `hold_until`)."""
+        name, model, node = instance.model.name, instance.model, instance.node
+        restart_s, ssd_restart_s = (self.scenario.container_start_s + self.cluster.load_seconds(node, model, tier)[0]
+                                    for tier in ("dram", "ssd"))
+        decision = self.keepalive.decide(name, restart_s, model.gpus, ssd_restart_s)
         if instance.keep_until is not None:
             until, instance.keep_until = instance.keep_until, None
-        elif decision.prewarm_s > 0 and not self.in_flight[name]:
+            self._at(until, self._expire, (instance, self.now))
+            return
+        node.dram.held_until[name] = self.now + decision.warm_s
+        if decision.prewarm_s > 0 and not self.in_flight[name]:
             until = self.now + decision.prewarm_s + decision.keep_s
             for idle in list(self.cluster.idle_by_model[name]):
-                idle.node.dram.held_until[name] = until
+                idle.node.dram.held_until[name] = self.now + decision.warm_s
                 self.cluster.end(idle, self.now)
             self._at(self.now + decision.prewarm_s - restart_s, self._prewarm, (name, self.now, until))
             return
-        else:
-            until = self.now + decision.prewarm_s + decision.keep_s
-        self._at(until, self._expire, (instance, self.now))
+        self._at(self.now + decision.prewarm_s + decision.keep_s, self._expire, (instance, self.now))
 
     def _prewarm(self, event: tuple[str, float, float]) -> None:
         """Start an instance of a model still quiet since `idle_from`, idle until `until` unless a request comes."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sllm_faas.redis_schema.keepalive import eviction_key
 from sllm_faas.runtime.checkpoint.format import CheckpointError, read_manifest
 
 
@@ -107,8 +108,7 @@ class Tier:
         now = time.time() if now is None else now
         with self._lock:
             holds = {m: self.hold_until(m) for m in models}
-            return sorted(models, key=lambda m: (holds[m] > now, holds[m] if holds[m] > now else 0.0,
-                                                 self._last_used.get(m, 0)))
+            return sorted(models, key=lambda m: eviction_key(holds[m], now, self._last_used.get(m, 0)))
 
     def release_reservation(self, model: str) -> None:
         with self._lock:
