@@ -1,5 +1,5 @@
 """The node loader's SSD -> DRAM copy (sllm_faas.runtime.node_loader.store.copy_file): pipelined O_DIRECT reads
-into the mapped tmpfs destination, or into reused aligned buffers written at the same offsets elsewhere.
+into reused aligned huge-page buffers, written at the same offsets.
 Byte-identical output whatever the size, the chunking, the thread count, the destination's filesystem, or
 whether the source filesystem takes O_DIRECT."""
 
@@ -56,8 +56,7 @@ class Progress:
 
 @pytest.fixture(params=["disk", "tmpfs"])
 def target_dir(request, tmp_path):
-    """Where the copy lands: a disk folder (written from reused buffers) or tmpfs, the DRAM tier's kind of
-    filesystem (read straight into the mapped destination)."""
+    """Where the copy lands: a disk folder or tmpfs, the DRAM tier's kind of filesystem."""
     if request.param == "disk":
         directory = Path(tempfile.mkdtemp(prefix="sllm-copy-out-", dir=disk_dir(tmp_path)))
     else:
