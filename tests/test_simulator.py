@@ -13,6 +13,7 @@ import pytest
 
 import sllm_faas.controller.scheduler as scheduler
 import sllm_faas.controller.simulator as simulator_package
+from sllm_faas.controller.keepalive import RANGE_S, CostKeepAlive
 from sllm_faas.controller.simulator import policies
 from sllm_faas.controller.simulator.config import (
     POLICY_NAMES,
@@ -21,7 +22,7 @@ from sllm_faas.controller.simulator.config import (
     parse_scenario,
     scenario_names,
 )
-from sllm_faas.controller.simulator.engine import run_policies, simulate
+from sllm_faas.controller.simulator.engine import Simulation, run_policies, simulate
 from sllm_faas.controller.simulator.report import scenario_markdown, write_plots
 from sllm_faas.controller.simulator.workload import Request, generate
 from sllm_faas.runtime.cli import main as cli_main
@@ -146,6 +147,22 @@ def test_hand_computed_migration():
     assert result.migrations == 1 and dict(result.cold_starts) == {"ssd": 3}
     without = simulate(scenario, "ours-no-migration", trace)
     assert without.ttft_s.tolist() == pytest.approx([2.1, 8.1]) and without.migrations == 0
+
+
+def test_dram_holds_a_checkpoint_past_its_window_only_when_its_restart_from_ssd_lands_in_the_tail():
+    # One request for toy-2b#0 under the cost keep-alive (no histogram yet: the fixed 10 s window on the GPU).
+    # SSD at 2 GB/s: loaded from n0's SSD (4 GB / 2 GB/s over the 1 s container start), first token at 2.1, idle at
+    # 3.1 after 10 tokens at 10/s; a restart from SSD is 1 + 2 = 3 s, no tail: n0's DRAM holds it for the window.
+    sim = Simulation(tiny(), "ours", requests((0.0, "toy-2b#0", 100, 10)), None, CostKeepAlive(10.0))
+    assert sim.run().ttft_s.tolist() == pytest.approx([2.1])
+    assert sim.cluster.nodes[0].dram.held_until == {"toy-2b#0": pytest.approx(3.1 + 10.0)}
+    # SSD at 0.2 GB/s: the remote store (4 s) beats n0's SSD (20 s); on n1, first token at 4.1, idle at 5.1. A restart
+    # from SSD would take 1 + 20 = 21 s, past TAIL_RESTART_S: n1's DRAM holds it for the histogram's range.
+    slow_ssd = tiny(nodes=[{**tomllib.loads(TINY)["nodes"][0], "ssd_gb_per_s": 0.2}])
+    sim = Simulation(slow_ssd, "ours", requests((0.0, "toy-2b#0", 100, 10)), None, CostKeepAlive(10.0))
+    result = sim.run()
+    assert result.ttft_s.tolist() == pytest.approx([4.1]) and result.gpu_seconds == pytest.approx(5.1 + 10.0)
+    assert sim.cluster.nodes[1].dram.held_until == {"toy-2b#0": pytest.approx(5.1 + RANGE_S)}
 
 
 def test_release_waits_for_a_node_holding_the_checkpoint():
