@@ -4,6 +4,7 @@ file order: deploy with -e/-l/--annotation, list, describe, logs (tail, follow),
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import queue
@@ -16,6 +17,8 @@ import pytest
 import requests
 from test_local_cluster import ROOT, Up, store  # noqa: F401 - store is a fixture
 from test_local_hostile import stack
+
+from sllm_faas.runtime.local.up import LocalCluster
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +116,16 @@ def test_the_admin_token_comes_from_the_flag_the_env_or_the_file_up_wrote(up):
     assert refused.returncode == 1 and "401" in refused.stderr and "--token" in refused.stderr
     assert cli(up, "list", "-q", "--token", "wrong").returncode == 1
     listed = cli(up, "list", "-q", "--token", token, token=False)
-    assert listed.stdout.split() == ["fc", "fd"], (listed.returncode, listed.stderr)  # once empty in CI: why
+    assert listed.stdout.split() == ["fc", "fd"], (listed.returncode, listed.stderr)
     assert cli(up, "list", "-q", token=False, env={"SLLM_GATEWAY_TOKEN": token}).returncode == 0
+
+
+def test_generated_tokens_can_be_passed_as_a_flag_value():
+    # an urlsafe token began with "-" in a CI run, and `--token TOKEN` read it as an option (exit 2)
+    factories = [f.default_factory for f in dataclasses.fields(LocalCluster) if f.name.endswith("_token")]
+    assert len(factories) == 3
+    tokens = [make() for make in factories for _ in range(100)]
+    assert all(len(t) == 64 and set(t) <= set("0123456789abcdef") for t in tokens) and len(set(tokens)) == 300
 
 
 def test_remove_by_name_and_by_stack_file(up):

@@ -109,9 +109,10 @@ class LocalCluster:
     redis_server: EmbeddedRedis | None = None
     redis_url: str = ""
     state: dict = field(default_factory=dict)
-    controller_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    migration_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # hex, not urlsafe base64: a token starting with "-" (1 in 64 of those) is read as an option by `--token TOKEN`
+    controller_token: str = field(default_factory=lambda: secrets.token_hex(32))
+    migration_token: str = field(default_factory=lambda: secrets.token_hex(32))
+    admin_token: str = field(default_factory=lambda: secrets.token_hex(32))
     redis_restart_at: float | None = None
     redis_restarts: int = 0
 
