@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sllm_faas.common.tiers import Tier
-from sllm_faas.controller.scheduler import NodeInfo, Snapshot, load_time
+from sllm_faas.controller.scheduler import ModelInfo, NodeInfo, Snapshot, load_time
 from sllm_faas.redis_schema.keepalive import KeepAliveRecord
 from sllm_faas.redis_schema.records import InstanceRecord
 
@@ -201,16 +201,16 @@ class KeepAliveTracker:
 
     def _decide(self, model: str, snapshot: Snapshot, now: float) -> KeepAliveRecord:
         node_id = self.last_node.get(model, "")
-        info = snapshot.models.get(model)
-        restart_s, ssd_restart_s = (self._restart(model, snapshot, node_id, tier) for tier in (Tier.DRAM, Tier.SSD))
+        info, node = snapshot.models.get(model), snapshot.node_by_id.get(node_id)
+        restart_s, ssd_restart_s = (self._restart(info, node, snapshot, tier) for tier in (Tier.DRAM, Tier.SSD))
         decision = self.policy.decide(model, restart_s, info.gpus if info else 1, ssd_restart_s)
         return KeepAliveRecord(model, node_id, Tier(decision.tier), decision.keep_s, decision.prewarm_s, restart_s, now,
                                decision.hold_s)
 
-    def _restart(self, model: str, snapshot: Snapshot, node_id: str, tier: Tier) -> float:
-        """Container start + loading `model` from `tier` on the node, at its measured bandwidth (unknown: none)."""
-        info, node = snapshot.models.get(model), snapshot.node_by_id.get(node_id)
+    def _restart(self, info: ModelInfo | None, node: NodeInfo | None, snapshot: Snapshot, tier: Tier) -> float:
+        """Container start + loading the model from `tier` on the node, at its measured bandwidth (unknown: none)."""
         if info is None or node is None:
             return self.container_start_s
-        load_s = load_time(NodeInfo(node.id, 0, {model: tier}, node.bandwidth), info, snapshot.fallback_bandwidths)[0]
+        in_tier = NodeInfo(node.id, 0, {info.name: tier}, node.bandwidth)
+        load_s = load_time(in_tier, info, snapshot.fallback_bandwidths)[0]
         return self.container_start_s + (load_s if math.isfinite(load_s) else 0.0)

@@ -190,19 +190,20 @@ class Simulation:
         A model gone quiet whose next request is not expected before the pre-warm is released at once, its
         checkpoint held in DRAM, and brought back in time for it. The node's DRAM holds the checkpoint as long as
         the decision wants it warm (the node loader's `hold_until`)."""
+        if instance.keep_until is not None:  # a pre-warmed instance: its window was decided when it was started
+            until, instance.keep_until = instance.keep_until, None
+            self._at(until, self._expire, (instance, self.now))
+            return
         name, model, node = instance.model.name, instance.model, instance.node
         restart_s, ssd_restart_s = (self.scenario.container_start_s + self.cluster.load_seconds(node, model, tier)[0]
                                     for tier in ("dram", "ssd"))
         decision = self.keepalive.decide(name, restart_s, model.gpus, ssd_restart_s)
-        if instance.keep_until is not None:
-            until, instance.keep_until = instance.keep_until, None
-            self._at(until, self._expire, (instance, self.now))
-            return
-        node.dram.held_until[name] = self.now + decision.warm_s
+        warm_until = self.now + decision.warm_s
+        node.dram.held_until[name] = warm_until
         if decision.prewarm_s > 0 and not self.in_flight[name]:
             until = self.now + decision.prewarm_s + decision.keep_s
             for idle in list(self.cluster.idle_by_model[name]):
-                idle.node.dram.held_until[name] = self.now + decision.warm_s
+                idle.node.dram.held_until[name] = warm_until
                 self.cluster.end(idle, self.now)
             self._at(self.now + decision.prewarm_s - restart_s, self._prewarm, (name, self.now, until))
             return

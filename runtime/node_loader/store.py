@@ -215,12 +215,11 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
     plain = open_regular(source)[0] if direct else fd  # for a remainder that a short direct read left unaligned
     try:
         size = os.fstat(fd).st_size
-        with open(destination, "w+b") as dst:
+        with open(destination, "w+b") as dst:  # truncated; the chunks' writes cover every byte up to `size`
             if size:
                 workers = max(1, min(threads, -(-size // chunk)))
                 _copy_chunks(fd, plain, direct, size, progress, chunk, workers, str(source),
                              _BufferedLanding(dst.fileno(), chunk, workers))
-            os.ftruncate(dst.fileno(), size)
     finally:
         os.close(fd)
         if plain != fd:
