@@ -55,10 +55,12 @@ class RedisPublisher:
                           gpus=self._gpu_inventory(), queue_length=len(status["queue"]), remote=status["remote"])
 
     def publish_node(self, loader) -> bool:
-        """One heartbeat: node hash, tier model sets and queue, all expiring unless refreshed."""
+        """One heartbeat: node hash, tier model sets and queue, all expiring unless refreshed. Events kept
+        through an outage go first, so a reader who sees the state they led to can also read them."""
         ttl = max(1, int(loader.config.heartbeat_ttl_s))
         k = self.keys
         try:
+            self._flush_events()
             pipe = self.client.pipeline(transaction=True)
             held: dict[str, str] = {}  # model -> a tier holding it here, to republish its size if Redis lost it
             pipe.set(k.schema_version, SCHEMA_VERSION, nx=True)
@@ -88,7 +90,6 @@ class RedisPublisher:
             pipe.execute()
             self._queue_members = set(queue)
             self._republish_lost_models(loader, held)
-            self._flush_events()
         except redis.RedisError as exc:
             self.healthy = unreachable(log, self.healthy, exc)
             return False
