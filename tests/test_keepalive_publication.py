@@ -17,7 +17,7 @@ from sllm_faas.controller.simulator.cluster import CacheTier as SimulatedTier
 from sllm_faas.redis_schema import keepalive as records
 from sllm_faas.redis_schema.keepalive import KeepAliveRecord
 from sllm_faas.redis_schema.keys import Keys
-from sllm_faas.redis_schema.records import InstanceRecord
+from sllm_faas.redis_schema.records import InstanceRecord, RecordError
 from sllm_faas.runtime.node_loader.tiers import Tier as CacheTier
 
 GB = 10**9
@@ -86,6 +86,11 @@ def test_records_round_trip_in_redis_with_the_documented_fields(redis_ns):
     assert records.read(redis_ns.client, keys, ["m"]) == {"m": kept}
     redis_ns.client.hset(keys.keepalive("m"), "tier", "ssd")               # malformed: left out, not raised
     assert records.read(redis_ns.client, keys, ["m"]) == {}
+    records.publish(redis_ns.client, keys, [held])
+    redis_ns.client.hset(keys.keepalive("m"), "hold_s", "forever")         # so is a hold that is not a number
+    assert records.read(redis_ns.client, keys, ["m"]) == {}
+    with pytest.raises(RecordError, match="hold_s.*'forever'"):
+        KeepAliveRecord.from_hash(keys.keepalive("m"), redis_ns.client.hgetall(keys.keepalive("m")))
 
 
 def test_eviction_order_follows_the_keep_alive_wishes(tmp_path):
