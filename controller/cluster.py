@@ -25,6 +25,8 @@ from sllm_faas.redis_schema.records import InstanceRecord, NodeRecord, RecordErr
 
 log = logging.getLogger("sllm.controller")
 
+WAITING_READ = 1024  # members of `Keys.waiting` a read returns (to tell a caller's own); all of them are counted
+
 
 @dataclass(frozen=True)
 class ClusterView:
@@ -37,18 +39,20 @@ class ClusterView:
     read_at: float
     skipped: dict[str, str] = field(default_factory=dict)  # key -> why it was left out (malformed record)
     holds: dict[str, set[str]] = field(default_factory=dict)  # node -> live members of its slot ledger
+    waiting: frozenset[str] = frozenset()  # live members of `Keys.waiting`: placements waiting for GPUs
 
     def as_dict(self) -> dict:
         """What `GET /v1/cluster` and `sllm-faas status --json` show."""
         nodes = [{**vars(self.nodes[n.id]), "free_slots": n.free_slots, "queue_wait_s": n.queue_wait_s,
                   "models": n.tier_of, "queue": self.queues.get(n.id, [])} for n in self.snapshot.nodes]
         return {"read_at": self.read_at, "nodes": nodes, "instances": [vars(i) for i in self.instances.values()],
-                "skipped": self.skipped}
+                "waiting": sorted(self.waiting), "skipped": self.skipped}
 
 
 # One server-side pass over the cluster, returned as one JSON string: a pipeline of ~7 commands per node
 # costs ~30 us of client-side reply parsing each (0.25 s for 1,000 nodes); this costs Redis a few ms.
-# KEYS: nodes set, instances set. ARGV: now, then the key templates of _TEMPLATES (redis_schema LUA_KEY).
+# KEYS: nodes set, instances set, waiting set. ARGV: now, the key templates of _templates (redis_schema LUA_KEY),
+# then how many waiting members to return (all are counted).
 _READ = LUA_KEY + """
 local now = ARGV[1]
 local node_key, gpu_key, dram_key, ssd_key = key(ARGV[2]), key(ARGV[3]), key(ARGV[4]), key(ARGV[5])
@@ -78,7 +82,9 @@ for _, row in ipairs(instances) do
   local fields = row[2]
   for i = 1, #fields, 2 do if fields[i] == 'model' then size_of(fields[i + 1]) end end
 end
-return cjson.encode({nodes, instances, sizes})
+local waiting = {redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf'),
+  redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now, '+inf', 'LIMIT', 0, ARGV[10])}
+return cjson.encode({nodes, instances, sizes, waiting})
 """
 
 
@@ -101,9 +107,10 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
     read a second)."""
     now = time.time()
     templates = _templates(keys)
-    raw = client.eval(_READ, 2, keys.nodes, keys.instances, f"{now:.6f}", *templates)
+    raw = client.eval(_READ, 3, keys.nodes, keys.instances, keys.waiting, f"{now:.6f}", *templates, WAITING_READ)
     node_key, instance_key = templates[0], templates[6]
-    node_rows, instance_rows, sizes = json.loads(raw)
+    node_rows, instance_rows, sizes, (waiting_count, waiting) = json.loads(raw)
+    waiting = frozenset(waiting or ())
     nodes: dict[str, NodeRecord] = {}
     infos, queues, skipped, gone = [], {}, {}, []
     holds: dict[str, set[str]] = {}
@@ -156,7 +163,8 @@ def read_cluster(client: redis.Redis, keys: Keys, previous: ClusterView | None =
             rates.setdefault(instance.model, []).append(instance.prefill_tokens_per_s)
     models = {name: ModelInfo(name, int(size), statistics.median(rates[name]) if name in rates else None)
               for name, size in _as_dict(sizes).items() if size.isdigit()}
-    return ClusterView(Snapshot(tuple(infos), models, running), nodes, instances, queues, now, skipped, holds)
+    return ClusterView(Snapshot(tuple(infos), models, running, pending=waiting_count), nodes, instances, queues, now,
+                       skipped, holds, waiting)
 
 
 class ClusterCache:

@@ -22,11 +22,13 @@ from sllm_faas.common.tiers import Tier
 from sllm_faas.controller.booking import Booker, NodeGone
 from sllm_faas.controller.cluster import ClusterCache
 from sllm_faas.controller.scheduler import Decision, ModelInfo, Snapshot, plans, rank
-from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, Keys
+from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, Keys, waiting_member
 from sllm_faas.redis_schema.records import Event, ModelRecord
 from sllm_faas.runtime.node_loader.client import LoaderClient
 
 log = logging.getLogger("sllm.controller")
+
+WAITING_TTL_S = 30.0  # a refused caller counts as waiting for GPUs this long after its last refusal
 
 
 class UnknownModel(LookupError):
@@ -114,29 +116,63 @@ class Placer:
 
     # -- decisions (book + stage) -------------------------------------------------------------
     def place(self, model: str, *, size_hint: int | None = None, candidates: set[str] | None = None,
-              book_slot: bool = True, owner: str = "") -> Placement:
+              book_slot: bool = True, owner: str = "", replica: int = 0) -> Placement:
         """Book the best node that still has a slot and start staging there; try the next best when a
         concurrent decision took the slot first. `book_slot=False` only prefetches (scale-up alerts). A plan
         that migrates an instance away first books nothing: the slot frees when that instance hands over
-        (the caller runs the migration, controller/migration.py)."""
+        (the caller runs the migration, controller/migration.py).
+
+        A caller (replica `replica` of function `owner`) that is refused, or told to wait for another model's
+        instance, is kept in `Keys.waiting` until it is placed or WAITING_TTL_S passes without a new refusal;
+        every decision prices a migration's GPU time by the other callers there (the scheduler's `pending`),
+        as the simulator prices it by the requests that wait for GPUs."""
         began = time.monotonic()
-        placement = self._place_on_view(model, size_hint, candidates, book_slot, owner)
+        demand = waiting_member(model, owner, replica) if book_slot else None
+        placement = self._place_on_view(model, size_hint, candidates, book_slot, owner, demand)
         if placement is None and self.cache.may_have_freed(began):
             # Our bookings since the last read count as taken, but another worker may have given them back:
             # refuse only on a read that began after them (one such read serves every refusal waiting on it).
             self.cache.refresh(unless_since=began)
-            placement = self._place_on_view(model, size_hint, candidates, book_slot, owner)
+            placement = self._place_on_view(model, size_hint, candidates, book_slot, owner, demand)
+        if demand is not None:
+            self._settle(demand, placement)
         if placement is None:
             raise NoCapacity(f"model {model!r}: no node has a free slot"
                              + (" among the candidates" if candidates is not None else "")
                              + " and no running instance can be migrated to free one")
         return placement
 
+    def note_waiting(self, members: list[str]) -> None:
+        """Count these callers as waiting for GPUs (members of `Keys.waiting`) for the next WAITING_TTL_S."""
+        now = time.time()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zremrangebyscore(self.keys.waiting, "-inf", now)
+        pipe.zadd(self.keys.waiting, dict.fromkeys(members, now + WAITING_TTL_S))
+        pipe.execute()
+
+    def _settle(self, demand: str, placement: Placement | None) -> None:
+        """Keep `demand` in `Keys.waiting` while it waits for GPUs; take it out once it is placed (or waits for an
+        instance of its own model, which serves it next)."""
+        view = self.cache.view()
+
+        def frees_gpus(instance: str) -> bool:  # rather than serving the caller: another model's (or a gone) instance
+            record = view.instances.get(instance)
+            return record is None or record.model != placement.model
+
+        if placement is None or any(frees_gpus(i) for i in placement.decision.wait_for):
+            self.note_waiting([demand])
+        elif demand in view.waiting:
+            self.client.zrem(self.keys.waiting, demand)
+
     def _place_on_view(self, model: str, size_hint: int | None, candidates: set[str] | None, book_slot: bool,
-                       owner: str) -> Placement | None:
-        """One pass of `place` over the cached view's plans: the first that books (or needs no booking), or None."""
+                       owner: str, demand: str | None) -> Placement | None:
+        """One pass of `place` over the cached view's plans: the first that books (or needs no booking), or None.
+        `demand`: the caller's member of `Keys.waiting`, if any (not one of the others it waits among)."""
         snapshot = self._snapshot_with(model, size_hint)
         view = self.cache.view()
+        others = view.snapshot.pending - (demand in view.waiting)
+        if others != snapshot.pending:
+            snapshot = snapshot.updated(pending=others)
         options = plans(snapshot, model)  # the simulator takes its decisions from the same path
         for decision in options:
             if candidates is not None and decision.node not in candidates:

@@ -85,17 +85,19 @@ class Snapshot:
     pending: int = 0  # other requests waiting for GPUs that no decision covers yet: what a migration's GPU time costs
 
     def updated(self, nodes: dict[str, NodeInfo] | None = None, models: dict[str, ModelInfo] | None = None,
-                migrating: frozenset[str] = frozenset()) -> Snapshot:
-        """A copy with some nodes replaced or models added that keeps this snapshot's derived indexes.
+                migrating: frozenset[str] = frozenset(), pending: int | None = None) -> Snapshot:
+        """A copy with some nodes replaced, models added or another `pending` that keeps this snapshot's derived
+        indexes (the migration options only where `pending`, their price, is the same).
 
         For callers that apply small changes between full reads (the controller's own bookings): the
         indexes may be stale about the replaced nodes as migration destinations until the next full read.
         """
         nodes = nodes or {}
+        pending = self.pending if pending is None else pending
         copy = Snapshot(tuple(nodes.get(n.id, n) for n in self.nodes) if nodes else self.nodes,
-                        {**self.models, **(models or {})}, self.instances, self.migrating | migrating, self.pending)
+                        {**self.models, **(models or {})}, self.instances, self.migrating | migrating, pending)
         for derived in ("fallback_bandwidths", "holders", "free_frontier", "migration_options", "instances_by_node"):
-            if derived in self.__dict__:
+            if derived in self.__dict__ and (derived != "migration_options" or pending == self.pending):
                 copy.__dict__[derived] = self.__dict__[derived]
         if "node_by_id" in self.__dict__:  # patched, not rebuilt: a decision's snapshot replaces one node
             by_id = self.node_by_id

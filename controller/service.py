@@ -44,7 +44,7 @@ from sllm_faas.controller.migration import Migrator, NoDestination
 from sllm_faas.controller.placement import NoCapacity, Placer, UnknownModel
 from sllm_faas.controller.scheduler import Action
 from sllm_faas.redis_schema import keepalive as keepalive_records
-from sllm_faas.redis_schema.keys import Keys, validate_id
+from sllm_faas.redis_schema.keys import Keys, validate_id, waiting_member
 from sllm_faas.redis_schema.upgrade import ensure_schema
 
 log = logging.getLogger("sllm.controller")
@@ -243,8 +243,9 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
     def place():
         controller.ensure_schema()
         body = json_body()
+        function = body.get("function")
         return controller.decide("api", _model_field(body), size_hint=_size_hint(body),
-                                 owner=str(body.get("function") or ""))
+                                 owner="" if function in (None, "") else _id(function, "function name", "function"))
 
     @hook("/v1/placements/<model>", methods=["GET"])
     def estimate(model: str):
@@ -266,12 +267,14 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
             raise ApiError(400, "replicas must be an integer from 1 to 64", "replicas")
         placements = []
         try:
-            for _ in range(replicas):
-                placements.append(controller.decide("scale", model, size_hint=_size_hint(body), owner=function or ""))
-        except NoCapacity:  # all or nothing: give back the replicas already booked
+            for replica in range(replicas):
+                placements.append(controller.decide("scale", model, size_hint=_size_hint(body), owner=function or "",
+                                                    replica=replica))
+        except NoCapacity:  # all or nothing: give back the replicas already booked; every one waits for GPUs
             for placed in placements:
                 if placed.get("booking"):
                     controller.cancel_booking(placed["node"], placed["booking"])
+            controller.placer.note_waiting([waiting_member(model, function or "", i) for i in range(replicas)])
             raise
         return {"function": function, "model": model, "placements": placements}
 

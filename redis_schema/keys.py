@@ -38,6 +38,12 @@ def validate_id(value: object, what: str = "node id") -> str:
     return value
 
 
+def waiting_member(model: str, function: str = "", replica: int = 0) -> str:
+    """A member of `Keys.waiting`: one replica of a function (or an anonymous caller of `model`) that no node
+    could start, or that waits for another model's instance to free GPUs."""
+    return f"{validate_model_name(model)}/{function[:253]}/{int(replica)}"  # a label-sized name; not parsed back
+
+
 def validate_node_id(node: object) -> str:
     return node if isinstance(node, _Placeholder) else validate_id(node, "node id")
 
@@ -99,6 +105,12 @@ class Keys:
     def node_slots(self, node: str) -> str:
         """ZSET, the node's slot ledger: member = instance id (or booking id), score = when the hold expires."""
         return f"{self.prefix}node:{validate_node_id(node)}:slots"
+
+    @property
+    def waiting(self) -> str:
+        """ZSET of placement requests that wait for GPUs: member = `waiting_member(...)`, score = when it expires
+        (unix seconds). Its live size is what a migration's GPU time costs (controller/placement.py)."""
+        return f"{self.prefix}waiting"
 
     @property
     def instances(self) -> str:

@@ -97,7 +97,9 @@ def test_unknown_model_and_bad_fields(controller):
     assert hinted.status_code == 200 and hinted.json()["tier"] == "remote"
     for body, field in (({"model": "../etc"}, None), ({"model": 5}, "model"), ({}, "model"),
                         ({"model": "m1", "size_bytes": -1}, "size_bytes"), ({"model": "m1", "size_bytes": True},
-                                                                             "size_bytes")):
+                                                                             "size_bytes"),
+                        ({"model": "m1", "function": "Bad_Name"}, "function"), ({"model": "m1", "function": 7},
+                                                                                "function")):
         response = controller.post("/v1/placements", body)
         assert response.status_code == 400, body
         assert field is None or response.json()["field"] == field
@@ -459,8 +461,9 @@ def test_booking_script_defaults_slots_like_the_reader_and_scale_is_all_or_nothi
     assert booker.book("node-a", "b-3") is None
     cluster.client.delete(cluster.prefix + "node:node-a:slots")
     before = {n: cluster.client.zcard(f"{cluster.prefix}node:{n}:slots") for n in ("node-a", "node-b", "node-c")}
-    too_many = controller.post("/v1/scale", {"model": "m1", "replicas": 5})           # 4 slots in all
+    too_many = controller.post("/v1/scale", {"model": "m1", "function": "fn-m1", "replicas": 5})  # 4 slots in all
     assert too_many.status_code == 409
+    assert set(cluster.client.zrange(cluster.prefix + "waiting", 0, -1)) == {f"m1/fn-m1/{i}" for i in range(5)}
     assert {n: cluster.client.zcard(f"{cluster.prefix}node:{n}:slots") for n in before} == before
     placed = controller.post("/v1/placements", {"model": "m1"}).json()
     assert controller.delete(f"/v1/bookings/{placed['node']}/{placed['booking']}").json() == {"cancelled": True}
@@ -482,3 +485,62 @@ def test_a_cancelled_booking_frees_its_slot_even_in_a_read_that_saw_it(redis_ns)
     assert cache.view().snapshot.node_by_id["node-a"].free_slots == 1
     cache.refresh()                                        # a read after the cancellation: not freed twice
     assert cache.view().snapshot.node_by_id["node-a"].free_slots == 1
+
+
+def test_callers_waiting_for_gpus_price_a_migration_as_the_simulator_does(redis_ns):
+    """Keys.waiting is the controller's `pending`: with no one waiting the plan migrates; with three other callers
+    waiting for GPUs, the move's GPU time costs more than the remote load elsewhere. A refused caller enters the
+    set, with its expiry, and leaves it once placed."""
+    from sllm_faas.controller.booking import Booker
+    from sllm_faas.controller.cluster import ClusterCache
+    from sllm_faas.controller.placement import WAITING_TTL_S, NoCapacity, Placer
+    from sllm_faas.redis_schema.records import InstanceRecord
+
+    client, keys = redis_ns.client, Keys(redis_ns.prefix)
+    publish_model(client, redis_ns.prefix, "big", 10 * GB)
+    publish_model(client, redis_ns.prefix, "small", 1 * GB)
+    # node-p: big in DRAM (1 s at 10 GB/s), its one slot held by "busy" (small); node-q: free, small in DRAM,
+    # big from the store at 5 GB/s (2 s)
+    publish_node(client, redis_ns.prefix, "node-p", dram=["big", "small"])
+    publish_node(client, redis_ns.prefix, "node-q", dram=["small"], bw_remote=5 * GB)
+    busy = InstanceRecord("busy", "node-p", "small", "fn-small", "http://10.0.0.9:8080", "ready", active=1, tokens=100,
+                          decode_tokens_per_s=20.0, prefill_tokens_per_s=1000.0, heartbeat_at=time.time())
+    client.hset(keys.instance("busy"), mapping=busy.to_hash())
+    client.sadd(keys.instances, "busy")
+    client.zadd(keys.node_slots("node-p"), {"busy": time.time() + 60})
+    cache = ClusterCache(client, keys, max_age_s=60)
+    placer = Placer(client, keys, cache, Booker(client, keys))
+
+    # move = re-prefill 100 / 1000 + 0.05 s + reload small on node-q 0.1 s = 0.25 s; its price with no one else
+    # waiting: 0.25 x (2 + 0 - 1) s; ranked 0.25 + 1 s load + 0.25 = 1.5 s, ahead of node-q's 2 s
+    first = placer.place("big", owner="fn-big").decision
+    assert (first.node, first.migrate, first.migrate_to) == ("node-p", "busy", "node-q")
+    assert first.estimate_s == pytest.approx(1.25) and first.price_s == pytest.approx(0.25)
+    assert client.zcard(keys.waiting) == 0                   # placed: not waiting
+
+    placer.note_waiting(["m2/fn-a/0", "m2/fn-a/1", "m3//0"])   # three other callers refused meanwhile
+    cache.refresh()
+    assert cache.view().waiting == {"m2/fn-a/0", "m2/fn-a/1", "m3//0"} and cache.view().snapshot.pending == 3
+    # the move now costs 0.25 x (2 + 3 - 1) = 1 s: 2.25 s against node-q's remote load, 2 s
+    second = placer.place("big", owner="fn-big")
+    assert (second.decision.node, second.decision.action.value, second.decision.tier) == ("node-q", "load", "remote")
+    assert second.booking is not None
+
+    cache.refresh()                                          # node-q booked: no slot, no destination to move to
+    with pytest.raises(NoCapacity):
+        placer.place("big", owner="fn-late", replica=2)
+    expires = client.zscore(keys.waiting, "big/fn-late/2")
+    assert expires == pytest.approx(time.time() + WAITING_TTL_S, abs=5)
+    cache.refresh()
+    assert cache.view().snapshot.pending == 4
+    client.zrem(keys.node_slots("node-q"), second.booking)   # its slot is given back
+    cache.refresh()
+    placed = placer.place("big", owner="fn-late", replica=2)
+    assert placed.decision.node == "node-q" and client.zscore(keys.waiting, "big/fn-late/2") is None
+    client.zadd(keys.waiting, {"gone/fn/0": time.time() - 1})  # expired: neither read nor counted
+    cache.refresh()
+    assert cache.view().waiting == {"m2/fn-a/0", "m2/fn-a/1", "m3//0"}
+    flood = {f"m9/fn-{i}/0": time.time() + 60 for i in range(1500)}  # a burst of refusals: all counted, few read
+    client.zadd(keys.waiting, flood)
+    cache.refresh()
+    assert cache.view().snapshot.pending == 1503 and len(cache.view().waiting) == 1024
