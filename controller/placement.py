@@ -71,6 +71,7 @@ class Placer:
         self._kicks = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sllm-stage-kick")
         self._ids = random.Random(os.urandom(16))  # booking ids: unique across controllers, no syscall each
         self.on_kick_failure: Callable[[], None] = lambda: None  # the service counts them (a Prometheus counter)
+        self._last_priced: tuple[Snapshot, int, Snapshot] | None = None  # (read's snapshot, pending, repriced)
 
     # -- estimates (no side effects) ------------------------------------------------------------
     def model_info(self, model: str, size_hint: int | None = None) -> ModelInfo:
@@ -116,18 +117,18 @@ class Placer:
 
     # -- decisions (book + stage) -------------------------------------------------------------
     def place(self, model: str, *, size_hint: int | None = None, candidates: set[str] | None = None,
-              book_slot: bool = True, owner: str = "", replica: int = 0) -> Placement:
+              book_slot: bool = True, owner: str = "", caller: str = "") -> Placement:
         """Book the best node that still has a slot and start staging there; try the next best when a
         concurrent decision took the slot first. `book_slot=False` only prefetches (scale-up alerts). A plan
         that migrates an instance away first books nothing: the slot frees when that instance hands over
         (the caller runs the migration, controller/migration.py).
 
-        A caller (replica `replica` of function `owner`) that is refused, or told to wait for another model's
-        instance, is kept in `Keys.waiting` until it is placed or WAITING_TTL_S passes without a new refusal;
-        every decision prices a migration's GPU time by the other callers there (the scheduler's `pending`),
-        as the simulator prices it by the requests that wait for GPUs."""
+        A `caller` (of function `owner`) that is refused, or told to wait for another model's instance, is kept
+        in `Keys.waiting` until it is placed or WAITING_TTL_S passes without a new refusal; every decision prices
+        a migration's GPU time by the other callers there (the scheduler's `pending`), as the simulator prices
+        it by the requests that wait for GPUs. Callers that name no `caller` count once per function."""
         began = time.monotonic()
-        demand = waiting_member(model, owner, replica) if book_slot else None
+        demand = waiting_member(model, owner, caller) if book_slot else None
         placement = self._place_on_view(model, size_hint, candidates, book_slot, owner, demand)
         if placement is None and self.cache.may_have_freed(began):
             # Our bookings since the last read count as taken, but another worker may have given them back:
@@ -152,17 +153,27 @@ class Placer:
 
     def _settle(self, demand: str, placement: Placement | None) -> None:
         """Keep `demand` in `Keys.waiting` while it waits for GPUs; take it out once it is placed (or waits for an
-        instance of its own model, which serves it next)."""
-        view = self.cache.view()
-
-        def frees_gpus(instance: str) -> bool:  # rather than serving the caller: another model's (or a gone) instance
-            record = view.instances.get(instance)
-            return record is None or record.model != placement.model
-
-        if placement is None or any(frees_gpus(i) for i in placement.decision.wait_for):
+        instance of its own model, which serves it next), whether or not a read has shown it yet."""
+        if placement is None:
             self.note_waiting([demand])
-        elif demand in view.waiting:
+            return
+        instances = self.cache.view().instances
+        if any(i not in instances or instances[i].model != placement.model for i in placement.decision.wait_for):
+            self.note_waiting([demand])  # waits for another model's (or a gone) instance to free GPUs
+        else:
             self.client.zrem(self.keys.waiting, demand)
+
+    def _priced(self, snapshot: Snapshot, pending: int) -> Snapshot:
+        """`snapshot` with `pending` callers waiting besides the one deciding: a caller already waiting sees one
+        fewer than the read counted. Kept per read, so its migration options are priced once, not per retry."""
+        if pending == snapshot.pending:
+            return snapshot
+        last = self._last_priced
+        if last is not None and last[0] is snapshot and last[1] == pending:
+            return last[2]
+        priced = snapshot.updated(pending=pending)
+        self._last_priced = (snapshot, pending, priced)
+        return priced
 
     def _place_on_view(self, model: str, size_hint: int | None, candidates: set[str] | None, book_slot: bool,
                        owner: str, demand: str | None) -> Placement | None:
@@ -170,9 +181,7 @@ class Placer:
         `demand`: the caller's member of `Keys.waiting`, if any (not one of the others it waits among)."""
         snapshot = self._snapshot_with(model, size_hint)
         view = self.cache.view()
-        others = view.snapshot.pending - (demand in view.waiting)
-        if others != snapshot.pending:
-            snapshot = snapshot.updated(pending=others)
+        snapshot = self._priced(snapshot, view.snapshot.pending - (demand in view.waiting))
         options = plans(snapshot, model)  # the simulator takes its decisions from the same path
         for decision in options:
             if candidates is not None and decision.node not in candidates:

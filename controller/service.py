@@ -184,6 +184,12 @@ def _size_hint(body: dict) -> int | None:
     return size
 
 
+def _optional_id(body: dict, field: str, what: str) -> str:
+    """An optional id field of a request body: "" when absent or empty, else a valid id (400 naming `field`)."""
+    value = body.get(field)
+    return "" if value in (None, "") else _id(value, what, field)
+
+
 def _id(value: object, what: str, field: str | None = None) -> str:
     """validate_id for a value from the request: its ValueError is the client's fault (400 naming `field`,
     else `what`), not ours."""
@@ -243,9 +249,9 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
     def place():
         controller.ensure_schema()
         body = json_body()
-        function = body.get("function")
         return controller.decide("api", _model_field(body), size_hint=_size_hint(body),
-                                 owner="" if function in (None, "") else _id(function, "function name", "function"))
+                                 owner=_optional_id(body, "function", "function name"),
+                                 caller=_optional_id(body, "caller", "caller id"))
 
     @hook("/v1/placements/<model>", methods=["GET"])
     def estimate(model: str):
@@ -265,16 +271,18 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
         replicas = body.get("replicas", 1)
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 64:
             raise ApiError(400, "replicas must be an integer from 1 to 64", "replicas")
+        caller = _optional_id(body, "caller", "caller id")
+        callers = [f"{caller}.{i}" if caller else str(i) for i in range(replicas)] if replicas > 1 else [caller]
         placements = []
         try:
-            for replica in range(replicas):
+            for one in callers:
                 placements.append(controller.decide("scale", model, size_hint=_size_hint(body), owner=function or "",
-                                                    replica=replica))
+                                                    caller=one))
         except NoCapacity:  # all or nothing: give back the replicas already booked; every one waits for GPUs
             for placed in placements:
                 if placed.get("booking"):
                     controller.cancel_booking(placed["node"], placed["booking"])
-            controller.placer.note_waiting([waiting_member(model, function or "", i) for i in range(replicas)])
+            controller.placer.note_waiting([waiting_member(model, function or "", one) for one in callers])
             raise
         return {"function": function, "model": model, "placements": placements}
 
@@ -339,7 +347,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
                 placement = ranked[0].plan().as_json() if ranked and ranked[0].feasible else None
             else:
                 controller.ensure_schema()
-                placement = controller.decide("webhook", model, owner=kube.function_of(pod))
+                placement = controller.decide("webhook", model, owner=kube.function_of(pod), caller=uid)
         except (UnknownModel, NoCapacity) as exc:  # never block a pod: admit it unplaced, say why
             return kube.admission_response(uid, kube.pod_patch(pod, plumbing), warning=f"sllm-faas: {exc}")
         if placement is None:

@@ -38,10 +38,10 @@ def validate_id(value: object, what: str = "node id") -> str:
     return value
 
 
-def waiting_member(model: str, function: str = "", replica: int = 0) -> str:
-    """A member of `Keys.waiting`: one replica of a function (or an anonymous caller of `model`) that no node
-    could start, or that waits for another model's instance to free GPUs."""
-    return f"{validate_model_name(model)}/{function[:253]}/{int(replica)}"  # a label-sized name; not parsed back
+def waiting_member(model: str, function: str = "", caller: str = "") -> str:
+    """A member of `Keys.waiting`: one caller (a start, a pod's admission) of a function, or of `model` alone,
+    that no node could place, or that waits for another model's instance to free GPUs. Never parsed back."""
+    return f"{validate_model_name(model)}/{function[:253]}/{caller[:253]}"
 
 
 def validate_node_id(node: object) -> str:

@@ -99,7 +99,8 @@ def test_unknown_model_and_bad_fields(controller):
                         ({"model": "m1", "size_bytes": -1}, "size_bytes"), ({"model": "m1", "size_bytes": True},
                                                                              "size_bytes"),
                         ({"model": "m1", "function": "Bad_Name"}, "function"), ({"model": "m1", "function": 7},
-                                                                                "function")):
+                                                                                "function"),
+                        ({"model": "m1", "caller": "../x"}, "caller")):
         response = controller.post("/v1/placements", body)
         assert response.status_code == 400, body
         assert field is None or response.json()["field"] == field
@@ -518,9 +519,9 @@ def test_callers_waiting_for_gpus_price_a_migration_as_the_simulator_does(redis_
     assert first.estimate_s == pytest.approx(1.25) and first.price_s == pytest.approx(0.25)
     assert client.zcard(keys.waiting) == 0                   # placed: not waiting
 
-    placer.note_waiting(["m2/fn-a/0", "m2/fn-a/1", "m3//0"])   # three other callers refused meanwhile
+    placer.note_waiting(["m2/fn-a/0", "m2/fn-a/1", "m3//"])    # three other callers refused meanwhile
     cache.refresh()
-    assert cache.view().waiting == {"m2/fn-a/0", "m2/fn-a/1", "m3//0"} and cache.view().snapshot.pending == 3
+    assert cache.view().waiting == {"m2/fn-a/0", "m2/fn-a/1", "m3//"} and cache.view().snapshot.pending == 3
     # the move now costs 0.25 x (2 + 3 - 1) = 1 s: 2.25 s against node-q's remote load, 2 s
     second = placer.place("big", owner="fn-big")
     assert (second.decision.node, second.decision.action.value, second.decision.tier) == ("node-q", "load", "remote")
@@ -528,18 +529,18 @@ def test_callers_waiting_for_gpus_price_a_migration_as_the_simulator_does(redis_
 
     cache.refresh()                                          # node-q booked: no slot, no destination to move to
     with pytest.raises(NoCapacity):
-        placer.place("big", owner="fn-late", replica=2)
-    expires = client.zscore(keys.waiting, "big/fn-late/2")
+        placer.place("big", owner="fn-late", caller="start-2")
+    expires = client.zscore(keys.waiting, "big/fn-late/start-2")
     assert expires == pytest.approx(time.time() + WAITING_TTL_S, abs=5)
     cache.refresh()
     assert cache.view().snapshot.pending == 4
     client.zrem(keys.node_slots("node-q"), second.booking)   # its slot is given back
     cache.refresh()
-    placed = placer.place("big", owner="fn-late", replica=2)
-    assert placed.decision.node == "node-q" and client.zscore(keys.waiting, "big/fn-late/2") is None
+    placed = placer.place("big", owner="fn-late", caller="start-2")
+    assert placed.decision.node == "node-q" and client.zscore(keys.waiting, "big/fn-late/start-2") is None
     client.zadd(keys.waiting, {"gone/fn/0": time.time() - 1})  # expired: neither read nor counted
     cache.refresh()
-    assert cache.view().waiting == {"m2/fn-a/0", "m2/fn-a/1", "m3//0"}
+    assert cache.view().waiting == {"m2/fn-a/0", "m2/fn-a/1", "m3//"}
     flood = {f"m9/fn-{i}/0": time.time() + 60 for i in range(1500)}  # a burst of refusals: all counted, few read
     client.zadd(keys.waiting, flood)
     cache.refresh()

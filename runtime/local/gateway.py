@@ -337,10 +337,10 @@ class Gateway:
         function.phase, function.placement, function.ready_by, function.start_kind = "placing", {}, None, ""
         try:
             asked = time.monotonic()
-            placement = self._place(function)
+            instance_id = f"{function.name}-{self._ids.getrandbits(32):08x}"
+            placement = self._place(function, instance_id)
             self.cold_start.labels("placement", function.model, placement.get("tier") or "unknown").observe(
                 time.monotonic() - asked)
-            instance_id = f"{function.name}-{self._ids.getrandbits(32):08x}"
             env = {**function.env, "SLLM_BOOKING_ID": placement.get("booking") or ""}
             if placement.get("loader"):
                 env["SLLM_LOADER_SOCKET"] = placement["loader"]
@@ -393,10 +393,12 @@ class Gateway:
         except requests.RequestException as exc:
             log.warning("could not cancel booking %s on %s: %s", booking, node, exc)
 
-    def _place(self, function: Function) -> dict:
+    def _place(self, function: Function, start: str) -> dict:
+        """Ask the controller for a node for one start (`start` tells it apart from the function's other starts
+        while they wait for GPUs)."""
         try:
             response = requests.post(self.config.controller_url + "/v1/scale",
-                                     json={"function": function.name, "model": function.model},
+                                     json={"function": function.name, "model": function.model, "caller": start},
                                      headers=self._controller_headers(), timeout=30)
             body = response.json()
         except (requests.RequestException, ValueError) as exc:  # restarting: `up` brings it back
