@@ -3,6 +3,7 @@ never timed) and by where the files are; the probe itself runs once per process.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import sllm_faas.runtime.loader.policy as policy
 from sllm_faas.runtime.checkpoint import read_manifest, save_state_dict
 from sllm_faas.runtime.loader import load
 from sllm_faas.runtime.loader.policy import MemoryProbe, choose, cpu_strategy
-from sllm_faas.runtime.loader.tiers import current_tier, on_memory_filesystem
+from sllm_faas.runtime.loader.tiers import current_tier, fully_cached, on_memory_filesystem
 
 HOST_BACKED = MemoryProbe(hugepage_gbps=11.6, small_gbps=2.5)  # recycled memory on the development VM
 REPORTED = MemoryProbe(hugepage_gbps=0.45, small_gbps=2.4)  # after the balloon handed free memory back
@@ -152,3 +153,78 @@ def test_real_probe_returns_positive_rates():
     """The real measurement runs (values are the machine's, not checked beyond being rates)."""
     assert policy.first_touch_gbps(policy.SMALL_PROBE_BYTES, hugepages=False) > 0
     assert policy.first_touch_gbps(policy.HUGE_PROBE_BYTES, hugepages=True) > 0
+
+
+def test_fully_cached_finds_a_missing_page_in_any_part_of_the_file(tmp_path):
+    """mincore(2) is asked in 16 MiB steps and stops at the first step with a missing page: pages missing only
+    from the last step of a 40 MiB file still make it not cached."""
+    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else tmp_path
+    root = Path(tempfile.mkdtemp(prefix="sllm-policy-test-", dir=base))
+    try:
+        path = root / "data.bin"
+        path.write_bytes(os.urandom(40 << 20))
+        if on_memory_filesystem(path):
+            pytest.skip("no disk-backed directory: every page is resident")
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+            handle.read()
+            assert fully_cached(path)
+            os.posix_fadvise(handle.fileno(), 36 << 20, 4 << 20, os.POSIX_FADV_DONTNEED)  # whole large folios
+            if fully_cached(path):
+                pytest.skip("the page cache kept the last pages (could not evict them)")
+            handle.seek(0)
+            handle.read()
+            assert fully_cached(path)
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert not fully_cached(path)
+        empty = root / "empty.bin"
+        empty.write_bytes(b"")
+        assert fully_cached(empty)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            current = low <= address < high
+        elif current and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize(("floor_gbps", "switched"), [(math.inf, True), (0.0, False)])
+def test_a_direct_load_goes_on_in_small_pages_once_huge_pages_come_slow(disk_checkpoint, floor_gbps, switched):
+    """Every huge page slower than an infinite floor: after `patience` slow 2 MiB pieces the untouched rest of the
+    buffers is advised for 4 KiB pages (VmFlags `nh`), and the bytes read are the same; a zero floor never switches."""
+    directory = disk_checkpoint[0].parent / "big"
+    state = {"w": torch.randn(1024, 2048), "b": torch.arange(7)}  # 8 MiB: four 2 MiB pieces
+    save_state_dict(state, directory)
+    manifest = read_manifest(directory)
+    watch = direct_module.HugePageWatch(floor_gbps, patience=2)
+    buffers = direct_module.read_partitions(directory, manifest, chunk=1 << 20, threads=1, watch=watch)
+    assert (watch.small_pages, watch.slow_pieces) == ((True, 2) if switched else (False, 0))
+    last = buffers[-1]
+    assert ("nh" in _vm_flags(last.data_ptr() + last.numel() - 1)) is switched
+    from sllm_faas.runtime.loader.views import tensor_views
+
+    tensors = tensor_views(manifest, buffers)
+    assert torch.equal(tensors["w"], state["w"]) and torch.equal(tensors["b"], state["b"])
+
+
+def test_auto_watches_huge_pages_only_when_the_probe_chose_them(disk_checkpoint, monkeypatch):
+    directory, state = disk_checkpoint
+    if not uncached(directory):
+        pytest.skip("the page cache kept the files (could not make them cold)")
+    watches = []
+    real_read = direct_module.read_partitions
+    monkeypatch.setattr(direct_module, "read_partitions",
+                        lambda *a, **kw: watches.append(kw.get("watch")) or real_read(*a, **kw))
+    for probe in (HOST_BACKED, REPORTED):
+        monkeypatch.setattr(policy, "memory_probe", lambda probe=probe: probe)
+        assert torch.equal(load(directory)["w"], state["w"])
+    assert watches[0].floor_gbps == policy.DIRECT_MARGIN * HOST_BACKED.small_gbps and watches[1] is None

@@ -53,10 +53,12 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, st
 
         buffers = load_to_gpu(directory, manifest, device, direct=strategy != "buffered")
     else:
+        watch = None
         if strategy == "auto":
-            from sllm_faas.runtime.loader.policy import cpu_strategy
+            from sllm_faas.runtime.loader.policy import cpu_strategy, huge_page_watch
 
             strategy = cpu_strategy(directory, manifest)
+            watch = huge_page_watch() if strategy == "direct" else None
         if strategy == "mmap":
             from sllm_faas.runtime.loader.mapped import map_partitions
 
@@ -65,7 +67,7 @@ def load(directory: str | os.PathLike, device: torch.device | str = "cpu", *, st
             from sllm_faas.runtime.loader.direct import read_partitions
 
             buffers = read_partitions(directory, manifest, direct=strategy != "buffered",
-                                      hugepages=strategy != "direct-4k")
+                                      hugepages=strategy != "direct-4k", watch=watch)
         if device.type != "cpu":
             buffers = [buffer.to(device) for buffer in buffers]
     return tensor_views(manifest, buffers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ DEFAULT_CHUNK = 16 << 20
 # pages: 0.394 vs 0.424 s (sweep, 2026-11-24 VM), 0.434 vs 0.471 s (10 interleaved reads, Zen 4 host, 2026-12-01)
 DEFAULT_THREADS = 16
 _HUGE_PAGE = 2 << 20
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault in (zeroed, writable) pages without a userspace loop
 
 if TYPE_CHECKING:
     import torch
@@ -60,13 +62,58 @@ def read_exact(fd: int, view: memoryview, offset: int, path: str) -> None:
         done += count
 
 
+class HugePageWatch:
+    """Switches a load to 4 KiB pages midway once fresh huge pages come slower than `floor_gbps`.
+
+    A VM whose balloon reported free memory back to the host still holds some 2 MiB blocks it backs, and the
+    allocator hands those out first (reported blocks go to the tail of the free lists): a probe of a few pages
+    finds huge pages fast, and the rest of a 1 GiB load then pays 512 host faults per huge page (0.5 GB/s
+    against ~3 GB/s for 4 KiB pages). So each chunk is faulted in 2 MiB at a time, timed, before its read;
+    after `patience` slow pieces in a row (a fast one starts the count again: host-backed memory has a few slow
+    blocks too, and a switch there halves the speed of the rest) the untouched rest of every buffer is advised
+    for small pages."""
+
+    def __init__(self, floor_gbps: float, patience: int = 8) -> None:
+        self.floor_gbps, self.patience = floor_gbps, patience
+        self.slow_pieces = 0
+        self.small_pages = False
+
+    def fault_in(self, buffer: mmap.mmap, start: int, length: int) -> None:
+        """Fault in `length` bytes of `buffer` from `start` (page-aligned), huge pages while they come fast."""
+        end = start + length
+        for offset in range(start, end, _HUGE_PAGE):
+            if self.small_pages:
+                buffer.madvise(mmap.MADV_NOHUGEPAGE, offset, end - offset)  # the read faults them in, 4 KiB each
+                return
+            piece = min(_HUGE_PAGE, end - offset)
+            began = time.thread_time()  # this thread's CPU time (host faults included), not other threads' turns
+            try:
+                buffer.madvise(MADV_POPULATE_WRITE, offset, piece)
+            except OSError:  # kernels before 5.14: the read faults the pages in
+                return
+            if piece / max(time.thread_time() - began, 1e-9) / 1e9 >= self.floor_gbps:
+                self.slow_pieces = 0
+            else:  # a lost update between threads only moves the switch by a piece
+                self.slow_pieces += 1
+                self.small_pages = self.slow_pieces >= self.patience
+
+
 def read_partitions(directory: str | os.PathLike, manifest: Manifest, *, threads: int = DEFAULT_THREADS,
-                    chunk: int = DEFAULT_CHUNK, direct: bool = True, hugepages: bool = True) -> list[torch.Tensor]:
-    """Read every partition into its own buffer; chunks of all partitions share one thread pool."""
+                    chunk: int = DEFAULT_CHUNK, direct: bool = True, hugepages: bool = True,
+                    watch: HugePageWatch | None = None) -> list[torch.Tensor]:
+    """Read every partition into its own buffer; chunks of all partitions share one thread pool. With `watch`
+    (huge pages only), each chunk is faulted in before its read, and the load may go on in 4 KiB pages."""
     import torch  # here, not at the top: the node loader's staging copy uses this module without torch
     directory = Path(directory)
     buffers = [allocate_buffer(part.size, hugepages) if part.size else None for part in manifest.partitions]
     handles = []
+
+    def read_chunk(fd: int, buffer: mmap.mmap, start: int, path: str) -> None:
+        length = min(chunk, len(buffer) - start)
+        if watch is not None and hugepages:
+            watch.fault_in(buffer, start, length)
+        read_exact(fd, memoryview(buffer)[start:start + length], start, path)
+
     try:
         jobs = []
         for part, buffer in zip(manifest.partitions, buffers, strict=True):
@@ -75,10 +122,9 @@ def read_partitions(directory: str | os.PathLike, manifest: Manifest, *, threads
             path = str(directory / part.file)
             fd, _ = open_for_reading(path, direct)
             handles.append(fd)
-            view = memoryview(buffer)
-            jobs += [(fd, view[start:start + chunk], start, path) for start in range(0, part.size, chunk)]
+            jobs += [(fd, buffer, start, path) for start in range(0, part.size, chunk)]
         with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
-            for _ in pool.map(lambda job: read_exact(*job), jobs):
+            for _ in pool.map(lambda job: read_chunk(*job), jobs):
                 pass
     finally:
         for fd in handles:

@@ -12,29 +12,35 @@ stream, and the page cache's pages cost the same host faults; benchmarks/README.
 Which state a node is in depends on what it did in the last seconds, so no fixed choice is right: the
 probe first-touches a few fresh pages of each size, and huge pages are chosen when they come in at least
 DIRECT_MARGIN times faster. Ties go to 4 KiB pages, which also covers THP off or fragmented memory (both
-probes then measure 4 KiB).
+probes then measure 4 KiB). A probe gets the blocks the host still backs, which the allocator hands out
+first, so a "direct" load keeps timing its huge pages and goes on in 4 KiB pages once they turn slow
+(`direct.HugePageWatch`).
 
-The probe costs 1-2 ms (~10 ms when huge pages are slow) and runs once per process: a serving
+The probe costs ~1 ms (~15 ms when huge pages are slow) and runs once per process: a serving
 process loads once.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import mmap
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sllm_faas.common.tiers import Tier
 from sllm_faas.runtime.checkpoint.format import Manifest
+from sllm_faas.runtime.loader.direct import MADV_POPULATE_WRITE, HugePageWatch
 from sllm_faas.runtime.loader.tiers import current_tier
 
-HUGE_PROBE_BYTES = 4 << 20  # 2 huge pages: ~0.4 ms when host-backed, ~9 ms when each costs 512 host faults
-SMALL_PROBE_BYTES = 2 << 20  # 512 small pages, ~1 ms
+HUGE_PROBE_BYTES = 6 << 20  # 3 huge pages: ~0.3 ms when host-backed, ~13 ms when each costs 512 host faults
+SMALL_PROBE_BYTES = 3 << 19  # 3 x 128 small pages, ~0.5 ms
+PROBE_PIECES = 3  # each probe is timed in this many pieces; their median is the rate (one slow piece is noise)
+_HUGE_PAGE = 2 << 20
 DIRECT_MARGIN = 2.0
-MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault in (zeroed, writable) pages without a userspace loop
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -58,6 +64,12 @@ def cpu_strategy(directory: str | os.PathLike, manifest: Manifest, probe: Memory
     return choose(probe if probe is not None else memory_probe())
 
 
+def huge_page_watch() -> HugePageWatch:
+    """For a "direct" load the probe chose: go on in 4 KiB pages where huge pages turn out no faster than the
+    DIRECT_MARGIN the choice asked of them (the probe's few pages were the host-backed ones)."""
+    return HugePageWatch(DIRECT_MARGIN * memory_probe().small_gbps)
+
+
 @functools.cache
 def memory_probe() -> MemoryProbe:
     """This process's measurement of fresh memory (taken on first use)."""
@@ -76,16 +88,28 @@ def transparent_hugepages_available() -> bool:
 
 
 def first_touch_gbps(size: int, hugepages: bool) -> float:
-    """GB/s of faulting in `size` bytes of fresh private anonymous memory advised for huge or small pages."""
-    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    """GB/s of faulting in fresh private anonymous memory advised for huge or small pages: `size` bytes in
+    PROBE_PIECES pieces (whole huge pages for huge), the median piece's rate.
+
+    One piece can be slow for reasons that do not say what the load will meet (a 2 MiB block the host took
+    back, a compaction stall): a single 4 MiB probe measured huge pages at 2.4 GB/s where the load got them
+    at 20, and chose 4 KiB pages, twice as slow (benchmarks/results/load-2026-12-01-python-svc-zen5)."""
+    piece = size // PROBE_PIECES
+    buffer = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         buffer.madvise(mmap.MADV_HUGEPAGE if hugepages else mmap.MADV_NOHUGEPAGE)
-        start = time.perf_counter()
-        try:
-            buffer.madvise(MADV_POPULATE_WRITE)
-        except OSError:  # kernels before 5.14: one write per page
-            for offset in range(0, size, mmap.PAGESIZE):
-                buffer[offset] = 1
-        return size / max(time.perf_counter() - start, 1e-9) / 1e9
+        anchor = ctypes.c_char.from_buffer(buffer)
+        start = -ctypes.addressof(anchor) % _HUGE_PAGE  # pieces on huge page boundaries
+        del anchor
+        seconds = []
+        for offset in range(start, start + piece * PROBE_PIECES, piece):
+            began = time.perf_counter()
+            try:
+                buffer.madvise(MADV_POPULATE_WRITE, offset, piece)
+            except OSError:  # kernels before 5.14: one write per page
+                for page in range(offset, offset + piece, mmap.PAGESIZE):
+                    buffer[page] = 1
+            seconds.append(time.perf_counter() - began)
+        return piece / max(statistics.median(seconds), 1e-9) / 1e9
     finally:
         buffer.close()

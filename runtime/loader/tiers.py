@@ -23,6 +23,7 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 PAGE = mmap.PAGESIZE
+_MINCORE_PAGES = 4096  # pages asked about per mincore(2) call: 16 MiB
 
 
 def filesystem_type(path: str | os.PathLike) -> int:
@@ -38,32 +39,31 @@ def on_memory_filesystem(path: str | os.PathLike) -> bool:
     return filesystem_type(path) in _MEMORY_FILESYSTEMS
 
 
-def cached_pages(path: str | os.PathLike) -> tuple[int, int]:
-    """(pages in the page cache, total pages) of a file, via mincore(2); touches no data."""
+def fully_cached(path: str | os.PathLike) -> bool:
+    """Whether every page of a file is in the page cache, via mincore(2); touches no data. A file read from disk
+    is found out at its first missing pages (~0.1 ms), not after the whole file (~11 ms a GiB)."""
     fd, size = open_regular(path)
     try:
         if size == 0:
-            return 0, 0
-        pages = -(-size // PAGE)
+            return True
         address = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         if address in (None, _MAP_FAILED):
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), str(path))
         try:
-            vector = (ctypes.c_ubyte * pages)()
-            if _libc.mincore(ctypes.c_void_p(address), size, vector) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), str(path))
-            return pages - bytes(vector).count(0), pages  # bit 0 = resident; other bits are reserved, 0
+            vector = (ctypes.c_ubyte * min(-(-size // PAGE), _MINCORE_PAGES))()
+            for offset in range(0, size, _MINCORE_PAGES * PAGE):
+                length = min(size - offset, _MINCORE_PAGES * PAGE)
+                if _libc.mincore(ctypes.c_void_p(address + offset), length, vector) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err), str(path))
+                if 0 in bytes(vector)[:-(-length // PAGE)]:  # bit 0 = resident; other bits are reserved, 0
+                    return False
+            return True
         finally:
             _libc.munmap(ctypes.c_void_p(address), size)
     finally:
         os.close(fd)
-
-
-def fully_cached(path: str | os.PathLike) -> bool:
-    cached, total = cached_pages(path)
-    return cached == total
 
 
 def current_tier(directory: str | os.PathLike, manifest: Manifest) -> Tier:
