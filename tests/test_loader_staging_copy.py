@@ -17,7 +17,7 @@ import pytest
 
 import sllm_faas.runtime.loader.direct as direct_module
 from sllm_faas.runtime.checkpoint.format import CheckpointError
-from sllm_faas.runtime.node_loader.store import copy_file
+from sllm_faas.runtime.node_loader.store import copy_file, copy_files
 
 PAGE = mmap.PAGESIZE
 CHUNK = 4 * PAGE
@@ -175,3 +175,24 @@ def test_chunk_must_be_page_aligned(source_dir, tmp_path):
     source, _ = write_source(source_dir, 10)
     with pytest.raises(ValueError, match="multiple"):
         copy_file(source, tmp_path / "out.bin", Progress(), chunk=PAGE + 1)
+
+
+def test_several_files_are_copied_two_at_a_time_with_progress_on_the_callers_thread(source_dir, target_dir):
+    sizes = [0, 1, PAGE + 3, 5 * (16 << 20) // 4 + 7, 3 << 20]
+    sources = [write_source(source_dir, size) for size in sizes]
+    progress: list[tuple[int, int]] = []
+    pairs = [(path, target_dir / path.name) for path, _ in sources]
+    copy_files(pairs, lambda n: progress.append((threading.get_ident(), n)))
+    for (path, data), (_, destination) in zip(sources, pairs, strict=True):
+        assert destination.read_bytes() == data, path
+    assert sum(n for _, n in progress) == sum(sizes)
+    assert {ident for ident, _ in progress} == {threading.get_ident()}
+
+
+def test_a_failed_file_fails_the_copy_and_names_it(source_dir, target_dir):
+    good, _ = write_source(source_dir, 3 << 20)
+    missing = source_dir / "missing.bin"
+    with pytest.raises(OSError) as failure:
+        copy_files([(good, target_dir / good.name), (missing, target_dir / missing.name)], lambda n: None,
+                   files=1)
+    assert "missing.bin" in str(failure.value)

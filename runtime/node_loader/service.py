@@ -30,7 +30,7 @@ from sllm_faas.runtime.node_loader.bandwidth import Bandwidths, probe_write_read
 from sllm_faas.runtime.node_loader.config import LoaderConfig
 from sllm_faas.runtime.node_loader.jobs import StageJob, Step
 from sllm_faas.runtime.node_loader.leases import Lease, Leases
-from sllm_faas.runtime.node_loader.store import StoreError, copy_file, open_store
+from sllm_faas.runtime.node_loader.store import StoreError, copy_files, open_store
 from sllm_faas.runtime.node_loader.tiers import BudgetError, Tier
 
 log = logging.getLogger("sllm.loader")
@@ -305,8 +305,7 @@ class NodeLoader:
         source = self.tiers["ssd"].path(job.model)
         started = time.perf_counter()
         with self.tiers["dram"].staged(job.model, size, self._pinned_or_staging(job), self._evict) as staging:
-            for entry in sorted(source.iterdir()):
-                copy_file(entry, staging / entry.name, job.advance)
+            copy_files([(entry, staging / entry.name) for entry in sorted(source.iterdir())], job.advance)
         self.bandwidths.observe("ssd", size, time.perf_counter() - started)
 
     def _stage_dram_to_gpu(self, job: StageJob, size: int, remote: tuple[bytes, Manifest] | None) -> None:

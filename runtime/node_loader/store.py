@@ -15,7 +15,7 @@ import queue
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -187,6 +187,10 @@ def open_store(location: str, transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEO
 
 STAGE_CHUNK = 16 << 20
 STAGE_THREADS = 4
+# Files copied at once. A tmpfs file's pages are allocated under its inode lock, one core's work (fallocate of
+# 1 GiB: 0.25 s, as long as the disk's O_DIRECT read of it), so two files use both cores: 4 x 256 MiB took
+# 0.371 s two at a time against 0.457 s one after another (medians of 6, Zen 5 host, 2026-12-01).
+STAGE_FILES = 2
 _ALIGN = mmap.PAGESIZE  # O_DIRECT offsets, lengths and buffers: multiples of the logical block size (<= a page)
 
 
@@ -225,6 +229,28 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
         if plain != fd:
             os.close(plain)
     shutil.copystat(source, destination)
+
+
+def copy_files(pairs: list[tuple[Path, Path]], progress: Progress, *, files: int = STAGE_FILES) -> None:
+    """`copy_file` for each (source, destination), `files` at a time; `progress` is still called from this thread
+    only. The first failure is raised once the copies under way have stopped; the others are not started."""
+    reports: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def drain() -> None:
+        while not reports.empty():
+            progress(reports.get())
+
+    pool = ThreadPoolExecutor(max(1, min(files, len(pairs))), thread_name_prefix="stage-file")
+    try:
+        pending = {pool.submit(copy_file, source, destination, reports.put) for source, destination in pairs}
+        while pending:
+            done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+            drain()
+            for future in done:
+                future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    drain()
 
 
 class _BufferedLanding:
