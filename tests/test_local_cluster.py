@@ -274,3 +274,27 @@ def descendants(root: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+def test_a_request_at_zero_waits_for_a_slot_while_every_slot_is_taken(cluster, redis_target):
+    """Two nodes of one slot, held by fb and fd: fa's request is not refused but held while its start asks again
+    (counted among the callers waiting for GPUs), and served once fd gives its slot back."""
+    import redis
+
+    client = redis.Redis.from_url(redis_target.url, decode_responses=True)
+    waiting = cluster.state["key_prefix"] + "waiting"
+    wait_until(lambda: cluster.function("fa")["replicas"] == 0)
+    for name in ("fb", "fd"):
+        assert cluster.scale(name, 1).status_code == 202
+    wait_until(lambda: all(cluster.function(n)["availableReplicas"] == 1 for n in ("fb", "fd")))
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(cluster.client("fa").chat.completions.with_raw_response.create, model="smollm2-a",
+                           messages=QUESTION, max_tokens=4)
+        wait_until(lambda: any(m.startswith("smollm2-a/fa/fa-") for m in client.zrange(waiting, 0, -1)))
+        assert not held.done()
+        assert cluster.scale("fd", 0).status_code == 202
+        answer = held.result(timeout=120)
+    assert answer.parse().choices[0].message.content and answer.headers["X-Sllm-Node"]
+    assert not any(m.startswith("smollm2-a/fa/") for m in client.zrange(waiting, 0, -1))  # placed: gone
+    for name in ("fa", "fb"):
+        cluster.scale(name, 0)

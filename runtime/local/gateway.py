@@ -70,6 +70,7 @@ DENIED_ENV = re.compile(r"LD_.*|PYTHON.*|GCONV_PATH|GUNICORN_CMD_ARGS|SLLM_(MIGR
 RETRY_AFTER_S = "2"
 READY_CHECK_S = 0.25
 PROGRESS_S = 0.25      # how often a held stream checks the start's phase
+PLACE_RETRY_S = 1.0    # how often a start that found every slot taken asks the controller again (its view: ~1 s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -395,18 +396,24 @@ class Gateway:
 
     def _place(self, function: Function, start: str) -> dict:
         """Ask the controller for a node for one start (`start` tells it apart from the function's other starts
-        while they wait for GPUs)."""
-        try:
-            response = requests.post(self.config.controller_url + "/v1/scale",
-                                     json={"function": function.name, "model": function.model, "caller": start},
-                                     headers=self._controller_headers(), timeout=30)
-            body = response.json()
-        except (requests.RequestException, ValueError) as exc:  # restarting: `up` brings it back
-            raise GatewayError(503, f"the placement controller is unreachable: {exc}") from None
-        if response.status_code != 200:
+        while they wait for GPUs). Every slot taken (409): ask again every PLACE_RETRY_S until the cold-start
+        timeout, as Knative's activator holds requests until there is capacity, rather than failing the requests
+        that wait; meanwhile the controller counts the start among those waiting for GPUs (`sllm:waiting`)."""
+        deadline = time.monotonic() + self.config.cold_start_timeout_s
+        while True:
+            try:
+                response = requests.post(self.config.controller_url + "/v1/scale",
+                                         json={"function": function.name, "model": function.model, "caller": start},
+                                         headers=self._controller_headers(), timeout=30)
+                body = response.json()
+            except (requests.RequestException, ValueError) as exc:  # restarting: `up` brings it back
+                raise GatewayError(503, f"the placement controller is unreachable: {exc}") from None
+            if response.status_code == 200:
+                return body["placements"][0]
             error = body.get("error", response.status_code) if isinstance(body, dict) else response.status_code
-            raise GatewayError(503, f"controller: {error}")
-        return body["placements"][0]
+            if (response.status_code != 409 or time.monotonic() + PLACE_RETRY_S > deadline
+                    or self.functions.get(function.name) is not function or self._stopping.wait(PLACE_RETRY_S)):
+                raise GatewayError(503, f"controller: {error}")
 
     def scale_to(self, name: str, replicas: int) -> None:
         function = self.get(name)
