@@ -14,9 +14,9 @@ import redis
 
 from sllm_faas.redis_schema.keys import EVENTS_MAXLEN, Keys
 
-# KEYS: node hash, slot ledger, queue, events stream
+# KEYS: node hash, slot ledger, queue, events stream, waiting set
 # ARGV: now, booking id, hold until, queue member ("" = nothing to stage), estimated finish, queue ttl,
-#       events maxlen, then the event's field/value pairs
+#       waiting member this booking places ("" = none), events maxlen, then the event's field/value pairs
 _BOOK = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local slots = tonumber(redis.call('HGET', KEYS[1], 'slots') or '')
@@ -32,8 +32,11 @@ if ARGV[4] ~= '' then
   redis.call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[4])
   redis.call('EXPIRE', KEYS[3], ARGV[6])
 end
-if #ARGV > 7 then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', unpack(ARGV, 8))
+if ARGV[7] ~= '' then
+  redis.call('ZREM', KEYS[5], ARGV[7])
+end
+if #ARGV > 8 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', unpack(ARGV, 9))
 end
 return 1
 """
@@ -56,16 +59,18 @@ class Booker:
         self._script = client.register_script(_BOOK)
 
     def book(self, node: str, booking_id: str, stage: str | None = None, finish_at: float | None = None,
-             event: dict[str, str] | None = None) -> Booking | None:
+             event: dict[str, str] | None = None, placed: str | None = None) -> Booking | None:
         """Hold a slot on `node` for `hold_s` (an instance takes it over when it registers); None if the node
         is full. `stage` ("MODEL@TIER") is added to the node's queue with `finish_at` unless already there;
-        `event` goes to the events stream in the same step."""
+        `event` goes to the events stream and `placed` (a caller's member) leaves `Keys.waiting`, in the same
+        step."""
         now = time.time()
         k = self.keys
         pairs = [item for pair in (event or {}).items() for item in pair]
-        result = self._script(keys=[k.node(node), k.node_slots(node), k.node_queue(node), k.events],
+        result = self._script(keys=[k.node(node), k.node_slots(node), k.node_queue(node), k.events, k.waiting],
                               args=[f"{now:.6f}", booking_id, f"{now + self.hold_s:.6f}", stage or "",
-                                    f"{finish_at or now:.6f}", self.queue_ttl_s, EVENTS_MAXLEN, *pairs])
+                                    f"{finish_at or now:.6f}", self.queue_ttl_s, placed or "", EVENTS_MAXLEN,
+                                    *pairs])
         if result == -1:
             raise NodeGone(f"node {node}: no live record ({k.node(node)} expired)")
         return Booking(booking_id, node, now + self.hold_s) if result == 1 else None

@@ -135,8 +135,8 @@ class Placer:
             # refuse only on a read that began after them (one such read serves every refusal waiting on it).
             self.cache.refresh(unless_since=began)
             placement = self._place_on_view(model, size_hint, candidates, book_slot, owner, demand)
-        if demand is not None:
-            self._settle(demand, placement)
+        if demand is not None and (placement is None or self._waits_for_gpus(model, placement.decision)):
+            self.note_waiting([demand])
         if placement is None:
             raise NoCapacity(f"model {model!r}: no node has a free slot"
                              + (" among the candidates" if candidates is not None else "")
@@ -151,17 +151,11 @@ class Placer:
         pipe.zadd(self.keys.waiting, dict.fromkeys(members, now + WAITING_TTL_S))
         pipe.execute()
 
-    def _settle(self, demand: str, placement: Placement | None) -> None:
-        """Keep `demand` in `Keys.waiting` while it waits for GPUs; take it out once it is placed (or waits for an
-        instance of its own model, which serves it next), whether or not a read has shown it yet."""
-        if placement is None:
-            self.note_waiting([demand])
-            return
+    def _waits_for_gpus(self, model: str, decision: Decision) -> bool:
+        """Whether a plan waits for another model's (or a gone) instance to free GPUs, rather than for an instance
+        of `model` that serves the caller next."""
         instances = self.cache.view().instances
-        if any(i not in instances or instances[i].model != placement.model for i in placement.decision.wait_for):
-            self.note_waiting([demand])  # waits for another model's (or a gone) instance to free GPUs
-        else:
-            self.client.zrem(self.keys.waiting, demand)
+        return any(i not in instances or instances[i].model != model for i in decision.wait_for)
 
     def _priced(self, snapshot: Snapshot, pending: int) -> Snapshot:
         """`snapshot` with `pending` callers waiting besides the one deciding: a caller already waiting sees one
@@ -194,11 +188,12 @@ class Placer:
             # an unmeasured bandwidth makes the estimate infinite: queue it as the hold time, not forever
             finish_at = time.time() + min(decision.estimate_s, self.booker.hold_s)
             booking = None
+            placed = demand if demand is not None and not self._waits_for_gpus(model, decision) else None
             if book_slot and not (decision.migrate or decision.wait_for):
                 booking_id = f"b-{self._ids.getrandbits(64):016x}"
                 try:
                     held = self.booker.book(decision.node, booking_id, staging, finish_at,
-                                            event=self._event(model, decision, booking_id, owner))
+                                            event=self._event(model, decision, booking_id, owner), placed=placed)
                 except NodeGone:
                     continue
                 if held is None:
@@ -209,6 +204,8 @@ class Placer:
                 pipe = self.client.pipeline()
                 if staging:
                     pipe.zadd(self.keys.node_queue(decision.node), {staging: finish_at}, nx=True)
+                if placed:
+                    pipe.zrem(self.keys.waiting, placed)
                 pipe.xadd(self.keys.events, self._event(model, decision, "", owner), maxlen=EVENTS_MAXLEN,
                           approximate=True)
                 pipe.execute()
