@@ -51,6 +51,17 @@ class ControllerConfig:
                                        "before it frees", 120.0, kind="duration", above=0)
     max_body_bytes: int = _controller("max_body_bytes", "request body limit, 413 above (AdmissionReviews carry whole "
                                       "pods)", 4 << 20, kind="size", minimum=1, shown_default="4MiB")
+    keepalive_exchange_rate: float = _controller("keepalive_exchange_rate", "GPU-seconds one second of a user's "
+                                                 "cold-start delay is worth to this deployment: the keep-alive "
+                                                 "policy keeps an idle instance while its expected saving, priced so, "
+                                                 "exceeds its GPU time (docs/SIMULATOR.md)", 3.0, kind="number",
+                                                 above=0)
+    keepalive_tail_restart_s: float = _controller("keepalive_tail_restart_s", "a model whose restart from SSD takes "
+                                                  "longer than this keeps its checkpoint in DRAM (`hold_s` in "
+                                                  "`sllm:keepalive:<model>`)", 10.0, kind="duration", minimum=0)
+    keepalive_tail_coverage: float = _controller("keepalive_tail_coverage", "such a model's DRAM hold outlasts this "
+                                                 "share of its idle times", 0.99, kind="number", above=0,
+                                                 maximum=1)
     workers: int = _controller("workers", "gunicorn worker processes (8 threads each)", 2, kind="int", minimum=1)
     tls_cert: str = _controller("tls_cert", "serve HTTPS with this certificate (PEM); the webhook requires it", "")
     tls_key: str = _controller("tls_key", "its private key; set both or neither", "")

@@ -10,7 +10,8 @@ model goes idle, a policy (pre-warm at p, keep until T, p <= T) costs and saves:
 
 and the policy chosen maximises `exchange_rate x delay saved - GPU-seconds`. The exchange rate says how many
 GPU-seconds one second of a user's cold-start delay is worth (`EXCHANGE_RATE`, a deployment's choice, not a
-measured quantity; the benchmark traces the whole range as a Pareto curve). `restart` is what bringing the
+measured quantity: the controller's `--keepalive-exchange-rate`; the benchmark traces the whole range as a
+Pareto curve). `restart` is what bringing the
 instance back costs (container start + load from the tier the checkpoint waits in, the scheduler's
 `load_time`). The objective splits into a term in T and a term in p, so the best policy is one pass over the
 histogram's bins. Keeping (p = 0) leaves the instance on the GPU; a pre-warm (p > 0) releases it at once and
@@ -20,7 +21,8 @@ idle times, or too many beyond the range) the fixed window.
 The warm tier prices the tail, not the mean. A model whose restart from SSD takes longer than `TAIL_RESTART_S`
 (a 70B model: 2 s + 141 GB at 6 GB/s) puts every cold start that misses DRAM in the tail of time to first token,
 while its DRAM copy costs no GPU time. Its checkpoint is held in DRAM until `TAIL_COVERAGE` of its idle times
-have ended (`hold_s`; the histogram's range while it is not representative), however short its GPU window; other
+have ended (`hold_s`; the histogram's range while it is not representative; both settable:
+`--keepalive-tail-restart-s`, `--keepalive-tail-coverage`), however short its GPU window; other
 models are held as long as their window. Pure: no clock, no I/O (the controller publishes the decisions,
 `KeepAliveTracker`; the node loaders apply them, redis_schema/keepalive.py).
 """
@@ -39,7 +41,8 @@ from sllm_faas.controller.scheduler import ModelInfo, NodeInfo, Snapshot, load_t
 from sllm_faas.redis_schema.keepalive import KeepAliveRecord
 from sllm_faas.redis_schema.records import InstanceRecord
 
-EXCHANGE_RATE = 3.0           # GPU-seconds one second of cold-start delay is worth (our default: docs/SIMULATOR.md)
+EXCHANGE_RATE = 3.0           # GPU-seconds one second of cold-start delay is worth (the controller's default:
+                              # --keepalive-exchange-rate; docs/SIMULATOR.md)
 MIN_SAMPLES = 10              # fewer idle times than this: not representative
 MAX_OUT_OF_RANGE = 0.5        # a larger share of idle times beyond the range: not representative
 RANGE_S = 4 * 3600.0          # ATC'20: four hours of one-minute bins; here one-second bins
@@ -91,13 +94,14 @@ class IdleHistogram:
 
 
 def decide(histogram: IdleHistogram, fixed_s: float, restart_s: float, gpus: int = 1,
-           exchange_rate: float = EXCHANGE_RATE, ssd_restart_s: float = 0.0) -> KeepAlive:
+           exchange_rate: float = EXCHANGE_RATE, ssd_restart_s: float = 0.0, tail_restart_s: float = TAIL_RESTART_S,
+           tail_coverage: float = TAIL_COVERAGE) -> KeepAlive:
     """The model's keep-alive on cost and its DRAM hold on the tail (module docstring); `ssd_restart_s`: the
     restart once the checkpoint has left DRAM."""
     window = _window(histogram, fixed_s, restart_s, gpus, exchange_rate)
-    if ssd_restart_s <= TAIL_RESTART_S:
+    if ssd_restart_s <= tail_restart_s:
         return window
-    hold_s = histogram.covering(TAIL_COVERAGE) if histogram.representative else RANGE_S
+    hold_s = histogram.covering(tail_coverage) if histogram.representative else RANGE_S
     return dataclasses.replace(window, hold_s=max(hold_s, window.warm_s))
 
 
@@ -145,8 +149,10 @@ def _window(histogram: IdleHistogram, fixed_s: float, restart_s: float, gpus: in
 class CostKeepAlive:
     """Per-model histograms and cost-chosen decisions; `fixed_s` until a model's histogram is representative."""
 
-    def __init__(self, fixed_s: float, exchange_rate: float = EXCHANGE_RATE) -> None:
+    def __init__(self, fixed_s: float, exchange_rate: float = EXCHANGE_RATE, tail_restart_s: float = TAIL_RESTART_S,
+                 tail_coverage: float = TAIL_COVERAGE) -> None:
         self.fixed_s, self.exchange_rate = fixed_s, exchange_rate
+        self.tail_restart_s, self.tail_coverage = tail_restart_s, tail_coverage
         self.histograms: dict[str, IdleHistogram] = {}
 
     def observe(self, model: str, idle_s: float) -> None:
@@ -154,7 +160,7 @@ class CostKeepAlive:
 
     def decide(self, model: str, restart_s: float, gpus: int = 1, ssd_restart_s: float = 0.0) -> KeepAlive:
         return decide(self.histograms.get(model) or IdleHistogram(), self.fixed_s, restart_s, gpus,
-                      self.exchange_rate, ssd_restart_s)
+                      self.exchange_rate, ssd_restart_s, self.tail_restart_s, self.tail_coverage)
 
 
 class FixedKeepAlive:

@@ -87,7 +87,7 @@ class Controller:
         self.migrator = Migrator(self.client, self.keys)
         self._migrations = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sllm-migrate")
         threading.Thread(target=self._recover_forever, name="sllm-migration-recovery", daemon=True).start()
-        self.keepalive = KeepAliveTracker(CostKeepAlive(DEFAULT_KEEP_ALIVE_S))
+        self.keepalive = KeepAliveTracker(keepalive_policy(config))
         threading.Thread(target=self._publish_keepalive_forever, name="sllm-keepalive", daemon=True).start()
         self._schema_checked_at = -math.inf
 
@@ -166,6 +166,12 @@ class Controller:
         finally:
             self.decisions.labels(source, outcome).inc()
             self.decision_seconds.labels(source).observe(time.perf_counter() - started)
+
+
+def keepalive_policy(config: ControllerConfig) -> CostKeepAlive:
+    """The keep-alive policy as this deployment's settings price it (deploy/README.md, `--keepalive-*`)."""
+    return CostKeepAlive(DEFAULT_KEEP_ALIVE_S, config.keepalive_exchange_rate, config.keepalive_tail_restart_s,
+                         config.keepalive_tail_coverage)
 
 
 def _model_field(body: dict, name: str = "model") -> str:

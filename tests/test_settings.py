@@ -168,6 +168,26 @@ def test_sizes_and_durations():
             parse_seconds(bad)
 
 
+def test_numbers_are_finite_and_within_bounds_and_reach_the_keep_alive_policy():
+    env = {"SLLM_CONTROLLER_KEEPALIVE_EXCHANGE_RATE": "10", "SLLM_CONTROLLER_KEEPALIVE_TAIL_COVERAGE": "0.95",
+           "SLLM_CONTROLLER_KEEPALIVE_TAIL_RESTART_S": "30s", "SLLM_CONTROLLER_TOKEN": "t"}
+    config = common.resolve(ControllerConfig, env=env)
+    assert (config.keepalive_exchange_rate, config.keepalive_tail_coverage, config.keepalive_tail_restart_s) == \
+        (10.0, 0.95, 30.0)
+    from sllm_faas.controller.service import keepalive_policy
+
+    policy = keepalive_policy(config)
+    assert (policy.exchange_rate, policy.tail_coverage, policy.tail_restart_s) == (10.0, 0.95, 30.0)
+    for name, value, problem in (("KEEPALIVE_EXCHANGE_RATE", "nan", "not a finite number"),
+                                 ("KEEPALIVE_EXCHANGE_RATE", "inf", "not a finite number"),
+                                 ("KEEPALIVE_EXCHANGE_RATE", "lots", "not a number"),
+                                 ("KEEPALIVE_EXCHANGE_RATE", "0", "must be above 0"),
+                                 ("KEEPALIVE_TAIL_COVERAGE", "1.5", "must be at most 1")):
+        flag = "--" + name.lower().replace("_", "-")
+        with pytest.raises(SettingsError, match=rf"^{flag}='{value}' \(from env SLLM_CONTROLLER_{name}\): {problem}"):
+            common.resolve(ControllerConfig, env={**env, f"SLLM_CONTROLLER_{name}": value})
+
+
 # -- one default node id ---------------------------------------------------------------------------------------------
 
 def test_runtime_and_loader_take_the_same_node_id_on_a_host_named_my_host(monkeypatch):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -34,7 +35,7 @@ from sllm_faas.common.units import parse_seconds, parse_size
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"   # every service's default Redis and key prefix
 DEFAULT_KEY_PREFIX = "sllm:"
-KINDS = ("str", "int", "bool", "size", "duration", "path")
+KINDS = ("str", "int", "number", "bool", "size", "duration", "path")
 _METAVARS = {"int": "N", "size": "SIZE", "duration": "SECONDS", "path": "PATH"}
 
 
@@ -169,6 +170,14 @@ def _typed(kind: str, raw: Any, text: str) -> Any:
             return raw if isinstance(raw, int) and not isinstance(raw, bool) else int(text)
         except ValueError:
             raise ValueError("not an integer") from None
+    if kind == "number":
+        try:
+            value = raw if isinstance(raw, int | float) and not isinstance(raw, bool) else float(text)
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return float(value)
     if kind == "size":
         return raw if isinstance(raw, int) and not isinstance(raw, bool) else parse_size(text)
     if kind == "duration":
