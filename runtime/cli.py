@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "loader": ("runtime.node_loader.cli", "run the node loader sidecar: stage models into SSD/DRAM/GPU tiers"),
     "simulate": ("controller.simulator.cli", "replay a cluster scenario's trace under each placement policy"),
     "controller": ("controller.cli", "run the placement controller: placement API, scheduler extender, webhook"),
-    "status": ("controller.cli", "show nodes, tiers, models, queues, instances and migrations from Redis"),
+    "status": ("controller.cli", "show nodes, tiers, queues, instances, callers waiting for GPUs, migrations"),
     "place": ("controller.cli", "show the ranked startup-time estimate for a model (books nothing)"),
     "migrate": ("controller.migrate_cli", "move in-flight generations to another instance, live; --list, --recover"),
     "up": ("runtime.local.cli", "run everything on this machine: Redis, controller, N node loaders, gateway"),
