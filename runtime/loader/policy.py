@@ -33,13 +33,12 @@ from pathlib import Path
 
 from sllm_faas.common.tiers import Tier
 from sllm_faas.runtime.checkpoint.format import Manifest
-from sllm_faas.runtime.loader.direct import MADV_POPULATE_WRITE, HugePageWatch
+from sllm_faas.runtime.loader.direct import HUGE_PAGE, MADV_POPULATE_WRITE, HugePageWatch
 from sllm_faas.runtime.loader.tiers import current_tier
 
 HUGE_PROBE_BYTES = 6 << 20  # 3 huge pages: ~0.3 ms when host-backed, ~13 ms when each costs 512 host faults
 SMALL_PROBE_BYTES = 3 << 19  # 3 x 128 small pages, ~0.5 ms
 PROBE_PIECES = 3  # each probe is timed in this many pieces; their median is the rate (one slow piece is noise)
-_HUGE_PAGE = 2 << 20
 DIRECT_MARGIN = 2.0
 THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -95,11 +94,11 @@ def first_touch_gbps(size: int, hugepages: bool) -> float:
     back, a compaction stall): a single 4 MiB probe measured huge pages at 2.4 GB/s where the load got them
     at 20, and chose 4 KiB pages, twice as slow (benchmarks/results/load-2026-12-01-python-svc-zen5)."""
     piece = size // PROBE_PIECES
-    buffer = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         buffer.madvise(mmap.MADV_HUGEPAGE if hugepages else mmap.MADV_NOHUGEPAGE)
         anchor = ctypes.c_char.from_buffer(buffer)
-        start = -ctypes.addressof(anchor) % _HUGE_PAGE  # pieces on huge page boundaries
+        start = -ctypes.addressof(anchor) % HUGE_PAGE  # pieces on huge page boundaries
         del anchor
         seconds = []
         for offset in range(start, start + piece * PROBE_PIECES, piece):
