@@ -156,7 +156,7 @@ def print_status(view, client, keys, as_json: bool) -> int:
     print_table(["instance", "node", "model", "state", "active", "tokens", "address"],
                 [[i.id, i.node, i.model, i.state, i.active, i.tokens, i.address] for i in view.instances.values()])
     print(f"\nWAITING FOR GPUS ({view.snapshot.pending} callers; they price migrations)")
-    print_table(["model", "function", "caller"], [member.split("/", 2) for member in sorted(view.waiting)])
+    print_table(["model/function/caller"], [[member] for member in sorted(view.waiting)])  # members are not parsed
     print("\nMIGRATIONS")
     print_table(["migration", "state", "source", "destination", "request"],
                 [[m["id"], m.get("state", ""), m.get("source", ""), m.get("destination", ""), m.get("request", "")]

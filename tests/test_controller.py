@@ -320,11 +320,15 @@ def test_status_and_place_cli(cluster):
                             text=True, timeout=60)
     data = json.loads(status.stdout)
     assert {n["node_id"] for n in data["nodes"]} == {"node-a", "node-b", "node-c"} and data["waiting"] == []
-    cluster.client.zadd(cluster.prefix + "waiting", {"m1/chat/chat-5f3a9c01": time.time() + 60})
-    table = subprocess.run([sys.executable, "-m", "sllm_faas", "status", *env_args], capture_output=True,
-                           text=True, timeout=60).stdout
+    # one member as the controller writes it, one that no controller wrote (no '/'): shown, not parsed
+    cluster.client.zadd(cluster.prefix + "waiting", {"m1/chat/chat-5f3a9c01": time.time() + 60,
+                                                     "forged": time.time() + 60})
+    shown = subprocess.run([sys.executable, "-m", "sllm_faas", "status", *env_args], capture_output=True,
+                           text=True, timeout=60)
+    table = shown.stdout
+    assert shown.returncode == 0, shown.stderr
     assert "NODES" in table and "node-a" in table and "INSTANCES" in table
-    assert "WAITING FOR GPUS (1 callers" in table and "chat-5f3a9c01" in table
+    assert "WAITING FOR GPUS (2 callers" in table and "m1/chat/chat-5f3a9c01" in table and "forged" in table
     down = subprocess.run([sys.executable, "-m", "sllm_faas", "status", "--redis-url",
                            f"redis://127.0.0.1:{free_tcp_port()}/0"], capture_output=True, text=True, timeout=60)
     assert down.returncode == 1 and "Redis unavailable" in down.stderr
