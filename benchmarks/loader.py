@@ -1,6 +1,6 @@
 """Node loader: SSD -> DRAM staging speed against a plain copy, single-flight under load, status latency.
 
-    python benchmarks/loader.py [--size 1GiB] [--runs 5] [--json OUT]
+    python benchmarks/loader.py [--size 1GiB] [--runs 5] [--dram-root /dev/shm] [--json OUT]
 
 Runs a real `sllm-faas loader` (gunicorn, Unix socket) against a local-directory store and the Redis
 at $REDIS_URL (else 127.0.0.1:6379, else an embedded one). In the same run:
@@ -48,6 +48,7 @@ from sllm_faas.common.units import parse_size  # noqa: E402
 from sllm_faas.redis_schema.keys import Keys  # noqa: E402
 from sllm_faas.runtime.loader.direct import allocate_buffer  # noqa: E402
 from sllm_faas.runtime.loader.policy import MADV_POPULATE_WRITE  # noqa: E402
+from sllm_faas.runtime.loader.tiers import huge_page_tmpfs  # noqa: E402
 
 TARGETS = {"stage_vs_copy": 0.8, "stage_vs_odirect": 0.9, "status_p99_ms": 5.0}
 
@@ -56,11 +57,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--dram-root", type=Path, default=Path("/dev/shm"),
+                        help="the tmpfs that holds the DRAM tier (a tmpfs mounted huge=within_size stages with "
+                             "the mapped plan)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sllm-loader-bench-", dir="/var/tmp"))
-    shm = Path(tempfile.mkdtemp(prefix="sllm-loader-bench-", dir="/dev/shm"))
+    shm = Path(tempfile.mkdtemp(prefix="sllm-loader-bench-", dir=args.dram_root))
+    huge_pages = huge_page_tmpfs(shm)
     url, embedded = redis_url()
     prefix = f"sllm-bench-{os.getpid()}:"
     daemon = None
@@ -121,12 +126,13 @@ def main() -> int:
         "stage_vs_odirect": args.size / stage_s / 1e9 / odirect_gbps,
         "single_flight": {"requests": 50, "distinct_jobs": len({j["id"] for j in jobs}), "stagings_started": started},
         "status_ms": {"p50": latencies[len(latencies) // 2], "p99": latencies[int(len(latencies) * 0.99) - 1]},
-        "targets": TARGETS,
+        "dram_root": str(args.dram_root), "dram_huge_pages": huge_pages, "targets": TARGETS,
     }
     lines = [
         f"# Node loader, {report['date']}", "",
         f"{report['machine']['cpu_model']}, {report['machine']['nproc']} CPUs; {args.size / 2**30:.2f} GiB model, "
-        f"{args.runs} runs each, medians, page cache of the source evicted before each run.", "",
+        f"{args.runs} runs each, medians, page cache of the source evicted before each run; DRAM tier on "
+        f"{args.dram_root}, a tmpfs of {'2 MiB' if huge_pages else '4 KiB'} pages.", "",
         f"- SSD -> DRAM: loader staging {stage_s:.3f} s ({args.size / stage_s / 1e9:.2f} GB/s) vs `cp -r` "
         f"{copy_s:.3f} s ({args.size / copy_s / 1e9:.2f} GB/s): {report['stage_vs_copy']:.2f}x of the copy bandwidth "
         f"(target >= {TARGETS['stage_vs_copy']}); {100 * report['stage_vs_odirect']:.0f}% of the parallel O_DIRECT "

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sllm_faas.runtime.loader.tiers import huge_page_tmpfs
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
@@ -68,10 +70,12 @@ def check_shm(path: str = "/dev/shm") -> Check:
         return Check("shm", False, True, f"{path} is missing ({exc.strerror}); mount a tmpfs there")
     total, free = stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize
     writable = os.access(path, os.W_OK)
-    summary = f"{path}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+    huge = huge_page_tmpfs(path)
+    summary = (f"{path}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free, "
+               + ("2 MiB pages" if huge else "4 KiB pages (a DRAM tier mounted huge=within_size stages faster)"))
     if not writable:
         return Check("shm", False, True, f"{path} is not writable by this user", {"total": total, "free": free})
-    return Check("shm", True, True, summary, {"path": path, "total": total, "free": free})
+    return Check("shm", True, True, summary, {"path": path, "total": total, "free": free, "huge_pages": huge})
 
 
 def supports_o_direct(directory: str) -> tuple[bool, str]:

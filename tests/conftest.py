@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis
@@ -127,3 +130,20 @@ def smollm2():
     from examples.smollm2.prepare import prepare
 
     return prepare()
+
+
+@pytest.fixture(scope="session")
+def huge_tmpfs() -> Iterator[Path]:
+    """A tmpfs mounted huge=within_size, as a node's DRAM tier can be (mounting needs CAP_SYS_ADMIN, as root has;
+    skipped otherwise)."""
+    point = Path(tempfile.mkdtemp(prefix="sllm-huge-tmpfs-"))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=within_size,size=4g", "sllm-test", str(point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        point.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "--lazy", str(point)], check=True)
+        point.rmdir()

@@ -1,7 +1,8 @@
 """The node loader's SSD -> DRAM copy (sllm_faas.runtime.node_loader.store.copy_file): pipelined O_DIRECT reads
-into reused aligned huge-page buffers, written at the same offsets.
-Byte-identical output whatever the size, the chunking, the thread count, the destination's filesystem, or
-whether the source filesystem takes O_DIRECT."""
+into reused aligned huge-page buffers, written at the same offsets, or, onto a tmpfs of 2 MiB pages, straight
+into the destination mapped shared.
+Byte-identical output whatever the size, the chunking, the thread count, the destination's filesystem (disk,
+tmpfs, tmpfs mounted huge=within_size), or whether the source filesystem takes O_DIRECT."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from pathlib import Path
 import pytest
 
 import sllm_faas.runtime.loader.direct as direct_module
+import sllm_faas.runtime.loader.tiers as tiers_module
+import sllm_faas.runtime.node_loader.store as store_module
 from sllm_faas.runtime.checkpoint.format import CheckpointError
+from sllm_faas.runtime.loader.tiers import huge_page_tmpfs, mount_options
 from sllm_faas.runtime.node_loader.store import copy_file, copy_files
 
 PAGE = mmap.PAGESIZE
@@ -54,17 +58,83 @@ class Progress:
         self.threads.add(threading.get_ident())
 
 
-@pytest.fixture(params=["disk", "tmpfs"])
+@pytest.fixture(params=["disk", "tmpfs", "huge-tmpfs"])
 def target_dir(request, tmp_path):
-    """Where the copy lands: a disk folder or tmpfs, the DRAM tier's kind of filesystem."""
+    """Where the copy lands: a disk folder or tmpfs, the DRAM tier's kind of filesystem, with 4 KiB or 2 MiB
+    pages."""
     if request.param == "disk":
-        directory = Path(tempfile.mkdtemp(prefix="sllm-copy-out-", dir=disk_dir(tmp_path)))
-    else:
+        root = disk_dir(tmp_path)
+    elif request.param == "tmpfs":
         if not (Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK)):
             pytest.skip("no writable /dev/shm")
-        directory = Path(tempfile.mkdtemp(prefix="sllm-copy-out-", dir="/dev/shm"))
+        root = Path("/dev/shm")
+    else:
+        root = request.getfixturevalue("huge_tmpfs")
+    directory = Path(tempfile.mkdtemp(prefix="sllm-copy-out-", dir=root))
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
+
+
+class MappedLandings(store_module._MappedLanding):
+    """The real mapped landing, counted."""
+
+    made = 0
+
+    def __init__(self, dst: int, size: int) -> None:
+        type(self).made += 1
+        super().__init__(dst, size)
+
+
+def test_onto_a_tmpfs_of_huge_pages_the_reads_land_in_the_mapped_file(source_dir, huge_tmpfs, monkeypatch):
+    monkeypatch.setattr(store_module, "_MappedLanding", MappedLandings)
+    monkeypatch.setattr(MappedLandings, "made", 0)
+    source, data = write_source(source_dir, (16 << 20) + 4 * PAGE + 5)
+    assert huge_page_tmpfs(huge_tmpfs)
+    copy_file(source, huge_tmpfs / "out.bin", Progress())
+    assert MappedLandings.made == 1
+    assert (huge_tmpfs / "out.bin").read_bytes() == data
+    if Path("/dev/shm").is_dir() and not huge_page_tmpfs("/dev/shm"):  # 4 KiB pages: the buffered plan
+        directory = Path(tempfile.mkdtemp(prefix="sllm-copy-out-", dir="/dev/shm"))
+        try:
+            copy_file(source, directory / "out.bin", Progress())
+            assert (directory / "out.bin").read_bytes() == data
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        assert MappedLandings.made == 1
+
+
+# proc(5)'s /proc/pid/mountinfo lines: ID, parent ID, major:minor, root, mount point, options, optional fields,
+# "-", filesystem type, source, super options
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw
+25 22 0:21 / /dev/shm rw,nosuid,nodev shared:4 - tmpfs tmpfs rw,inode64
+40 25 0:33 / /dev/shm/sllm rw,relatime shared:20 - tmpfs sllm rw,size=4194304k,inode64,huge=within_size
+41 22 0:34 / /mnt/my\\040tier rw,relatime - tmpfs tier rw,huge=always
+42 40 0:35 / /dev/shm/sllm rw,relatime - tmpfs over rw,inode64
+"""
+
+
+@pytest.mark.parametrize(("path", "options"), [
+    ("/dev/shm/x", ["rw", "inode64"]),
+    ("/dev/shmx", ["rw"]),  # not under /dev/shm: a prefix of the name is not a parent
+    ("/dev/shm/sllm/model/part-0", ["rw", "inode64"]),  # 42 stacked on 40 at the same point: the last one
+    ("/mnt/my tier/m", ["rw", "huge=always"]),  # "\040" in mountinfo is a space
+    ("/", ["rw"]),
+])
+def test_mount_options_are_the_innermost_mounts(path, options):
+    assert mount_options(MOUNTINFO, path) == options
+
+
+@pytest.mark.parametrize(("selected", "expected"), [("force", True), ("deny", False)])
+def test_shmem_enabled_force_and_deny_override_the_mount(tmp_path, monkeypatch, huge_tmpfs, selected, expected):
+    setting = tmp_path / "shmem_enabled"
+    setting.write_text(" ".join(f"[{v}]" if v == selected else v
+                                for v in ("always", "within_size", "advise", "never", "deny", "force")) + "\n")
+    monkeypatch.setattr(tiers_module, "SHMEM_ENABLED", setting)
+    assert huge_page_tmpfs(huge_tmpfs) is expected
+    if Path("/dev/shm").is_dir():
+        assert huge_page_tmpfs("/dev/shm") is expected
+    assert huge_page_tmpfs(disk_dir(tmp_path)) is False  # not a tmpfs
 
 
 @pytest.mark.parametrize("size", [0, 1, 511, PAGE - 1, PAGE, PAGE + 1, CHUNK - 1, CHUNK, CHUNK + 1,

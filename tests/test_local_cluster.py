@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,9 +99,21 @@ def store(smollm2, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(store, tmp_path_factory, redis_target):
+def dram_root(request):
+    """`up --dram-root`: a tmpfs of 2 MiB pages where this host lets us mount one, else a folder of /dev/shm."""
+    try:
+        yield request.getfixturevalue("huge_tmpfs")
+    except pytest.skip.Exception:
+        directory = Path(tempfile.mkdtemp(prefix="sllm-dram-root-", dir="/dev/shm"))
+        yield directory
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(store, tmp_path_factory, redis_target, dram_root):
     prefix = f"sllm-test-up:{os.getpid()}:"
-    up = Up(tmp_path_factory.mktemp("up"), store, redis_target.url, prefix, nodes=2, slots=1)
+    up = Up(tmp_path_factory.mktemp("up"), store, redis_target.url, prefix, nodes=2, slots=1,
+            extra=["--dram-root", str(dram_root)])
     stack = write_stack(up.workdir.parent / "stack.yml", {"fa": {"model": "smollm2-a", "zero_duration": "4s"},
                                                            "fb": {"model": "smollm2-b"},
                                                            "fd": {"model": "smollm2-a", "target": 1, "max": 2}})
@@ -135,7 +149,7 @@ def test_scale_from_zero_then_to_zero_with_the_openai_client(cluster):
     assert "Paris" in warm_again.choices[0].text
 
 
-def test_second_cold_start_lands_on_the_node_holding_the_model_in_dram(cluster):
+def test_second_cold_start_lands_on_the_node_holding_the_model_in_dram(cluster, dram_root):
     first = cluster.client("fa").chat.completions.with_raw_response.create(model="smollm2-a", messages=QUESTION,
                                                                            max_tokens=4)
     fa_node = first.headers["X-Sllm-Node"]
@@ -150,6 +164,8 @@ def test_second_cold_start_lands_on_the_node_holding_the_model_in_dram(cluster):
     assert again.headers["X-Sllm-Node"] == fa_node
     assert json.loads(again.headers["X-Sllm-Placement"])["tier"] == "dram"
     assert json.loads(again.headers["X-Sllm-Cold-Start"])["tier"] == "dram"
+    staged = list(dram_root.glob(f"sllm-up-*/{fa_node}/smollm2-a/part-*.bin"))  # the DRAM tier under --dram-root
+    assert staged, sorted(map(str, dram_root.rglob("*")))
     for name in ("fa", "fb"):
         cluster.scale(name, 0)
 

@@ -10,12 +10,15 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import re
 from pathlib import Path
 
 from sllm_faas.common.tiers import Tier
 from sllm_faas.runtime.checkpoint.format import Manifest, open_regular
 
-_MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs", 0x958458F6: "hugetlbfs"}
+TMPFS_MAGIC = 0x01021994
+_MEMORY_FILESYSTEMS = {TMPFS_MAGIC: "tmpfs", 0x858458F6: "ramfs", 0x958458F6: "hugetlbfs"}
+SHMEM_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -37,6 +40,41 @@ def filesystem_type(path: str | os.PathLike) -> int:
 
 def on_memory_filesystem(path: str | os.PathLike) -> bool:
     return filesystem_type(path) in _MEMORY_FILESYSTEMS
+
+
+def mount_options(mountinfo: str, path: str) -> list[str]:
+    """The filesystem options ("super options", after the " - " separator; proc(5)) of the mount that holds the
+    absolute, resolved `path`, from the text of /proc/self/mountinfo: the longest mount point containing it, the
+    last one listed where mounts stack."""
+    best, options = -1, []
+    for line in mountinfo.splitlines():
+        fields, _, filesystem = line.partition(" - ")
+        fields, filesystem = fields.split(), filesystem.split()
+        if len(fields) < 5 or len(filesystem) < 3:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:
+            best, options = len(point), filesystem[2].split(",")
+    return options
+
+
+def huge_page_tmpfs(path: str | os.PathLike) -> bool:
+    """Whether new pages of files under `path` are 2 MiB pages: a tmpfs mounted huge=always or huge=within_size,
+    or any tmpfs where the kernel forces it (shmem_enabled "force"; "deny" turns it off everywhere). Decides
+    the staging copy's plan: onto such a tmpfs the disk reads straight into the file (512 page allocations a
+    GiB, not 262,144)."""
+    if filesystem_type(path) != TMPFS_MAGIC:
+        return False
+    try:
+        selected = re.search(r"\[(\w+)\]", SHMEM_ENABLED.read_text())
+    except OSError:  # a kernel without transparent huge pages
+        return False
+    if selected and selected.group(1) in ("force", "deny"):
+        return selected.group(1) == "force"
+    with open("/proc/self/mountinfo") as handle:
+        options = mount_options(handle.read(), os.path.realpath(path))
+    return "huge=always" in options or "huge=within_size" in options
 
 
 def fully_cached(path: str | os.PathLike) -> bool:

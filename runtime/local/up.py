@@ -64,6 +64,8 @@ class UpSettings:
     redis_url: str | None = setting("REDIS_URL", "use this Redis", None, optional=True,
                                     shown_default="unset: start an embedded one")
     key_prefix: str = _up("key_prefix", "Redis key prefix", common.DEFAULT_KEY_PREFIX)
+    dram_root: Path = _up("dram_root", "the tmpfs holding each node's DRAM tier (mounted huge=within_size, staging "
+                          "runs at the disk's speed)", Path("/dev/shm"), kind="path")
     dram_budget: int = _up("dram_budget", "DRAM tier budget per node", 4 << 30, kind="size", minimum=0,
                            shown_default="4GiB")
     ssd_budget: int = _up("ssd_budget", "SSD tier budget per node", 20 << 30, kind="size", minimum=0,
@@ -287,7 +289,7 @@ def run(namespace: argparse.Namespace) -> int:
         return 2
     owns = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="sllm-up-")) if owns else args.workdir.resolve()
-    cluster = LocalCluster(args, workdir, Path("/dev/shm") / f"sllm-up-{os.getpid()}", owns)
+    cluster = LocalCluster(args, workdir, args.dram_root / f"sllm-up-{os.getpid()}", owns)
     stop = {"signal": None}
 
     def on_signal(signum, _frame):
