@@ -10,6 +10,7 @@ import errno
 import mmap
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -101,6 +102,26 @@ def test_onto_a_tmpfs_of_huge_pages_the_reads_land_in_the_mapped_file(source_dir
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         assert MappedLandings.made == 1
+
+
+@pytest.mark.parametrize("huge", ["within_size", "never"])
+def test_a_full_tmpfs_fails_the_copy_with_an_error_not_a_crash(source_dir, tmp_path, huge):
+    """A DRAM tier that fills up mid-copy: the mapped plan allocates each chunk's pages before its read, so a
+    tmpfs out of space is an OSError there, never a SIGBUS on a write into the mapping; the buffered plan's
+    pwrite gets ENOSPC."""
+    point = tmp_path / "small"
+    point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"huge={huge},size=8m", "sllm-test", str(point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        source, _ = write_source(source_dir, 3 * (16 << 20) + 5)
+        with pytest.raises(OSError) as failure:
+            copy_file(source, point / "out.bin", Progress())
+        assert failure.value.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFAULT), failure.value
+    finally:
+        subprocess.run(["umount", "--lazy", str(point)], check=True)
 
 
 # proc(5)'s /proc/pid/mountinfo lines: ID, parent ID, major:minor, root, mount point, options, optional fields,
