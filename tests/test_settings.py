@@ -103,6 +103,16 @@ def test_a_refused_loader_value_names_flag_source_and_value(how, expected):
     assert str(refused.value).startswith(expected), str(refused.value)
 
 
+@pytest.mark.parametrize("root, expected", [
+    ("/var/tmp", "not on a tmpfs or ramfs: the DRAM tiers must be memory"),
+    ("/no/such/dir", "No such file or directory"),
+])
+def test_up_takes_a_dram_root_only_in_memory(root, expected):
+    with pytest.raises(SettingsError) as refused:
+        common.resolve(UpSettings, env={"SLLM_UP_DRAM_ROOT": root})
+    assert str(refused.value) == f"--dram-root={root!r} (from env SLLM_UP_DRAM_ROOT): {expected}"
+
+
 def test_settings_refused_together_name_each_source():
     with pytest.raises(Conflict) as refused:
         common.resolve(LoaderConfig, {"heartbeat_s": "20"}, env={}, file=LOADER_REQUIRED, file_name="l.toml")

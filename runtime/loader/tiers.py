@@ -16,8 +16,8 @@ from pathlib import Path
 from sllm_faas.common.tiers import Tier
 from sllm_faas.runtime.checkpoint.format import Manifest, open_regular
 
-TMPFS_MAGIC = 0x01021994
-_MEMORY_FILESYSTEMS = {TMPFS_MAGIC: "tmpfs", 0x858458F6: "ramfs", 0x958458F6: "hugetlbfs"}
+TMPFS_MAGIC, RAMFS_MAGIC = 0x01021994, 0x858458F6
+_MEMORY_FILESYSTEMS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs", 0x958458F6: "hugetlbfs"}
 SHMEM_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p

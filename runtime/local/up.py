@@ -34,6 +34,7 @@ from sllm_faas.common.processes import die_with_parent, stop_process_group
 from sllm_faas.common.redis_client import connect
 from sllm_faas.common.settings import setting
 from sllm_faas.runtime.embedded_redis import EmbeddedRedis, free_tcp_port
+from sllm_faas.runtime.loader.tiers import RAMFS_MAGIC, TMPFS_MAGIC, filesystem_type
 from sllm_faas.runtime.local.gateway import GatewayConfig
 from sllm_faas.runtime.local.paths import cache_root, token_path
 
@@ -46,6 +47,18 @@ def default_store() -> Path:
 
 
 _up = common.prefixed("SLLM_UP_")
+
+
+def _memory_directory(path: Path) -> Path:
+    """The DRAM tiers are files in memory that runtimes map: a tmpfs or ramfs directory (hugetlbfs rounds file
+    sizes up to whole huge pages)."""
+    try:
+        kind = filesystem_type(path)
+    except OSError as exc:
+        raise ValueError(exc.strerror) from None
+    if kind not in (TMPFS_MAGIC, RAMFS_MAGIC):
+        raise ValueError("not on a tmpfs or ramfs: the DRAM tiers must be memory")
+    return path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +78,7 @@ class UpSettings:
                                     shown_default="unset: start an embedded one")
     key_prefix: str = _up("key_prefix", "Redis key prefix", common.DEFAULT_KEY_PREFIX)
     dram_root: Path = _up("dram_root", "the tmpfs holding each node's DRAM tier (mounted huge=within_size, staging "
-                          "runs at the disk's speed)", Path("/dev/shm"), kind="path")
+                          "runs at the disk's speed)", Path("/dev/shm"), kind="path", check=_memory_directory)
     dram_budget: int = _up("dram_budget", "DRAM tier budget per node", 4 << 30, kind="size", minimum=0,
                            shown_default="4GiB")
     ssd_budget: int = _up("ssd_budget", "SSD tier budget per node", 20 << 30, kind="size", minimum=0,
