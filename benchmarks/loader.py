@@ -1,6 +1,6 @@
 """Node loader: SSD -> DRAM staging speed against a plain copy, single-flight under load, status latency.
 
-    python benchmarks/loader.py [--size 1GiB] [--runs 5] [--dram-root /dev/shm] [--json OUT]
+    python benchmarks/loader.py [--size 1GiB] [--runs 5] [--dram-root /dev/shm] [--memory asis] [--json OUT]
 
 Runs a real `sllm-faas loader` (gunicorn, Unix socket) against a local-directory store and the Redis
 at $REDIS_URL (else 127.0.0.1:6379, else an embedded one). In the same run:
@@ -15,6 +15,8 @@ at $REDIS_URL (else 127.0.0.1:6379, else an embedded one). In the same run:
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import mmap
 import os
 import shutil
@@ -48,7 +50,7 @@ from sllm_faas.common.units import parse_size  # noqa: E402
 from sllm_faas.redis_schema.keys import Keys  # noqa: E402
 from sllm_faas.runtime.loader.direct import allocate_buffer  # noqa: E402
 from sllm_faas.runtime.loader.policy import MADV_POPULATE_WRITE  # noqa: E402
-from sllm_faas.runtime.loader.tiers import huge_page_tmpfs  # noqa: E402
+from sllm_faas.runtime.loader.tiers import tmpfs_huge_pages  # noqa: E402
 
 TARGETS = {"stage_vs_copy": 0.8, "stage_vs_odirect": 0.9, "status_p99_ms": 5.0}
 
@@ -58,14 +60,19 @@ def main() -> int:
     parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--dram-root", type=Path, default=Path("/dev/shm"),
-                        help="the tmpfs that holds the DRAM tier (a tmpfs mounted huge=within_size stages with "
-                             "the mapped plan)")
+                        help="the tmpfs that holds the DRAM tier (a tmpfs mounted huge=advise, within_size or "
+                             "always stages with the mapped plan)")
+    parser.add_argument("--memory", choices=("recycled", "idle", "asis"), default="asis",
+                        help="state of free memory before each copy and staging (load.py's settle_memory): "
+                             "recycled (host-backed, like bare metal), idle (handed back to the hypervisor), asis")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    settle = (lambda: None) if args.memory == "asis" else functools.partial(
+        importlib.import_module("load").settle_memory, args.memory, args.size)
 
     work = Path(tempfile.mkdtemp(prefix="sllm-loader-bench-", dir="/var/tmp"))
     shm = Path(tempfile.mkdtemp(prefix="sllm-loader-bench-", dir=args.dram_root))
-    huge_pages = huge_page_tmpfs(shm)
+    huge_pages = tmpfs_huge_pages(shm)
     url, embedded = redis_url()
     prefix = f"sllm-bench-{os.getpid()}:"
     daemon = None
@@ -84,11 +91,13 @@ def main() -> int:
             evict_page_cache(files)
             odirect.append(sum(p.stat().st_size for p in files) / parallel_direct_read(files, target) / 1e9)
             evict_page_cache(ssd_copy.iterdir())
+            settle()
             start = time.perf_counter()
             subprocess.run(["cp", "-r", str(ssd_copy), str(shm / "copy")], check=True)
             copies.append(time.perf_counter() - start)
             shutil.rmtree(shm / "copy")
             evict_page_cache(ssd_copy.iterdir())
+            settle()
             job = daemon.wait_job(daemon.client.stage("model", "dram"), 600)
             assert job["state"] == "done", job
             stages.append(job["finished_at"] - job["started_at"])
@@ -126,13 +135,13 @@ def main() -> int:
         "stage_vs_odirect": args.size / stage_s / 1e9 / odirect_gbps,
         "single_flight": {"requests": 50, "distinct_jobs": len({j["id"] for j in jobs}), "stagings_started": started},
         "status_ms": {"p50": latencies[len(latencies) // 2], "p99": latencies[int(len(latencies) * 0.99) - 1]},
-        "dram_root": str(args.dram_root), "dram_huge_pages": huge_pages, "targets": TARGETS,
+        "dram_root": str(args.dram_root), "dram_huge_pages": huge_pages, "memory": args.memory, "targets": TARGETS,
     }
     lines = [
         f"# Node loader, {report['date']}", "",
         f"{report['machine']['cpu_model']}, {report['machine']['nproc']} CPUs; {args.size / 2**30:.2f} GiB model, "
         f"{args.runs} runs each, medians, page cache of the source evicted before each run; DRAM tier on "
-        f"{args.dram_root}, a tmpfs of {'2 MiB' if huge_pages else '4 KiB'} pages.", "",
+        f"{args.dram_root}, a tmpfs with huge pages {huge_pages!r}; free memory before each copy: {args.memory}.", "",
         f"- SSD -> DRAM: loader staging {stage_s:.3f} s ({args.size / stage_s / 1e9:.2f} GB/s) vs `cp -r` "
         f"{copy_s:.3f} s ({args.size / copy_s / 1e9:.2f} GB/s): {report['stage_vs_copy']:.2f}x of the copy bandwidth "
         f"(target >= {TARGETS['stage_vs_copy']}); {100 * report['stage_vs_odirect']:.0f}% of the parallel O_DIRECT "

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sllm_faas.runtime.loader.tiers import huge_page_tmpfs
+from sllm_faas.runtime.loader.tiers import tmpfs_huge_pages
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -70,9 +70,10 @@ def check_shm(path: str = "/dev/shm") -> Check:
         return Check("shm", False, True, f"{path} is missing ({exc.strerror}); mount a tmpfs there")
     total, free = stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize
     writable = os.access(path, os.W_OK)
-    huge = huge_page_tmpfs(path)
+    huge = tmpfs_huge_pages(path)
     summary = (f"{path}: {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free, "
-               + ("2 MiB pages" if huge else "4 KiB pages (a DRAM tier mounted huge=within_size stages faster)"))
+               + {"always": "2 MiB pages", "advise": "2 MiB pages where asked (huge=advise)"}.get(
+                   huge, "4 KiB pages (a DRAM tier mounted huge=advise stages faster)"))
     if not writable:
         return Check("shm", False, True, f"{path} is not writable by this user", {"total": total, "free": free})
     return Check("shm", True, True, summary, {"path": path, "total": total, "free": free, "huge_pages": huge})

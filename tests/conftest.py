@@ -137,11 +137,15 @@ def huge_tmpfs() -> Iterator[Path]:
     """A tmpfs mounted huge=within_size, as a node's DRAM tier can be (mounting needs CAP_SYS_ADMIN, as root has;
     skipped otherwise)."""
     point = Path(tempfile.mkdtemp(prefix="sllm-huge-tmpfs-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=within_size,size=4g", "sllm-test", str(point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=within_size,size=4g", "sllm-test", str(point)],
+                                 capture_output=True, text=True)
+        problem = mounted.stderr.strip() if mounted.returncode else ""
+    except OSError as exc:  # no mount(8)
+        problem = str(exc)
+    if problem:
         point.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {problem}")
     try:
         yield point
     finally:

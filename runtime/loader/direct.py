@@ -89,7 +89,9 @@ class HugePageWatch:
             began = time.thread_time()  # this thread's CPU time (host faults included), not other threads' turns
             try:
                 buffer.madvise(MADV_POPULATE_WRITE, offset, piece)
-            except OSError:  # kernels before 5.14: the read faults the pages in
+            except OSError as exc:  # EINVAL: kernels before 5.14, where the read faults the pages in
+                if exc.errno != errno.EINVAL:
+                    raise  # ENOMEM, or EFAULT where a tmpfs behind the mapping is full
                 return
             if piece / max(time.thread_time() - began, 1e-9) / 1e9 >= self.floor_gbps:
                 self.slow_pieces = 0

@@ -68,15 +68,21 @@ def cpu_strategy(directory: str | os.PathLike, manifest: Manifest, probe: Memory
     return choose(probe if probe is not None else memory_probe())
 
 
-def huge_page_watch() -> HugePageWatch:
+def huge_page_watch(probe: MemoryProbe | None = None) -> HugePageWatch:
     """For a "direct" load the probe chose: go on in 4 KiB pages where huge pages turn out no faster than the
-    DIRECT_MARGIN the choice asked of them (the probe's few pages were the host-backed ones)."""
-    return HugePageWatch(DIRECT_MARGIN * memory_probe().small_gbps)
+    DIRECT_MARGIN the choice asked of them (the probe's few pages were the host-backed ones). `probe`: another
+    than this process's (a daemon that copies for hours, the node loader, measures before each copy)."""
+    return HugePageWatch(DIRECT_MARGIN * (probe or memory_probe()).small_gbps)
 
 
 @functools.cache
 def memory_probe() -> MemoryProbe:
     """This process's measurement of fresh memory (taken on first use)."""
+    return measure_memory()
+
+
+def measure_memory() -> MemoryProbe:
+    """Fresh memory's first-touch speed now, in both page sizes (~1 ms; ~15 ms when huge pages are slow)."""
     if not transparent_hugepages_available():
         return MemoryProbe(hugepage_gbps=0.0, small_gbps=first_touch_gbps(SMALL_PROBE_BYTES, hugepages=False))
     return MemoryProbe(hugepage_gbps=first_touch_gbps(HUGE_PROBE_BYTES, hugepages=True),

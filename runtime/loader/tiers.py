@@ -19,10 +19,12 @@ from sllm_faas.runtime.checkpoint.format import Manifest, open_regular
 TMPFS_MAGIC, RAMFS_MAGIC = 0x01021994, 0x858458F6
 _MEMORY_FILESYSTEMS = {TMPFS_MAGIC: "tmpfs", RAMFS_MAGIC: "ramfs", 0x958458F6: "hugetlbfs"}
 SHMEM_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+PR_GET_THP_DISABLE = 42
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 PAGE = mmap.PAGESIZE
@@ -42,39 +44,41 @@ def on_memory_filesystem(path: str | os.PathLike) -> bool:
     return filesystem_type(path) in _MEMORY_FILESYSTEMS
 
 
-def mount_options(mountinfo: str, path: str) -> list[str]:
-    """The filesystem options ("super options", after the " - " separator; proc(5)) of the mount that holds the
-    absolute, resolved `path`, from the text of /proc/self/mountinfo: the longest mount point containing it, the
-    last one listed where mounts stack."""
-    best, options = -1, []
-    for line in mountinfo.splitlines():
-        fields, _, filesystem = line.partition(" - ")
-        fields, filesystem = fields.split(), filesystem.split()
-        if len(fields) < 5 or len(filesystem) < 3:
-            continue
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
-        inside = path == point or path.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= best:
-            best, options = len(point), filesystem[2].split(",")
-    return options
+def mount_options(mountinfo: bytes, device: int) -> list[str]:
+    """The filesystem options ("super options", the third field after the " - " separator; proc(5)) of the
+    filesystem `device` (a path's st_dev), from /proc/self/mountinfo as read, in bytes: its lines name the
+    device as MAJOR:MINOR in their third field. Matching the device, not the mount point, needs no path parsing
+    (escapes, bytes that are not UTF-8, a mount hidden under another) and finds every mount of that filesystem,
+    whose super options are the same. Empty when no line names it."""
+    wanted = f"{os.major(device)}:{os.minor(device)}".encode()
+    for line in mountinfo.split(b"\n"):
+        fields, _, filesystem = line.partition(b" - ")
+        fields, filesystem = fields.split(b" "), filesystem.split(b" ")
+        if len(fields) >= 3 and fields[2] == wanted and len(filesystem) >= 3:
+            return filesystem[2].decode(errors="replace").split(",")
+    return []
 
 
-def huge_page_tmpfs(path: str | os.PathLike) -> bool:
-    """Whether new pages of files under `path` are 2 MiB pages: a tmpfs mounted huge=always or huge=within_size,
-    or any tmpfs where the kernel forces it (shmem_enabled "force"; "deny" turns it off everywhere). Decides
-    the staging copy's plan: onto such a tmpfs the disk reads straight into the file (512 page allocations a
-    GiB, not 262,144)."""
-    if filesystem_type(path) != TMPFS_MAGIC:
-        return False
+def tmpfs_huge_pages(path: str | os.PathLike) -> str:
+    """Which pages new files under `path` get: "always" 2 MiB pages (a tmpfs mounted huge=always or within_size,
+    or any tmpfs where the kernel forces it: shmem_enabled "force"), "advise" (huge=advise: 2 MiB pages where a
+    mapping asks for them, 4 KiB ones for writes) or "never" (4 KiB pages, or not a tmpfs; shmem_enabled "deny"
+    everywhere, and in a process whose huge pages are turned off: prctl PR_SET_THP_DISABLE, inherited).
+    Decides the staging copy's plan: with 2 MiB pages the disk reads straight into the file (512 page
+    allocations a GiB, not 262,144)."""
+    if filesystem_type(path) != TMPFS_MAGIC or _libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1:
+        return "never"
     try:
         selected = re.search(r"\[(\w+)\]", SHMEM_ENABLED.read_text())
     except OSError:  # a kernel without transparent huge pages
-        return False
+        return "never"
     if selected and selected.group(1) in ("force", "deny"):
-        return selected.group(1) == "force"
-    with open("/proc/self/mountinfo") as handle:
-        options = mount_options(handle.read(), os.path.realpath(path))
-    return "huge=always" in options or "huge=within_size" in options
+        return "always" if selected.group(1) == "force" else "never"
+    with open("/proc/self/mountinfo", "rb") as handle:
+        options = mount_options(handle.read(), os.stat(path).st_dev)
+    if "huge=advise" in options:
+        return "advise"
+    return "always" if "huge=always" in options or "huge=within_size" in options else "never"
 
 
 def fully_cached(path: str | os.PathLike) -> bool:

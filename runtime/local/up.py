@@ -77,8 +77,9 @@ class UpSettings:
     redis_url: str | None = setting("REDIS_URL", "use this Redis", None, optional=True,
                                     shown_default="unset: start an embedded one")
     key_prefix: str = _up("key_prefix", "Redis key prefix", common.DEFAULT_KEY_PREFIX)
-    dram_root: Path = _up("dram_root", "the tmpfs holding each node's DRAM tier (mounted huge=within_size, staging "
-                          "runs at the disk's speed)", Path("/dev/shm"), kind="path", check=_memory_directory)
+    dram_root: Path = _up("dram_root", "the tmpfs (or ramfs) holding each node's DRAM tier (on bare metal, a tmpfs "
+                          "mounted huge=advise stages near the disk's speed)", Path("/dev/shm"), kind="path",
+                          check=_memory_directory)
     dram_budget: int = _up("dram_budget", "DRAM tier budget per node", 4 << 30, kind="size", minimum=0,
                            shown_default="4GiB")
     ssd_budget: int = _up("ssd_budget", "SSD tier budget per node", 20 << 30, kind="size", minimum=0,

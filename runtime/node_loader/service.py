@@ -26,7 +26,7 @@ from sllm_faas.redis_schema import keepalive as keepalive_records
 from sllm_faas.redis_schema.keepalive import KeepAliveRecord
 from sllm_faas.runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, Manifest, parse_manifest
 from sllm_faas.runtime.checkpoint.verify import sha256_file
-from sllm_faas.runtime.loader.tiers import huge_page_tmpfs, on_memory_filesystem
+from sllm_faas.runtime.loader.tiers import on_memory_filesystem, tmpfs_huge_pages
 from sllm_faas.runtime.node_loader.bandwidth import Bandwidths, probe_write_read
 from sllm_faas.runtime.node_loader.config import LoaderConfig
 from sllm_faas.runtime.node_loader.jobs import StageJob, Step
@@ -86,9 +86,9 @@ class NodeLoader:
                 log.info("%s tier: removed leftovers %s", tier.name, ", ".join(removed))
         for lease in self.leases.retain(lambda model: self.fastest_tier(model) != "remote"):
             log.info("lease %s of %s dropped at start: the model is no longer on this node", lease.id, lease.model)
-        if on_memory_filesystem(self.config.dram_dir) and not huge_page_tmpfs(self.config.dram_dir):
+        if on_memory_filesystem(self.config.dram_dir) and tmpfs_huge_pages(self.config.dram_dir) == "never":
             log.info("DRAM tier %s: a tmpfs of 4 KiB pages; staging into it is bound by their allocation, mounted "
-                     "huge=within_size it runs at the disk's speed", self.config.dram_dir)
+                     "huge=advise it runs at the disk's speed where memory is host-backed", self.config.dram_dir)
         if probe:
             self.calibrate()
         loops = [(self._work, f"stage-worker-{i}") for i in range(self.config.stage_workers)]
