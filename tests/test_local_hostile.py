@@ -75,7 +75,10 @@ def stack(up: Up, name: str, **extra_env: str) -> Path:
 
 @pytest.fixture(scope="module")
 def up(store, tmp_path_factory):  # noqa: F811 - the imported fixture
-    cluster = Up(tmp_path_factory.mktemp("hostile"), store, None, "sllm:", nodes=1, slots=2)  # embedded Redis
+    # embedded Redis; every instance spawned (a gunicorn master and its worker, which these tests kill): a pooled
+    # one serves in its member process, no worker under it (tests/test_pool.py covers those)
+    cluster = Up(tmp_path_factory.mktemp("hostile"), store, None, "sllm:", nodes=1, slots=2,
+                 extra=["--pool-size", "0"])
     yield cluster
     assert cluster.stop() == 0
 
