@@ -135,11 +135,12 @@ def test_a_loader_killed_or_stopped_gets_no_placements_and_rejoins(plane, fault)
         wait_until(lambda: not plane.node_live("node-a"), 15, "node-a's record to expire")
         gone_at = time.time()
         driver.wait_for(placed_after(gone_at), 15, "a placement while node-a is away")
+        back_at = time.time()  # from here node-a may be back: a restarted loader publishes before its socket answers
         if fault == "kill9":
             restart_loader(proc, sock)  # same directories: it rebuilds its state from disk
         else:
             os.killpg(proc.process.pid, signal.SIGCONT)
-        resumed, back_at = True, time.time()
+        resumed = True
         wait_until(lambda: plane.node_live("node-a"), 15, "node-a's record to return")
         driver.wait_for(lambda a: a.node == "node-a" and a.started > back_at, 20, "a placement on node-a again")
     finally:
