@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from tmpfs import mounted_tmpfs
 
 from sllm_faas.runtime.embedded_redis import EmbeddedRedis
 
@@ -134,20 +134,10 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def huge_tmpfs() -> Iterator[Path]:
-    """A tmpfs mounted huge=within_size, as a node's DRAM tier can be (mounting needs CAP_SYS_ADMIN, as root has;
-    skipped otherwise)."""
+    """A tmpfs mounted huge=within_size for the session (tests/tmpfs.py)."""
     point = Path(tempfile.mkdtemp(prefix="sllm-huge-tmpfs-"))
     try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=within_size,size=4g", "sllm-test", str(point)],
-                                 capture_output=True, text=True)
-        problem = mounted.stderr.strip() if mounted.returncode else ""
-    except OSError as exc:  # no mount(8)
-        problem = str(exc)
-    if problem:
-        point.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {problem}")
-    try:
-        yield point
+        with mounted_tmpfs(point, "huge=within_size,size=4g"):
+            yield point
     finally:
-        subprocess.run(["umount", "--lazy", str(point)], check=True)
         point.rmdir()

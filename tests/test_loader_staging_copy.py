@@ -11,12 +11,14 @@ import mmap
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from tmpfs import mounted_tmpfs
 
 import sllm_faas.runtime.loader.direct as direct_module
 import sllm_faas.runtime.loader.tiers as tiers_module
@@ -95,19 +97,15 @@ def mapped_landings(monkeypatch) -> type[MappedLandings]:
     return MappedLandings
 
 
-def mount_tmpfs(point: Path, options: str) -> None:
-    """Mount a tmpfs at `point` for one test (root only), else skip it."""
+@contextmanager
+def huge_capable_tmpfs(point: Path, options: str) -> Iterator[Path]:
+    """`mounted_tmpfs` at the new directory `point`; skipped where this kernel or process keeps every tmpfs in
+    4 KiB pages (shmem_enabled deny, THP disabled) unless `options` ask for that."""
     point.mkdir()
-    try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "sllm-test", str(point)],
-                                 capture_output=True, text=True)
-    except OSError as exc:  # no mount(8)
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    if "huge=never" not in options and tmpfs_huge_pages(point) == "never":
-        subprocess.run(["umount", str(point)], check=True)
-        pytest.skip("this kernel or process keeps tmpfs in 4 KiB pages (shmem_enabled deny, or THP disabled)")
+    with mounted_tmpfs(point, options):
+        if "huge=never" not in options and tmpfs_huge_pages(point) == "never":
+            pytest.skip("this kernel or process keeps tmpfs in 4 KiB pages (shmem_enabled deny, or THP disabled)")
+        yield point
 
 
 def mapped_plan_possible(source_dir: Path) -> None:
@@ -149,13 +147,12 @@ def test_onto_a_tmpfs_of_huge_pages_the_reads_land_in_the_mapped_file(source_dir
     mapped_plan_possible(source_dir)
     # huge pages however slow they come (idle memory on a VM makes them slow, and the watch would switch)
     monkeypatch.setattr(store_module, "huge_page_watch", lambda probe: HugePageWatch(0.0))
-    mount_tmpfs(tmp_path / "huge", f"huge={huge},size=64m")
-    try:
+    with huge_capable_tmpfs(tmp_path / "huge", f"huge={huge},size=64m") as point:
         source, data = write_source(source_dir, (16 << 20) + 4 * PAGE + 5)
-        copy_file(source, tmp_path / "huge" / "out.bin", Progress())
+        copy_file(source, point / "out.bin", Progress())
         assert mapped_landings.made == 1
-        assert (tmp_path / "huge" / "out.bin").read_bytes() == data
-        assert huge_pages_backing(tmp_path / "huge" / "out.bin") >= 16 << 20  # advise too: the copy advised it
+        assert (point / "out.bin").read_bytes() == data
+        assert huge_pages_backing(point / "out.bin") >= 16 << 20  # advise too: the copy advised it
         if Path("/dev/shm").is_dir() and tmpfs_huge_pages("/dev/shm") == "never":  # the buffered plan
             directory = Path(tempfile.mkdtemp(prefix="sllm-copy-out-", dir="/dev/shm"))
             try:
@@ -164,8 +161,6 @@ def test_onto_a_tmpfs_of_huge_pages_the_reads_land_in_the_mapped_file(source_dir
             finally:
                 shutil.rmtree(directory, ignore_errors=True)
             assert mapped_landings.made == 1
-    finally:
-        subprocess.run(["umount", "--lazy", str(tmp_path / "huge")], check=True)
 
 
 @pytest.mark.parametrize(("huge", "plan"), [("advise", "huge=advise"), ("always", "huge=within_size")])
@@ -177,18 +172,15 @@ def test_when_huge_pages_come_slow_the_rest_gets_4_kib_pages(source_dir, tmp_pat
     huge pages too) it is read into the mapping advised for 4 KiB pages."""
     mapped_plan_possible(source_dir)
     monkeypatch.setattr(store_module, "huge_page_watch", lambda probe: HugePageWatch(float("inf"), patience=1))
-    mount_tmpfs(tmp_path / "t", f"{plan},size=64m")
-    try:
-        assert tmpfs_huge_pages(tmp_path / "t") == huge
+    with huge_capable_tmpfs(tmp_path / "t", f"{plan},size=64m") as point:
+        assert tmpfs_huge_pages(point) == huge
         source, data = write_source(source_dir, 3 * (16 << 20) + PAGE + 3)
         progress = Progress()
-        copy_file(source, tmp_path / "t" / "out.bin", progress)
+        copy_file(source, point / "out.bin", progress)
         assert mapped_landings.made == 1
-        assert (tmp_path / "t" / "out.bin").read_bytes() == data and sum(progress.calls) == len(data)
+        assert (point / "out.bin").read_bytes() == data and sum(progress.calls) == len(data)
         # at most each worker's first 2 MiB piece, timed before the switch was seen
-        assert huge_pages_backing(tmp_path / "t" / "out.bin") <= store_module.MAPPED_STAGE_THREADS * (2 << 20)
-    finally:
-        subprocess.run(["umount", "--lazy", str(tmp_path / "t")], check=True)
+        assert huge_pages_backing(point / "out.bin") <= store_module.MAPPED_STAGE_THREADS * (2 << 20)
 
 
 @pytest.mark.parametrize("huge", ["within_size", "never"])
@@ -197,17 +189,14 @@ def test_a_full_tmpfs_fails_the_copy_with_an_error_not_a_crash(source_dir, tmp_p
     tmpfs out of space is ENOSPC naming the file there, never a SIGBUS on a write into the mapping; the buffered
     plan's pwrite gets ENOSPC."""
     mapped_plan_possible(source_dir)
-    mount_tmpfs(tmp_path / "small", f"huge={huge},size=8m")
-    try:
+    with huge_capable_tmpfs(tmp_path / "small", f"huge={huge},size=8m") as point:
         source, _ = write_source(source_dir, 3 * (16 << 20) + 5)
         with pytest.raises(OSError) as failure:
-            copy_file(source, tmp_path / "small" / "out.bin", Progress())
+            copy_file(source, point / "out.bin", Progress())
         assert failure.value.errno == errno.ENOSPC, failure.value
         assert mapped_landings.made == (huge != "never")
         if huge != "never":
-            assert failure.value.filename == str(tmp_path / "small" / "out.bin")
-    finally:
-        subprocess.run(["umount", "--lazy", str(tmp_path / "small")], check=True)
+            assert failure.value.filename == str(point / "out.bin")
 
 
 # proc(5)'s /proc/pid/mountinfo lines: ID, parent ID, major:minor, root, mount point, options, optional fields,
