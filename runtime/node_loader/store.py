@@ -236,9 +236,10 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
         with open(destination, "w+b") as dst:  # truncated; the chunks' writes cover every byte up to `size`
             if size:
                 workers = max(1, min(threads, -(-size // chunk)))
-                buffered = _BufferedLanding(dst.fileno(), chunk, workers)
-                with (buffered if huge == "never" else _MappedLanding(
-                        dst.fileno(), size, destination, buffered if huge == "advise" else None)) as landing:
+                # huge=always/within_size give writes huge pages too: no buffered plan to fall back on
+                buffered = _BufferedLanding(dst.fileno(), chunk, workers) if huge != "always" else None
+                landing = buffered if huge == "never" else _MappedLanding(dst.fileno(), size, destination, buffered)
+                with landing:
                     _copy_chunks(fd, plain, direct, size, progress, chunk, workers, str(source), landing)
     finally:
         os.close(fd)
