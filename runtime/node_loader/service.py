@@ -26,7 +26,7 @@ from sllm_faas.redis_schema import keepalive as keepalive_records
 from sllm_faas.redis_schema.keepalive import KeepAliveRecord
 from sllm_faas.runtime.checkpoint.format import MANIFEST_NAME, CheckpointError, Manifest, parse_manifest
 from sllm_faas.runtime.checkpoint.verify import sha256_file
-from sllm_faas.runtime.loader.tiers import on_memory_filesystem, tmpfs_huge_pages
+from sllm_faas.runtime.loader.tiers import TMPFS_MAGIC, filesystem_type, tmpfs_huge_pages
 from sllm_faas.runtime.node_loader.bandwidth import Bandwidths, probe_write_read
 from sllm_faas.runtime.node_loader.config import LoaderConfig
 from sllm_faas.runtime.node_loader.jobs import StageJob, Step
@@ -86,7 +86,7 @@ class NodeLoader:
                 log.info("%s tier: removed leftovers %s", tier.name, ", ".join(removed))
         for lease in self.leases.retain(lambda model: self.fastest_tier(model) != "remote"):
             log.info("lease %s of %s dropped at start: the model is no longer on this node", lease.id, lease.model)
-        if on_memory_filesystem(self.config.dram_dir) and tmpfs_huge_pages(self.config.dram_dir) == "never":
+        if filesystem_type(self.config.dram_dir) == TMPFS_MAGIC and tmpfs_huge_pages(self.config.dram_dir) == "never":
             log.info("DRAM tier %s: a tmpfs of 4 KiB pages; staging into it is bound by their allocation, mounted "
                      "huge=advise it runs at the disk's speed where memory is host-backed", self.config.dram_dir)
         if probe:
