@@ -17,10 +17,12 @@ from typing import Any
 from sllm_faas.common import jsonbody
 from sllm_faas.common.settings import DEFAULT_KEY_PREFIX
 from sllm_faas.controller.scheduler import Decision
+from sllm_faas.redis_schema.keys import validate_id
 
 MODEL_ANNOTATION = "sllm.io/model"
 PLACEMENT_ANNOTATION = "sllm.io/placement"
 BOOKING_ANNOTATION = "sllm.io/booking"
+CALLER_ANNOTATION = "sllm.io/caller"  # the admission request that decided the pod: its caller id in `Keys.waiting`
 KNATIVE_SERVICE_LABEL = "serving.knative.dev/service"
 MAX_PRIORITY = 10  # extenderv1.MaxExtenderPriority
 AFFINITY_WEIGHTS = (100, 50, 25)  # preferred-affinity weight of the best, second and third node
@@ -122,6 +124,18 @@ def booked_node(pod: dict) -> str | None:
         field = f"pod.metadata.annotations[{PLACEMENT_ANNOTATION!r}]"
         raise BadRequest(f"{field} is not a JSON object", field) from None
     return node if isinstance(node, str) else None
+
+
+def caller_of(pod: dict) -> str | None:
+    """The caller id our webhook gave this pod (its admission request's uid), if any: how the pod is counted
+    among the callers waiting for GPUs."""
+    caller = ((pod.get("metadata") or {}).get("annotations") or {}).get(CALLER_ANNOTATION)
+    if not caller:
+        return None
+    try:
+        return validate_id(caller, "caller id")
+    except ValueError as exc:
+        raise BadRequest(str(exc), f"pod.metadata.annotations[{CALLER_ANNOTATION!r}]") from None
 
 
 def function_of(pod: dict) -> str:
@@ -326,12 +340,19 @@ def _knative_probe(encoded: str, user_port: int) -> str:
     return json.dumps(probes, separators=(",", ":")) if changed else encoded
 
 
-def pod_patch(pod: dict, plumbing: Plumbing, best_nodes: list[str] = (), placement: dict | None = None) -> list[dict]:
+def pod_patch(pod: dict, plumbing: Plumbing, best_nodes: list[str] = (), placement: dict | None = None,
+              caller: str | None = None) -> list[dict]:
     """JSONPatch computed against the pod as it is now, so a reinvocation adds nothing twice: the node plumbing
-    (volumes, mounts, env, readiness) into the function container, and, when placed, preferred node affinity for
-    the best nodes, the decision as annotations and the booking id in the env. A volume, mount or env variable the
-    pod already has (by name, by mount path) is left as the user set it."""
-    patch = _placement_annotations_and_affinity(pod, best_nodes, placement) if placement else []
+    (volumes, mounts, env, readiness) into the function container; the `caller` that decided it as an annotation;
+    and, when placed, preferred node affinity for the best nodes, the decision as annotations and the booking id
+    in the env. A volume, mount or env variable the pod already has (by name, by mount path) is left as the user
+    set it."""
+    annotations = {CALLER_ANNOTATION: caller} if caller else {}
+    if placement:
+        annotations[PLACEMENT_ANNOTATION] = json.dumps(placement, sort_keys=True)
+        if placement.get("booking"):
+            annotations[BOOKING_ANNOTATION] = placement["booking"]
+    patch = _annotations_patch(pod, annotations) + (_affinity_patch(pod, best_nodes) if placement else [])
     index = function_container(pod)
     if index is None:
         return patch
@@ -361,19 +382,19 @@ def placed(pod: dict) -> bool:
     return PLACEMENT_ANNOTATION in ((pod.get("metadata") or {}).get("annotations") or {})
 
 
-def _placement_annotations_and_affinity(pod: dict, best_nodes: list[str], placement: dict) -> list[dict]:
+def _annotations_patch(pod: dict, annotations: dict[str, str]) -> list[dict]:
+    """Set these annotations (JSONPatch `add` replaces a value the pod already has)."""
+    if not annotations:
+        return []
+    if pod.get("metadata") is None:
+        return [{"op": "add", "path": "/metadata", "value": {"annotations": annotations}}]
+    if pod["metadata"].get("annotations") is None:
+        return [{"op": "add", "path": "/metadata/annotations", "value": annotations}]
+    return [{"op": "add", "path": f"/metadata/annotations/{_pointer(k)}", "value": v} for k, v in annotations.items()]
+
+
+def _affinity_patch(pod: dict, best_nodes: list[str]) -> list[dict]:
     patch: list[dict] = []
-    metadata = pod.get("metadata") or {}
-    annotations = {PLACEMENT_ANNOTATION: json.dumps(placement, sort_keys=True)}
-    if placement.get("booking"):
-        annotations[BOOKING_ANNOTATION] = placement["booking"]
-    if "metadata" not in pod or pod["metadata"] is None:
-        patch.append({"op": "add", "path": "/metadata", "value": {"annotations": annotations}})
-    elif metadata.get("annotations") is None:
-        patch.append({"op": "add", "path": "/metadata/annotations", "value": annotations})
-    else:
-        patch += [{"op": "add", "path": f"/metadata/annotations/{_pointer(k)}", "value": v}
-                  for k, v in annotations.items()]
     terms = [{"weight": weight, "preference": {"matchExpressions": [
         {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}}
         for weight, node in zip(AFFINITY_WEIGHTS, best_nodes, strict=False)]

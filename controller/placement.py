@@ -106,10 +106,12 @@ class Placer:
         snapshot = self.cache.view().snapshot
         return snapshot if model in snapshot.models else self.cache.add_model(info)
 
-    def estimate(self, model: str, size_hint: int | None = None, booked_node: str | None = None) -> list[Decision]:
+    def estimate(self, model: str, size_hint: int | None = None, booked_node: str | None = None,
+                 demand: str | None = None) -> list[Decision]:
         """Every node, ranked (the extender and `sllm-faas place` show them all). `booked_node`: the node
-        whose slot the asking pod already holds (booked by the webhook), so that slot counts as free to it."""
-        snapshot = self._snapshot_with(model, size_hint)
+        whose slot the asking pod already holds (booked by the webhook), so that slot counts as free to it.
+        `demand`: the asking caller's member of `Keys.waiting`, not counted among those who price its migrations."""
+        snapshot = self._priced_for(model, size_hint, demand)
         own = snapshot.node_by_id.get(booked_node or "")
         if own is not None:
             snapshot = snapshot.updated(nodes={own.id: dataclasses.replace(own, free_slots=own.free_slots + 1)})
@@ -151,6 +153,12 @@ class Placer:
         pipe.zadd(self.keys.waiting, dict.fromkeys(members, now + WAITING_TTL_S))
         pipe.execute()
 
+    def keep_waiting(self, model: str, ranked: list[Decision], demand: str) -> None:
+        """A caller that asks again (a pod the scheduler retries) while its best plan still waits for GPUs, or
+        none is feasible, stays counted among the waiting callers for another WAITING_TTL_S."""
+        if not ranked or not ranked[0].feasible or self._waits_for_gpus(model, ranked[0]):
+            self.note_waiting([demand])
+
     def _waits_for_gpus(self, model: str, decision: Decision) -> bool:
         """Whether a plan waits for another model's (or a gone) instance to free GPUs, rather than for an instance
         of `model` that serves the caller next."""
@@ -169,13 +177,18 @@ class Placer:
         self._last_priced = (snapshot, pending, priced)
         return priced
 
+    def _priced_for(self, model: str, size_hint: int | None, demand: str | None) -> Snapshot:
+        """The cached view's snapshot, with `model` in it, priced by the waiting callers other than `demand`."""
+        snapshot = self._snapshot_with(model, size_hint)
+        view = self.cache.view()
+        return self._priced(snapshot, view.snapshot.pending - (demand in view.waiting))
+
     def _place_on_view(self, model: str, size_hint: int | None, candidates: set[str] | None, book_slot: bool,
                        owner: str, demand: str | None) -> Placement | None:
         """One pass of `place` over the cached view's plans: the first that books (or needs no booking), or None.
         `demand`: the caller's member of `Keys.waiting`, if any (not one of the others it waits among)."""
-        snapshot = self._snapshot_with(model, size_hint)
+        snapshot = self._priced_for(model, size_hint, demand)
         view = self.cache.view()
-        snapshot = self._priced(snapshot, view.snapshot.pending - (demand in view.waiting))
         options = plans(snapshot, model)  # the simulator takes its decisions from the same path
         for decision in options:
             if candidates is not None and decision.node not in candidates:

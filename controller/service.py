@@ -324,20 +324,30 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
             prefetched.append({"function": function, **decision})
         return {"prefetched": prefetched}
 
+    def extender_ranking(pod: dict) -> list | None:
+        """The nodes ranked for the pod the scheduler asks about (None: not ours). A pod our webhook admitted
+        without a booking is one of the callers waiting for GPUs (Keys.waiting, as its admission's caller id):
+        its own wait does not price its migrations, and it stays counted while the scheduler retries it."""
+        model = kube.model_of(pod)
+        if not model:
+            return None
+        booked, caller = kube.booked_node(pod), kube.caller_of(pod)
+        demand = waiting_member(model, kube.function_of(pod), caller) if caller and not booked else None
+        ranked = controller.placer.estimate(model, booked_node=booked, demand=demand)
+        if demand is not None:
+            controller.placer.keep_waiting(model, ranked, demand)
+        return ranked
+
     @hook("/filter", methods=["POST"])
     def extender_filter():
         body = json_body()
         pod, names, names_only = kube.parse_extender_args(body)
-        model = kube.model_of(pod)
-        ranked = controller.placer.estimate(model, booked_node=kube.booked_node(pod)) if model else None
-        return kube.filter_result(body, names, names_only, ranked)
+        return kube.filter_result(body, names, names_only, extender_ranking(pod))
 
     @hook("/prioritize", methods=["POST"])
     def extender_prioritize():
         pod, names, _ = kube.parse_extender_args(json_body())
-        model = kube.model_of(pod)
-        ranked = controller.placer.estimate(model, booked_node=kube.booked_node(pod)) if model else None
-        return jsonify(kube.priorities(names, ranked))
+        return jsonify(kube.priorities(names, extender_ranking(pod)))
 
     @hook("/mutate", methods=["POST"])
     def mutate():
@@ -347,6 +357,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
             return kube.admission_response(uid)
         if kube.placed(pod):  # a reinvocation: placed and booked already, only what is still missing is added
             return kube.admission_response(uid, kube.pod_patch(pod, plumbing))
+        caller = None if dry_run else uid  # how the extender tells this pod's own wait from the others'
         try:
             if dry_run:  # no side effects: rank only
                 ranked = controller.placer.estimate(model)
@@ -355,14 +366,15 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
                 controller.ensure_schema()
                 placement = controller.decide("webhook", model, owner=kube.function_of(pod), caller=uid)
         except (UnknownModel, NoCapacity) as exc:  # never block a pod: admit it unplaced, say why
-            return kube.admission_response(uid, kube.pod_patch(pod, plumbing), warning=f"sllm-faas: {exc}")
+            return kube.admission_response(uid, kube.pod_patch(pod, plumbing, caller=caller),
+                                           warning=f"sllm-faas: {exc}")
         if placement is None:
-            return kube.admission_response(uid, kube.pod_patch(pod, plumbing),
+            return kube.admission_response(uid, kube.pod_patch(pod, plumbing, caller=caller),
                                            warning="sllm-faas: no node can start this model")
         ranked = [d["node"] for d in placement.get("ranked", []) if d["node"] != placement["node"]]
         best = [placement["node"], *ranked][:len(kube.AFFINITY_WEIGHTS)]  # the booked node first
         summary = {k: placement.get(k) for k in ("node", "tier", "estimate_s", "action", "booking", "instance", "to")}
-        return kube.admission_response(uid, kube.pod_patch(pod, plumbing, best, summary))
+        return kube.admission_response(uid, kube.pod_patch(pod, plumbing, best, summary, caller))
 
     @hook("/v1/migrations", methods=["POST"])
     def start_migration():

@@ -385,6 +385,41 @@ def test_extender_counts_the_pods_own_webhook_booking_as_free(controller, cluste
     assert other["node-a"] < 10                                                  # another pod sees the slot taken
 
 
+def test_a_pod_admitted_unplaced_stays_counted_as_waiting_while_the_scheduler_retries_it(controller, cluster):
+    """The webhook gives the pod its caller id (`sllm.io/caller`, the admission request's uid); each time the
+    extender is asked about it while no node can take it, its member of Keys.waiting lives another 30 s. A pod
+    the webhook booked a slot for waits for nothing; a caller id that is not one is refused, naming the annotation."""
+    waiting, uid = cluster.prefix + "waiting", "705ab4f5-6393-11e8-b7cc-42010a800002"
+    taken = [controller.post("/v1/placements", {"model": "m1"}).json() for _ in range(3)]  # every node's one slot
+    response = controller.post("/mutate", review(pod())).json()["response"]
+    assert "no node has a free slot" in response["warnings"][0]
+    patched = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
+    assert patched["metadata"]["annotations"]["sllm.io/caller"] == uid
+    member = f"m1/m1/{uid}"                                                      # model / faas_function / caller
+    assert cluster.client.zscore(waiting, member) == pytest.approx(time.time() + 30, abs=5)
+    cluster.client.zadd(waiting, {member: time.time() + 2})                      # about to expire
+    names = ["node-a", "node-b", "node-c"]
+    assert controller.post("/filter", {"pod": patched, "nodenames": names}).json()["nodenames"] == []
+    assert cluster.client.zscore(waiting, member) == pytest.approx(time.time() + 30, abs=5)
+    assert controller.post("/prioritize", {"pod": pod(), "nodenames": names}).status_code == 200
+    assert cluster.client.zcard(waiting) == 1                                    # a pod with no caller id: not counted
+
+    forged = apply_patch(pod(), [{"op": "add", "path": "/metadata/annotations/sllm.io~1caller", "value": "../x"}])
+    refused = controller.post("/filter", {"pod": forged, "nodenames": names})
+    assert refused.status_code == 400 and refused.json()["field"] == "pod.metadata.annotations['sllm.io/caller']"
+
+    last = taken[-1]                                                             # a slot given back:
+    assert requests.delete(f"{controller.url}/v1/bookings/{last['node']}/{last['booking']}",
+                           headers=controller.headers(), timeout=10).status_code == 200
+    second = review(pod(name="m1-8e0a"))
+    second["request"]["uid"] = "9c1d2e3f-6393-11e8-b7cc-42010a800002"
+    booked = controller.post("/mutate", second).json()["response"]                # the webhook books it
+    placed = apply_patch(pod(name="m1-8e0a"), json.loads(base64.b64decode(booked["patch"])))
+    assert placed["metadata"]["annotations"]["sllm.io/booking"] and cluster.client.zcard(waiting) == 1
+    assert controller.post("/filter", {"pod": placed, "nodenames": names}).json()["nodenames"] == [last["node"]]
+    assert cluster.client.zcard(waiting) == 1                                    # booked: it waits for nothing
+
+
 def test_a_controller_killed_and_restarted_loses_nothing(cluster, tmp_path):
     first = ControllerProcess(tmp_path, cluster.url, cluster.prefix).start()
     booked = first.post("/v1/placements", {"model": "m1"}).json()
@@ -524,6 +559,11 @@ def test_callers_waiting_for_gpus_price_a_migration_as_the_simulator_does(redis_
     assert (first.node, first.migrate, first.migrate_to) == ("node-p", "busy", "node-q")
     assert first.estimate_s == pytest.approx(1.25) and first.price_s == pytest.approx(0.25)
     assert client.zcard(keys.waiting) == 0                   # placed: not waiting
+    placer.note_waiting(["big/fn-pod/u-1"])                  # a pod admitted unplaced, asked about by the scheduler:
+    cache.refresh()                                          # the others pay 0.25 x (2 + 1 - 1) for its move...
+    assert placer.estimate("big")[0].price_s == pytest.approx(0.5)
+    assert placer.estimate("big", demand="big/fn-pod/u-1")[0].price_s == pytest.approx(0.25)  # ...it does not
+    client.zrem(keys.waiting, "big/fn-pod/u-1")
 
     placer.note_waiting(["m2/fn-a/0", "m2/fn-a/1", "m3//"])    # three other callers refused meanwhile
     cache.refresh()
