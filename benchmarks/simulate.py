@@ -28,7 +28,13 @@ import sllm_faas.controller.scheduler as scheduler  # noqa: E402
 from sllm_faas.controller.keepalive import CostKeepAlive, FixedKeepAlive  # noqa: E402
 from sllm_faas.controller.simulator.config import load_scenario  # noqa: E402
 from sllm_faas.controller.simulator.engine import RunResult, run_policies, simulate  # noqa: E402
-from sllm_faas.controller.simulator.report import ratios, scenario_markdown, write_pareto, write_plots  # noqa: E402
+from sllm_faas.controller.simulator.report import (  # noqa: E402
+    p99_ratio_interval,
+    ratios,
+    scenario_markdown,
+    write_pareto,
+    write_plots,
+)
 from sllm_faas.controller.simulator.workload import generate  # noqa: E402
 
 AVAILABILITY_ONLY = ("random", "least-allocated")
@@ -141,13 +147,22 @@ def seeds_section(report: dict, checked: list[tuple[str, int, list[RunResult]]])
         ours = next(r.percentile(99) for r in point if r.policy == "ours")
         lines.append(f"| {name} | {point[0].rate:g} | {seed} | {ours:.2f} | " + " | ".join(
             "-" if p not in got else f"{got[p]:.3f}" + (" **loss**" if got[p] < 1 else "") for p in policies) + " |")
-        losses += [f"{name} {point[0].rate:g}/s seed {seed}: {p} {got[p]:.3f}x" for p in got if got[p] < 1]
+        losses += [f"{name} {point[0].rate:g}/s seed {seed}: {p} {got[p]:.3f}x{_interval(point, p)}"
+                   for p in got if got[p] < 1]
     compared = sum(len(ratios(point)) for _, _, point in checked)
     lines += ["", f"Losses: {len(losses)} of {compared} comparisons at {len(checked)} points"
-              + (": " + "; ".join(losses) if losses else "") + "."]
+              + (": " + "; ".join(losses) if losses else "") + "."
+              + (" In brackets: the 95% interval of the ratio over resampled requests (`p99_ratio_interval`)."
+                 if losses else "")]
     print(lines[-1])
     report["seeds"] = {"points": len(checked), "losses": losses}
     return "\n".join(lines) + "\n"
+
+
+def _interval(point: list[RunResult], policy: str) -> str:
+    ours, other = (next(r for r in point if r.policy == name) for name in ("ours", policy))
+    interval = p99_ratio_interval(other, ours)
+    return f" [{interval[0]:.2f}-{interval[1]:.2f}]" if interval else ""
 
 
 def keepalive_section(output: Path, report: dict, plots: bool, seeds: list[int]) -> str:

@@ -22,8 +22,8 @@ from sllm_faas.controller.simulator.config import (
     parse_scenario,
     scenario_names,
 )
-from sllm_faas.controller.simulator.engine import Simulation, run_policies, simulate
-from sllm_faas.controller.simulator.report import scenario_markdown, write_plots
+from sllm_faas.controller.simulator.engine import RunResult, Simulation, run_policies, simulate
+from sllm_faas.controller.simulator.report import p99_ratio_interval, scenario_markdown, write_plots
 from sllm_faas.controller.simulator.workload import Request, generate
 from sllm_faas.runtime.cli import main as cli_main
 
@@ -437,3 +437,21 @@ def test_azure_trace_replays_real_arrivals_and_token_counts():
     gaps = np.diff([r.arrival_s for r in trace])
     assert gaps[0] / gaps[1] == pytest.approx((50.9951690 - 46.6805900) / (51.2224670 - 50.9951690), rel=1e-6)
     assert (len(trace) - 1) / trace[-1].arrival_s == pytest.approx(scenario.workload.rate)  # time-scaled to the rate
+
+
+def test_p99_ratio_interval_resamples_the_same_requests_under_both_policies():
+    """Paired: a policy twice as slow on every request is 2x on every resample. One that differs only in its
+    longest request of 200 spans from 1 (the p99 of 200 lies below the longest: a resample drawing it at most
+    once sees no difference) to well above (drawn twice or more). Runs that served different requests have no
+    interval."""
+    def run(times) -> RunResult:
+        return RunResult("s", "p", 1.0, np.asarray(times, dtype=float), 0.0)
+
+    base = np.arange(1.0, 201.0)
+    assert p99_ratio_interval(run(2 * base), run(base)) == pytest.approx((2.0, 2.0))
+    assert p99_ratio_interval(run(base), run(base)) == pytest.approx((1.0, 1.0))
+    low, high = p99_ratio_interval(run(np.append(base[:-1], 400.0)), run(base))
+    assert low == pytest.approx(1.0) and 1.5 < high <= 400 / 200
+    assert p99_ratio_interval(run(base[:-1]), run(base)) is None
+    unserved = dataclasses.replace(run(base), unserved=1)
+    assert p99_ratio_interval(unserved, run(base)) is None

@@ -55,6 +55,22 @@ def ratios(results: list[RunResult]) -> dict[str, float]:
     return {r.policy: r.percentile(99) / reference for r in results if reference and r.policy != REFERENCE}
 
 
+def p99_ratio_interval(result: RunResult, reference: RunResult, rounds: int = 1000, seed: int = 0
+                       ) -> tuple[float, float] | None:
+    """The 95% interval of `result`'s p99 over `reference`'s when the requests are resampled (paired: both
+    served the same requests, each drawn with its two times to first token). A p99 of 2,000 requests rests on
+    its 20 longest: the interval says how much of a ratio those few decide. It does not re-simulate, so the
+    divergence of two policies' runs after one different decision is not in it. None where the two served
+    different requests."""
+    times, reference_times = result.ttft_s, reference.ttft_s
+    if result.unserved or reference.unserved or len(times) != len(reference_times):
+        return None
+    picks = np.random.default_rng(seed).integers(0, len(times), size=(rounds, len(times)))
+    resampled = np.percentile(times[picks], 99, axis=1) / np.percentile(reference_times[picks], 99, axis=1)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def _reference_p99(results: list[RunResult]) -> float | None:
     return next((r.percentile(99) for r in results if r.policy == REFERENCE), None)
 
