@@ -144,13 +144,21 @@ class Cluster:
         return self._infos
 
     def node_info(self, node: Node, now: float) -> scheduler.NodeInfo:
-        if node.index in self._queued or node.index in self._stale:
-            if node.loader_free_at <= now:
-                self._queued.discard(node.index)
-            self._stale.discard(node.index)
-            self._infos[node.index] = scheduler.NodeInfo(node.id, node.reclaimable, dict(node.tier_of),
-                                                         node.bandwidth, max(0.0, node.loader_free_at - now))
-        return self._infos[node.index]
+        index = node.index
+        if index in self._stale:
+            self._stale.discard(index)
+            info = scheduler.NodeInfo(node.id, node.reclaimable, dict(node.tier_of), node.bandwidth,
+                                      max(0.0, node.loader_free_at - now))
+        elif index in self._queued:  # only the queue's wait moved
+            last = self._infos[index]
+            info = scheduler.NodeInfo(last.id, last.free_slots, last.tier_of, last.bandwidth,
+                                      max(0.0, node.loader_free_at - now))
+        else:
+            return self._infos[index]
+        if node.loader_free_at <= now:
+            self._queued.discard(index)
+        self._infos[index] = info
+        return info
 
     def snapshot(self, now: float, migration: bool = True, claims: dict[str, int] | None = None, pending: int = 0,
                  placing: str | None = None) -> scheduler.Snapshot:
@@ -160,10 +168,15 @@ class Cluster:
         serves the waiting request it was started for first); only those of the model being placed (`placing`) are
         listed, as only its requests wait for them. `claims`: instance -> waiting requests of its
         model queued for it: each pushes its end back by a mean request, and it stays where they wait.
-        `pending`: other requests waiting for GPUs (the price of a migration's GPU time)."""
+        `pending`: other requests waiting for GPUs (the price of a migration's GPU time). With `placing`, only the
+        instances on nodes without room for that model are listed: GPUs are freed (by a wait or a migration) only
+        there, and a node with room is decided without them."""
         claims = claims or {}
         lengths, instances = self.lengths, []
+        room = self.models[placing].gpus if placing else None
         for instance in self.busy:
+            if room is not None and instance.node.reclaimable >= room:
+                continue
             queued = claims.get(instance.id)
             if instance.migratable:
                 model = instance.model
@@ -179,6 +192,8 @@ class Cluster:
                 instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, model.name, tokens,
                                                         migration and not queued, remaining, likely))
         for instance in self.loading[placing] if placing else ():
+            if instance.node.reclaimable >= room:
+                continue
             remaining = max(0.0, instance.ready_s - now) + (1 + claims.get(instance.id, 0)) * self.mean_request_s(
                 instance.model)
             instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, instance.model.name, 0, False,
