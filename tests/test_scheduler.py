@@ -170,7 +170,8 @@ def test_updated_snapshot_patches_its_node_index():
 def test_plans_first_decision_is_the_full_rankings_with_full_nodes_waits_and_migrations(seed):
     """The fast path (shortlist, frontiers of free and of full nodes, full nodes pruned by the best other load,
     destinations looked up only where a move can still win) decides exactly what ranking every node decides, on
-    crowded snapshots: most nodes full, multi-GPU models, instances to wait for or move, requests pending."""
+    crowded snapshots: most nodes full, multi-GPU models, instances to wait for or move, requests pending; and so
+    it does without the instances on nodes with room for the model."""
     import random
 
     from sllm_faas.controller.scheduler import plans
@@ -198,6 +199,10 @@ def test_plans_first_decision_is_the_full_rankings_with_full_nodes_waits_and_mig
     for name in names:
         expected = next((d for d in rank(snapshot, name) if d.feasible), None)
         assert next(iter(plans(snapshot, name)), None) == expected
+        # the simulator lists only the instances on nodes without room for the model placed (cluster.snapshot)
+        room = {n.id for n in nodes if n.free_slots >= models[name].gpus}
+        trimmed = Snapshot(nodes, models, tuple(i for i in instances if i.node not in room), pending=snapshot.pending)
+        assert next(iter(plans(trimmed, name)), None) == expected
 
 
 def test_carried_migration_options_are_checked_against_the_current_nodes():
