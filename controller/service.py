@@ -42,7 +42,7 @@ from sllm_faas.controller.config import ControllerConfig
 from sllm_faas.controller.keepalive import DEFAULT_KEEP_ALIVE_S, CostKeepAlive, KeepAliveTracker
 from sllm_faas.controller.migration import Migrator, NoDestination
 from sllm_faas.controller.placement import NoCapacity, Placer, UnknownModel
-from sllm_faas.controller.scheduler import Action
+from sllm_faas.controller.scheduler import Action, Decision
 from sllm_faas.redis_schema import keepalive as keepalive_records
 from sllm_faas.redis_schema.keys import Keys, validate_id, waiting_member
 from sllm_faas.redis_schema.upgrade import ensure_schema
@@ -324,7 +324,7 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
             prefetched.append({"function": function, **decision})
         return {"prefetched": prefetched}
 
-    def extender_ranking(pod: dict) -> list | None:
+    def extender_ranking(pod: dict) -> list[Decision] | None:
         """The nodes ranked for the pod the scheduler asks about (None: not ours). A pod our webhook admitted
         without a booking is one of the callers waiting for GPUs (Keys.waiting, as its admission's caller id):
         its own wait does not price its migrations, and it stays counted while the scheduler retries it."""
