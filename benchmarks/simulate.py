@@ -160,6 +160,7 @@ def seeds_section(report: dict, checked: list[tuple[str, int, list[RunResult]]])
 
 
 def _interval(point: list[RunResult], policy: str) -> str:
+    """ " [low-high]": the 95% interval of `policy`'s p99 over ours' at this point (empty where there is none)."""
     ours, other = (next(r for r in point if r.policy == name) for name in ("ours", policy))
     interval = p99_ratio_interval(other, ours)
     return f" [{interval[0]:.2f}-{interval[1]:.2f}]" if interval else ""

@@ -113,29 +113,33 @@ def model_of(pod: dict) -> str | None:
     return None
 
 
+def placement_of(pod: dict) -> dict:
+    """Our webhook's decision for this pod (its placement annotation: node, tier, action, booking...), {} if none."""
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        return jsonbody.loads_object(annotations.get(PLACEMENT_ANNOTATION) or "{}")
+    except jsonbody.JsonError:
+        field = f"pod.metadata.annotations[{PLACEMENT_ANNOTATION!r}]"
+        raise BadRequest(f"{field} is not a JSON object", field) from None
+
+
 def booked_node(pod: dict) -> str | None:
     """The node our webhook booked a slot on for this pod (from its placement annotation), if any."""
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     if not annotations.get(BOOKING_ANNOTATION):
         return None
-    try:
-        node = jsonbody.loads_object(annotations.get(PLACEMENT_ANNOTATION) or "{}").get("node")
-    except jsonbody.JsonError:
-        field = f"pod.metadata.annotations[{PLACEMENT_ANNOTATION!r}]"
-        raise BadRequest(f"{field} is not a JSON object", field) from None
+    node = placement_of(pod).get("node")
     return node if isinstance(node, str) else None
 
 
 def caller_of(pod: dict) -> str | None:
-    """The caller id our webhook gave this pod (its admission request's uid), if any: how the pod is counted
-    among the callers waiting for GPUs."""
+    """The caller id our webhook gave this pod (its first admission request's uid), if the pod carries one that is
+    an id: how it counts among the callers waiting for GPUs. Anything else (a value a user set) is no caller id."""
     caller = ((pod.get("metadata") or {}).get("annotations") or {}).get(CALLER_ANNOTATION)
-    if not caller:
-        return None
     try:
-        return validate_id(caller, "caller id")
-    except ValueError as exc:
-        raise BadRequest(str(exc), f"pod.metadata.annotations[{CALLER_ANNOTATION!r}]") from None
+        return validate_id(caller, "caller id") if caller else None
+    except ValueError:
+        return None
 
 
 def function_of(pod: dict) -> str:
@@ -394,6 +398,7 @@ def _annotations_patch(pod: dict, annotations: dict[str, str]) -> list[dict]:
 
 
 def _affinity_patch(pod: dict, best_nodes: list[str]) -> list[dict]:
+    """Preferred node affinity for the best nodes, added after any preference the pod already has."""
     patch: list[dict] = []
     terms = [{"weight": weight, "preference": {"matchExpressions": [
         {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}}

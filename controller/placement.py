@@ -153,11 +153,14 @@ class Placer:
         pipe.zadd(self.keys.waiting, dict.fromkeys(members, now + WAITING_TTL_S))
         pipe.execute()
 
-    def keep_waiting(self, model: str, ranked: list[Decision], demand: str) -> None:
-        """A caller that asks again (a pod the scheduler retries) while its best plan still waits for GPUs, or
-        none is feasible, stays counted among the waiting callers for another WAITING_TTL_S."""
-        if not ranked or not ranked[0].feasible or self._waits_for_gpus(model, ranked[0]):
+    def track_waiting(self, model: str, best: Decision | None, demand: str) -> None:
+        """A caller that asks again (a pod the scheduler retries) with `best`, its best plan on the nodes it may
+        run on: while that is none, infeasible or a wait for GPUs, it stays counted among the waiting callers for
+        another WAITING_TTL_S; once a node can take it, it no longer waits."""
+        if best is None or not best.feasible or self._waits_for_gpus(model, best):
             self.note_waiting([demand])
+        else:
+            self.client.zrem(self.keys.waiting, demand)
 
     def _waits_for_gpus(self, model: str, decision: Decision) -> bool:
         """Whether a plan waits for another model's (or a gone) instance to free GPUs, rather than for an instance

@@ -324,30 +324,37 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
             prefetched.append({"function": function, **decision})
         return {"prefetched": prefetched}
 
-    def extender_ranking(pod: dict) -> list[Decision] | None:
+    def extender_ranking(pod: dict, names: list[str], track: bool = False) -> list[Decision] | None:
         """The nodes ranked for the pod the scheduler asks about (None: not ours). A pod our webhook admitted
-        without a booking is one of the callers waiting for GPUs (Keys.waiting, as its admission's caller id):
-        its own wait does not price its migrations, and it stays counted while the scheduler retries it."""
+        that holds no slot yet (no booking, no migration freeing one) is a caller, its caller id in
+        `sllm.io/caller`: its own member of Keys.waiting does not price its migrations, and with `track` (the
+        filter: once per scheduling attempt) it is counted as waiting while no node among `names` can take it
+        without waiting for GPUs, and no longer once one can."""
         model = kube.model_of(pod)
         if not model:
             return None
         booked, caller = kube.booked_node(pod), kube.caller_of(pod)
-        demand = waiting_member(model, kube.function_of(pod), caller) if caller and not booked else None
+        slot_coming = booked or kube.placement_of(pod).get("action") == Action.MIGRATE_THEN_LOAD
+        demand = waiting_member(model, kube.function_of(pod), caller) if caller and not slot_coming else None
         ranked = controller.placer.estimate(model, booked_node=booked, demand=demand)
-        if demand is not None:
-            controller.placer.keep_waiting(model, ranked, demand)
+        if demand is not None and track:
+            eligible = set(names)
+            try:  # best effort: the ranking itself comes from the cached view
+                controller.placer.track_waiting(model, next((d for d in ranked if d.node in eligible), None), demand)
+            except redis.RedisError as exc:
+                log.warning("extender: could not update the waiting caller %s: %s", demand, exc)
         return ranked
 
     @hook("/filter", methods=["POST"])
     def extender_filter():
         body = json_body()
         pod, names, names_only = kube.parse_extender_args(body)
-        return kube.filter_result(body, names, names_only, extender_ranking(pod))
+        return kube.filter_result(body, names, names_only, extender_ranking(pod, names, track=True))
 
     @hook("/prioritize", methods=["POST"])
     def extender_prioritize():
         pod, names, _ = kube.parse_extender_args(json_body())
-        return jsonify(kube.priorities(names, extender_ranking(pod)))
+        return jsonify(kube.priorities(names, extender_ranking(pod, names)))
 
     @hook("/mutate", methods=["POST"])
     def mutate():
@@ -357,19 +364,21 @@ def create_app(config: ControllerConfig | None = None) -> Flask:
             return kube.admission_response(uid)
         if kube.placed(pod):  # a reinvocation: placed and booked already, only what is still missing is added
             return kube.admission_response(uid, kube.pod_patch(pod, plumbing))
-        caller = None if dry_run else uid  # how the extender tells this pod's own wait from the others'
+        # the pod's caller id (how the extender tells its own wait from the others'): every webhook call has a new
+        # uid, so a reinvocation of a pod admitted unplaced keeps the first call's
+        caller = None if dry_run else kube.caller_of(pod) or uid
         try:
             if dry_run:  # no side effects: rank only
                 ranked = controller.placer.estimate(model)
                 placement = ranked[0].plan().as_json() if ranked and ranked[0].feasible else None
             else:
                 controller.ensure_schema()
-                placement = controller.decide("webhook", model, owner=kube.function_of(pod), caller=uid)
+                placement = controller.decide("webhook", model, owner=kube.function_of(pod), caller=caller)
         except (UnknownModel, NoCapacity) as exc:  # never block a pod: admit it unplaced, say why
             return kube.admission_response(uid, kube.pod_patch(pod, plumbing, caller=caller),
                                            warning=f"sllm-faas: {exc}")
-        if placement is None:
-            return kube.admission_response(uid, kube.pod_patch(pod, plumbing, caller=caller),
+        if placement is None:  # a dry run's
+            return kube.admission_response(uid, kube.pod_patch(pod, plumbing),
                                            warning="sllm-faas: no node can start this model")
         ranked = [d["node"] for d in placement.get("ranked", []) if d["node"] != placement["node"]]
         best = [placement["node"], *ranked][:len(kube.AFFINITY_WEIGHTS)]  # the booked node first

@@ -386,38 +386,53 @@ def test_extender_counts_the_pods_own_webhook_booking_as_free(controller, cluste
 
 
 def test_a_pod_admitted_unplaced_stays_counted_as_waiting_while_the_scheduler_retries_it(controller, cluster):
-    """The webhook gives the pod its caller id (`sllm.io/caller`, the admission request's uid); each time the
-    extender is asked about it while no node can take it, its member of Keys.waiting lives another 30 s. A pod
-    the webhook booked a slot for waits for nothing; a caller id that is not one is refused, naming the annotation."""
+    """The webhook gives the pod its caller id (`sllm.io/caller`: the first admission request's uid, kept when the
+    webhook is invoked again with a new uid). Each time the extender filters for it while no node can take it, its
+    member of Keys.waiting lives another 30 s; once a node can, it leaves. A pod the webhook booked a slot for
+    waits for nothing; a dry run writes no caller id, and a value that is not an id is none."""
     waiting, uid = cluster.prefix + "waiting", "705ab4f5-6393-11e8-b7cc-42010a800002"
     taken = [controller.post("/v1/placements", {"model": "m1"}).json() for _ in range(3)]  # every node's one slot
+    dry = controller.post("/mutate", review(pod(), dry_run=True)).json()["response"]
+    assert "sllm.io/caller" not in apply_patch(pod(), json.loads(base64.b64decode(dry["patch"])))["metadata"][
+        "annotations"] and cluster.client.zcard(waiting) == 0
     response = controller.post("/mutate", review(pod())).json()["response"]
     assert "no node has a free slot" in response["warnings"][0]
     patched = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
     assert patched["metadata"]["annotations"]["sllm.io/caller"] == uid
     member = f"m1/m1/{uid}"                                                      # model / faas_function / caller
     assert cluster.client.zscore(waiting, member) == pytest.approx(time.time() + 30, abs=5)
+    again = review(patched)                                                      # reinvoked: a new request uid
+    again["request"]["uid"] = "3b7e9d10-6393-11e8-b7cc-42010a800002"
+    response = controller.post("/mutate", again).json()["response"]
+    patched = apply_patch(patched, json.loads(base64.b64decode(response["patch"])))
+    assert patched["metadata"]["annotations"]["sllm.io/caller"] == uid
+    assert cluster.client.zrange(waiting, 0, -1) == [member]                     # one caller, not two
+
     cluster.client.zadd(waiting, {member: time.time() + 2})                      # about to expire
     names = ["node-a", "node-b", "node-c"]
     assert controller.post("/filter", {"pod": patched, "nodenames": names}).json()["nodenames"] == []
     assert cluster.client.zscore(waiting, member) == pytest.approx(time.time() + 30, abs=5)
-    assert controller.post("/prioritize", {"pod": pod(), "nodenames": names}).status_code == 200
-    assert cluster.client.zcard(waiting) == 1                                    # a pod with no caller id: not counted
-
-    forged = apply_patch(pod(), [{"op": "add", "path": "/metadata/annotations/sllm.io~1caller", "value": "../x"}])
-    refused = controller.post("/filter", {"pod": forged, "nodenames": names})
-    assert refused.status_code == 400 and refused.json()["field"] == "pod.metadata.annotations['sllm.io/caller']"
+    for other in (pod(), apply_patch(pod(), [{"op": "add", "path": "/metadata/annotations/sllm.io~1caller",
+                                              "value": "../x"}])):
+        assert controller.post("/filter", {"pod": other, "nodenames": names}).status_code == 200
+    assert cluster.client.zcard(waiting) == 1                                    # no caller id: not counted
 
     last = taken[-1]                                                             # a slot given back:
     assert requests.delete(f"{controller.url}/v1/bookings/{last['node']}/{last['booking']}",
                            headers=controller.headers(), timeout=10).status_code == 200
+    others = [n for n in names if n != last["node"]]
+    assert controller.post("/filter", {"pod": patched, "nodenames": others}).json()["nodenames"] == []
+    assert cluster.client.zscore(waiting, member) is not None                    # not where it may run
+    assert controller.post("/filter", {"pod": patched, "nodenames": names}).json()["nodenames"] == [last["node"]]
+    assert cluster.client.zcard(waiting) == 0                                    # a node can take it now
+
     second = review(pod(name="m1-8e0a"))
     second["request"]["uid"] = "9c1d2e3f-6393-11e8-b7cc-42010a800002"
     booked = controller.post("/mutate", second).json()["response"]                # the webhook books it
     placed = apply_patch(pod(name="m1-8e0a"), json.loads(base64.b64decode(booked["patch"])))
-    assert placed["metadata"]["annotations"]["sllm.io/booking"] and cluster.client.zcard(waiting) == 1
+    assert placed["metadata"]["annotations"]["sllm.io/booking"]
     assert controller.post("/filter", {"pod": placed, "nodenames": names}).json()["nodenames"] == [last["node"]]
-    assert cluster.client.zcard(waiting) == 1                                    # booked: it waits for nothing
+    assert cluster.client.zcard(waiting) == 0                                    # booked: it waits for nothing
 
 
 def test_a_controller_killed_and_restarted_loses_nothing(cluster, tmp_path):

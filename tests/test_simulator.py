@@ -453,5 +453,6 @@ def test_p99_ratio_interval_resamples_the_same_requests_under_both_policies():
     low, high = p99_ratio_interval(run(np.append(base[:-1], 400.0)), run(base))
     assert low == pytest.approx(1.0) and 1.5 < high <= 400 / 200
     assert p99_ratio_interval(run(base[:-1]), run(base)) is None
+    assert p99_ratio_interval(run([]), run([])) is None
     unserved = dataclasses.replace(run(base), unserved=1)
     assert p99_ratio_interval(unserved, run(base)) is None

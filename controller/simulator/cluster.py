@@ -173,9 +173,9 @@ class Cluster:
         there, and a node with room is decided without them."""
         claims = claims or {}
         lengths, instances = self.lengths, []
-        room = self.models[placing].gpus if placing else None
+        need = self.models[placing].gpus if placing else None
         for instance in self.busy:
-            if room is not None and instance.node.reclaimable >= room:
+            if need is not None and instance.node.reclaimable >= need:
                 continue
             queued = claims.get(instance.id)
             if instance.migratable:
@@ -192,7 +192,7 @@ class Cluster:
                 instances.append(scheduler.InstanceInfo(instance.id, instance.node.id, model.name, tokens,
                                                         migration and not queued, remaining, likely))
         for instance in self.loading[placing] if placing else ():
-            if instance.node.reclaimable >= room:
+            if instance.node.reclaimable >= need:
                 continue
             remaining = max(0.0, instance.ready_s - now) + (1 + claims.get(instance.id, 0)) * self.mean_request_s(
                 instance.model)

@@ -61,9 +61,9 @@ def p99_ratio_interval(result: RunResult, reference: RunResult, rounds: int = 10
     served the same requests, each drawn with its two times to first token). A p99 of 2,000 requests rests on
     its 20 longest: the interval says how much of a ratio those few decide. It does not re-simulate, so the
     divergence of two policies' runs after one different decision is not in it. None where the two served
-    different requests."""
+    different requests, or none."""
     times, reference_times = result.ttft_s, reference.ttft_s
-    if result.unserved or reference.unserved or len(times) != len(reference_times):
+    if result.unserved or reference.unserved or len(times) != len(reference_times) or not len(times):
         return None
     picks = np.random.default_rng(seed).integers(0, len(times), size=(rounds, len(times)))
     resampled = np.percentile(times[picks], 99, axis=1) / np.percentile(reference_times[picks], 99, axis=1)
