@@ -292,6 +292,29 @@ def test_redis_restart_during_operation(tmp_path):
         server.stop()
 
 
+def test_extender_ranks_from_its_cached_view_while_redis_is_down(tmp_path):
+    """Renewing a waiting pod's member is a write to Redis; with Redis gone the filter still answers from the
+    cached view (the renewal is logged and skipped), instead of failing the pod's scheduling attempt."""
+    server = EmbeddedRedis(port=free_tcp_port())
+    server.start()
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    publish_model(client, "sllm:", "m1", GB)
+    publish_node(client, "sllm:", "node-a", dram=["m1"])
+    process = ControllerProcess(tmp_path, server.url, "sllm:", token=TOKEN, snapshot_max_age_s="600").start()
+    try:
+        assert process.post("/v1/placements", {"model": "m1"}).status_code == 200     # node-a's one slot
+        response = process.post("/mutate", review(pod())).json()["response"]
+        patched = apply_patch(pod(), json.loads(base64.b64decode(response["patch"])))
+        assert client.zcard("sllm:waiting") == 1
+        server.stop()
+        answer = process.post("/filter", {"pod": patched, "nodenames": ["node-a"]})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["failedNodes"] == {"node-a": "sllm: no free slot and no migratable instance"}
+    finally:
+        process.stop()
+        server.stop()
+
+
 def test_schema_upgrade_from_version_1_and_refusal_of_newer(redis_ns):
     keys = Keys(redis_ns.prefix)
     client = redis_ns.client
