@@ -90,7 +90,7 @@ class EmbeddedRedis:
             try:
                 client.ping()
                 return self.url
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):  # not listening yet, or slow to answer (a busy host)
                 if self._process.poll() is not None or time.monotonic() > deadline:
                     self._process.kill()
                     self._process.wait()

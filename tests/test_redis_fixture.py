@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -55,6 +56,20 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_embedded_server_start_waits_out_a_slow_answer_and_names_the_port():
+    """A PING that times out (a loaded host: `sllm-faas up` once died of "Timeout reading from socket") is waited
+    out like a refused connection. Here the port is held by a listener that never answers: the server cannot
+    bind it and exits, and start says so with the port, not with a bare timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        server = EmbeddedRedis(port=port)
+        with pytest.raises(RuntimeError, match=f"embedded Redis on port {port} did not start"):
+            server.start(timeout=3.0)
+        assert not server.alive()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
