@@ -84,16 +84,19 @@ class MappedLandings(store_module._MappedLanding):
     """The real mapped landing, counted."""
 
     made = 0
+    watches: list = []
 
-    def __init__(self, dst: int, size: int, path: Path, fallback) -> None:
+    def __init__(self, dst: int, size: int, path: Path, fallback, watch) -> None:
         type(self).made += 1
-        super().__init__(dst, size, path, fallback)
+        type(self).watches.append(watch)
+        super().__init__(dst, size, path, fallback, watch)
 
 
 @pytest.fixture
 def mapped_landings(monkeypatch) -> type[MappedLandings]:
     monkeypatch.setattr(store_module, "_MappedLanding", MappedLandings)
     monkeypatch.setattr(MappedLandings, "made", 0)
+    monkeypatch.setattr(MappedLandings, "watches", [])
     return MappedLandings
 
 
@@ -181,6 +184,23 @@ def test_when_huge_pages_come_slow_the_rest_gets_4_kib_pages(source_dir, tmp_pat
         assert (point / "out.bin").read_bytes() == data and sum(progress.calls) == len(data)
         # at most each worker's first 2 MiB piece, timed before the switch was seen
         assert huge_pages_backing(point / "out.bin") <= store_module.MAPPED_STAGE_THREADS * (2 << 20)
+
+
+def test_the_files_of_one_staging_share_one_memory_measurement_and_one_watch(source_dir, tmp_path, mapped_landings,
+                                                                              monkeypatch):
+    """copy_files measures memory once per destination directory, and its files share the watch: once huge pages
+    come slow (here: at the first piece), the files started after that copy onto 4 KiB pages from their start."""
+    mapped_plan_possible(source_dir)
+    measured = []
+    monkeypatch.setattr(store_module, "measure_memory", lambda: measured.append(1))
+    monkeypatch.setattr(store_module, "huge_page_watch", lambda probe: HugePageWatch(float("inf"), patience=1))
+    with huge_capable_tmpfs(tmp_path / "t", "huge=within_size,size=256m") as point:
+        sources = [write_source(source_dir, 2 * (16 << 20) + i) for i in range(3)]
+        copy_files([(source, point / str(i)) for i, (source, _) in enumerate(sources)], Progress(), files=1)
+        assert len(measured) == 1 and mapped_landings.made == 3 and len(set(map(id, mapped_landings.watches))) == 1
+        for i, (_, data) in enumerate(sources):
+            assert (point / str(i)).read_bytes() == data
+        assert huge_pages_backing(point / "1") == huge_pages_backing(point / "2") == 0  # started after the switch
 
 
 @pytest.mark.parametrize("huge", ["within_size", "never"])

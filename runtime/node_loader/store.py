@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -31,7 +32,7 @@ from sllm_faas.runtime.checkpoint.format import (
     open_regular,
     read_regular,
 )
-from sllm_faas.runtime.loader.direct import allocate_buffer, open_for_reading
+from sllm_faas.runtime.loader.direct import HugePageWatch, allocate_buffer, open_for_reading
 from sllm_faas.runtime.loader.policy import huge_page_watch, measure_memory
 from sllm_faas.runtime.loader.tiers import tmpfs_huge_pages
 
@@ -203,8 +204,23 @@ def _pages(size: int) -> int:
     return -(-size // _ALIGN) * _ALIGN
 
 
+@dataclass(frozen=True)
+class StagingPlan:
+    """How the files of one staging land in their directory: the pages its tmpfs gives (`tmpfs_huge_pages`) and,
+    for huge pages, the one watch they share. Memory is measured once, and once huge pages come slow every file
+    goes on in 4 KiB pages: a 140 GB model is 140 partition files, each of which would otherwise pay 8 slow pieces
+    to find out again."""
+    huge: str                    # "always", "advise" or "never"
+    watch: HugePageWatch | None  # None for 4 KiB pages
+
+
+def staging_plan(directory: Path) -> StagingPlan:
+    huge = tmpfs_huge_pages(directory)
+    return StagingPlan(huge, None if huge == "never" else huge_page_watch(measure_memory()))
+
+
 def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int = STAGE_CHUNK,
-              threads: int | None = None) -> None:
+              threads: int | None = None, plan: StagingPlan | None = None) -> None:
     """SSD -> DRAM staging copy at the disk's O_DIRECT bandwidth; `progress` is called from this thread only.
 
     A kernel copy (sendfile, `cp`) is one stream through the page cache: read-ahead is its only queue depth
@@ -223,7 +239,8 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
     (`_MappedLanding`): 512 page allocations a GiB, no copy. Where fresh memory is host-backed (bare metal, or a
     VM's recently freed memory) 1 GiB took 0.448 s against the disk's O_DIRECT 0.426 s (95%), where the buffered
     plan took 0.548 s onto 4 KiB pages and 1.12 s onto 2 MiB ones (medians of 7 interleaved, Intel SPR host,
-    2026-12-01). `threads` defaults to the plan's.
+    2026-12-01). `threads` defaults to the plan's; `plan` (what `staging_plan` finds for the destination's
+    directory) is shared by the files of one staging.
     """
     if chunk <= 0 or chunk % _ALIGN:
         raise ValueError(f"chunk must be a positive multiple of {_ALIGN}, got {chunk}")
@@ -231,14 +248,16 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
     plain = open_regular(source)[0] if direct else fd  # for a remainder that a short direct read left unaligned
     try:
         size = os.fstat(fd).st_size
-        huge = tmpfs_huge_pages(destination.parent) if direct and size else "never"
+        plan = (plan or staging_plan(destination.parent)) if direct and size else StagingPlan("never", None)
+        huge = plan.huge
         threads = threads or (STAGE_THREADS if huge == "never" else MAPPED_STAGE_THREADS)
         with open(destination, "w+b") as dst:  # truncated; the chunks' writes cover every byte up to `size`
             if size:
                 workers = max(1, min(threads, -(-size // chunk)))
                 # huge=always/within_size give writes huge pages too: no buffered plan to fall back on
                 buffered = _BufferedLanding(dst.fileno(), chunk, workers) if huge != "always" else None
-                landing = buffered if huge == "never" else _MappedLanding(dst.fileno(), size, destination, buffered)
+                landing = buffered if huge == "never" else _MappedLanding(dst.fileno(), size, destination, buffered,
+                                                                          plan.watch)
                 with landing:
                     _copy_chunks(fd, plain, direct, size, progress, chunk, workers, str(source), landing)
     finally:
@@ -249,17 +268,20 @@ def copy_file(source: Path, destination: Path, progress: Progress, *, chunk: int
 
 
 def copy_files(pairs: list[tuple[Path, Path]], progress: Progress, *, files: int = STAGE_FILES) -> None:
-    """`copy_file` for each (source, destination), `files` at a time; `progress` is still called from this thread
-    only. The first failure is raised once the copies under way have stopped; the others are not started."""
+    """`copy_file` for each (source, destination), `files` at a time, with one `staging_plan` per destination
+    directory; `progress` is still called from this thread only. The first failure is raised once the copies under
+    way have stopped; the others are not started."""
     reports: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def drain() -> None:
         while not reports.empty():
             progress(reports.get())
 
+    plans = {directory: staging_plan(directory) for directory in {destination.parent for _, destination in pairs}}
     pool = ThreadPoolExecutor(max(1, min(files, len(pairs))), thread_name_prefix="stage-file")
     try:
-        pending = {pool.submit(copy_file, source, destination, reports.put) for source, destination in pairs}
+        pending = {pool.submit(copy_file, source, destination, reports.put, plan=plans[destination.parent])
+                   for source, destination in pairs}
         while pending:
             done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
             drain()
@@ -299,7 +321,8 @@ class _BufferedLanding:
 
 class _MappedLanding:
     """Chunks are read straight into the destination file mapped shared, each chunk's pages allocated first, 2 MiB
-    at a time while huge pages come fast (`HugePageWatch`, against 4 KiB pages measured now).
+    at a time while huge pages come fast (`watch`, the staging's `HugePageWatch`, against 4 KiB pages measured
+    when the staging began).
 
     A VM whose balloon reports free memory to the host backs a fresh huge page with 512 host faults: 1 GiB then
     took 2.0-2.3 s this way against 0.61 s through the buffered plan onto 4 KiB pages. Once huge pages come slow,
@@ -308,13 +331,13 @@ class _MappedLanding:
     4 KiB pages. The file is sized to whole pages while mapped, so a direct read of the last chunk (whole
     pages, short at the source's end) stays inside the mapping, then truncated to `size`."""
 
-    def __init__(self, dst: int, size: int, path: Path, fallback: _BufferedLanding | None) -> None:
-        self.dst, self.size, self.path, self.fallback = dst, size, path, fallback
+    def __init__(self, dst: int, size: int, path: Path, fallback: _BufferedLanding | None,
+                 watch: HugePageWatch) -> None:
+        self.dst, self.size, self.path, self.fallback, self.watch = dst, size, path, fallback, watch
         os.ftruncate(dst, _pages(size))
         self.map = mmap.mmap(dst, _pages(size), mmap.MAP_SHARED)
         self.map.madvise(mmap.MADV_HUGEPAGE)  # huge=advise gives huge pages only so
         self.view = memoryview(self.map)
-        self.watch = huge_page_watch(measure_memory())  # 4 KiB pages measured now: a loader runs for days
 
     def __enter__(self) -> _MappedLanding:
         return self
