@@ -424,7 +424,10 @@ def test_a_pod_admitted_unplaced_stays_counted_as_waiting_while_the_scheduler_re
     assert patched["metadata"]["annotations"]["sllm.io/caller"] == uid
     member = f"m1/m1/{uid}"                                                      # model / faas_function / caller
     assert cluster.client.zscore(waiting, member) == pytest.approx(time.time() + 30, abs=5)
-    again = review(patched)                                                      # reinvoked: a new request uid
+    # reinvoked: a new request uid. kubernetes/kubernetes
+    # staging/src/k8s.io/apiserver/pkg/admission/plugin/webhook/request/admissionreview.go, CreateAdmissionObjects:
+    # `uid := types.UID(uuid.NewUUID())` for every webhook call, reinvocations included
+    again = review(patched)
     again["request"]["uid"] = "3b7e9d10-6393-11e8-b7cc-42010a800002"
     response = controller.post("/mutate", again).json()["response"]
     patched = apply_patch(patched, json.loads(base64.b64decode(response["patch"])))
